@@ -1,0 +1,662 @@
+-- pgtrickle-relay: 10_outbox.sql — the outbox kit, for PostgreSQL without pg_trickle.
+--
+-- pgtrickle.enable_outbox('orders') creates pgtrickle.outbox_orders (one row
+-- per published change set), pgtrickle.outbox_delta_rows_orders (the rows of
+-- large "claim-check" change sets) and pgtrickle.pgt_outbox_latest_orders,
+-- the same shapes as the pg_trickle extension's outboxes, so the relay reads
+-- both the same way. Applications publish with pgtrickle.outbox_publish() or
+-- pgtrickle.outbox_publish_delta(), inside their own transaction.
+--
+-- Unlike pg_trickle's outboxes (written by one refresh at a time), the kit's
+-- are written by concurrent application transactions, so ids can commit out of
+-- order. Each row therefore records its writer's transaction (txid xid8), and
+-- readers hand out only rows whose transaction is older than their snapshot's
+-- xmin, in (txid, id) order: the commit horizon (see ARCHITECTURE.md).
+
+-- One row per outbox (kit outboxes have no stream table: stream_table_oid is NULL).
+CREATE TABLE IF NOT EXISTS pgtrickle.pgt_outbox_config (
+    stream_table_oid   OID,
+    stream_table_name  TEXT PRIMARY KEY,
+    outbox_table_name  TEXT NOT NULL UNIQUE,
+    retention_hours    INT NOT NULL DEFAULT 24,
+    created_at         TIMESTAMPTZ NOT NULL DEFAULT now(),
+    last_drained_at    TIMESTAMPTZ,
+    last_drained_count BIGINT
+);
+
+CALL pgtrickle._kit_define('relation', 'pgt_outbox_config', $ddl$
+GRANT SELECT ON pgtrickle.pgt_outbox_config TO pgtrickle_relay;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- Internal helpers
+-- ---------------------------------------------------------------------------
+
+-- The pgt_outbox_config row of outbox p_outbox (its stream name or its table
+-- name); raises no_data_found, naming p_caller, when there is none.
+CALL pgtrickle._kit_define('function', '_outbox_lookup', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_lookup(p_outbox TEXT, p_caller TEXT)
+RETURNS pgtrickle.pgt_outbox_config
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg pgtrickle.pgt_outbox_config;
+BEGIN
+    SELECT c.* INTO v_cfg
+      FROM pgtrickle.pgt_outbox_config c
+     WHERE c.stream_table_name = p_outbox OR c.outbox_table_name = p_outbox
+     ORDER BY (c.stream_table_name = p_outbox) DESC
+     LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '%: outbox "%" does not exist (create it with pgtrickle.enable_outbox(%))',
+            p_caller, p_outbox, quote_literal(coalesce(p_outbox, ''))
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_cfg;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_lookup(TEXT, TEXT) FROM PUBLIC;
+$ddl$);
+
+-- A SQL condition on an outbox row (columns txid, id) that is true when every
+-- consumer of the outbox has committed past that row: each consumer group on
+-- it and each relay pipeline reading it (a pipeline that never committed has
+-- consumed nothing). p_if_none is the answer when nobody consumes it.
+CALL pgtrickle._kit_define('function', '_outbox_consumed_sql', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_consumed_sql(
+    p_stream TEXT, p_outbox_table TEXT, p_has_txid BOOLEAN, p_if_none BOOLEAN)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_conds text[] := '{}';
+    r record;
+    o record;
+    v_any boolean;
+BEGIN
+    FOR r IN SELECT g.committed_txid, g.committed_id
+               FROM pgtrickle.pgt_consumer_groups g
+              WHERE g.outbox_name IN (p_stream, p_outbox_table)
+    LOOP
+        IF p_has_txid THEN
+            v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', r.committed_txid, r.committed_id);
+        ELSE
+            v_conds := v_conds || format('id <= %s', r.committed_id);
+        END IF;
+    END LOOP;
+
+    FOR r IN SELECT c.name
+               FROM pgtrickle.relay_outbox_config c
+              WHERE c.config -> 'source' ->> 'outbox' IN (p_stream, p_outbox_table)
+    LOOP
+        v_any := false;
+        FOR o IN SELECT x.last_change_id, x.last_txid
+                   FROM pgtrickle.relay_consumer_offsets x
+                  WHERE x.pipeline_id = r.name
+        LOOP
+            v_any := true;
+            IF p_has_txid AND o.last_txid IS NOT NULL THEN
+                v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', o.last_txid, coalesce(o.last_change_id, 0));
+            ELSE
+                v_conds := v_conds || format('id <= %s', coalesce(o.last_change_id, 0));
+            END IF;
+        END LOOP;
+        IF NOT v_any THEN
+            v_conds := v_conds || 'false'::text;
+        END IF;
+    END LOOP;
+
+    IF cardinality(v_conds) = 0 THEN
+        RETURN p_if_none::text;
+    END IF;
+    RETURN '(' || array_to_string(v_conds, ' AND ') || ')';
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_consumed_sql(TEXT, TEXT, BOOLEAN, BOOLEAN) FROM PUBLIC;
+$ddl$);
+
+-- Statement-level trigger on every kit outbox: wake up the relays.
+CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+BEGIN
+    PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    RETURN NULL;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify() FROM PUBLIC;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- Creating and dropping outboxes (administrators)
+-- ---------------------------------------------------------------------------
+
+-- Create outbox p_name (or update its retention); returns the outbox table name.
+CALL pgtrickle._kit_define('function', 'enable_outbox', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(p_name TEXT, p_retention_hours INT DEFAULT 24)
+RETURNS TEXT
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+SET client_min_messages = warning  -- no "already exists, skipping" on a second call
+AS $fn$
+DECLARE
+    v_outbox text;
+    v_delta  text;
+    v_view   text;
+    v_rel    text;
+BEGIN
+    IF p_name IS NULL OR btrim(p_name) = '' THEN
+        RAISE EXCEPTION 'enable_outbox: p_name must be a non-empty outbox name'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_retention_hours IS NULL OR p_retention_hours < 0 THEN
+        RAISE EXCEPTION 'enable_outbox: p_retention_hours must be 0 or more, got %', coalesce(p_retention_hours::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    LOCK TABLE pgtrickle.pgt_outbox_config IN SHARE ROW EXCLUSIVE MODE;
+
+    SELECT c.outbox_table_name INTO v_outbox
+      FROM pgtrickle.pgt_outbox_config c WHERE c.stream_table_name = p_name;
+    IF FOUND THEN
+        UPDATE pgtrickle.pgt_outbox_config SET retention_hours = p_retention_hours
+         WHERE stream_table_name = p_name;
+    ELSE
+        v_outbox := pgtrickle._kit_ident('outbox_' || p_name);
+        IF EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config c WHERE c.outbox_table_name = v_outbox) THEN
+            RAISE EXCEPTION 'enable_outbox: table name pgtrickle.% is already used by another outbox', quote_ident(v_outbox)
+                USING ERRCODE = 'duplicate_table';
+        END IF;
+        FOREACH v_rel IN ARRAY ARRAY[v_outbox,
+                                     pgtrickle._kit_ident('outbox_delta_rows_' || p_name),
+                                     pgtrickle._kit_ident('pgt_outbox_latest_' || p_name)]
+        LOOP
+            IF to_regclass(format('pgtrickle.%I', v_rel)) IS NOT NULL THEN
+                RAISE EXCEPTION 'enable_outbox: pgtrickle.% already exists and does not belong to an outbox; drop or rename it first', quote_ident(v_rel)
+                    USING ERRCODE = 'duplicate_table';
+            END IF;
+        END LOOP;
+        INSERT INTO pgtrickle.pgt_outbox_config (stream_table_oid, stream_table_name, outbox_table_name, retention_hours)
+        VALUES (NULL, p_name, v_outbox, p_retention_hours);
+    END IF;
+
+    v_delta := pgtrickle._kit_ident('outbox_delta_rows_' || p_name);
+    v_view  := pgtrickle._kit_ident('pgt_outbox_latest_' || p_name);
+
+    -- Everything IF NOT EXISTS: a second call repairs what is missing.
+    EXECUTE format($sql$
+        CREATE TABLE IF NOT EXISTS pgtrickle.%I (
+            id             BIGSERIAL PRIMARY KEY,
+            pgt_id         UUID,
+            refresh_id     UUID,
+            created_at     TIMESTAMPTZ DEFAULT now(),
+            inserted_count INT,
+            deleted_count  INT,
+            is_claim_check BOOLEAN DEFAULT false,
+            payload        JSONB,
+            txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            headers        JSONB
+        )$sql$, v_outbox);
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
+                   pgtrickle._kit_ident(v_outbox || '_created_at_idx'), v_outbox);
+    -- The relay's read path: WHERE (txid, id) > (...) AND txid < horizon ORDER BY txid, id.
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (txid, id)',
+                   pgtrickle._kit_ident(v_outbox || '_txid_id_idx'), v_outbox);
+    EXECUTE format($sql$
+        CREATE TABLE IF NOT EXISTS pgtrickle.%I (
+            outbox_id BIGINT NOT NULL REFERENCES pgtrickle.%I (id) ON DELETE CASCADE,
+            row_num   INT NOT NULL,
+            op        CHAR(1) NOT NULL CHECK (op IN ('I', 'D')),
+            payload   JSONB,
+            PRIMARY KEY (outbox_id, row_num)
+        )$sql$, v_delta, v_outbox);
+    EXECUTE format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
+                   v_view, v_outbox);
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = format('pgtrickle.%I', v_outbox)::regclass
+                      AND t.tgname = 'pgtrickle_outbox_notify') THEN
+        EXECUTE format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
+                        FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify()', v_outbox);
+    END IF;
+    EXECUTE format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
+                   v_outbox, v_delta, v_view);
+    RETURN v_outbox;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.enable_outbox(TEXT, INT) FROM PUBLIC;
+$ddl$);
+
+-- Drop outbox p_name: its tables, view, configuration and consumer groups.
+CALL pgtrickle._kit_define('function', 'disable_outbox', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.disable_outbox(p_name TEXT, p_if_exists BOOLEAN DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg pgtrickle.pgt_outbox_config;
+    v_pipelines text;
+BEGIN
+    SELECT c.* INTO v_cfg FROM pgtrickle.pgt_outbox_config c
+     WHERE c.stream_table_name = p_name OR c.outbox_table_name = p_name
+     ORDER BY (c.stream_table_name = p_name) DESC LIMIT 1;
+    IF NOT FOUND THEN
+        IF coalesce(p_if_exists, false) THEN
+            RAISE NOTICE 'disable_outbox: outbox "%" does not exist, skipping', p_name;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION 'disable_outbox: outbox "%" does not exist', p_name
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    EXECUTE format('DROP VIEW IF EXISTS pgtrickle.%I',
+                   pgtrickle._kit_ident('pgt_outbox_latest_' || v_cfg.stream_table_name));
+    EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I',
+                   pgtrickle._kit_ident('outbox_delta_rows_' || v_cfg.stream_table_name));
+    EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I', v_cfg.outbox_table_name);
+    DELETE FROM pgtrickle.pgt_outbox_config WHERE stream_table_name = v_cfg.stream_table_name;
+
+    -- Consumer groups on a dropped outbox have nothing left to read.
+    DELETE FROM pgtrickle.pgt_consumer_leases l USING pgtrickle.pgt_consumer_groups g
+     WHERE l.group_name = g.group_name AND g.outbox_name IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+    DELETE FROM pgtrickle.pgt_consumer_offsets o USING pgtrickle.pgt_consumer_groups g
+     WHERE o.group_name = g.group_name AND g.outbox_name IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+    DELETE FROM pgtrickle.pgt_consumer_groups g
+     WHERE g.outbox_name IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+
+    SELECT string_agg(c.name, ', ' ORDER BY c.name) INTO v_pipelines
+      FROM pgtrickle.relay_outbox_config c
+     WHERE c.config -> 'source' ->> 'outbox' IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+    IF v_pipelines IS NOT NULL THEN
+        RAISE WARNING 'disable_outbox: relay pipelines still read outbox "%": %', p_name, v_pipelines
+            USING HINT = 'Delete them with pgtrickle.delete_relay(name) or point them at another outbox.';
+    END IF;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.disable_outbox(TEXT, BOOLEAN) FROM PUBLIC;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- Publishing (grant EXECUTE to your application roles)
+-- ---------------------------------------------------------------------------
+
+-- Publish one row as an inline v1 change set; returns the outbox id.
+CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL)
+RETURNS BIGINT
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish');
+    v_id  bigint;
+BEGIN
+    IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
+        RAISE EXCEPTION 'outbox_publish: p_payload must be a JSON object (the row), got %', coalesce(jsonb_typeof(p_payload), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
+        RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %', jsonb_typeof(p_headers)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format($sql$
+        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
+        VALUES (gen_random_uuid(), 1, 0, false, $1, $2)
+        RETURNING id$sql$, v_cfg.outbox_table_name)
+       INTO v_id
+      USING jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb),
+            p_headers;
+    RETURN v_id;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB) FROM PUBLIC;
+$ddl$);
+
+-- Publish a change set (arrays of deleted and inserted rows): inline up to
+-- pgtrickle.outbox_inline_threshold rows (default 10000), claim-check above.
+-- A NULL array counts as empty (jsonb_agg over no rows gives NULL).
+CALL pgtrickle._kit_define('function', 'outbox_publish_delta', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
+    p_outbox TEXT, p_inserted JSONB, p_deleted JSONB DEFAULT '[]',
+    p_full_refresh BOOLEAN DEFAULT false)
+RETURNS BIGINT
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg       pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish_delta');
+    v_ins       jsonb := coalesce(p_inserted, '[]'::jsonb);
+    v_del       jsonb := coalesce(p_deleted, '[]'::jsonb);
+    v_setting   text := current_setting('pgtrickle.outbox_inline_threshold', true);
+    v_threshold bigint;
+    v_n_ins     int;
+    v_n_del     int;
+    v_refresh   uuid := gen_random_uuid();
+    v_payload   jsonb;
+    v_claim     boolean;
+    v_id        bigint;
+    v_role      text;
+    v_fast      boolean;
+BEGIN
+    IF jsonb_typeof(v_ins) <> 'array' THEN
+        RAISE EXCEPTION 'outbox_publish_delta: p_inserted must be a JSON array of rows, got %', jsonb_typeof(v_ins)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(v_del) <> 'array' THEN
+        RAISE EXCEPTION 'outbox_publish_delta: p_deleted must be a JSON array of rows, got %', jsonb_typeof(v_del)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    BEGIN
+        v_threshold := coalesce(nullif(btrim(v_setting), '')::bigint, 10000);
+    EXCEPTION WHEN invalid_text_representation OR numeric_value_out_of_range THEN
+        v_threshold := -1;
+    END;
+    IF v_threshold < 0 THEN
+        RAISE EXCEPTION 'outbox_publish_delta: pgtrickle.outbox_inline_threshold must be a whole number of rows >= 0, got "%"', v_setting
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    v_n_ins := jsonb_array_length(v_ins);
+    v_n_del := jsonb_array_length(v_del);
+    v_claim := v_n_ins + v_n_del > v_threshold;
+    IF v_claim THEN
+        v_payload := jsonb_build_object('v', 1, 'claim_check', true,
+                                        'inserted_count', v_n_ins, 'deleted_count', v_n_del,
+                                        'refresh_id', v_refresh::text);
+    ELSE
+        v_payload := jsonb_build_object('v', 1, 'inserted', v_ins, 'deleted', v_del);
+    END IF;
+    IF coalesce(p_full_refresh, false) THEN
+        v_payload := v_payload || '{"full_refresh": true}'::jsonb;
+    END IF;
+
+    EXECUTE format($sql$
+        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload)
+        VALUES ($1, $2, $3, $4, $5)
+        RETURNING id$sql$, v_cfg.outbox_table_name)
+       INTO v_id
+      USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload;
+
+    IF v_claim THEN
+        -- Every delta row references the outbox row inserted just above, so
+        -- the per-row foreign-key check can only pass; it is half the cost of
+        -- a million-row delta. Skip it (triggers off for this one statement)
+        -- when the function's owner may do so, i.e. is a superuser.
+        v_role := current_setting('session_replication_role');
+        BEGIN
+            PERFORM set_config('session_replication_role', 'replica', true);
+            v_fast := true;
+        EXCEPTION WHEN insufficient_privilege THEN
+            v_fast := false;
+        END;
+        -- Deletes first (row_num 0..), then inserts: an update is "delete old,
+        -- insert new" and must be applied in that order.
+        EXECUTE format($sql$
+            INSERT INTO pgtrickle.%I (outbox_id, row_num, op, payload)
+            SELECT $1, (d.ord - 1)::int, 'D', d.row FROM jsonb_array_elements($2) WITH ORDINALITY AS d(row, ord)
+            UNION ALL
+            SELECT $1, ($3 + i.ord - 1)::int, 'I', i.row FROM jsonb_array_elements($4) WITH ORDINALITY AS i(row, ord)
+            $sql$, pgtrickle._kit_ident('outbox_delta_rows_' || v_cfg.stream_table_name))
+          USING v_id, v_del, v_n_del, v_ins;
+        IF v_fast THEN
+            PERFORM set_config('session_replication_role', v_role, true);
+        END IF;
+    END IF;
+    RETURN v_id;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish_delta(TEXT, JSONB, JSONB, BOOLEAN) FROM PUBLIC;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- What the relay calls (EXECUTE granted to pgtrickle_relay)
+-- ---------------------------------------------------------------------------
+
+-- Record that the claim-check rows of outbox row outbox_id were drained.
+-- Idempotent; deletes nothing (other pipelines may still need the rows:
+-- retention removes them together with their outbox row).
+CALL pgtrickle._kit_define('function', 'outbox_rows_consumed', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_rows_consumed(stream_table TEXT, outbox_id BIGINT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg   pgtrickle.pgt_outbox_config;
+    v_count bigint;
+BEGIN
+    SELECT c.* INTO v_cfg FROM pgtrickle.pgt_outbox_config c
+     WHERE c.stream_table_name = $1 OR c.outbox_table_name = $1
+     ORDER BY (c.stream_table_name = $1) DESC LIMIT 1;
+    IF NOT FOUND OR to_regclass(format('pgtrickle.%I', v_cfg.outbox_table_name)) IS NULL THEN
+        RETURN;  -- an outbox without a catalog row: nothing to record
+    END IF;
+    EXECUTE format('SELECT coalesce(inserted_count, 0)::bigint + coalesce(deleted_count, 0) FROM pgtrickle.%I WHERE id = $1',
+                   v_cfg.outbox_table_name)
+       INTO v_count USING $2;
+    IF v_count IS NULL THEN
+        RETURN;  -- already removed by retention
+    END IF;
+    UPDATE pgtrickle.pgt_outbox_config
+       SET last_drained_at = now(), last_drained_count = v_count
+     WHERE stream_table_name = v_cfg.stream_table_name;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_rows_consumed(TEXT, BIGINT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.outbox_rows_consumed(TEXT, BIGINT) TO pgtrickle_relay;
+$ddl$);
+
+-- How the relay finds an outbox's tables: p_outbox is a stream name or an
+-- outbox table name, from pgt_outbox_config or else from the tables present.
+CALL pgtrickle._kit_define('function', 'relay_outbox_info', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
+RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN)
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_stream text;
+    v_table  text;
+    v_oid    oid;
+BEGIN
+    SELECT c.stream_table_name, c.outbox_table_name INTO v_stream, v_table
+      FROM pgtrickle.pgt_outbox_config c
+     WHERE c.stream_table_name = p_outbox OR c.outbox_table_name = p_outbox
+     ORDER BY (c.stream_table_name = p_outbox) DESC LIMIT 1;
+    IF FOUND THEN
+        v_oid := to_regclass(format('pgtrickle.%I', v_table));
+        IF v_oid IS NULL THEN
+            RAISE EXCEPTION 'outbox "%" is registered in pgtrickle.pgt_outbox_config but its table pgtrickle.% is missing',
+                p_outbox, quote_ident(v_table)
+                USING ERRCODE = 'undefined_table';
+        END IF;
+    ELSIF p_outbox LIKE 'outbox\_%' AND to_regclass(format('pgtrickle.%I', p_outbox)) IS NOT NULL THEN
+        v_table := p_outbox;
+        v_stream := substr(p_outbox, 8);
+        v_oid := to_regclass(format('pgtrickle.%I', p_outbox));
+    ELSIF to_regclass(format('pgtrickle.%I', pgtrickle._kit_ident('outbox_' || p_outbox))) IS NOT NULL THEN
+        v_table := pgtrickle._kit_ident('outbox_' || p_outbox);
+        v_stream := p_outbox;
+        v_oid := to_regclass(format('pgtrickle.%I', v_table));
+    ELSE
+        RAISE EXCEPTION 'outbox "%" not found: no pgtrickle.pgt_outbox_config row and no table pgtrickle.outbox_% (create it with pgtrickle.enable_outbox(%))',
+            p_outbox, p_outbox, quote_literal(coalesce(p_outbox, ''))
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    stream_table := v_stream;
+    outbox_table := v_table;
+    -- The claim-check table is the one whose foreign key references the outbox.
+    SELECT r.relname INTO delta_table
+      FROM pg_constraint k
+      JOIN pg_class r ON r.oid = k.conrelid
+     WHERE k.contype = 'f' AND k.confrelid = v_oid
+       AND r.relnamespace = 'pgtrickle'::regnamespace
+     ORDER BY (r.relname LIKE 'outbox\_delta\_rows\_%') DESC, r.relname
+     LIMIT 1;
+    has_txid := EXISTS (SELECT 1 FROM pg_attribute a
+                         WHERE a.attrelid = v_oid AND a.attname = 'txid'
+                           AND a.attnum > 0 AND NOT a.attisdropped);
+    RETURN NEXT;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_outbox_info(TEXT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_outbox_info(TEXT) TO pgtrickle_relay;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- Monitoring and retention (administrators)
+-- ---------------------------------------------------------------------------
+
+-- A JSON summary of outbox p_name: size, age, drains, and every consumer's position.
+CALL pgtrickle._kit_define('function', 'outbox_status', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_status(p_name TEXT)
+RETURNS JSONB
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg     pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_name, 'outbox_status');
+    v_info    record;
+    v_stats   record;
+    v_groups  jsonb;
+    v_relays  jsonb;
+BEGIN
+    SELECT * INTO v_info FROM pgtrickle.relay_outbox_info(v_cfg.stream_table_name);
+
+    -- pending_claim_checks: claim-check rows some consumer has not committed
+    -- yet (all of them when nobody consumes the outbox).
+    EXECUTE format($sql$
+        SELECT count(*) AS row_count,
+               count(*) FILTER (WHERE is_claim_check AND NOT %s) AS pending_claim_checks,
+               min(created_at) AS oldest, max(created_at) AS newest, max(id) AS newest_id
+          FROM pgtrickle.%I$sql$,
+        pgtrickle._outbox_consumed_sql(v_cfg.stream_table_name, v_cfg.outbox_table_name, v_info.has_txid, false),
+        v_cfg.outbox_table_name)
+      INTO v_stats;
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'group', g.group_name,
+               'auto_offset_reset', g.auto_offset_reset,
+               'committed_id', g.committed_id,
+               'committed_txid', g.committed_txid::text,
+               'consumers', (SELECT count(*) FROM pgtrickle.pgt_consumer_offsets o WHERE o.group_name = g.group_name),
+               'active_leases', (SELECT count(*) FROM pgtrickle.pgt_consumer_leases l
+                                  WHERE l.group_name = g.group_name AND NOT l.done AND l.lease_expires > now()))
+             ORDER BY g.group_name), '[]'::jsonb)
+      INTO v_groups
+      FROM pgtrickle.pgt_consumer_groups g
+     WHERE g.outbox_name IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'pipeline', c.name,
+               'enabled', c.enabled,
+               'offsets', (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                       'relay_group', x.relay_group_id,
+                                       'last_change_id', x.last_change_id,
+                                       'last_txid', x.last_txid::text,
+                                       'worker_id', x.worker_id,
+                                       'updated_at', x.updated_at) ORDER BY x.relay_group_id), '[]'::jsonb)
+                             FROM pgtrickle.relay_consumer_offsets x WHERE x.pipeline_id = c.name))
+             ORDER BY c.name), '[]'::jsonb)
+      INTO v_relays
+      FROM pgtrickle.relay_outbox_config c
+     WHERE c.config -> 'source' ->> 'outbox' IN (v_cfg.stream_table_name, v_cfg.outbox_table_name);
+
+    RETURN jsonb_build_object(
+        'outbox', v_cfg.stream_table_name,
+        'outbox_table', v_cfg.outbox_table_name,
+        'delta_table', v_info.delta_table,
+        'row_count', v_stats.row_count,
+        'pending_claim_checks', v_stats.pending_claim_checks,
+        'oldest_created_at', v_stats.oldest,
+        'newest_created_at', v_stats.newest,
+        'newest_id', v_stats.newest_id,
+        'retention_hours', v_cfg.retention_hours,
+        'last_drained_at', v_cfg.last_drained_at,
+        'last_drained_count', v_cfg.last_drained_count,
+        'consumer_groups', v_groups,
+        'relay_pipelines', v_relays);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_status(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Delete outbox rows older than their outbox's retention_hours, in batches of
+-- p_batch_size; unless p_force, never a row that a consumer group or a relay
+-- pipeline reading the outbox has not committed (a pipeline that never
+-- committed keeps everything). p_name NULL: every outbox. Returns rows deleted.
+CALL pgtrickle._kit_define('function', 'outbox_retention', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_retention(
+    p_name TEXT DEFAULT NULL, p_force BOOLEAN DEFAULT false, p_batch_size INT DEFAULT 10000)
+RETURNS BIGINT
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle
+AS $fn$
+DECLARE
+    v_cfg     pgtrickle.pgt_outbox_config;
+    v_info    record;
+    v_cond    text;
+    v_sql     text;
+    v_n       bigint;
+    v_total   bigint := 0;
+BEGIN
+    IF p_batch_size IS NULL OR p_batch_size < 1 THEN
+        RAISE EXCEPTION 'outbox_retention: p_batch_size must be 1 or more, got %', coalesce(p_batch_size::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_name IS NOT NULL THEN
+        PERFORM pgtrickle._outbox_lookup(p_name, 'outbox_retention');
+    END IF;
+
+    FOR v_cfg IN SELECT c.* FROM pgtrickle.pgt_outbox_config c
+                  WHERE p_name IS NULL OR c.stream_table_name = p_name OR c.outbox_table_name = p_name
+                  ORDER BY c.stream_table_name
+    LOOP
+        IF to_regclass(format('pgtrickle.%I', v_cfg.outbox_table_name)) IS NULL THEN
+            RAISE NOTICE 'outbox_retention: table pgtrickle.% of outbox "%" is missing, skipped',
+                quote_ident(v_cfg.outbox_table_name), v_cfg.stream_table_name;
+            CONTINUE;
+        END IF;
+        SELECT * INTO v_info FROM pgtrickle.relay_outbox_info(v_cfg.stream_table_name);
+        IF coalesce(p_force, false) THEN
+            v_cond := 'true';
+        ELSE
+            v_cond := pgtrickle._outbox_consumed_sql(v_cfg.stream_table_name, v_cfg.outbox_table_name,
+                                                     v_info.has_txid, true);
+        END IF;
+        IF v_cond = 'false' THEN
+            CONTINUE;  -- a pipeline that never committed: keep everything
+        END IF;
+        v_sql := format($sql$
+            DELETE FROM pgtrickle.%1$I WHERE id IN (
+                SELECT id FROM pgtrickle.%1$I
+                 WHERE created_at < now() - make_interval(hours => $1) AND %2$s
+                 ORDER BY id LIMIT $2)$sql$, v_cfg.outbox_table_name, v_cond);
+        LOOP
+            EXECUTE v_sql USING v_cfg.retention_hours, p_batch_size;
+            GET DIAGNOSTICS v_n = ROW_COUNT;
+            v_total := v_total + v_n;
+            EXIT WHEN v_n < p_batch_size;
+        END LOOP;
+    END LOOP;
+    RETURN v_total;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_retention(TEXT, BOOLEAN, INT) FROM PUBLIC;
+$ddl$);
