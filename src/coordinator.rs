@@ -1,0 +1,424 @@
+//! The coordinator: loads the relay catalog, runs one thread per enabled
+//! pipeline, and restarts exactly the pipeline a `pgtrickle_relay_config`
+//! notification names. A periodic re-read (and SIGHUP) catches anything a
+//! lost notification missed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fallible_iterator::FallibleIterator;
+use postgres::Client;
+
+use crate::config::{self, CatalogEntry};
+use crate::health::{self, State};
+use crate::pipeline::{self, Ctx};
+use crate::retry::{Backoff, Error};
+use crate::shutdown::Signals;
+use crate::{logging, pg};
+
+/// Process settings from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PostgreSQL URL (expanded).
+    pub postgres_url: String,
+    /// `--relay-group-id`.
+    pub relay_group: String,
+    /// This process as `host:pid`.
+    pub worker_id: String,
+    /// `--once`.
+    pub once: bool,
+    /// `--pipeline` names (empty: all).
+    pub only: Vec<String>,
+    /// `--batch-size`.
+    pub batch_size: usize,
+    /// `--poll-interval-ms`.
+    pub poll_interval: Duration,
+    /// `--discovery-interval-secs`.
+    pub discovery_interval: Duration,
+    /// `--stall-timeout-secs`: no progress this long is unhealthy.
+    pub stall_timeout: Duration,
+}
+
+/// How long shutdown waits for pipelines to finish their batch.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(4500);
+
+struct Running {
+    entry: CatalogEntry,
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Result<(), Error>>,
+}
+
+/// Catalog entries with their state in this process.
+struct Coordinator<'a> {
+    settings: &'a Settings,
+    signals: &'a Signals,
+    running: HashMap<String, Running>,
+    /// Entries that ended (or were refused) and stay so until they change.
+    idle: HashMap<String, CatalogEntry>,
+    failed: bool,
+}
+
+fn load(client: &mut Client, name: Option<&str>) -> Result<Vec<CatalogEntry>, Error> {
+    let rows = match name {
+        Some(n) => client.query(
+            "SELECT name, direction, enabled, config::text FROM pgtrickle.get_relay_config($1)",
+            &[&n],
+        )?,
+        None => client.query(
+            "SELECT name, direction, enabled, config::text FROM pgtrickle.list_relay_configs()",
+            &[],
+        )?,
+    };
+    rows.iter()
+        .map(|r| {
+            let name: String = r.get(0);
+            let text: String = r.get(3);
+            let config = serde_json::from_str(&text).map_err(|e| {
+                Error::permanent(format!("pipeline {name:?}: config is not JSON: {e}"))
+            })?;
+            Ok(CatalogEntry {
+                name,
+                direction: r.get(1),
+                enabled: r.get(2),
+                config,
+            })
+        })
+        .collect()
+}
+
+impl Coordinator<'_> {
+    fn wanted(&self, e: &CatalogEntry) -> bool {
+        e.enabled && (self.settings.only.is_empty() || self.settings.only.contains(&e.name))
+    }
+
+    /// Bring the pipelines named in `names` in line with `entries`.
+    fn reconcile(&mut self, names: Vec<String>, entries: Vec<CatalogEntry>) {
+        let mut by_name: HashMap<String, CatalogEntry> =
+            entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+        for name in names {
+            let new = by_name.remove(&name).filter(|e| self.wanted(e));
+            let current = self
+                .running
+                .get(&name)
+                .map(|r| &r.entry)
+                .or_else(|| self.idle.get(&name));
+            if current == new.as_ref() {
+                continue;
+            }
+            let was_running = self.stop(&name);
+            self.idle.remove(&name);
+            match new {
+                Some(e) => {
+                    if was_running {
+                        log::info!("pipeline {name:?} changed; restarting it");
+                    }
+                    self.start(e);
+                }
+                None => {
+                    health::remove(&name);
+                    if was_running {
+                        log::info!("pipeline {name:?} disabled or deleted; stopped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn reconcile_all(&mut self, client: &mut Client) -> Result<(), Error> {
+        let entries = load(client, None)?;
+        let mut names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+        names.extend(self.running.keys().cloned());
+        names.extend(self.idle.keys().cloned());
+        names.sort();
+        names.dedup();
+        self.reconcile(names, entries);
+        Ok(())
+    }
+
+    fn start(&mut self, entry: CatalogEntry) {
+        let name = entry.name.clone();
+        let direction = if entry.direction == "reverse" {
+            "reverse"
+        } else {
+            "forward"
+        };
+        let p = match config::parse(&entry, self.settings.batch_size) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("pipeline {name:?}: bad config, {e}; pipeline not started");
+                health::set(&name, direction, State::BadConfig(e.to_string()));
+                self.failed = true;
+                self.idle.insert(name, entry);
+                return;
+            }
+        };
+        health::set(&name, direction, State::Running);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = Ctx {
+            name: name.clone(),
+            relay_group: self.settings.relay_group.clone(),
+            worker_id: self.settings.worker_id.clone(),
+            postgres_url: self.settings.postgres_url.clone(),
+            once: self.settings.once,
+            poll_interval: self.settings.poll_interval,
+            stop: stop.clone(),
+            shutdown: self.signals.shutdown.clone(),
+            direction,
+        };
+        let spawned = std::thread::Builder::new()
+            .name(format!("pipeline {name}"))
+            .spawn(move || {
+                logging::set_pipeline(&ctx.name);
+                log::info!("pipeline started");
+                let r = pipeline::run(&ctx, &p);
+                match &r {
+                    Ok(()) => log::info!("pipeline stopped"),
+                    Err(e) => log::error!("pipeline failed: {e}"),
+                }
+                health::set(&ctx.name, ctx.direction, State::Stopped);
+                r
+            });
+        match spawned {
+            Ok(handle) => {
+                self.running.insert(
+                    name,
+                    Running {
+                        entry,
+                        stop,
+                        handle,
+                    },
+                );
+            }
+            Err(e) => {
+                log::error!("pipeline {name:?}: cannot start a thread: {e}");
+                self.failed = true;
+                self.idle.insert(name, entry);
+            }
+        }
+    }
+
+    /// Stop a running pipeline and wait for it; true if it was running.
+    fn stop(&mut self, name: &str) -> bool {
+        match self.running.remove(name) {
+            Some(r) => {
+                r.stop.store(true, Ordering::Relaxed);
+                let _ = r.handle.join();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Collect pipelines that ended on their own.
+    fn reap(&mut self) {
+        let done: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.handle.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in done {
+            let r = self.running.remove(&name).expect("listed above");
+            match r.handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => self.failed = true,
+                Err(_) => {
+                    log::error!("pipeline {name:?} crashed (a bug: please report it)");
+                    self.failed = true;
+                }
+            }
+            self.idle.insert(name, r.entry);
+        }
+    }
+
+    /// Ask every pipeline to stop and wait a bounded time.
+    fn shutdown(&mut self) {
+        for r in self.running.values() {
+            r.stop.store(true, Ordering::Relaxed);
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Instant::now() < deadline && self.running.values().any(|r| !r.handle.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stuck: Vec<&String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| !r.handle.is_finished())
+            .map(|(n, _)| n)
+            .collect();
+        if !stuck.is_empty() {
+            log::warn!(
+                "pipelines {stuck:?} did not finish their batch in time; it will be replayed"
+            );
+        }
+    }
+}
+
+fn connect(settings: &Settings, signals: &Signals) -> Option<Client> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let attempt =
+            pg::connect(&settings.postgres_url, "pgtrickle-relay coordinator").and_then(|mut c| {
+                c.batch_execute("LISTEN pgtrickle_relay_config")?;
+                Ok(c)
+            });
+        match attempt {
+            Ok(c) => return Some(c),
+            Err(e) if settings.once => {
+                log::error!("{e}");
+                return None;
+            }
+            Err(e) => {
+                let d = backoff.next_delay();
+                log::warn!("{e}; retrying in {d:.1?}");
+                if !crate::retry::sleep_unless(&signals.shutdown, d) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Run until shutdown (or, with `--once`, until every pipeline drained).
+/// Returns the process exit code.
+pub fn run(settings: &Settings, signals: &Signals) -> i32 {
+    let mut co = Coordinator {
+        settings,
+        signals,
+        running: HashMap::new(),
+        idle: HashMap::new(),
+        failed: false,
+    };
+    let Some(mut client) = connect(settings, signals) else {
+        return if signals.stopping() { 0 } else { 1 };
+    };
+    if let Err(e) = co.reconcile_all(&mut client) {
+        log::error!(
+            "reading the relay catalog: {e} (is the SQL installed? `pgtrickle-relay sql | psql`)"
+        );
+        if settings.once {
+            return 1;
+        }
+    }
+    for name in &settings.only {
+        if !co.running.contains_key(name) && !co.idle.contains_key(name) {
+            log::error!("no enabled pipeline named {name:?} in the relay catalog");
+            co.failed = true;
+        }
+    }
+    if settings.once {
+        if co.running.is_empty() && co.idle.is_empty() {
+            log::warn!("no enabled pipelines to run");
+        }
+        while !co.running.is_empty() && !signals.stopping() {
+            co.reap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        co.shutdown();
+        co.reap();
+        return if co.failed { 1 } else { 0 };
+    }
+    log::info!(
+        "relay running: {} pipelines, relay group {:?}, worker {}",
+        co.running.len(),
+        settings.relay_group,
+        settings.worker_id
+    );
+    Watchdog::start(settings.stall_timeout);
+    let mut last_scan = Instant::now();
+    while !signals.stopping() {
+        let step = (|| -> Result<(), Error> {
+            let note = client
+                .notifications()
+                .timeout_iter(Duration::from_millis(500))
+                .next()?;
+            if let Some(n) = note {
+                let name = serde_json::from_str::<serde_json::Value>(n.payload())
+                    .ok()
+                    .and_then(|v| v.get("name")?.as_str().map(String::from));
+                match name {
+                    Some(name) => {
+                        let entries = load(&mut client, Some(&name))?;
+                        co.reconcile(vec![name], entries);
+                    }
+                    None => log::warn!(
+                        "ignoring a malformed config notification: {:?}",
+                        n.payload()
+                    ),
+                }
+            }
+            if signals.take_reload() || last_scan.elapsed() >= settings.discovery_interval {
+                co.reconcile_all(&mut client)?;
+                last_scan = Instant::now();
+            }
+            Ok(())
+        })();
+        if let Err(e) = step {
+            log::warn!("coordinator: {e}; reconnecting");
+            match connect(settings, signals) {
+                Some(c) => client = c,
+                None => break,
+            }
+            // Notifications may have been missed while disconnected.
+            if let Err(e) = co.reconcile_all(&mut client) {
+                log::warn!("coordinator: {e}");
+            }
+            last_scan = Instant::now();
+        }
+        co.reap();
+    }
+    log::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    co.shutdown();
+    0
+}
+
+/// systemd notifications (when started with `NOTIFY_SOCKET`): READY=1 once
+/// the coordinator runs, WATCHDOG=1 only while no pipeline is stalled, and
+/// STATUS= with a one-line summary. A thread of its own, so a coordinator
+/// waiting for PostgreSQL does not starve it: what counts is the pipelines.
+struct Watchdog {
+    /// Half the watchdog timeout, when systemd asked for pings.
+    every: Option<Duration>,
+    last: Instant,
+    stall: Duration,
+    status: String,
+}
+
+impl Watchdog {
+    fn start(stall: Duration) {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let mut w = Watchdog {
+            every: sd_notify::watchdog_enabled().map(|d| d / 2),
+            last: Instant::now() - Duration::from_secs(3600),
+            stall,
+            status: String::new(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                w.tick();
+                std::thread::sleep(Duration::from_millis(250));
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the systemd watchdog thread: {e}");
+        }
+    }
+
+    fn tick(&mut self) {
+        let status = health::summary();
+        if status != self.status {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+            self.status = status;
+        }
+        if let Some(every) = self.every {
+            if self.last.elapsed() >= every && !health::any_stalled(self.stall) {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                self.last = Instant::now();
+            }
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! Reading outboxes: resolving the tables, the read position (commit
+//! horizon or id), and decoding payloads into events.
+//!
+//! Kit outboxes record the writing transaction (`txid xid8`); they are read
+//! in (txid, id) order and only below the commit horizon
+//! (`pg_snapshot_xmin(pg_current_snapshot())`), so a row whose transaction
+//! commits after a later id has been read is never skipped. pg_trickle's
+//! own outboxes (no `txid`, written by one refresh at a time) are read by id.
+
+use std::sync::Arc;
+
+use postgres::{Client, GenericClient};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::event::{dedup_key, Event, Op, Template, Vars};
+use crate::retry::Error;
+
+/// Where an outbox lives.
+#[derive(Debug, Clone)]
+pub struct OutboxInfo {
+    /// The stream table name (`{stream_table}` in templates), shared by
+    /// every event of the outbox.
+    pub stream_table: Arc<str>,
+    /// The outbox table in schema `pgtrickle`.
+    pub table: String,
+    /// The claim-check delta-rows table, if any.
+    pub delta_table: Option<String>,
+    /// Whether rows carry `txid` (kit outbox: commit-horizon reads).
+    pub has_txid: bool,
+}
+
+impl OutboxInfo {
+    /// Resolve `outbox` (stream table or outbox table name).
+    pub fn resolve(client: &mut Client, outbox: &str) -> Result<OutboxInfo, Error> {
+        let row = client
+            .query_one(
+                "SELECT stream_table, outbox_table, delta_table, has_txid \
+                 FROM pgtrickle.relay_outbox_info($1)",
+                &[&outbox],
+            )
+            .map_err(Error::from)?;
+        Ok(OutboxInfo {
+            stream_table: Arc::from(row.get::<_, String>(0)),
+            table: row.get(1),
+            delta_table: row.get(2),
+            has_txid: row.get(3),
+        })
+    }
+
+    /// The query for the next rows after a position: `$1` txid (text),
+    /// `$2` id, `$3` how many events (`$1` is ignored for id-ordered
+    /// outboxes). A batch ends before the row that would take it past `$3`
+    /// events (it always holds at least one row), so memory stays bounded
+    /// by the batch size, not by how many events each row holds. At most
+    /// `$3` rows are scanned.
+    pub fn read_sql(&self) -> String {
+        let t = quote_ident(&self.table);
+        // Qualified names throughout: an output column `txid::text` is also
+        // named txid, and ORDER BY txid would sort that text.
+        let (txid, filter, order) = if self.has_txid {
+            (
+                "o.txid",
+                "(o.txid, o.id) > ($1::text::xid8, $2::bigint) \
+                 AND o.txid < pg_snapshot_xmin(pg_current_snapshot())",
+                "o.txid, o.id",
+            )
+        } else {
+            (
+                "NULL::xid8",
+                "o.id > $2::bigint AND ($1::text IS NULL OR true)",
+                "o.id",
+            )
+        };
+        let headers = if self.has_txid {
+            "o.headers"
+        } else {
+            "NULL::jsonb"
+        };
+        // The inner query only counts events; payloads are converted to
+        // text (and detoasted) in the outer query, for the rows kept.
+        format!(
+            "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text \
+             FROM ( \
+               SELECT o.id, {txid} AS txid, o.refresh_id, o.is_claim_check, o.payload, \
+                      {headers} AS headers, \
+                      sum(n.events) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - n.events AS before \
+               FROM pgtrickle.{t} o, \
+                    LATERAL (SELECT CASE WHEN o.is_claim_check THEN 1 \
+                                 ELSE greatest(coalesce(o.inserted_count, 0) \
+                                             + coalesce(o.deleted_count, 0), 1) END AS events) n \
+               WHERE {filter} ORDER BY {order} LIMIT $3) b \
+             WHERE before < $3 ORDER BY before"
+        )
+    }
+
+    /// Whether rows exist after `pos` that the horizon still holds back.
+    pub fn held_back(&self, client: &mut Client, pos: &Position) -> Result<bool, Error> {
+        if !self.has_txid {
+            return Ok(false);
+        }
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM pgtrickle.{} WHERE (txid, id) > ($1::text::xid8, $2::bigint))",
+            quote_ident(&self.table)
+        );
+        Ok(client
+            .query_one(&sql, &[&pos.txid_or_zero(), &pos.id])?
+            .get(0))
+    }
+
+    /// Age in seconds of the oldest committed row after `pos` (0: none).
+    pub fn lag_seconds(&self, client: &mut Client, pos: &Position) -> Result<f64, Error> {
+        let t = quote_ident(&self.table);
+        let sql = if self.has_txid {
+            format!(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM \
+                 (SELECT created_at FROM pgtrickle.{t} WHERE (txid, id) > ($1::text::xid8, $2::bigint) \
+                  ORDER BY txid, id LIMIT 1) s"
+            )
+        } else {
+            format!(
+                "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 FROM \
+                 (SELECT created_at FROM pgtrickle.{t} WHERE id > $2::bigint AND ($1::text IS NULL OR true) \
+                  ORDER BY id LIMIT 1) s"
+            )
+        };
+        Ok(client
+            .query_one(&sql, &[&pos.txid_or_zero(), &pos.id])?
+            .get::<_, f64>(0)
+            .max(0.0))
+    }
+
+    /// The query streaming a claim-check delta: `$1` outbox id.
+    pub fn delta_sql(&self) -> Result<String, Error> {
+        let d = self.delta_table.as_deref().ok_or_else(|| {
+            Error::permanent(format!(
+                "outbox {} has a claim-check row but no delta-rows table",
+                self.table
+            ))
+        })?;
+        Ok(format!(
+            "SELECT row_num, op::text, payload::text FROM pgtrickle.{} \
+             WHERE outbox_id = $1 ORDER BY row_num",
+            quote_ident(d)
+        ))
+    }
+}
+
+/// Double-quote an identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A read position: the last delivered row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    /// Its transaction id (kit outboxes), as text.
+    pub txid: Option<String>,
+    /// Its outbox id.
+    pub id: i64,
+}
+
+impl Position {
+    /// The txid, `0` before the first row.
+    pub fn txid_or_zero(&self) -> String {
+        self.txid.clone().unwrap_or_else(|| "0".into())
+    }
+
+    /// Load a pipeline's committed position (none yet: the beginning).
+    pub fn load(client: &mut Client, relay_group: &str, pipeline: &str) -> Result<Position, Error> {
+        let row = client.query_opt(
+            "SELECT last_change_id, last_txid FROM pgtrickle.relay_get_offset($1, $2)",
+            &[&relay_group, &pipeline],
+        )?;
+        Ok(match row {
+            Some(r) => Position {
+                id: r.get::<_, Option<i64>>(0).unwrap_or(0),
+                txid: r.get(1),
+            },
+            None => Position::default(),
+        })
+    }
+
+    /// Persist this position as the pipeline's committed offset.
+    pub fn commit(
+        &self,
+        client: &mut impl GenericClient,
+        relay_group: &str,
+        pipeline: &str,
+        worker: &str,
+    ) -> Result<(), Error> {
+        client.execute(
+            "SELECT pgtrickle.relay_commit_offset($1, $2, $3, $4, $5)",
+            &[&relay_group, &pipeline, &self.id, &self.txid, &worker],
+        )?;
+        Ok(())
+    }
+}
+
+/// One outbox row.
+#[derive(Debug)]
+pub struct Row {
+    /// `id`.
+    pub id: i64,
+    /// `txid` as text (kit outboxes).
+    pub txid: Option<String>,
+    /// `refresh_id`.
+    pub refresh_id: Option<String>,
+    /// `is_claim_check`.
+    pub claim_check: bool,
+    /// `payload` as JSON text.
+    pub payload: String,
+    /// `headers` as JSON text.
+    pub headers: Option<String>,
+}
+
+impl Row {
+    /// From a row of [`OutboxInfo::read_sql`].
+    pub fn from_pg(r: &postgres::Row) -> Row {
+        Row {
+            id: r.get(0),
+            txid: r.get(1),
+            refresh_id: r.get(2),
+            claim_check: r.get::<_, Option<bool>>(3).unwrap_or(false),
+            payload: r
+                .get::<_, Option<String>>(4)
+                .unwrap_or_else(|| "null".into()),
+            headers: r.get(5),
+        }
+    }
+
+    /// This row as a position.
+    pub fn position(&self) -> Position {
+        Position {
+            txid: self.txid.clone(),
+            id: self.id,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Payload<'a> {
+    #[serde(borrow, default)]
+    v: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    inserted: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    deleted: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    claim_check: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    full_refresh: Option<&'a RawValue>,
+    #[serde(default)]
+    refresh_id: Option<String>,
+}
+
+/// A claim-check row: its events are in the delta-rows table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimCheck {
+    /// Rows are a complete snapshot.
+    pub full_refresh: bool,
+    /// The refresh id from the payload or the row.
+    pub refresh_id: Option<String>,
+}
+
+/// Turns outbox rows into events for one pipeline.
+pub struct Decoder<'a> {
+    /// The outbox.
+    pub info: &'a OutboxInfo,
+    /// The subject template.
+    pub subject: &'a Template,
+    /// The pipeline, for error messages.
+    pub pipeline: &'a str,
+}
+
+fn bool_of(v: Option<&RawValue>) -> Result<bool, String> {
+    match v.map(|r| r.get()) {
+        None | Some("false") | Some("null") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!("expected true or false, found {other}")),
+    }
+}
+
+impl Decoder<'_> {
+    fn fail(&self, row: &Row, why: impl std::fmt::Display) -> Error {
+        Error::permanent(format!(
+            "pipeline {:?}: outbox {} id {}: {why}",
+            self.pipeline, self.info.table, row.id
+        ))
+    }
+
+    /// Append the events of an inline row to `out` (deleted rows first,
+    /// then inserted rows; the row index counts in that order), or return
+    /// the claim-check to stream.
+    pub fn decode(&self, row: &Row, out: &mut Vec<Event>) -> Result<Option<ClaimCheck>, Error> {
+        let p: Payload = serde_json::from_str(&row.payload)
+            .map_err(|e| self.fail(row, format!("bad payload: {e}")))?;
+        match p.v.map(|v| v.get()) {
+            Some("1") => {}
+            Some(v) => {
+                return Err(self.fail(
+                    row,
+                    format!("unsupported payload version v={v} (this relay reads v=1)"),
+                ))
+            }
+            None => return Err(self.fail(row, "payload has no version field \"v\"")),
+        }
+        let full_refresh =
+            bool_of(p.full_refresh).map_err(|e| self.fail(row, format!("full_refresh: {e}")))?;
+        let refresh_id = p.refresh_id.or_else(|| row.refresh_id.clone());
+        if row.claim_check
+            || bool_of(p.claim_check).map_err(|e| self.fail(row, format!("claim_check: {e}")))?
+        {
+            return Ok(Some(ClaimCheck {
+                full_refresh,
+                refresh_id,
+            }));
+        }
+        let headers = match &row.headers {
+            Some(h) => Some(
+                RawValue::from_string(h.clone())
+                    .map_err(|e| self.fail(row, format!("bad headers: {e}")))?,
+            ),
+            None => None,
+        };
+        let vars = Vars {
+            stream_table: &self.info.stream_table,
+            outbox_id: row.id,
+            refresh_id: refresh_id.as_deref().unwrap_or(""),
+        };
+        let mut index = 0;
+        for (op, list) in [(Op::Delete, p.deleted), (Op::Insert, p.inserted)] {
+            let rows: Vec<&RawValue> = match list {
+                None => Vec::new(),
+                Some(l) if l.get() == "null" => Vec::new(),
+                Some(l) => serde_json::from_str(l.get()).map_err(|e| {
+                    self.fail(
+                        row,
+                        format!("{} must be an array of rows: {e}", op_list(op)),
+                    )
+                })?,
+            };
+            for r in rows {
+                out.push(Event {
+                    stream_table: self.info.stream_table.clone(),
+                    dedup_key: dedup_key(&self.info.table, row.id, index),
+                    subject: self.subject.render(&vars, op),
+                    op,
+                    payload: r.to_owned(),
+                    is_full_refresh: full_refresh,
+                    outbox_id: row.id,
+                    refresh_id: refresh_id.clone(),
+                    headers: headers.clone(),
+                });
+                index += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// An event of a claim-check delta row (`row_num`, `op`, `payload`).
+    pub fn delta_event(
+        &self,
+        row: &Row,
+        cc: &ClaimCheck,
+        d: &postgres::Row,
+    ) -> Result<Event, Error> {
+        let row_num: i32 = d.get(0);
+        let op = match d.get::<_, Option<String>>(1).as_deref() {
+            Some("I") => Op::Insert,
+            Some("D") => Op::Delete,
+            other => return Err(self.fail(row, format!("delta row {row_num}: bad op {other:?}"))),
+        };
+        let payload: Option<String> = d.get(2);
+        let payload = RawValue::from_string(payload.unwrap_or_else(|| "null".into()))
+            .map_err(|e| self.fail(row, format!("delta row {row_num}: {e}")))?;
+        let vars = Vars {
+            stream_table: &self.info.stream_table,
+            outbox_id: row.id,
+            refresh_id: cc.refresh_id.as_deref().unwrap_or(""),
+        };
+        Ok(Event {
+            stream_table: self.info.stream_table.clone(),
+            dedup_key: dedup_key(&self.info.table, row.id, row_num as i64),
+            subject: self.subject.render(&vars, op),
+            op,
+            payload,
+            is_full_refresh: cc.full_refresh,
+            outbox_id: row.id,
+            refresh_id: cc.refresh_id.clone(),
+            headers: None,
+        })
+    }
+}
+
+fn op_list(op: Op) -> &'static str {
+    match op {
+        Op::Insert => "inserted",
+        Op::Delete => "deleted",
+    }
+}
+
+/// Tell the outbox a claim-check row was fully delivered (idempotent).
+pub fn rows_consumed(c: &mut impl GenericClient, info: &OutboxInfo, id: i64) -> Result<(), Error> {
+    c.execute(
+        "SELECT pgtrickle.outbox_rows_consumed($1, $2)",
+        &[&&*info.stream_table, &id],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder_fixture() -> (OutboxInfo, Template) {
+        (
+            OutboxInfo {
+                stream_table: "orders".into(),
+                table: "outbox_orders".into(),
+                delta_table: None,
+                has_txid: true,
+            },
+            Template::parse("t.{stream_table}.{op}").unwrap(),
+        )
+    }
+
+    fn row(payload: &str) -> Row {
+        Row {
+            id: 9,
+            txid: Some("100".into()),
+            refresh_id: None,
+            claim_check: false,
+            payload: payload.into(),
+            headers: Some(r#"{"h":1}"#.into()),
+        }
+    }
+
+    #[test]
+    fn inline_rows_deletes_first() {
+        let (info, t) = decoder_fixture();
+        let d = Decoder {
+            info: &info,
+            subject: &t,
+            pipeline: "p",
+        };
+        let mut out = Vec::new();
+        let cc = d
+            .decode(&row(r#"{"v":1,"inserted":[{"a":1},{"a":2}],"deleted":[{"a":0}],"full_refresh":true}"#), &mut out)
+            .unwrap();
+        assert!(cc.is_none());
+        let keys: Vec<_> = out
+            .iter()
+            .map(|e| (e.dedup_key.as_str(), e.op, e.payload.get()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("outbox_orders:9:0", Op::Delete, r#"{"a":0}"#),
+                ("outbox_orders:9:1", Op::Insert, r#"{"a":1}"#),
+                ("outbox_orders:9:2", Op::Insert, r#"{"a":2}"#),
+            ]
+        );
+        assert!(out.iter().all(|e| e.is_full_refresh && e.headers.is_some()));
+        assert_eq!(out[0].subject, "t.orders.delete");
+    }
+
+    #[test]
+    fn unknown_version_names_pipeline_and_id() {
+        let (info, t) = decoder_fixture();
+        let d = Decoder {
+            info: &info,
+            subject: &t,
+            pipeline: "p",
+        };
+        let e = d
+            .decode(&row(r#"{"v":2,"inserted":"x"}"#), &mut Vec::new())
+            .unwrap_err();
+        assert!(
+            e.msg.contains("\"p\"") && e.msg.contains("id 9") && e.msg.contains("v=2"),
+            "{e}"
+        );
+        let e = d
+            .decode(&row(r#"{"inserted":[]}"#), &mut Vec::new())
+            .unwrap_err();
+        assert!(e.msg.contains("no version"), "{e}");
+    }
+
+    #[test]
+    fn claim_check_is_recognised() {
+        let (info, t) = decoder_fixture();
+        let d = Decoder {
+            info: &info,
+            subject: &t,
+            pipeline: "p",
+        };
+        let cc = d
+            .decode(&row(r#"{"v":1,"claim_check":true,"inserted_count":5,"deleted_count":0,"refresh_id":"r"}"#), &mut Vec::new())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            cc,
+            ClaimCheck {
+                full_refresh: false,
+                refresh_id: Some("r".into())
+            }
+        );
+    }
+}

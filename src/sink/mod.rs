@@ -1,0 +1,80 @@
+//! Sinks: where forward events go. One file per sink; a new sink is that
+//! file plus one line in [`REGISTRY`].
+
+use serde_json::{Map, Value};
+
+use crate::config::ConfigError;
+use crate::event::Event;
+use crate::retry::Error;
+
+#[cfg(feature = "http")]
+pub mod http;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "pg-inbox")]
+pub mod pg_inbox;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod stdout;
+
+/// An event the destination refused for good (too large, a 4xx answer):
+/// it goes to `pgtrickle.relay_dead_letters` and the pipeline moves on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Its index in the published slice.
+    pub index: usize,
+    /// Why, as the destination said it.
+    pub reason: String,
+}
+
+/// An open connection to a destination.
+pub trait Sink {
+    /// Deliver `events` in order; returns once the destination has
+    /// acknowledged every one of them or rejected it permanently (the
+    /// rejected ones are returned). A transient failure is an `Err`: the
+    /// caller retries the whole batch, and dedup keys absorb the repeats.
+    fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error>;
+    /// Make everything published so far durable; called before the offset
+    /// is committed.
+    fn flush(&mut self) -> Result<(), Error>;
+}
+
+/// A validated sink config that can open a [`Sink`].
+pub trait SinkSpec: Send + std::fmt::Debug {
+    /// Open the sink for `pipeline`.
+    fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error>;
+}
+
+/// Parses a sink's own keys (everything but `type`, `subject`, `batch_size`).
+type Parse = fn(Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>;
+
+/// Every sink built into this binary, by `type`.
+const REGISTRY: &[(&str, Parse)] = &[
+    ("stdout", stdout::parse),
+    #[cfg(feature = "redis")]
+    ("redis", redis::parse),
+    #[cfg(feature = "pg-inbox")]
+    ("pg-inbox", pg_inbox::parse),
+    #[cfg(feature = "http")]
+    ("http", http::parse),
+    #[cfg(feature = "nats")]
+    ("nats", nats::parse),
+];
+
+/// Parse the config of a sink of type `kind`.
+pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    match REGISTRY.iter().find(|(name, _)| *name == kind) {
+        Some((_, parse)) => parse(keys),
+        None => Err(ConfigError::new(
+            "sink.type",
+            format!(
+                "unknown sink type {kind:?} (this binary has: {})",
+                REGISTRY
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}

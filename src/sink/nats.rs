@@ -1,0 +1,670 @@
+//! The `nats` sink: events published to NATS JetStream, acknowledged.
+//!
+//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"<name>",
+//! "subject":"<template>", "credentials":"<file.creds>",
+//! "create_stream":false, "subjects":["..."]}`. `url` (one server or a
+//! comma-separated list; `tls://` for TLS) and `credentials` may use
+//! `${ENV:NAME}`. The subject is the common `subject` template.
+//!
+//! Each event is one message on its rendered subject: the body is the row
+//! (JSON), and the headers are `Nats-Msg-Id` = the dedup key (JetStream
+//! drops a repeat within the stream's duplicate window, 2 minutes by
+//! default), `Pgtrickle-Full-Refresh` (`true`/`false`), `Pgtrickle-Op`,
+//! `Pgtrickle-Outbox-Id`, and `Pgtrickle-Refresh-Id`/`Pgtrickle-Headers`
+//! when present.
+//!
+//! Acknowledgements are pipelined: every message is published with its own
+//! reply subject under one inbox the sink subscribes to, and up to
+//! [`WINDOW`] messages wait for their `PubAck` at a time. `publish` returns
+//! once every event of the batch is acknowledged (a `duplicate` ack counts:
+//! it was stored before).
+//!
+//! `stream` must exist when the pipeline starts, or the pipeline stops with
+//! an error that says so; with `create_stream: true` the sink creates it
+//! (file storage) capturing `subjects`, or, without `subjects`, the first
+//! event's subject with each token that holds a template value (stream
+//! table, op, outbox id, refresh id) replaced by `*` (e.g.
+//! `pgtrickle.{stream_table}.{op}` → `pgtrickle.*.*`).
+//!
+//! A message no stream captures gets a "no responders" answer. Then the
+//! stream's subjects are read: if none matches the event's subject, the
+//! event is dead-lettered; if one does (JetStream is still starting), the
+//! batch is retried. A JetStream error answer (e.g. a message over the
+//! stream's size limit) dead-letters the event, except codes 503
+//! (unavailable) and 408, which are retried. A message larger than the
+//! server's `max_payload` is dead-lettered without being sent. A lost
+//! connection is re-established in the background; the batch is published
+//! again as soon as it is back (or fails after a few seconds, and the
+//! caller retries it).
+
+// The sync `nats` crate is deprecated upstream in favour of async-nats; it
+// is used on purpose (no async runtime; see ARCHITECTURE.md).
+#![allow(deprecated)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::{from_value, ConfigError};
+use crate::event::Event;
+use crate::pg::{expand_env, mask};
+use crate::retry::Error;
+use crate::sink::{Rejected, Sink, SinkSpec};
+
+/// Messages waiting for their ack at most.
+pub const WINDOW: usize = 4096;
+/// No ack at all for this long: the batch fails (and is retried). Kept
+/// below the relay's shutdown grace, as is [`OUTAGE_WAIT`].
+const ACK_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long `publish` waits for a lost connection to come back.
+const OUTAGE_WAIT: Duration = Duration::from_secs(4);
+/// JetStream API requests.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `nats` sink's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsKeys {
+    url: String,
+    stream: String,
+    #[serde(default)]
+    credentials: Option<String>,
+    #[serde(default)]
+    create_stream: bool,
+    #[serde(default)]
+    subjects: Option<Vec<String>>,
+}
+
+/// Parse the sink's keys.
+pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cfg: NatsKeys = from_value("sink", Value::Object(keys))?;
+    if cfg.url.is_empty() {
+        return Err(ConfigError::new("sink.url", "must not be empty"));
+    }
+    if cfg.stream.is_empty()
+        || cfg
+            .stream
+            .contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+    {
+        return Err(ConfigError::new(
+            "sink.stream",
+            format!(
+                "{:?} is not a JetStream stream name (no '.', '*', '>' or spaces)",
+                cfg.stream
+            ),
+        ));
+    }
+    if cfg.credentials.as_deref() == Some("") {
+        return Err(ConfigError::new("sink.credentials", "must not be empty"));
+    }
+    if let Some(s) = &cfg.subjects {
+        if !cfg.create_stream {
+            return Err(ConfigError::new(
+                "sink.subjects",
+                "only applies to a stream the sink creates: set sink.create_stream too",
+            ));
+        }
+        if s.is_empty() || s.iter().any(|x| x.is_empty()) {
+            return Err(ConfigError::new(
+                "sink.subjects",
+                "must be non-empty subjects",
+            ));
+        }
+    }
+    Ok(Box::new(cfg))
+}
+
+/// Connection state shared with the client's callbacks.
+#[derive(Default)]
+struct Link {
+    connected: AtomicBool,
+    /// Bumped on every reconnect.
+    generation: AtomicU64,
+}
+
+impl SinkSpec for NatsKeys {
+    fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
+        let url = expand_env(&self.url)
+            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
+        let shown = mask(&url);
+        let link = Arc::new(Link::default());
+        let mut opts = match &self.credentials {
+            Some(c) => {
+                let path = expand_env(c).map_err(|e| {
+                    Error::permanent(format!("pipeline {pipeline:?}: sink.credentials: {e}"))
+                })?;
+                if !std::path::Path::new(&path).is_file() {
+                    return Err(Error::permanent(format!(
+                        "pipeline {pipeline:?}: sink.credentials: no such file {path}"
+                    )));
+                }
+                nats::Options::with_credentials(path)
+            }
+            None => nats::Options::new(),
+        };
+        let (down, up) = (link.clone(), link.clone());
+        opts = opts
+            .with_name(&format!("pgtrickle-relay {pipeline}"))
+            .max_reconnects(None)
+            .reconnect_delay_callback(|_| Duration::from_millis(200))
+            .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
+            .reconnect_callback(move || {
+                up.generation.fetch_add(1, Ordering::SeqCst);
+                up.connected.store(true, Ordering::SeqCst);
+            });
+        let nc = opts
+            .connect(url.as_str())
+            .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
+        link.connected.store(true, Ordering::SeqCst);
+        let inbox = nc.new_inbox();
+        let acks = nc
+            .subscribe(&format!("{inbox}.*"))
+            .map_err(|e| Error::transient(format!("nats {shown}: subscribing to acks: {e}")))?;
+        let mut sink = NatsSink {
+            cfg: self.clone(),
+            nc,
+            acks,
+            inbox,
+            link,
+            shown,
+            next_seq: 0,
+            stream_subjects: None,
+        };
+        match sink.stream_subjects()? {
+            Some(subjects) => sink.stream_subjects = Some(subjects),
+            None if self.create_stream => {
+                if let Some(s) = &self.subjects {
+                    sink.create_stream(s.clone())?;
+                }
+                // Else created from the first event's subject.
+            }
+            None => {
+                return Err(Error::permanent(format!(
+                    "pipeline {pipeline:?}: JetStream stream {:?} does not exist on {}: create \
+                     it (e.g. `nats stream add`), or set sink.create_stream to true",
+                    self.stream, sink.shown
+                )))
+            }
+        }
+        Ok(Box::new(sink))
+    }
+}
+
+struct NatsSink {
+    cfg: NatsKeys,
+    nc: nats::Connection,
+    acks: nats::Subscription,
+    inbox: String,
+    link: Arc<Link>,
+    shown: String,
+    /// Reply subjects are `<inbox>.<seq>`, unique for the sink's life.
+    next_seq: u64,
+    /// The stream's subjects, once known.
+    stream_subjects: Option<Vec<String>>,
+}
+
+/// Why an attempt did not finish.
+enum Stop {
+    /// The connection was re-established, or JetStream is not answering
+    /// yet: publish the batch again now (within the deadline).
+    Reconnected,
+    /// Give the error to the caller.
+    Fail(Error),
+}
+
+impl From<Error> for Stop {
+    fn from(e: Error) -> Stop {
+        Stop::Fail(e)
+    }
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    err_code: u32,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct PubAckReply {
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct StreamInfoReply {
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    config: Option<StreamConfigReply>,
+}
+
+#[derive(Deserialize)]
+struct StreamConfigReply {
+    #[serde(default)]
+    subjects: Vec<String>,
+}
+
+/// Whether NATS subject filter `filter` (with `*` and `>`) matches `subject`.
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// The subject filter a created stream gets from an event: each token
+/// holding a template value becomes `*`.
+fn derived_subject(e: &Event) -> String {
+    let id = e.outbox_id.to_string();
+    let values = [
+        &*e.stream_table,
+        e.op.as_str(),
+        id.as_str(),
+        e.refresh_id.as_deref().unwrap_or(""),
+    ];
+    e.subject
+        .split('.')
+        .map(|t| {
+            if values.iter().any(|v| !v.is_empty() && t.contains(v)) {
+                "*"
+            } else {
+                t
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+impl NatsSink {
+    /// A JetStream API request; `None` when JetStream does not answer.
+    fn api(&self, subject: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        match self.nc.request_timeout(subject, body, API_TIMEOUT) {
+            Ok(m) if m.is_no_responders() => Err(Error::transient(format!(
+                "nats {}: JetStream does not answer (is it enabled: nats-server -js?)",
+                self.shown
+            ))),
+            Ok(m) => Ok(m.data),
+            Err(e) => Err(Error::transient(format!(
+                "nats {}: JetStream request {subject}: {e}",
+                self.shown
+            ))),
+        }
+    }
+
+    /// The stream's subjects, or None when it does not exist.
+    fn stream_subjects(&self) -> Result<Option<Vec<String>>, Error> {
+        let data = self.api(&format!("$JS.API.STREAM.INFO.{}", self.cfg.stream), b"")?;
+        let info: StreamInfoReply = serde_json::from_slice(&data)
+            .map_err(|e| Error::transient(format!("nats {}: bad stream info: {e}", self.shown)))?;
+        match (info.error, info.config) {
+            (Some(e), _) if e.code == 404 || e.err_code == 10059 => Ok(None),
+            (Some(e), _) => Err(Error::transient(format!(
+                "nats {}: stream {:?}: {} (code {}, err_code {})",
+                self.shown, self.cfg.stream, e.description, e.code, e.err_code
+            ))),
+            (None, Some(c)) => Ok(Some(c.subjects)),
+            (None, None) => Ok(Some(Vec::new())),
+        }
+    }
+
+    fn create_stream(&mut self, subjects: Vec<String>) -> Result<(), Error> {
+        let req = serde_json::json!({
+            "name": self.cfg.stream,
+            "subjects": subjects,
+            "storage": "file",
+            "retention": "limits",
+            "num_replicas": 1,
+        });
+        let data = self.api(
+            &format!("$JS.API.STREAM.CREATE.{}", self.cfg.stream),
+            req.to_string().as_bytes(),
+        )?;
+        let info: StreamInfoReply = serde_json::from_slice(&data).map_err(|e| {
+            Error::transient(format!(
+                "nats {}: bad stream create answer: {e}",
+                self.shown
+            ))
+        })?;
+        if let Some(e) = info.error {
+            return Err(Error::permanent(format!(
+                "nats {}: creating stream {:?} with subjects {subjects:?}: {} (code {}, err_code {})",
+                self.shown, self.cfg.stream, e.description, e.code, e.err_code
+            )));
+        }
+        log::info!(
+            "created JetStream stream {:?} capturing {subjects:?}",
+            self.cfg.stream
+        );
+        self.stream_subjects = Some(subjects);
+        Ok(())
+    }
+
+    /// Wait for the connection, up to `until`.
+    fn wait_connected(&self, until: Instant) -> Result<(), Error> {
+        while !self.link.connected.load(Ordering::SeqCst) {
+            if Instant::now() >= until {
+                return Err(Error::transient(format!(
+                    "nats {}: not connected (reconnecting)",
+                    self.shown
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// One attempt to publish `events` and collect every ack.
+    fn attempt(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Stop> {
+        let generation = self.link.generation.load(Ordering::SeqCst);
+        let base = self.next_seq;
+        self.next_seq += events.len() as u64;
+        let max_payload = self.nc.max_payload();
+        let mut done = vec![false; events.len()];
+        let mut outstanding = 0usize;
+        let mut rejected = Vec::new();
+        let mut no_stream: Vec<usize> = Vec::new();
+        let mut last_progress = Instant::now();
+        let mut headers = nats::HeaderMap::new();
+        for (i, e) in events.iter().enumerate() {
+            if e.subject.is_empty() {
+                rejected.push(Rejected {
+                    index: i,
+                    reason: "nats: empty subject".into(),
+                });
+                done[i] = true;
+                continue;
+            }
+            headers.clear();
+            headers.insert("Nats-Msg-Id", e.dedup_key.as_str());
+            headers.insert(
+                "Pgtrickle-Full-Refresh",
+                if e.is_full_refresh { "true" } else { "false" },
+            );
+            headers.insert("Pgtrickle-Op", e.op.as_str());
+            headers.insert("Pgtrickle-Outbox-Id", e.outbox_id.to_string());
+            if let Some(r) = &e.refresh_id {
+                headers.insert("Pgtrickle-Refresh-Id", r.as_str());
+            }
+            if let Some(h) = &e.headers {
+                headers.insert("Pgtrickle-Headers", h.get());
+            }
+            let body = e.payload.get().as_bytes();
+            if max_payload > 0 && body.len() + 512 > max_payload {
+                rejected.push(Rejected {
+                    index: i,
+                    reason: format!(
+                        "nats: message of {} bytes is over the server's max_payload ({max_payload})",
+                        body.len()
+                    ),
+                });
+                done[i] = true;
+                continue;
+            }
+            while outstanding >= WINDOW {
+                self.receive(
+                    base,
+                    generation,
+                    &mut done,
+                    &mut outstanding,
+                    &mut rejected,
+                    &mut no_stream,
+                    &mut last_progress,
+                )?;
+            }
+            let reply = format!("{}.{}", self.inbox, base + i as u64);
+            self.nc
+                .publish_with_reply_or_headers(&e.subject, Some(&reply), Some(&headers), body)
+                .map_err(|x| {
+                    Stop::Fail(Error::transient(format!(
+                        "nats {}: publishing to {}: {x}",
+                        self.shown, e.subject
+                    )))
+                })?;
+            outstanding += 1;
+        }
+        while outstanding > 0 {
+            self.receive(
+                base,
+                generation,
+                &mut done,
+                &mut outstanding,
+                &mut rejected,
+                &mut no_stream,
+                &mut last_progress,
+            )?;
+        }
+        if !no_stream.is_empty() {
+            self.uncaptured(events, &no_stream, &mut rejected)?;
+        }
+        rejected.sort_by_key(|r| r.index);
+        Ok(rejected)
+    }
+
+    /// Events that got "no responders": dead-letter those whose subject no
+    /// stream captures; anything else is retried.
+    fn uncaptured(
+        &mut self,
+        events: &[Event],
+        no_stream: &[usize],
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Stop> {
+        // Right after a (re)start JetStream may not answer yet: try again
+        // shortly (within publish's deadline) rather than fail the batch.
+        let retry_soon = |e: Error| {
+            log::debug!("{e}; publishing again shortly");
+            std::thread::sleep(Duration::from_millis(50));
+            Stop::Reconnected
+        };
+        let subjects = match self.stream_subjects().map_err(retry_soon)? {
+            Some(s) => s,
+            None if self.cfg.create_stream => {
+                let s = self
+                    .cfg
+                    .subjects
+                    .clone()
+                    .unwrap_or_else(|| vec![derived_subject(&events[no_stream[0]])]);
+                self.create_stream(s)?;
+                return Err(Stop::Reconnected);
+            }
+            None => {
+                return Err(Stop::Fail(Error::permanent(format!(
+                    "nats {}: JetStream stream {:?} does not exist (any more): create it, or \
+                     set sink.create_stream to true",
+                    self.shown, self.cfg.stream
+                ))))
+            }
+        };
+        self.stream_subjects = Some(subjects.clone());
+        for &i in no_stream {
+            let subject = &events[i].subject;
+            if subjects.iter().any(|f| subject_matches(f, subject)) {
+                return Err(retry_soon(Error::transient(format!(
+                    "nats {}: no JetStream answer for subject {subject} although stream {:?} \
+                     captures it (is JetStream starting?)",
+                    self.shown, self.cfg.stream
+                ))));
+            }
+            rejected.push(Rejected {
+                index: i,
+                reason: format!(
+                    "nats: no JetStream stream captures subject {subject:?} (stream {:?} \
+                     captures {subjects:?})",
+                    self.cfg.stream
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wait for one ack of this attempt.
+    #[allow(clippy::too_many_arguments)]
+    fn receive(
+        &mut self,
+        base: u64,
+        generation: u64,
+        done: &mut [bool],
+        outstanding: &mut usize,
+        rejected: &mut Vec<Rejected>,
+        no_stream: &mut Vec<usize>,
+        last_progress: &mut Instant,
+    ) -> Result<(), Stop> {
+        loop {
+            if self.link.generation.load(Ordering::SeqCst) != generation {
+                return Err(Stop::Reconnected);
+            }
+            if last_progress.elapsed() > ACK_TIMEOUT {
+                return Err(Stop::Fail(Error::transient(format!(
+                    "nats {}: {} JetStream acks missing after {ACK_TIMEOUT:?}",
+                    self.shown, outstanding
+                ))));
+            }
+            let msg = match self.acks.next_timeout(Duration::from_millis(50)) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+                Err(e) => {
+                    return Err(Stop::Fail(Error::transient(format!(
+                        "nats {}: ack subscription: {e}",
+                        self.shown
+                    ))))
+                }
+            };
+            let seq = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|s| s.parse::<u64>().ok());
+            let Some(i) = seq
+                .filter(|s| *s >= base && *s < base + done.len() as u64)
+                .map(|s| (s - base) as usize)
+            else {
+                continue; // an ack of an earlier attempt
+            };
+            if done[i] {
+                continue;
+            }
+            done[i] = true;
+            *outstanding -= 1;
+            *last_progress = Instant::now();
+            if msg.is_no_responders() {
+                no_stream.push(i);
+                return Ok(());
+            }
+            let ack: PubAckReply = serde_json::from_slice(&msg.data).map_err(|e| {
+                Stop::Fail(Error::transient(format!(
+                    "nats {}: bad JetStream ack {:?}: {e}",
+                    self.shown,
+                    String::from_utf8_lossy(&msg.data)
+                )))
+            })?;
+            if let Some(err) = ack.error {
+                let why = format!(
+                    "nats JetStream: {} (code {}, err_code {})",
+                    err.description, err.code, err.err_code
+                );
+                if err.code == 503 || err.code == 408 {
+                    return Err(Stop::Fail(Error::transient(format!(
+                        "nats {}: {why}",
+                        self.shown
+                    ))));
+                }
+                rejected.push(Rejected {
+                    index: i,
+                    reason: why,
+                });
+            }
+            return Ok(());
+        }
+    }
+}
+
+impl Sink for NatsSink {
+    fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
+        let until = Instant::now() + OUTAGE_WAIT;
+        loop {
+            self.wait_connected(until)?;
+            match self.attempt(events) {
+                Ok(r) => return Ok(r),
+                Err(Stop::Fail(e)) => return Err(e),
+                Err(Stop::Reconnected) if Instant::now() < until => continue,
+                Err(Stop::Reconnected) => {
+                    return Err(Error::transient(format!(
+                        "nats {}: the connection keeps dropping, or JetStream does not answer",
+                        self.shown
+                    )))
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        // Every message was acknowledged (stored by JetStream) in publish.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Op;
+    use serde_json::json;
+    use serde_json::value::RawValue;
+
+    #[test]
+    fn subject_filters_match_like_nats() {
+        assert!(subject_matches("a.*.c", "a.b.c"));
+        assert!(subject_matches("a.>", "a.b.c"));
+        assert!(!subject_matches("a.>", "a"));
+        assert!(!subject_matches("a.*", "a.b.c"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.c"));
+    }
+
+    #[test]
+    fn a_created_stream_captures_the_template_shape() {
+        let e = Event {
+            dedup_key: "outbox_orders:7:0".into(),
+            subject: "shop.orders.insert.v1".into(),
+            op: Op::Insert,
+            payload: RawValue::from_string("{}".into()).unwrap(),
+            is_full_refresh: false,
+            outbox_id: 7,
+            refresh_id: None,
+            headers: None,
+            stream_table: "orders".into(),
+        };
+        assert_eq!(derived_subject(&e), "shop.*.*.v1");
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let p = |v: Value| parse(v.as_object().unwrap().clone()).unwrap_err().key;
+        assert_eq!(p(json!({"stream": "S"})), "sink.url");
+        assert_eq!(p(json!({"url": "nats://x"})), "sink.stream");
+        assert_eq!(
+            p(json!({"url": "nats://x", "stream": "a.b"})),
+            "sink.stream"
+        );
+        assert_eq!(
+            p(json!({"url": "nats://x", "stream": "S", "subjects": ["a"]})),
+            "sink.subjects"
+        );
+        assert_eq!(
+            p(json!({"url": "nats://x", "stream": "S", "create_stream": "yes"})),
+            "sink.create_stream"
+        );
+    }
+}

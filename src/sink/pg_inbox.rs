@@ -1,0 +1,209 @@
+//! The `pg-inbox` sink: events inserted into an inbox table of another
+//! PostgreSQL database.
+//!
+//! Config: `{"type":"pg-inbox", "url":"postgres://...", "inbox":"<name>",
+//! "schema":"<schema>"}`. `url` may use `${ENV:NAME}` and the same TLS
+//! parameters as `--postgres-url` (`sslmode`, `sslrootcert`); `schema`
+//! defaults to `pgtrickle`. The inbox is a pg_trickle (or outbox kit) inbox
+//! made with `pgtrickle.create_inbox`, or any table with the columns
+//! `event_id TEXT PRIMARY KEY, event_type, source, aggregate_id, payload
+//! JSONB, trace_id`.
+//!
+//! One multi-row `INSERT ... ON CONFLICT (event_id) DO NOTHING` (as in the
+//! reverse direction's inbox writer) per chunk
+//! of events, each its own transaction: `event_id` = the dedup key,
+//! `event_type` = the event's subject, `source` = the outbox table (the
+//! dedup key's prefix), `payload` = the row. A replay inserts nothing new.
+//! When the database refuses a chunk's data (SQLSTATE class 22 or 23, or
+//! an exception raised by a trigger, P0001), the events of the chunk are
+//! inserted one by one and each one refused is dead-lettered. Any other
+//! error (a lost connection, a missing inbox, missing privileges) is
+//! retried with the whole batch.
+
+use postgres::{Client, Statement};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::config::{from_value, ConfigError};
+use crate::event::Event;
+use crate::outbox::quote_ident;
+use crate::pg::{expand_env, mask};
+use crate::retry::Error;
+use crate::sink::{Rejected, Sink, SinkSpec};
+
+/// Events per INSERT.
+const CHUNK: usize = 5000;
+
+/// The `pg-inbox` sink's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgInboxKeys {
+    url: String,
+    inbox: String,
+    #[serde(default)]
+    schema: Option<String>,
+}
+
+/// Parse the sink's keys.
+pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cfg: PgInboxKeys = from_value("sink", Value::Object(keys))?;
+    if cfg.url.is_empty() {
+        return Err(ConfigError::new("sink.url", "must not be empty"));
+    }
+    if cfg.inbox.is_empty() {
+        return Err(ConfigError::new("sink.inbox", "must not be empty"));
+    }
+    if cfg.schema.as_deref() == Some("") {
+        return Err(ConfigError::new("sink.schema", "must not be empty"));
+    }
+    Ok(Box::new(cfg))
+}
+
+impl SinkSpec for PgInboxKeys {
+    fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
+        let url = expand_env(&self.url)
+            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
+        let mut sink = PgInboxSink {
+            cfg: self.clone(),
+            url,
+            app: format!("pgtrickle-relay {pipeline} (pg-inbox sink)"),
+            conn: None,
+        };
+        sink.conn()?;
+        Ok(Box::new(sink))
+    }
+}
+
+struct PgInboxSink {
+    cfg: PgInboxKeys,
+    /// `url` with `${ENV:...}` expanded.
+    url: String,
+    app: String,
+    conn: Option<(Client, Statement)>,
+}
+
+/// The outbox table of a dedup key `<outbox table>:<outbox id>:<row index>`.
+fn source_of(key: &str) -> &str {
+    key.rsplitn(3, ':').nth(2).unwrap_or(key)
+}
+
+impl PgInboxSink {
+    fn conn(&mut self) -> Result<&mut (Client, Statement), Error> {
+        if self.conn.is_none() {
+            let mut client =
+                crate::pg::connect(&self.url, &self.app).map_err(|e| e.context("pg-inbox sink"))?;
+            let schema = self.cfg.schema.as_deref().unwrap_or("pgtrickle");
+            let name = format!("{}.{}", quote_ident(schema), quote_ident(&self.cfg.inbox));
+            let insert = client
+                .prepare(&format!(
+                    "INSERT INTO {name} (event_id, event_type, source, payload) \
+                     SELECT id, et, src, p::jsonb \
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+                       AS m(id, et, src, p) \
+                     ON CONFLICT (event_id) DO NOTHING"
+                ))
+                .map_err(|e| {
+                    Error::from(e).context(format!(
+                        "pg-inbox sink {}: inbox {schema}.{} (create it there with \
+                         pgtrickle.create_inbox('{}'))",
+                        mask(&self.cfg.url),
+                        self.cfg.inbox,
+                        self.cfg.inbox
+                    ))
+                })?;
+            self.conn = Some((client, insert));
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Insert `events` in one statement (one transaction). Err(Ok(e)): the
+    /// database refused the data (a constraint, a trigger): retrying the
+    /// same events cannot help.
+    fn write(&mut self, events: &[Event]) -> Result<(), Result<Error, Error>> {
+        let (client, insert) = self.conn().map_err(Err)?;
+        let ids: Vec<&str> = events.iter().map(|e| e.dedup_key.as_str()).collect();
+        let types: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+        let sources: Vec<&str> = events.iter().map(|e| source_of(&e.dedup_key)).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.get()).collect();
+        match client.execute(&*insert, &[&ids, &types, &sources, &payloads]) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let refused = e.code().map(|c| {
+                    let c = c.code();
+                    c.starts_with("22") || c.starts_with("23") || c == "P0001"
+                });
+                if client.is_closed() {
+                    self.conn = None;
+                }
+                let err = Error::from(e).context(format!(
+                    "pg-inbox sink {} inbox {}",
+                    mask(&self.cfg.url),
+                    self.cfg.inbox
+                ));
+                Err(if refused == Some(true) {
+                    Ok(err)
+                } else {
+                    Err(err)
+                })
+            }
+        }
+    }
+}
+
+impl Sink for PgInboxSink {
+    fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
+        let mut rejected = Vec::new();
+        for (n, chunk) in events.chunks(CHUNK).enumerate() {
+            match self.write(chunk) {
+                Ok(()) => {}
+                Err(Err(e)) => return Err(e),
+                Err(Ok(_)) => {
+                    // Find the events the inbox refuses.
+                    for (i, e) in chunk.iter().enumerate() {
+                        match self.write(std::slice::from_ref(e)) {
+                            Ok(()) => {}
+                            Err(Ok(why)) => rejected.push(Rejected {
+                                index: n * CHUNK + i,
+                                reason: why.msg,
+                            }),
+                            Err(Err(e)) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(rejected)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        // Every INSERT was committed before publish returned.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn source_is_the_dedup_key_prefix() {
+        assert_eq!(source_of("outbox_orders:12:3"), "outbox_orders");
+        assert_eq!(source_of("a:b:12:3"), "a:b");
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let p = |v: Value| parse(v.as_object().unwrap().clone()).unwrap_err().key;
+        assert_eq!(p(json!({"inbox": "i"})), "sink.url");
+        assert_eq!(p(json!({"url": "postgres://h/d"})), "sink.inbox");
+        assert_eq!(
+            p(json!({"url": "postgres://h/d", "inbox": "i", "schema": ""})),
+            "sink.schema"
+        );
+        assert_eq!(
+            p(json!({"url": "postgres://h/d", "inbox": "i", "tabel": "x"})),
+            "sink.tabel"
+        );
+    }
+}

@@ -1,0 +1,475 @@
+//! The `http` source: a webhook receiver (built on tiny_http) into the inbox.
+//!
+//! Config: `{"type":"http", "listen":"127.0.0.1:8080", "path":"/hooks",
+//! "token":"${ENV:TOKEN}", "signing_secret":"${ENV:SECRET}",
+//! "max_body_bytes":1048576, "id_field":"event_id",
+//! "event_type":{"header":"X-Type"} | {"field":"type"} | "fixed"}`, and the
+//! same for `aggregate_id`, `source` and `trace_id` (default: the field of
+//! the same name). `${ENV:NAME}` is replaced in `token` and
+//! `signing_secret`.
+//!
+//! Requests: `POST <path>` with one JSON object or a JSON array of objects.
+//! Answers, in the order checked: 405 for another method, 404 for another
+//! path, 401 without `Authorization: Bearer <token>` (when `token` is set),
+//! 413 for a body above `max_body_bytes`, 401 without a valid
+//! `Pgtrickle-Signature` (when `signing_secret` is set; the scheme of the
+//! `http` sink, timestamps at most 5 minutes off), 400 with a reason for a
+//! body that is not JSON or an event without an id.
+//!
+//! The inbox `event_id` is the `Idempotency-Key` header (for an array,
+//! `<key>:<index>`), else the `id_field` field; an event with neither is
+//! refused with 400, because a webhook without an id cannot be
+//! deduplicated. The payload is the object's `payload` field, else the
+//! whole object.
+//!
+//! 200 (`{"accepted": n}`) is answered only after the inbox transaction
+//! holding the request's events committed (in [`Source::ack`]). A request
+//! whose batch is not committed within 30 s (PostgreSQL down) gets 503, so
+//! the sender retries; the inbox absorbs the duplicates.
+
+use std::io::Read;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::config::{from_value, ConfigError};
+use crate::pg::expand_env;
+use crate::retry::Error;
+pub use crate::source::Origin;
+use crate::source::{Batch, Message, Source, SourceSpec};
+
+/// Threads taking requests, so one slow client does not hold up the rest.
+const WORKERS: usize = 8;
+/// How long a request waits for its inbox commit before 503.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest clock difference accepted for a signed request.
+const MAX_SKEW_SECS: u64 = 300;
+const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+
+/// The `http` source's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    listen: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    signing_secret: Option<String>,
+    #[serde(default)]
+    max_body_bytes: Option<u64>,
+    #[serde(default)]
+    id_field: Option<String>,
+    #[serde(default)]
+    event_type: Option<Origin>,
+    #[serde(default)]
+    aggregate_id: Option<Origin>,
+    #[serde(default)]
+    source: Option<Origin>,
+    #[serde(default)]
+    trace_id: Option<Origin>,
+}
+
+/// Parse the source's keys.
+pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
+    let resolves = cfg
+        .listen
+        .to_socket_addrs()
+        .map(|mut a| a.next().is_some())
+        .unwrap_or(false);
+    if !resolves {
+        return Err(ConfigError::new(
+            "source.listen",
+            format!(
+                "expected an address like 127.0.0.1:8080, found {:?}",
+                cfg.listen
+            ),
+        ));
+    }
+    if let Some(p) = &cfg.path {
+        if !p.starts_with('/') {
+            return Err(ConfigError::new("source.path", "must start with /"));
+        }
+    }
+    if cfg.max_body_bytes == Some(0) {
+        return Err(ConfigError::new(
+            "source.max_body_bytes",
+            "must be at least 1",
+        ));
+    }
+    if cfg.id_field.as_deref() == Some("") {
+        return Err(ConfigError::new("source.id_field", "must not be empty"));
+    }
+    for (k, v) in [
+        ("token", &cfg.token),
+        ("signing_secret", &cfg.signing_secret),
+    ] {
+        if v.as_deref() == Some("") {
+            return Err(ConfigError::new(format!("source.{k}"), "must not be empty"));
+        }
+    }
+    Ok(Box::new(cfg))
+}
+
+/// What the workers need to turn a request into messages.
+struct Rules {
+    path: String,
+    token: Option<String>,
+    secret: Option<Vec<u8>>,
+    max_body: u64,
+    id_field: String,
+    event_type: Origin,
+    aggregate_id: Origin,
+    source: Origin,
+    trace_id: Origin,
+}
+
+/// One accepted request: its messages and where to say they committed.
+struct Pending {
+    messages: Vec<Message>,
+    done: SyncSender<()>,
+}
+
+impl SourceSpec for HttpSourceConfig {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+        let env = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
+            match v {
+                None => Ok(None),
+                Some(v) => expand_env(v).map(Some).map_err(|e| {
+                    Error::permanent(format!("pipeline {pipeline:?}: source.{key}: {e}"))
+                }),
+            }
+        };
+        let field = |v: &Option<Origin>, name: &str| {
+            v.clone().unwrap_or(Origin::Field {
+                field: name.to_string(),
+            })
+        };
+        let rules = Arc::new(Rules {
+            path: self.path.clone().unwrap_or_else(|| "/".into()),
+            token: env("token", &self.token)?,
+            secret: env("signing_secret", &self.signing_secret)?.map(String::into_bytes),
+            max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
+            event_type: field(&self.event_type, "event_type"),
+            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
+            source: field(&self.source, "source"),
+            trace_id: field(&self.trace_id, "trace_id"),
+        });
+        // Binding may fail for a moment while a previous instance's server
+        // winds down: transient.
+        let server = Server::http(self.listen.as_str())
+            .map_err(|e| Error::transient(format!("listening on {}: {e}", self.listen)))?;
+        let server = Arc::new(server);
+        let addr: Option<SocketAddr> = server.server_addr().to_ip();
+        let shown = addr.map_or_else(|| self.listen.clone(), |a| a.to_string());
+        log::info!("listening for webhooks on http://{shown}{}", rules.path);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = sync_channel::<Pending>(WORKERS * 2);
+        for i in 0..WORKERS {
+            // Workers hold the server weakly: dropping the source closes it.
+            let (server, rules, stop, tx) = (
+                Arc::downgrade(&server),
+                rules.clone(),
+                stop.clone(),
+                tx.clone(),
+            );
+            let name = pipeline.to_string();
+            std::thread::Builder::new()
+                .name(format!("webhook-{i}"))
+                .spawn(move || {
+                    crate::logging::set_pipeline(&name);
+                    worker(&server, &rules, &stop, &tx)
+                })
+                .map_err(|e| Error::permanent(format!("spawning a webhook thread: {e}")))?;
+        }
+        Ok(Box::new(HttpSource {
+            server,
+            stop,
+            rx,
+            next: None,
+            inflight: Vec::new(),
+            once,
+        }))
+    }
+}
+
+struct HttpSource {
+    server: Arc<Server>,
+    stop: Arc<AtomicBool>,
+    rx: Receiver<Pending>,
+    /// A request received that did not fit the last batch.
+    next: Option<Pending>,
+    /// Requests handed out in batches but not yet acknowledged.
+    inflight: Vec<SyncSender<()>>,
+    once: bool,
+}
+
+impl Source for HttpSource {
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        let mut batch = Batch::default();
+        let deadline = Instant::now() + wait;
+        loop {
+            let p = match self.next.take() {
+                Some(p) => p,
+                None => {
+                    let until = if batch.messages.is_empty() {
+                        deadline.saturating_duration_since(Instant::now())
+                    } else {
+                        Duration::ZERO
+                    };
+                    match self.rx.recv_timeout(until) {
+                        Ok(p) => p,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(Error::permanent("the webhook threads ended"))
+                        }
+                    }
+                }
+            };
+            // A request's events go into one batch: keep it for the next
+            // one when it does not fit (unless it is the first).
+            if !batch.messages.is_empty() && batch.messages.len() + p.messages.len() > max {
+                self.next = Some(p);
+                break;
+            }
+            batch.messages.extend(p.messages);
+            self.inflight.push(p.done);
+            if batch.messages.len() >= max {
+                break;
+            }
+        }
+        if self.once && batch.messages.is_empty() {
+            batch.end_of_input = true;
+        }
+        Ok(batch)
+    }
+
+    fn ack(&mut self) -> Result<(), Error> {
+        for done in self.inflight.drain(..) {
+            // The sender may have given up (503) already: nothing to do.
+            let _ = done.try_send(());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HttpSource {
+    fn drop(&mut self) {
+        // Unacknowledged requests get 503 (their senders are dropped).
+        self.inflight.clear();
+        self.next = None;
+        self.stop.store(true, Ordering::SeqCst);
+        for _ in 0..WORKERS {
+            self.server.unblock();
+        }
+    }
+}
+
+fn worker(server: &Weak<Server>, rules: &Rules, stop: &AtomicBool, tx: &SyncSender<Pending>) {
+    while !stop.load(Ordering::SeqCst) {
+        let Some(strong) = server.upgrade() else {
+            return;
+        };
+        let next = strong.recv_timeout(Duration::from_millis(200));
+        drop(strong);
+        match next {
+            Ok(Some(req)) => handle(req, rules, stop, tx),
+            Ok(None) => {}
+            Err(e) => {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                log::debug!("webhook connection: {e}");
+            }
+        }
+    }
+}
+
+fn json_header() -> Header {
+    Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("valid header")
+}
+
+/// Answer `status` with `{"error": why}` (or `body` as is for 200).
+fn answer(req: Request, status: u16, body: String) {
+    let resp = Response::from_string(body)
+        .with_status_code(status)
+        .with_header(json_header());
+    if let Err(e) = req.respond(resp) {
+        log::debug!("answering a webhook: {e}");
+    }
+}
+
+fn refuse(req: Request, status: u16, why: &str) {
+    log::debug!("webhook refused with {status}: {why}");
+    answer(req, status, serde_json::json!({ "error": why }).to_string());
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+/// Compare without an early exit on the first difference.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn handle(mut req: Request, rules: &Rules, stop: &AtomicBool, tx: &SyncSender<Pending>) {
+    if *req.method() != Method::Post {
+        return refuse(req, 405, "only POST is accepted");
+    }
+    let path = req.url().split('?').next().unwrap_or("");
+    if path != rules.path {
+        return refuse(req, 404, "no webhook at this path");
+    }
+    if let Some(token) = &rules.token {
+        let given = header(&req, "Authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.trim().as_bytes(), token.as_bytes()) {
+            return refuse(req, 401, "missing or wrong bearer token");
+        }
+    }
+    let too_big = format!("body larger than {} bytes", rules.max_body);
+    if req.body_length().is_some_and(|n| n as u64 > rules.max_body) {
+        return refuse(req, 413, &too_big);
+    }
+    let mut body = Vec::new();
+    if let Err(e) = req
+        .as_reader()
+        .take(rules.max_body + 1)
+        .read_to_end(&mut body)
+    {
+        log::debug!("reading a webhook body: {e}");
+        return refuse(req, 400, "could not read the body");
+    }
+    if body.len() as u64 > rules.max_body {
+        return refuse(req, 413, &too_big);
+    }
+    if let Some(expected) = req.body_length() {
+        if body.len() != expected {
+            return refuse(req, 400, "body shorter than its Content-Length");
+        }
+    }
+    if let Some(secret) = &rules.secret {
+        if let Err(why) = check_signature(&req, secret, &body) {
+            return refuse(req, 401, &why);
+        }
+    }
+    let messages = match to_messages(&req, rules, &body) {
+        Ok(m) => m,
+        Err(why) => return refuse(req, 400, &why),
+    };
+    let n = messages.len();
+    if n == 0 {
+        return answer(req, 200, r#"{"accepted":0}"#.into());
+    }
+    let (done, committed) = sync_channel(1);
+    if tx.send(Pending { messages, done }).is_err() || stop.load(Ordering::SeqCst) {
+        return refuse(req, 503, "the relay is stopping; retry later");
+    }
+    match committed.recv_timeout(COMMIT_TIMEOUT) {
+        Ok(()) => answer(req, 200, format!(r#"{{"accepted":{n}}}"#)),
+        Err(_) => refuse(
+            req,
+            503,
+            "the inbox did not commit in time (PostgreSQL unavailable?); retry later",
+        ),
+    }
+}
+
+fn check_signature(req: &Request, secret: &[u8], body: &[u8]) -> Result<(), String> {
+    let ts = header(req, "Pgtrickle-Timestamp").ok_or("missing Pgtrickle-Timestamp header")?;
+    let sig = header(req, "Pgtrickle-Signature").ok_or("missing Pgtrickle-Signature header")?;
+    let secs: u64 = ts
+        .trim()
+        .parse()
+        .map_err(|_| "Pgtrickle-Timestamp is not a number of seconds")?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if now.abs_diff(secs) > MAX_SKEW_SECS {
+        return Err("Pgtrickle-Timestamp is more than 5 minutes off".into());
+    }
+    let expected = crate::sink::http::signature(secret, ts, body);
+    if !same(sig.trim().as_bytes(), expected.as_bytes()) {
+        return Err("bad Pgtrickle-Signature".into());
+    }
+    Ok(())
+}
+
+fn text_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+fn attribute(req: &Request, obj: &Map<String, Value>, from: &Origin) -> Option<String> {
+    match from {
+        Origin::Header { header: h } => header(req, h).map(str::to_string),
+        Origin::Field { field } => text_field(obj, field),
+        Origin::Fixed(s) => Some(s.clone()),
+    }
+}
+
+/// The request's events, or why it is refused.
+fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON ({e})"))?;
+    let (objects, array) = match value {
+        Value::Array(items) => (items, true),
+        obj @ Value::Object(_) => (vec![obj], false),
+        _ => return Err("body must be a JSON object or an array of objects".into()),
+    };
+    let key = header(req, "Idempotency-Key")
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let mut out = Vec::with_capacity(objects.len());
+    for (i, v) in objects.into_iter().enumerate() {
+        let Value::Object(obj) = v else {
+            return Err(format!("event {i} is not a JSON object"));
+        };
+        let event_id = match key {
+            Some(k) if array => format!("{k}:{i}"),
+            Some(k) => k.to_string(),
+            None => match text_field(&obj, &rules.id_field) {
+                Some(id) if !id.is_empty() => id,
+                _ => {
+                    return Err(format!(
+                        "event {i} has no id: no Idempotency-Key header and no {:?} field \
+                         (a webhook without an id cannot be deduplicated)",
+                        rules.id_field
+                    ))
+                }
+            },
+        };
+        let payload = match obj.get("payload") {
+            Some(p) => p.to_string(),
+            None => Value::Object(obj.clone()).to_string(),
+        };
+        out.push(Message {
+            event_id,
+            event_type: attribute(req, &obj, &rules.event_type),
+            source: attribute(req, &obj, &rules.source),
+            aggregate_id: attribute(req, &obj, &rules.aggregate_id),
+            trace_id: attribute(req, &obj, &rules.trace_id),
+            payload,
+            error: None,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,572 @@
+//! The `redis` source: a Redis Streams consumer group into the inbox.
+//!
+//! Config: `{"type":"redis", "url":"redis://host:6379/0", "stream":"orders",
+//! "group":"pgtrickle-relay", "consumer":"<name>", "claim_idle_ms":30000,
+//! "start":"earliest"|"latest", "event_type":{"field":"type"} | "fixed"}`,
+//! and the same for `aggregate_id`, `source` and `trace_id` (default: the
+//! entry field of the same name, else the payload's JSON field). `url` may
+//! use `${ENV:NAME}`. `consumer` defaults to `<hostname>-<pid>`.
+//!
+//! The group is created (`XGROUP CREATE ... MKSTREAM`) when missing, at id
+//! `0` (`start: earliest`, so a backlog is not lost) or `$` (`latest`).
+//! Entries are read with `XREADGROUP ... >`; entries this consumer was
+//! given before and never acknowledged (a restart under the same consumer
+//! name) are read first, and pending entries of other consumers idle for
+//! `claim_idle_ms` (a crashed consumer) are taken over with `XAUTOCLAIM`.
+//! Everything is acknowledged (`XACK`, pipelined) only after the inbox
+//! transaction holding it committed.
+//!
+//! The inbox `event_id` is the entry's `dedup_key` field, else the entry
+//! id. The payload is the `payload` field (which must be JSON), else all
+//! fields as a JSON object of strings. A `payload` that is not JSON goes
+//! into the inbox as a dead letter (`{"raw": "<text>"}`, with the reason in
+//! `error`, in `<inbox>_dlq`) and is acknowledged like the rest.
+
+use std::time::{Duration, Instant};
+
+use redis::{Connection, Value};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+use crate::config::{from_value, ConfigError};
+use crate::pg::{expand_env, mask};
+use crate::retry::Error;
+use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+
+/// Connect and write timeout (reads wait for `BLOCK` plus this).
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// XACKs per pipelined round trip.
+const CHUNK: usize = 1000;
+
+/// The `redis` source's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSourceConfig {
+    url: String,
+    stream: String,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    consumer: Option<String>,
+    #[serde(default)]
+    claim_idle_ms: Option<u64>,
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    event_type: Option<Origin>,
+    #[serde(default)]
+    aggregate_id: Option<Origin>,
+    #[serde(default)]
+    source: Option<Origin>,
+    #[serde(default)]
+    trace_id: Option<Origin>,
+}
+
+/// Parse the source's keys.
+pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let cfg: RedisSourceConfig = from_value("source", Json::Object(keys))?;
+    if cfg.url.is_empty() {
+        return Err(ConfigError::new("source.url", "must not be empty"));
+    }
+    // A URL from the environment is checked when opened.
+    if !cfg.url.starts_with("${ENV:") {
+        check_url(&cfg.url).map_err(|m| ConfigError::new("source.url", m))?;
+    }
+    for (k, v) in [
+        ("stream", Some(&cfg.stream)),
+        ("group", cfg.group.as_ref()),
+        ("consumer", cfg.consumer.as_ref()),
+    ] {
+        if v.is_some_and(|v| v.is_empty()) {
+            return Err(ConfigError::new(format!("source.{k}"), "must not be empty"));
+        }
+    }
+    if cfg.claim_idle_ms == Some(0) {
+        return Err(ConfigError::new(
+            "source.claim_idle_ms",
+            "must be at least 1",
+        ));
+    }
+    match cfg.start.as_deref() {
+        None | Some("earliest") | Some("latest") => {}
+        Some(other) => {
+            return Err(ConfigError::new(
+                "source.start",
+                format!("expected \"earliest\" or \"latest\", found {other:?}"),
+            ))
+        }
+    }
+    Ok(Box::new(cfg))
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("redis://") || url.starts_with("redis+unix://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected redis://[user:password@]host[:port][/db], found {:?}",
+            mask(url)
+        ))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "relay".into())
+}
+
+impl SourceSpec for RedisSourceConfig {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+        let url = expand_env(&self.url)
+            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
+        check_url(&url)
+            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
+        let client = redis::Client::open(url.as_str()).map_err(|e| {
+            Error::permanent(format!(
+                "pipeline {pipeline:?}: source.url {}: {e}",
+                mask(&self.url)
+            ))
+        })?;
+        let field = |v: &Option<Origin>, name: &str| {
+            v.clone().unwrap_or(Origin::Field {
+                field: name.to_string(),
+            })
+        };
+        let consumer = self
+            .consumer
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+        let mut src = RedisSource {
+            client,
+            conn: None,
+            shown: mask(&url),
+            stream: self.stream.clone(),
+            group: self
+                .group
+                .clone()
+                .unwrap_or_else(|| "pgtrickle-relay".into()),
+            consumer,
+            claim_idle_ms: self.claim_idle_ms.unwrap_or(30_000),
+            start: if self.start.as_deref() == Some("latest") {
+                "$"
+            } else {
+                "0"
+            },
+            event_type: field(&self.event_type, "event_type"),
+            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
+            source: field(&self.source, "source"),
+            trace_id: field(&self.trace_id, "trace_id"),
+            history: Some("0".into()),
+            claim_cursor: "0-0".into(),
+            last_claim: None,
+            unacked: Vec::new(),
+            once,
+        };
+        // Fail early on a wrong address or password; a server that is down
+        // is retried by the caller.
+        src.conn()?;
+        log::info!(
+            "reading redis stream {:?} as group {:?}, consumer {:?}",
+            src.stream,
+            src.group,
+            src.consumer
+        );
+        Ok(Box::new(src))
+    }
+}
+
+struct RedisSource {
+    client: redis::Client,
+    conn: Option<Connection>,
+    /// The URL with its password masked, for messages.
+    shown: String,
+    stream: String,
+    group: String,
+    consumer: String,
+    claim_idle_ms: u64,
+    start: &'static str,
+    event_type: Origin,
+    aggregate_id: Origin,
+    source: Origin,
+    trace_id: Origin,
+    /// While reading this consumer's own pending entries: the id after
+    /// which to continue (None: they are all read, read new ones).
+    history: Option<String>,
+    /// Where the next XAUTOCLAIM continues ("0-0": from the start).
+    claim_cursor: String,
+    last_claim: Option<Instant>,
+    /// Entry ids received and not yet acknowledged.
+    unacked: Vec<String>,
+    /// `--once`: end when no new entry arrives within the wait.
+    once: bool,
+}
+
+/// A server error that goes away by itself.
+fn transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "LOADING" | "BUSY" | "OOM" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY"
+    )
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+/// One stream entry: its id and fields (None: deleted meanwhile).
+type Entry = (String, Option<Vec<(String, String)>>);
+
+/// Entries of an `[[id, [f, v, ...]], ...]` reply.
+fn entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = text(pair.first()?)?;
+            let fields = match pair.get(1) {
+                Some(Value::Array(fv)) => Some(
+                    fv.chunks(2)
+                        .filter_map(|c| Some((text(c.first()?)?, text(c.get(1)?)?)))
+                        .collect(),
+                ),
+                Some(Value::Map(m)) => Some(
+                    m.iter()
+                        .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
+/// Entries of an XREADGROUP reply (one stream; Nil on timeout).
+fn read_reply(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(kv) if kv.len() == 2 => entries(&kv[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn json_text(obj: &Map<String, Json>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+impl RedisSource {
+    fn conn(&mut self) -> Result<&mut Connection, Error> {
+        if self.conn.is_none() {
+            let mut c = self
+                .client
+                .get_connection_with_timeout(TIMEOUT)
+                .map_err(|e| self.error(e))?;
+            c.set_read_timeout(Some(TIMEOUT))
+                .map_err(|e| self.error(e))?;
+            c.set_write_timeout(Some(TIMEOUT))
+                .map_err(|e| self.error(e))?;
+            let created: Result<Value, _> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(self.start)
+                .arg("MKSTREAM")
+                .query(&mut c);
+            match created {
+                Ok(_) => log::info!(
+                    "created consumer group {:?} on stream {:?} at {}",
+                    self.group,
+                    self.stream,
+                    self.start
+                ),
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(self.error(e)),
+            }
+            // Entries given to this consumer before a lost reply or a
+            // restart: read them again first.
+            self.history = Some("0".into());
+            self.conn = Some(c);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// Classify a failed round trip; a broken connection is dropped.
+    fn error(&self, e: redis::RedisError) -> Error {
+        let msg = format!("redis {}: {e}", self.shown);
+        match e.code() {
+            Some("NOGROUP") => Error::transient(msg),
+            Some(code) if !transient_code(code) && !e.is_io_error() => Error::permanent(msg),
+            _ => Error::transient(msg),
+        }
+    }
+
+    /// Run a command; on failure the connection is dropped (reconnected,
+    /// and the group recreated, on the next call).
+    fn query(&mut self, cmd: &redis::Cmd, read_timeout: Duration) -> Result<Value, Error> {
+        let conn = self.conn()?;
+        let r = conn
+            .set_read_timeout(Some(read_timeout))
+            .and_then(|_| cmd.query::<Value>(conn));
+        r.map_err(|e| {
+            self.conn = None;
+            self.error(e)
+        })
+    }
+
+    fn attribute(
+        &self,
+        from: &Origin,
+        fields: &[(String, String)],
+        payload: Option<&Map<String, Json>>,
+    ) -> Option<String> {
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        match from {
+            Origin::Header { header } => get(header),
+            Origin::Field { field } => get(field).or_else(|| json_text(payload?, field)),
+            Origin::Fixed(s) => Some(s.clone()),
+        }
+    }
+
+    fn message(&self, id: String, fields: &[(String, String)]) -> Message {
+        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let event_id = get("dedup_key")
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .unwrap_or_else(|| id.clone());
+        let (payload, parsed, error) = match get("payload") {
+            Some(p) => match serde_json::from_str::<Json>(p) {
+                Ok(v) => (p.clone(), Some(v), None),
+                Err(e) => {
+                    log::warn!(
+                        "stream {:?} entry {id}: payload is not valid JSON ({e}); into the inbox's dead letters",
+                        self.stream
+                    );
+                    (
+                        p.clone(),
+                        None,
+                        Some(format!(
+                            "redis stream {} entry {id}: payload field is not valid JSON ({e})",
+                            self.stream
+                        )),
+                    )
+                }
+            },
+            None => {
+                let obj: Map<String, Json> = fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Json::String(v.clone())))
+                    .collect();
+                let v = Json::Object(obj);
+                (v.to_string(), Some(v), None)
+            }
+        };
+        let obj = parsed.as_ref().and_then(Json::as_object);
+        Message {
+            event_type: self.attribute(&self.event_type, fields, obj),
+            source: self.attribute(&self.source, fields, obj),
+            aggregate_id: self.attribute(&self.aggregate_id, fields, obj),
+            trace_id: self.attribute(&self.trace_id, fields, obj),
+            event_id,
+            payload,
+            error,
+        }
+    }
+
+    /// Turn entries into messages; every id is to be acknowledged.
+    fn take(&mut self, found: Vec<Entry>, batch: &mut Batch) {
+        for (id, fields) in found {
+            if let Some(fields) = fields {
+                let m = self.message(id.clone(), &fields);
+                batch.messages.push(m);
+            }
+            self.unacked.push(id);
+        }
+    }
+
+    /// Pending entries of other consumers idle for `claim_idle_ms`.
+    fn autoclaim(&mut self, max: usize) -> Result<Vec<Entry>, Error> {
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(self.claim_idle_ms)
+            .arg(&self.claim_cursor)
+            .arg("COUNT")
+            .arg(max);
+        let reply = self.query(&cmd, TIMEOUT)?;
+        let Value::Array(parts) = reply else {
+            return Ok(Vec::new());
+        };
+        self.claim_cursor = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+        let found = parts.get(1).map(entries).unwrap_or_default();
+        if !found.is_empty() {
+            log::info!(
+                "claimed {} entries idle for {} ms from other consumers of group {:?}",
+                found.len(),
+                self.claim_idle_ms,
+                self.group
+            );
+        }
+        Ok(found)
+    }
+}
+
+impl Source for RedisSource {
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        let max = max.max(1);
+        let mut batch = Batch::default();
+        self.conn()?;
+        // 1. Entries this consumer already has (after a restart).
+        if let Some(after) = self.history.clone() {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
+                .arg(&self.group)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(max)
+                .arg("STREAMS")
+                .arg(&self.stream)
+                .arg(&after);
+            let found = read_reply(&self.query(&cmd, TIMEOUT)?);
+            match found.last() {
+                Some((last, _)) => {
+                    self.history = Some(last.clone());
+                    self.take(found, &mut batch);
+                    return Ok(batch);
+                }
+                None => self.history = None,
+            }
+        }
+        // 2. Entries of crashed consumers, checked now and then.
+        let every = Duration::from_millis(self.claim_idle_ms.clamp(1, 1000));
+        if self.claim_cursor != "0-0" || self.last_claim.is_none_or(|t| t.elapsed() >= every) {
+            self.last_claim = Some(Instant::now());
+            let found = self.autoclaim(max)?;
+            if !found.is_empty() {
+                self.take(found, &mut batch);
+                return Ok(batch);
+            }
+        }
+        // 3. New entries.
+        let block = (wait.as_millis() as u64).max(1);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("BLOCK")
+            .arg(block)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">");
+        let found = read_reply(&self.query(&cmd, wait + TIMEOUT)?);
+        batch.end_of_input = self.once && found.is_empty();
+        self.take(found, &mut batch);
+        Ok(batch)
+    }
+
+    fn ack(&mut self) -> Result<(), Error> {
+        if self.unacked.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for ids in self.unacked.chunks(CHUNK) {
+            pipe.cmd("XACK")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(ids)
+                .ignore();
+        }
+        let conn = self.conn()?;
+        let r = conn
+            .set_read_timeout(Some(TIMEOUT))
+            .and_then(|_| pipe.query::<()>(conn));
+        match r {
+            Ok(()) => {
+                self.unacked.clear();
+                Ok(())
+            }
+            Err(e) => {
+                // Kept: acknowledged with the next batch (or redelivered
+                // to this consumer after a reconnect; the inbox absorbs it).
+                self.conn = None;
+                Err(self.error(e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: Json) -> Map<String, Json> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn config_is_checked() {
+        let err = parse(keys(serde_json::json!({"stream": "s"}))).unwrap_err();
+        assert!(err.to_string().contains("source.url"), "{err}");
+        let err = parse(keys(
+            serde_json::json!({"url": "redis://x/", "stream": "s", "start": "middle"}),
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("source.start"), "{err}");
+        assert!(parse(keys(
+            serde_json::json!({"url": "redis://x/", "stream": "s"})
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn replies_are_parsed() {
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![Value::Array(vec![
+            b("s"),
+            Value::Array(vec![
+                Value::Array(vec![b("1-0"), Value::Array(vec![b("payload"), b("{}")])]),
+                Value::Array(vec![b("2-0"), Value::Nil]),
+            ]),
+        ])]);
+        let got = read_reply(&reply);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "1-0");
+        assert_eq!(
+            got[0].1.as_deref(),
+            Some(&[("payload".to_string(), "{}".to_string())][..])
+        );
+        assert!(got[1].1.is_none());
+    }
+}
