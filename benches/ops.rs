@@ -1,0 +1,164 @@
+//! Operational numbers, part of `make bench` (`cargo bench --bench ops`):
+//! the relay's idle CPU and RSS with 10 pipelines, SIGTERM-to-exit time
+//! under load, and HA takeover time after SIGKILL of the owner. One JSON
+//! object per measurement on stdout; progress on stderr.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{relay, temp_dir, Pg, Relay};
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn publish(url: &str, outbox: &str, n: i64) {
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT count(pgtrickle.outbox_publish($1, jsonb_build_object('n', g))) \
+             FROM generate_series(1, $2::bigint) g",
+            &[&outbox, &n],
+        )
+        .unwrap();
+}
+
+fn lines(path: &std::path::Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+fn idle(url: &str, dir: &std::path::Path, secs: u64) {
+    let mut c = Pg::shared().client(url);
+    for i in 0..10 {
+        c.execute("SELECT pgtrickle.enable_outbox($1)", &[&format!("idle{i}")])
+            .unwrap();
+        c.execute(
+            "SELECT pgtrickle.set_relay_outbox($1, $1, 'bench', $2::text::jsonb)",
+            &[
+                &format!("idle{i}"),
+                &serde_json::json!({"type":"stdout","path": dir.join(format!("idle{i}.jsonl"))})
+                    .to_string(),
+            ],
+        )
+        .unwrap();
+    }
+    let r = Relay::spawn(&mut relay(url));
+    r.wait_log("relay running", 20);
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = r.child.id();
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(secs));
+    let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_mb(pid);
+    eprintln!("idle with 10 pipelines: {cpu:.2}% CPU, {rss:.1} MB RSS over {secs}s");
+    println!(
+        "{}",
+        serde_json::json!({"bench": "idle_10_pipelines", "seconds": secs,
+            "cpu_percent": (cpu * 100.0).round() / 100.0, "rss_mb": (rss * 10.0).round() / 10.0})
+    );
+    c.batch_execute("DELETE FROM pgtrickle.relay_outbox_config WHERE name LIKE 'idle%'")
+        .unwrap();
+}
+
+fn sigterm_under_load(url: &str, dir: &std::path::Path) {
+    let mut c = Pg::shared().client(url);
+    let file = dir.join("load.jsonl");
+    c.execute("SELECT pgtrickle.enable_outbox('load')", &[])
+        .unwrap();
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('load', 'load', 'bench', $1::text::jsonb)",
+        &[&serde_json::json!({"type":"stdout","path": file}).to_string()],
+    )
+    .unwrap();
+    publish(url, "load", 300_000);
+    let mut r = Relay::spawn(&mut relay(url));
+    while lines(&file) < 20_000 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(10), Some(0));
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    eprintln!(
+        "SIGTERM to exit under load: {ms:.0} ms ({} events written)",
+        lines(&file)
+    );
+    println!(
+        "{}",
+        serde_json::json!({"bench": "sigterm_to_exit_under_load", "ms": ms.round()})
+    );
+    c.batch_execute("SELECT pgtrickle.delete_relay('load')")
+        .unwrap();
+}
+
+fn ha_takeover(url: &str, dir: &std::path::Path) {
+    let mut c = Pg::shared().client(url);
+    c.execute("SELECT pgtrickle.enable_outbox('ha')", &[])
+        .unwrap();
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('ha', 'ha', 'bench', '{\"type\":\"stdout\",\"path\":\"ha.jsonl\"}')",
+        &[],
+    )
+    .unwrap();
+    let (da, db) = (dir.join("ha-a"), dir.join("ha-b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let a = Relay::spawn(relay(url).current_dir(&da).args(["--pipeline", "ha"]));
+    a.wait_log("forwarding outbox", 10);
+    let b = Relay::spawn(relay(url).current_dir(&db).args(["--pipeline", "ha"]));
+    b.wait_log("waiting for its lock", 10);
+    a.signal(libc::SIGKILL);
+    let t = Instant::now();
+    drop(a);
+    publish(url, "ha", 1);
+    while lines(&db.join("ha.jsonl")) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no takeover");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("HA takeover (SIGKILL to first event from the new owner): {ms:.0} ms");
+    println!(
+        "{}",
+        serde_json::json!({"bench": "ha_takeover_after_sigkill", "ms": ms.round()})
+    );
+    drop(b);
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let idle_secs: u64 = std::env::var("BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let url = Pg::shared().new_db("bench_ops");
+    let dir = temp_dir("bench_ops");
+    idle(&url, &dir, idle_secs);
+    sigterm_under_load(&url, &dir);
+    ha_takeover(&url, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+}

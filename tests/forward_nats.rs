@@ -1,0 +1,331 @@
+//! Forward to NATS JetStream end to end: outbox → relay binary → a private
+//! nats-server with JetStream.
+#![cfg(feature = "nats")]
+// The sync `nats` client is deprecated upstream; it is what the sink uses.
+#![allow(deprecated)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::brokers::Nats;
+use support::*;
+
+/// A database with outbox `orders` and pipeline `fwd` with `sink`.
+fn setup(db: &str, sink: Value) -> String {
+    outbox_pipeline(db, &sink)
+}
+
+fn api(nc: &nats::Connection, subject: &str, body: &Value) -> Value {
+    let m = nc
+        .request_timeout(subject, body.to_string(), Duration::from_secs(5))
+        .unwrap();
+    serde_json::from_slice(&m.data).unwrap()
+}
+
+fn create_stream(n: &Nats, name: &str, subjects: &[&str]) {
+    let nc = nats::connect(n.url()).unwrap();
+    let r = api(
+        &nc,
+        &format!("$JS.API.STREAM.CREATE.{name}"),
+        &json!({"name": name, "subjects": subjects, "storage": "file", "num_replicas": 1}),
+    );
+    assert!(r.get("error").is_none(), "{r}");
+}
+
+/// Messages in `stream` (0 while the server is down).
+fn count(n: &Nats, stream: &str) -> u64 {
+    let Ok(nc) = nats::connect(n.url()) else {
+        return 0;
+    };
+    match nc.request_timeout(
+        &format!("$JS.API.STREAM.INFO.{stream}"),
+        "",
+        Duration::from_secs(2),
+    ) {
+        Ok(m) => serde_json::from_slice::<Value>(&m.data).unwrap_or_default()["state"]["messages"]
+            .as_u64()
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// A stored message: subject, headers, body.
+struct Stored {
+    subject: String,
+    headers: BTreeMap<String, String>,
+    body: Value,
+}
+
+/// Every message of `stream`, in stream order (an ephemeral push consumer).
+fn read_all(n: &Nats, stream: &str) -> Vec<Stored> {
+    let want = count(n, stream);
+    let nc = nats::connect(n.url()).unwrap();
+    let inbox = nc.new_inbox();
+    let sub = nc.subscribe(&inbox).unwrap();
+    let r = api(
+        &nc,
+        &format!("$JS.API.CONSUMER.CREATE.{stream}"),
+        &json!({"stream_name": stream, "config": {"deliver_subject": inbox,
+                "ack_policy": "none", "deliver_policy": "all"}}),
+    );
+    assert!(r.get("error").is_none(), "{r}");
+    let mut out = Vec::new();
+    while (out.len() as u64) < want {
+        let m = sub.next_timeout(Duration::from_secs(10)).unwrap();
+        let headers = m
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| (k.to_string(), v.iter().next().cloned().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Stored {
+            subject: m.subject.clone(),
+            headers,
+            body: serde_json::from_slice(&m.data).unwrap(),
+        });
+    }
+    out
+}
+
+fn ns(msgs: &[Stored]) -> Vec<i64> {
+    msgs.iter().map(|m| m.body["n"].as_i64().unwrap()).collect()
+}
+
+fn run_once(url: &str) -> std::process::Output {
+    relay(url)
+        .args(["--once", "--pipeline", "fwd"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ten_thousand_events_arrive_in_order_and_replays_are_deduplicated() {
+    let n = Nats::start();
+    create_stream(&n, "ORDERS", &["pgtrickle.orders.*"]);
+    let url = setup(
+        "nats_order",
+        json!({"type": "nats", "url": n.url(), "stream": "ORDERS"}),
+    );
+    publish(&url, 0, 10_000);
+    let mut r = Relay::spawn(&mut relay(&url));
+    wait_until(60, "10,000 messages", || count(&n, "ORDERS") >= 10_000);
+    let msgs = read_all(&n, "ORDERS");
+    assert_eq!(ns(&msgs), (0..10_000).collect::<Vec<_>>());
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m.subject, "pgtrickle.orders.insert");
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id").map(String::as_str),
+            Some(format!("outbox_orders:{}:0", i + 1).as_str())
+        );
+        assert_eq!(
+            m.headers.get("Pgtrickle-Full-Refresh").map(String::as_str),
+            Some("false")
+        );
+        assert_eq!(
+            m.headers.get("Pgtrickle-Op").map(String::as_str),
+            Some("insert")
+        );
+    }
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(10), Some(0));
+    // A full replay: JetStream drops every repeat by Nats-Msg-Id.
+    Pg::shared()
+        .client(&url)
+        .execute("DELETE FROM pgtrickle.relay_consumer_offsets", &[])
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&n, "ORDERS"), 10_000);
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_delivers_every_event_once() {
+    let n = Nats::start();
+    create_stream(&n, "K", &["k.>"]);
+    let url = setup(
+        "nats_kill",
+        json!({"type": "nats", "url": n.url(), "stream": "K", "subject": "k.{op}",
+               "batch_size": 100}),
+    );
+    publish(&url, 0, 30_000);
+    let r = Relay::spawn(&mut relay(&url));
+    wait_until(30, "some messages", || count(&n, "K") > 2_000);
+    r.signal(libc::SIGKILL);
+    drop(r);
+    assert!(
+        count(&n, "K") < 30_000,
+        "the kill came too late to test anything"
+    );
+    publish(&url, 30_000, 100);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&read_all(&n, "K")), (0..30_100).collect::<Vec<_>>());
+}
+
+#[test]
+fn nats_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
+    let mut n = Nats::start();
+    create_stream(&n, "O", &["o.>"]);
+    let url = setup(
+        "nats_outage",
+        json!({"type": "nats", "url": n.url(), "stream": "O", "subject": "o.{op}",
+               "batch_size": 200}),
+    );
+    let r = Relay::spawn(&mut relay(&url));
+    let writer = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            for k in 0..200 {
+                publish(&url, k * 50, 50);
+                std::thread::sleep(Duration::from_millis(65));
+            }
+        })
+    };
+    wait_until(30, "some messages", || count(&n, "O") > 500);
+    n.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    n.start_again();
+    // Back once JetStream answers again (it recovers its streams after the
+    // port opens).
+    let started = Instant::now();
+    let mut before = 0;
+    wait_until(10, "JetStream to answer", || {
+        before = count(&n, "O");
+        before > 0
+    });
+    let back = Instant::now();
+    assert!(before < 10_000, "the outage came too late to test anything");
+    wait_until(10, "delivery after the restart", || count(&n, "O") > before);
+    let resumed = back.elapsed();
+    eprintln!(
+        "JetStream answered {:?} after the restart; delivery resumed {resumed:?} later",
+        back - started
+    );
+    writer.join().unwrap();
+    wait_until(60, "every event", || count(&n, "O") >= 10_000);
+    let msgs = read_all(&n, "O");
+    assert_eq!(ns(&msgs), (0..10_000).collect::<Vec<_>>());
+    if std::env::var("PGTR_SHOW_LOG").is_ok() {
+        eprintln!("{}", r.stderr());
+    }
+    assert!(
+        resumed < Duration::from_millis(1500),
+        "delivery resumed {resumed:?} after JetStream came back; log:\n{}",
+        r.stderr()
+    );
+}
+
+#[test]
+fn a_subject_no_stream_captures_is_dead_lettered_and_the_rest_delivered() {
+    let n = Nats::start();
+    create_stream(&n, "EV", &["ev.orders.insert"]);
+    let url = setup(
+        "nats_dead",
+        json!({"type": "nats", "url": n.url(), "stream": "EV",
+               "subject": "ev.{stream_table}.{op}"}),
+    );
+    publish(&url, 0, 5);
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish_delta('orders', '[]', '[{\"n\": 99}]', false)",
+        )
+        .unwrap();
+    publish(&url, 5, 5);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&read_all(&n, "EV")), (0..10).collect::<Vec<_>>());
+    let rows = Pg::shared()
+        .client(&url)
+        .query(
+            "SELECT pipeline, dedup_key, payload->'payload'->>'n', error \
+             FROM pgtrickle.relay_dead_letters",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let (pipeline, key, n99, error): (String, String, String, String) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+    );
+    assert_eq!(
+        (pipeline.as_str(), key.as_str(), n99.as_str()),
+        ("fwd", "outbox_orders:6:0", "99")
+    );
+    assert!(
+        error.contains("no JetStream stream captures subject \"ev.orders.delete\""),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_missing_stream_is_named_or_created_on_request() {
+    let n = Nats::start();
+    let url = setup(
+        "nats_nostream",
+        json!({"type": "nats", "url": n.url(), "stream": "MISSING"}),
+    );
+    publish(&url, 0, 3);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("JetStream stream \"MISSING\" does not exist")
+            && stderr.contains("create_stream"),
+        "{stderr}"
+    );
+    Pg::shared()
+        .client(&url)
+        .execute(
+            "SELECT pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb)",
+            &[&json!({"type": "nats", "url": n.url(), "stream": "MISSING",
+                       "create_stream": true})
+            .to_string()],
+        )
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msgs = read_all(&n, "MISSING");
+    assert_eq!(ns(&msgs), [0, 1, 2]);
+    let ids: BTreeSet<&String> = msgs.iter().map(|m| &m.headers["Nats-Msg-Id"]).collect();
+    assert_eq!(ids.len(), 3);
+    let nc = nats::connect(n.url()).unwrap();
+    let info = api(&nc, "$JS.API.STREAM.INFO.MISSING", &json!({}));
+    assert_eq!(info["config"]["subjects"], json!(["pgtrickle.*.*"]));
+}
+
+#[test]
+fn a_bad_nats_config_names_pipeline_and_key() {
+    let url = setup("nats_badcfg", json!({"type": "nats", "stream": "S"}));
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("pipeline \"fwd\"") && stderr.contains("sink.url"),
+        "{stderr}"
+    );
+}

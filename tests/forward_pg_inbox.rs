@@ -1,0 +1,269 @@
+//! Forward to a remote PostgreSQL inbox end to end: outbox → relay binary
+//! → an inbox made with `pgtrickle.create_inbox` in another database.
+#![cfg(feature = "pg-inbox")]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// An inbox `events` in a new database of `pg`; returns its URL.
+fn inbox_db(pg: &Pg, db: &str) -> String {
+    let url = pg.new_db(db);
+    pg.client(&url)
+        .batch_execute("SELECT pgtrickle.create_inbox('events')")
+        .unwrap();
+    url
+}
+
+/// A database with outbox `orders` and pipeline `fwd` to the inbox at
+/// `inbox_url` (with extra sink keys).
+fn setup(db: &str, inbox_url: &str, extra: serde_json::Value) -> String {
+    let mut sink = serde_json::json!({"type": "pg-inbox", "url": inbox_url, "inbox": "events"});
+    for (k, v) in extra.as_object().unwrap() {
+        sink[k] = v.clone();
+    }
+    outbox_pipeline(db, &sink)
+}
+
+/// Rows in the inbox (0 while its server is down).
+fn count(inbox_url: &str) -> i64 {
+    match postgres::Client::connect(inbox_url, postgres::NoTls) {
+        Ok(mut c) => c
+            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// The `n` of every inbox row, by outbox id.
+fn ns(inbox_url: &str) -> Vec<i64> {
+    postgres::Client::connect(inbox_url, postgres::NoTls)
+        .unwrap()
+        .query(
+            "SELECT (payload->>'n')::bigint FROM pgtrickle.events \
+             ORDER BY split_part(event_id, ':', 2)::bigint, split_part(event_id, ':', 3)::int",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn run_once(url: &str) -> std::process::Output {
+    relay(url)
+        .args(["--once", "--pipeline", "fwd"])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ten_thousand_events_arrive_in_order_as_inbox_rows() {
+    let pg = Pg::shared();
+    let inbox = inbox_db(pg, "pginbox_order_in");
+    let url = setup(
+        "pginbox_order",
+        &inbox,
+        serde_json::json!({"schema": "pgtrickle"}),
+    );
+    publish(&url, 0, 10_000);
+    let mut relay_proc = Relay::spawn(&mut relay(&url));
+    wait_until(60, "10,000 inbox rows", || count(&inbox) >= 10_000);
+    assert_eq!(ns(&inbox), (0..10_000).collect::<Vec<_>>());
+    let mut c = pg.client(&inbox);
+    let row = c
+        .query_one(
+            "SELECT event_id, event_type, source, payload::text, processed_at IS NULL \
+             FROM pgtrickle.events WHERE event_id = 'outbox_orders:1:0'",
+            &[],
+        )
+        .unwrap();
+    let (id, ty, src, payload, pending): (String, String, String, String, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    assert_eq!(
+        (
+            id.as_str(),
+            ty.as_str(),
+            src.as_str(),
+            payload.as_str(),
+            pending
+        ),
+        (
+            "outbox_orders:1:0",
+            "pgtrickle.orders.insert",
+            "outbox_orders",
+            r#"{"n": 0}"#,
+            true
+        )
+    );
+    // In order: batches are committed one after another, so received_at
+    // never goes backwards along the outbox order.
+    let backwards: i64 = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT received_at < lag(received_at) OVER \
+               (ORDER BY split_part(event_id, ':', 2)::bigint) AS back FROM pgtrickle.events) t \
+             WHERE back",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(backwards, 0);
+    relay_proc.signal(libc::SIGTERM);
+    assert_eq!(relay_proc.wait_exit(10), Some(0));
+    // A full replay adds nothing.
+    pg.client(&url)
+        .execute("DELETE FROM pgtrickle.relay_consumer_offsets", &[])
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(&inbox), 10_000);
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_delivers_every_event_once() {
+    let inbox = inbox_db(Pg::shared(), "pginbox_kill_in");
+    let url = setup(
+        "pginbox_kill",
+        &inbox,
+        serde_json::json!({"batch_size": 100}),
+    );
+    publish(&url, 0, 30_000);
+    let r = Relay::spawn(&mut relay(&url));
+    wait_until(30, "some rows", || count(&inbox) > 2_000);
+    r.signal(libc::SIGKILL);
+    drop(r);
+    assert!(
+        count(&inbox) < 30_000,
+        "the kill came too late to test anything"
+    );
+    publish(&url, 30_000, 100);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&inbox), (0..30_100).collect::<Vec<_>>());
+}
+
+#[test]
+fn inbox_server_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
+    let mut remote = Pg::start();
+    let inbox = inbox_db(&remote, "pginbox_outage_in");
+    let url = setup(
+        "pginbox_outage",
+        &inbox,
+        serde_json::json!({"batch_size": 200}),
+    );
+    let relay_proc = Relay::spawn(&mut relay(&url));
+    let writer = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            for k in 0..200 {
+                publish(&url, k * 50, 50);
+                std::thread::sleep(Duration::from_millis(65));
+            }
+        })
+    };
+    wait_until(30, "some rows", || count(&inbox) > 500);
+    remote.stop();
+    std::thread::sleep(Duration::from_secs(10));
+    remote.start_again();
+    let back = Instant::now();
+    let before = count(&inbox);
+    assert!(before < 10_000, "the outage came too late to test anything");
+    wait_until(10, "delivery after the restart", || count(&inbox) > before);
+    let resumed = back.elapsed();
+    writer.join().unwrap();
+    wait_until(60, "every event", || count(&inbox) >= 10_000);
+    assert_eq!(ns(&inbox), (0..10_000).collect::<Vec<_>>());
+    eprintln!("delivery resumed {resumed:?} after the inbox server came back");
+    assert!(
+        resumed < Duration::from_millis(2000),
+        "delivery resumed {resumed:?} after the inbox server came back; log:\n{}",
+        relay_proc.stderr()
+    );
+}
+
+#[test]
+fn an_event_the_inbox_refuses_is_dead_lettered_and_the_rest_delivered() {
+    let pg = Pg::shared();
+    let inbox = inbox_db(pg, "pginbox_dead_in");
+    pg.client(&inbox)
+        .batch_execute(
+            "ALTER TABLE pgtrickle.events ADD CONSTRAINT no_13 CHECK (payload->>'n' <> '13')",
+        )
+        .unwrap();
+    let url = setup("pginbox_dead", &inbox, serde_json::json!({}));
+    publish(&url, 0, 20);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Vec<i64> = (0..20).filter(|n| *n != 13).collect();
+    assert_eq!(ns(&inbox), expected);
+    let rows = pg
+        .client(&url)
+        .query(
+            "SELECT pipeline, dedup_key, payload->'payload'->>'n', error \
+             FROM pgtrickle.relay_dead_letters",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let (pipeline, key, n, error): (String, String, String, String) = (
+        rows[0].get(0),
+        rows[0].get(1),
+        rows[0].get(2),
+        rows[0].get(3),
+    );
+    assert_eq!(
+        (pipeline.as_str(), key.as_str(), n.as_str()),
+        ("fwd", "outbox_orders:14:0", "13")
+    );
+    assert!(error.contains("no_13"), "{error}");
+}
+
+#[test]
+fn a_bad_pg_inbox_config_names_pipeline_and_key() {
+    let pg = Pg::shared();
+    let url = pg.new_db("pginbox_badcfg");
+    pg.client(&url)
+        .batch_execute(
+            r#"SELECT pgtrickle.enable_outbox('orders');
+               SELECT pgtrickle.set_relay_outbox('fwd', 'orders', 'default',
+                  '{"type": "pg-inbox", "inbox": "events"}');"#,
+        )
+        .unwrap();
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("pipeline \"fwd\"") && stderr.contains("sink.url"),
+        "{stderr}"
+    );
+    // A missing inbox is named too.
+    let inbox = pg.new_db("pginbox_badcfg_in");
+    pg.client(&url)
+        .execute(
+            "SELECT pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb)",
+            &[&serde_json::json!({"type": "pg-inbox", "url": inbox, "inbox": "nope"}).to_string()],
+        )
+        .unwrap();
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("pgtrickle.create_inbox('nope')"),
+        "{stderr}"
+    );
+}
