@@ -1,0 +1,60 @@
+# pgtrickle-relay — every task a developer or CI runs.
+PREFIX ?= /usr/local
+CARGO  ?= cargo
+STATIC_TARGET_MUSL := x86_64-unknown-linux-musl
+STATIC_TARGET_GNU  := x86_64-unknown-linux-gnu
+
+.PHONY: all build release demo deps test lint bench static install clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+## The demo: a throwaway PostgreSQL, an outbox, events relayed to stdout.
+demo:
+	@scripts/demo.sh
+
+deps:
+	@scripts/install-deps.sh
+
+## The whole test suite (installs what it needs first).
+test: deps
+	$(CARGO) test --no-fail-fast
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## The benchmark: release build, JSON lines on stdout.
+bench: deps
+	@$(CARGO) bench --bench relay
+	@$(CARGO) bench --bench ops
+	@$(CARGO) bench --bench reverse
+	@$(CARGO) bench --bench inbox
+
+## A fully static x86_64 binary: musl when that target is installed, else glibc with crt-static.
+static:
+	@if rustup target list --installed 2>/dev/null | grep -qx '$(STATIC_TARGET_MUSL)'; then \
+	  $(CARGO) build --release --target $(STATIC_TARGET_MUSL) && \
+	  cp target/$(STATIC_TARGET_MUSL)/release/pgtrickle-relay target/pgtrickle-relay-static; \
+	else \
+	  RUSTFLAGS="-C target-feature=+crt-static" OPENSSL_STATIC=1 \
+	    $(CARGO) build --release --target $(STATIC_TARGET_GNU) && \
+	  cp target/$(STATIC_TARGET_GNU)/release/pgtrickle-relay target/pgtrickle-relay-static; \
+	fi
+	@if readelf -l target/pgtrickle-relay-static | grep -q INTERP || \
+	    readelf -d target/pgtrickle-relay-static | grep -q NEEDED; then \
+	  echo "target/pgtrickle-relay-static is NOT static:"; readelf -d target/pgtrickle-relay-static | grep NEEDED; exit 1; \
+	fi
+	@file target/pgtrickle-relay-static 2>/dev/null || true
+	@echo "static binary: target/pgtrickle-relay-static ($$(du -h target/pgtrickle-relay-static | cut -f1))"
+
+install: release
+	./install.sh --prefix "$(PREFIX)" --binary target/release/pgtrickle-relay
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install what building and testing pgtrickle-relay needs on Debian/Ubuntu.
+# Idempotent: a no-op when everything is present. Run as root (or with sudo).
+set -euo pipefail
+
+need=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+# Build: a C compiler and OpenSSL headers (native-tls), pkg-config.
+for p in build-essential pkg-config libssl-dev openssl; do have_pkg "$p" || need+=("$p"); done
+# Tests, demo and benchmark: PostgreSQL server binaries (initdb, postgres) and psql.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then need+=(postgresql); fi
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# The harness runs PostgreSQL as an unprivileged user when root: runuser is in util-linux.
+command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+# Sink tests and benchmark: private brokers started by the harness (tests/support/brokers.rs).
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+
+if [ ${#need[@]} -gt 0 ]; then
+  echo "install-deps: installing ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# The postgres user must exist for the harness when running as root.
+if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+fi
+
+command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+exit 0
