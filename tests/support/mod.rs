@@ -16,6 +16,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod brokers;
+pub mod kafka;
+pub mod rabbitmq;
+pub mod sqs;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 /// Data directories of servers to stop at process exit (statics are never
@@ -77,6 +80,27 @@ fn chown_postgres(dir: &Path) {
             .success();
         assert!(ok, "chown {dir:?}");
     }
+}
+
+/// A program of the harness's Python tool venv (`moto_server`, `tansu`),
+/// installed by scripts/install-deps.sh; `PGTRICKLE_TOOLS` overrides where.
+pub fn tool(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("PGTRICKLE_TOOLS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"));
+            cache.join("pgtrickle-relay/tools")
+        }
+    };
+    let path = dir.join("bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/install-deps.sh",
+        path.display()
+    );
+    path
 }
 
 /// A TCP port that was free a moment ago.

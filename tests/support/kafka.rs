@@ -1,0 +1,1 @@
+//! Private kafka server for tests (see the kafka sink and source tests).

@@ -1,0 +1,1 @@
+//! Private rabbitmq server for tests (see the rabbitmq sink and source tests).

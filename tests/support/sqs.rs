@@ -1,0 +1,1 @@
+//! Private sqs server for tests (see the sqs sink and source tests).
