@@ -281,8 +281,14 @@ impl HttpReceiver {
                 );
                 std::thread::spawn(move || {
                     while let Ok(mut req) = server.recv() {
+                        // A client killed mid-request leaves a truncated
+                        // body: a real server never processes it.
                         let mut body = Vec::new();
-                        let _ = req.as_reader().read_to_end(&mut body);
+                        let complete = req.as_reader().read_to_end(&mut body).is_ok()
+                            && req.body_length().is_none_or(|n| n == body.len());
+                        if !complete {
+                            continue;
+                        }
                         let mut r = Received {
                             method: req.method().to_string(),
                             url: req.url().to_string(),
