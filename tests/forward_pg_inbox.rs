@@ -53,13 +53,6 @@ fn ns(inbox_url: &str) -> Vec<i64> {
         .collect()
 }
 
-fn run_once(url: &str) -> std::process::Output {
-    relay(url)
-        .args(["--once", "--pipeline", "fwd"])
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn ten_thousand_events_arrive_in_order_as_inbox_rows() {
     let pg = Pg::shared();
@@ -211,25 +204,7 @@ fn an_event_the_inbox_refuses_is_dead_lettered_and_the_rest_delivered() {
     );
     let expected: Vec<i64> = (0..20).filter(|n| *n != 13).collect();
     assert_eq!(ns(&inbox), expected);
-    let rows = pg
-        .client(&url)
-        .query(
-            "SELECT pipeline, dedup_key, payload->'payload'->>'n', error \
-             FROM pgtrickle.relay_dead_letters",
-            &[],
-        )
-        .unwrap();
-    assert_eq!(rows.len(), 1);
-    let (pipeline, key, n, error): (String, String, String, String) = (
-        rows[0].get(0),
-        rows[0].get(1),
-        rows[0].get(2),
-        rows[0].get(3),
-    );
-    assert_eq!(
-        (pipeline.as_str(), key.as_str(), n.as_str()),
-        ("fwd", "outbox_orders:14:0", "13")
-    );
+    let error = the_one_dead_letter(&url, "outbox_orders:14:0", 13);
     assert!(error.contains("no_13"), "{error}");
 }
 

@@ -66,13 +66,6 @@ fn ns(r: &Redis, stream: &str) -> Vec<i64> {
         .collect()
 }
 
-fn run_once(url: &str) -> std::process::Output {
-    relay(url)
-        .args(["--once", "--pipeline", "fwd"])
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn ten_thousand_events_arrive_in_order_with_entry_ids_and_replays_are_harmless() {
     let r = Redis::start();
@@ -205,25 +198,7 @@ fn an_event_redis_refuses_is_dead_lettered_and_the_rest_delivered() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(ns(&r, "t.insert"), (0..10).collect::<Vec<_>>());
-    let rows = Pg::shared()
-        .client(&url)
-        .query(
-            "SELECT pipeline, dedup_key, payload->'payload'->>'n', error \
-             FROM pgtrickle.relay_dead_letters",
-            &[],
-        )
-        .unwrap();
-    assert_eq!(rows.len(), 1);
-    let (pipeline, key, n, error): (String, String, String, String) = (
-        rows[0].get(0),
-        rows[0].get(1),
-        rows[0].get(2),
-        rows[0].get(3),
-    );
-    assert_eq!(
-        (pipeline.as_str(), key.as_str(), n.as_str()),
-        ("fwd", "outbox_orders:6:0", "99")
-    );
+    let error = the_one_dead_letter(&url, "outbox_orders:6:0", 99);
     assert!(error.contains("WRONGTYPE"), "{error}");
 }
 

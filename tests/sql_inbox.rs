@@ -14,59 +14,12 @@ use std::time::{Duration, Instant};
 use postgres::types::ToSql;
 use postgres::Client;
 use serde_json::Value;
+use support::sqlcheck::*;
 use support::Pg;
 
 // ---------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------
-
-/// A fresh database `name` with sql/install.sql installed; its URL and a client.
-fn setup(name: &str) -> (&'static Pg, String, Client) {
-    let pg = Pg::shared();
-    let mut admin = pg.client(&pg.url("postgres"));
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-        .unwrap();
-    let url = pg.url(name);
-    pg.install_sql(&url);
-    let client = pg.client(&url);
-    (pg, url, client)
-}
-
-/// The SQLSTATE and message of the error `sql` must raise.
-fn db_err(c: &mut Client, sql: &str) -> (String, String) {
-    let e = c
-        .batch_execute(sql)
-        .expect_err(&format!("expected an error from: {sql}"));
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("not a database error from {sql}: {e}"));
-    (db.code().code().to_string(), db.message().to_string())
-}
-
-fn assert_err(c: &mut Client, sql: &str, code: &str, message_part: &str) {
-    let (got_code, got_msg) = db_err(c, sql);
-    assert_eq!(got_code, code, "SQLSTATE of {sql} (message: {got_msg})");
-    assert!(
-        got_msg.contains(message_part),
-        "message of {sql}: {got_msg:?} lacks {message_part:?}"
-    );
-}
-
-fn i64_of(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
-
-fn bool_of(c: &mut Client, sql: &str) -> bool {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
-
-fn text_of(c: &mut Client, sql: &str) -> Option<String> {
-    c.query_one(sql, &[]).unwrap().get(0)
-}
 
 fn texts(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<String> {
     c.query(sql, params)
@@ -74,23 +27,6 @@ fn texts(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<Strin
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-fn ids(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<i64> {
-    c.query(sql, params)
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-/// A json/jsonb expression's value (the postgres crate has no serde_json here).
-fn json_of(c: &mut Client, sql_expr: &str) -> Value {
-    let t: Option<String> = c
-        .query_one(&format!("SELECT ({sql_expr})::text"), &[])
-        .unwrap()
-        .get(0);
-    serde_json::from_str(&t.expect("NULL json")).unwrap()
 }
 
 fn exists(c: &mut Client, rel: &str) -> bool {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod brokers;
 pub mod kafka;
 pub mod rabbitmq;
+pub mod sqlcheck;
 pub mod sqs;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -492,6 +493,36 @@ pub fn publish(url: &str, start: i64, n: i64) {
             &[&start, &(start + n - 1)],
         )
         .unwrap();
+}
+
+/// Run `--once --pipeline fwd` against the database at `url`.
+pub fn run_once(url: &str) -> std::process::Output {
+    relay(url)
+        .args(["--once", "--pipeline", "fwd"])
+        .output()
+        .unwrap()
+}
+
+/// The only row of `pgtrickle.relay_dead_letters` at `url`, which must be
+/// of pipeline `fwd`, with `dedup_key` and a payload whose `n` is `n`;
+/// returns its error.
+pub fn the_one_dead_letter(url: &str, dedup_key: &str, n: i64) -> String {
+    let rows = Pg::shared()
+        .client(url)
+        .query(
+            "SELECT pipeline, dedup_key, (payload->'payload'->>'n')::bigint, error \
+             FROM pgtrickle.relay_dead_letters",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 1, "dead letters");
+    let (pipeline, key, got_n): (String, String, i64) =
+        (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!(
+        (pipeline.as_str(), key.as_str(), got_n),
+        ("fwd", dedup_key, n)
+    );
+    rows[0].get(3)
 }
 
 /// A database `db` on the shared server with outbox `orders` and pipeline
