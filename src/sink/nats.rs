@@ -119,46 +119,90 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
 
 /// Connection state shared with the client's callbacks.
 #[derive(Default)]
-struct Link {
-    connected: AtomicBool,
+pub struct Link {
+    /// Whether the client is connected now.
+    pub connected: AtomicBool,
     /// Bumped on every reconnect.
-    generation: AtomicU64,
+    pub generation: AtomicU64,
+}
+
+/// A connection opened by [`connect`].
+pub struct Client {
+    /// The connection (it reconnects in the background, forever).
+    pub nc: nats::Connection,
+    /// Its state, kept up to date by the client's callbacks.
+    pub link: Arc<Link>,
+    /// The URL with its password masked, for messages.
+    pub shown: String,
+}
+
+/// Connect to `url` (`${ENV:NAME}` expanded; one server or a comma-separated
+/// list; `tls://` for TLS) with an optional `.creds` file, for the `side`
+/// (`sink` or `source`) of `pipeline`: errors name the pipeline and key. A
+/// server that does not answer is a transient error.
+pub fn connect(
+    pipeline: &str,
+    side: &str,
+    url: &str,
+    credentials: Option<&str>,
+) -> Result<Client, Error> {
+    let expanded = expand_env(url)
+        .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: {side}.url: {e}")))?;
+    let shown = mask(&expanded);
+    let link = Arc::new(Link::default());
+    let mut opts = match credentials {
+        Some(c) => {
+            let path = expand_env(c).map_err(|e| {
+                Error::permanent(format!("pipeline {pipeline:?}: {side}.credentials: {e}"))
+            })?;
+            if !std::path::Path::new(&path).is_file() {
+                return Err(Error::permanent(format!(
+                    "pipeline {pipeline:?}: {side}.credentials: no such file {path}"
+                )));
+            }
+            nats::Options::with_credentials(path)
+        }
+        None => nats::Options::new(),
+    };
+    let (down, up) = (link.clone(), link.clone());
+    opts = opts
+        .with_name(&format!("pgtrickle-relay {pipeline}"))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|_| Duration::from_millis(200))
+        .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
+        .reconnect_callback(move || {
+            up.generation.fetch_add(1, Ordering::SeqCst);
+            up.connected.store(true, Ordering::SeqCst);
+        });
+    let nc = opts
+        .connect(expanded.as_str())
+        .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
+    link.connected.store(true, Ordering::SeqCst);
+    Ok(Client { nc, link, shown })
+}
+
+/// A JetStream API request on `nc` (`shown` names the server in errors).
+pub fn api(
+    nc: &nats::Connection,
+    shown: &str,
+    subject: &str,
+    body: &[u8],
+) -> Result<Vec<u8>, Error> {
+    match nc.request_timeout(subject, body, API_TIMEOUT) {
+        Ok(m) if m.is_no_responders() => Err(Error::transient(format!(
+            "nats {shown}: JetStream does not answer (is it enabled: nats-server -js?)"
+        ))),
+        Ok(m) => Ok(m.data),
+        Err(e) => Err(Error::transient(format!(
+            "nats {shown}: JetStream request {subject}: {e}"
+        ))),
+    }
 }
 
 impl SinkSpec for NatsKeys {
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
-        let url = expand_env(&self.url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
-        let shown = mask(&url);
-        let link = Arc::new(Link::default());
-        let mut opts = match &self.credentials {
-            Some(c) => {
-                let path = expand_env(c).map_err(|e| {
-                    Error::permanent(format!("pipeline {pipeline:?}: sink.credentials: {e}"))
-                })?;
-                if !std::path::Path::new(&path).is_file() {
-                    return Err(Error::permanent(format!(
-                        "pipeline {pipeline:?}: sink.credentials: no such file {path}"
-                    )));
-                }
-                nats::Options::with_credentials(path)
-            }
-            None => nats::Options::new(),
-        };
-        let (down, up) = (link.clone(), link.clone());
-        opts = opts
-            .with_name(&format!("pgtrickle-relay {pipeline}"))
-            .max_reconnects(None)
-            .reconnect_delay_callback(|_| Duration::from_millis(200))
-            .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
-            .reconnect_callback(move || {
-                up.generation.fetch_add(1, Ordering::SeqCst);
-                up.connected.store(true, Ordering::SeqCst);
-            });
-        let nc = opts
-            .connect(url.as_str())
-            .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
-        link.connected.store(true, Ordering::SeqCst);
+        let Client { nc, link, shown } =
+            connect(pipeline, "sink", &self.url, self.credentials.as_deref())?;
         let inbox = nc.new_inbox();
         let acks = nc
             .subscribe(&format!("{inbox}.*"))
@@ -221,14 +265,18 @@ impl From<Error> for Stop {
     }
 }
 
-#[derive(Deserialize)]
-struct ApiError {
+/// The `error` object of a JetStream API answer.
+#[derive(Debug, Deserialize)]
+pub struct ApiError {
+    /// HTTP-like status (404, 503, ...).
     #[serde(default)]
-    code: u16,
+    pub code: u16,
+    /// JetStream's own error code (10059: stream not found, ...).
     #[serde(default)]
-    err_code: u32,
+    pub err_code: u32,
+    /// What went wrong.
     #[serde(default)]
-    description: String,
+    pub description: String,
 }
 
 #[derive(Deserialize)]
@@ -290,19 +338,9 @@ fn derived_subject(e: &Event) -> String {
 }
 
 impl NatsSink {
-    /// A JetStream API request; `None` when JetStream does not answer.
+    /// A JetStream API request.
     fn api(&self, subject: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
-        match self.nc.request_timeout(subject, body, API_TIMEOUT) {
-            Ok(m) if m.is_no_responders() => Err(Error::transient(format!(
-                "nats {}: JetStream does not answer (is it enabled: nats-server -js?)",
-                self.shown
-            ))),
-            Ok(m) => Ok(m.data),
-            Err(e) => Err(Error::transient(format!(
-                "nats {}: JetStream request {subject}: {e}",
-                self.shown
-            ))),
-        }
+        api(&self.nc, &self.shown, subject, body)
     }
 
     /// The stream's subjects, or None when it does not exist.

@@ -1,0 +1,806 @@
+//! The `nats` source: a NATS JetStream durable pull consumer into the inbox.
+//!
+//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"ORDERS",
+//! "consumer":"<durable name>", "subject":"<filter>",
+//! "credentials":"<file.creds>", "start":"all"|"new", "ack_wait_ms":30000,
+//! "event_type":{"header":"Type"} | {"field":"type"} | "fixed"}`, and the
+//! same for `aggregate_id`, `source` and `trace_id`. `url` (one server or a
+//! comma-separated list; `tls://` for TLS) and `credentials` may use
+//! `${ENV:NAME}`; the connection is made as the `nats` sink makes it.
+//! `consumer` defaults to `pgtrickle-relay-<pipeline>`.
+//!
+//! `stream` must exist (else the pipeline stops with an error naming it).
+//! The durable consumer is created when missing: explicit acks, `ack_wait`
+//! = `ack_wait_ms` (default 30 s), deliver policy `all` (`start: "all"`,
+//! the default, so a backlog published before the relay's first start is
+//! not lost) or `new`, filtered on `subject` when set, no limit on
+//! unacknowledged messages (the relay itself keeps at most two batches in
+//! flight). An existing consumer is used as it is, after checks: it must be
+//! a pull consumer, with acks (`explicit` or `all`), filtering on `subject`
+//! when that is set; a different `ack_wait_ms` is applied to it.
+//!
+//! Messages are pulled in batches (`CONSUMER.MSG.NEXT`, batch = the
+//! pipeline's batch size); the next pull is sent when a batch is handed
+//! out, so the server delivers it while the inbox transaction runs. Each
+//! message is acknowledged (`+ACK`) only after the inbox transaction
+//! holding it committed: all acks of a batch are sent at once, the last
+//! one with a reply subject, and the server's answer to it confirms them
+//! all (a connection processes in order). A message not acknowledged
+//! within `ack_wait_ms` (a crashed relay, PostgreSQL down) is redelivered
+//! by JetStream; the inbox absorbs the repeat.
+//!
+//! The inbox `event_id` is the `Nats-Msg-Id` header, else
+//! `<stream>:<stream sequence>`. The payload is the body, which must be
+//! JSON; a body that is not (or that PostgreSQL's jsonb cannot hold: a
+//! `\u0000` escape) goes into the inbox as a dead letter (`{"raw":
+//! "<text>"}`, the reason in `error`, in `<inbox>_dlq`) and is acknowledged
+//! like the rest. `event_type` defaults to the message's subject;
+//! `aggregate_id`, `source` and `trace_id` to the body's JSON field of the
+//! same name. `{"header": "X"}` is a message header, `{"field": "x"}` a
+//! top-level field of the JSON body.
+
+// The sync `nats` crate is deprecated upstream in favour of async-nats; it
+// is used on purpose (no async runtime; see ARCHITECTURE.md).
+#![allow(deprecated)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::config::{from_value, ConfigError};
+use crate::retry::Error;
+use crate::sink::nats::{api, connect, ApiError, Client, Link};
+use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+
+/// How long `receive` and `ack` wait for a lost connection to come back.
+/// Kept below the relay's shutdown grace, as is [`CONFIRM_TIMEOUT`].
+const OUTAGE_WAIT: Duration = Duration::from_secs(4);
+/// How long the server's confirmation of a batch's acks may take.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a pull request stays open at the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// Once a batch has its first message: more are taken while they keep
+/// arriving at least this often.
+const GAP: Duration = Duration::from_millis(2);
+/// The default `ack_wait_ms`.
+const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
+/// The smallest `ack_wait_ms`: a shorter one would redeliver messages
+/// while their batch is being written.
+const MIN_ACK_WAIT_MS: u64 = 1_000;
+
+/// The `nats` source's config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSourceConfig {
+    url: String,
+    stream: String,
+    #[serde(default)]
+    consumer: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    credentials: Option<String>,
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    ack_wait_ms: Option<u64>,
+    #[serde(default)]
+    event_type: Option<Origin>,
+    #[serde(default)]
+    aggregate_id: Option<Origin>,
+    #[serde(default)]
+    source: Option<Origin>,
+    #[serde(default)]
+    trace_id: Option<Origin>,
+}
+
+/// Whether `name` can name a JetStream stream or consumer.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+}
+
+/// Parse the source's keys.
+pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let cfg: NatsSourceConfig = from_value("source", Value::Object(keys))?;
+    if cfg.url.is_empty() {
+        return Err(ConfigError::new("source.url", "must not be empty"));
+    }
+    if !valid_name(&cfg.stream) {
+        return Err(ConfigError::new(
+            "source.stream",
+            format!(
+                "{:?} is not a JetStream stream name (no '.', '*', '>' or spaces)",
+                cfg.stream
+            ),
+        ));
+    }
+    if let Some(c) = cfg.consumer.as_deref().filter(|c| !valid_name(c)) {
+        return Err(ConfigError::new(
+            "source.consumer",
+            format!("{c:?} is not a JetStream consumer name (no '.', '*', '>' or spaces)"),
+        ));
+    }
+    if let Some(s) = &cfg.subject {
+        if s.is_empty() || s.contains(char::is_whitespace) || s.split('.').any(str::is_empty) {
+            return Err(ConfigError::new(
+                "source.subject",
+                format!("{s:?} is not a NATS subject filter"),
+            ));
+        }
+    }
+    if cfg.credentials.as_deref() == Some("") {
+        return Err(ConfigError::new("source.credentials", "must not be empty"));
+    }
+    match cfg.start.as_deref() {
+        None | Some("all" | "earliest" | "new" | "latest") => {}
+        Some(other) => {
+            return Err(ConfigError::new(
+                "source.start",
+                format!("expected \"all\" or \"new\", found {other:?}"),
+            ))
+        }
+    }
+    if cfg.ack_wait_ms.is_some_and(|ms| ms < MIN_ACK_WAIT_MS) {
+        return Err(ConfigError::new(
+            "source.ack_wait_ms",
+            format!("must be at least {MIN_ACK_WAIT_MS}"),
+        ));
+    }
+    Ok(Box::new(cfg))
+}
+
+/// The durable name used when `consumer` is not set: one per pipeline.
+fn default_consumer(pipeline: &str) -> String {
+    let name: String = pipeline
+        .chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    format!("pgtrickle-relay-{name}")
+}
+
+impl SourceSpec for NatsSourceConfig {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+        let Client { nc, link, shown } =
+            connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
+        let deliver_to = nc.new_inbox();
+        let deliveries = nc.subscribe(&deliver_to).map_err(|e| {
+            Error::transient(format!("nats {shown}: subscribing to deliveries: {e}"))
+        })?;
+        let confirm_inbox = nc.new_inbox();
+        let confirms = nc.subscribe(&format!("{confirm_inbox}.*")).map_err(|e| {
+            Error::transient(format!("nats {shown}: subscribing to confirmations: {e}"))
+        })?;
+        let field = |v: &Option<Origin>, name: &str| {
+            v.clone().unwrap_or(Origin::Field {
+                field: name.to_string(),
+            })
+        };
+        let mut src = NatsSource {
+            pipeline: pipeline.to_string(),
+            cfg: self.clone(),
+            consumer: self
+                .consumer
+                .clone()
+                .unwrap_or_else(|| default_consumer(pipeline)),
+            nc,
+            link,
+            shown,
+            deliver_to,
+            deliveries,
+            confirm_inbox,
+            confirms,
+            confirm_seq: 0,
+            generation: 0,
+            pull_left: 0,
+            pull_until: Instant::now(),
+            check_consumer: true,
+            event_type: self.event_type.clone(),
+            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
+            source: field(&self.source, "source"),
+            trace_id: field(&self.trace_id, "trace_id"),
+            unacked: Vec::new(),
+            once,
+        };
+        src.generation = src.link.generation.load(Ordering::SeqCst);
+        src.ensure_consumer()?;
+        log::info!(
+            "reading JetStream stream {:?} through durable consumer {:?} on {}",
+            src.cfg.stream,
+            src.consumer,
+            src.shown
+        );
+        Ok(Box::new(src))
+    }
+}
+
+struct NatsSource {
+    pipeline: String,
+    cfg: NatsSourceConfig,
+    consumer: String,
+    nc: nats::Connection,
+    link: Arc<Link>,
+    /// The URL with its password masked, for messages.
+    shown: String,
+    /// The reply subject of pull requests: messages arrive here.
+    deliver_to: String,
+    deliveries: nats::Subscription,
+    /// Confirmations of acks arrive on `<confirm_inbox>.<n>`.
+    confirm_inbox: String,
+    confirms: nats::Subscription,
+    confirm_seq: u64,
+    /// The connection generation the pull state belongs to.
+    generation: u64,
+    /// Messages the open pull request may still deliver (0: none open).
+    pull_left: usize,
+    /// When the open pull request has surely ended at the server.
+    pull_until: Instant,
+    /// Look at the stream and consumer (again) before the next pull.
+    check_consumer: bool,
+    /// `None`: the subject.
+    event_type: Option<Origin>,
+    aggregate_id: Origin,
+    source: Origin,
+    trace_id: Origin,
+    /// Ack subjects of messages handed out and not yet acknowledged.
+    unacked: Vec<String>,
+    /// `--once`: end when nothing arrives within the wait.
+    once: bool,
+}
+
+#[derive(Deserialize)]
+struct InfoReply {
+    #[serde(default)]
+    error: Option<ApiError>,
+    #[serde(default)]
+    config: Option<Map<String, Value>>,
+}
+
+/// What a message on the deliveries subscription was.
+enum Delivery {
+    /// A message of the stream, for the batch.
+    Message(Message),
+    /// The pull request ended (no more messages until the next pull).
+    Ended,
+    /// The consumer or stream is gone: check them before pulling again.
+    Gone(String),
+    /// Nothing to act on (a heartbeat, a stray message).
+    Nothing,
+}
+
+/// Whether JSON text holds a `\u0000` escape, which jsonb refuses.
+fn has_nul_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("\\u0000").map(|i| i + from) {
+        let backslashes = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
+}
+
+fn header<'a>(m: &'a nats::Message, name: &str) -> Option<&'a String> {
+    let h = m.headers.as_ref()?;
+    h.get(name).or_else(|| {
+        h.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.iter().next())
+    })
+}
+
+fn json_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+fn attribute(
+    from: &Origin,
+    m: &nats::Message,
+    body: Option<&Map<String, Value>>,
+) -> Option<String> {
+    match from {
+        Origin::Header { header: h } => header(m, h).filter(|v| !v.is_empty()).cloned(),
+        Origin::Field { field } => json_text(body?, field),
+        Origin::Fixed(s) => Some(s.clone()),
+    }
+}
+
+impl NatsSource {
+    /// `pipeline "<name>": <key>: <msg>`, a permanent error.
+    fn config_error(&self, key: &str, msg: String) -> Error {
+        Error::permanent(format!("pipeline {:?}: source.{key}: {msg}", self.pipeline))
+    }
+
+    fn info(&self, subject: &str, body: &[u8]) -> Result<InfoReply, Error> {
+        let data = api(&self.nc, &self.shown, subject, body)?;
+        serde_json::from_slice(&data).map_err(|e| {
+            Error::transient(format!(
+                "nats {}: bad JetStream answer to {subject}: {e}",
+                self.shown
+            ))
+        })
+    }
+
+    /// Check that the stream exists, and create or check the consumer.
+    fn ensure_consumer(&mut self) -> Result<(), Error> {
+        let (stream, consumer) = (self.cfg.stream.clone(), self.consumer.clone());
+        let info = self.info(&format!("$JS.API.STREAM.INFO.{stream}"), b"")?;
+        match info.error {
+            Some(e) if e.code == 404 || e.err_code == 10059 => {
+                return Err(self.config_error(
+                    "stream",
+                    format!(
+                        "JetStream stream {stream:?} does not exist on {}: create it (e.g. `nats \
+                         stream add`)",
+                        self.shown
+                    ),
+                ))
+            }
+            Some(e) => {
+                return Err(Error::transient(format!(
+                    "nats {}: stream {stream:?}: {} (code {}, err_code {})",
+                    self.shown, e.description, e.code, e.err_code
+                )))
+            }
+            None => {}
+        }
+        let info = self.info(&format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"), b"")?;
+        match (info.error, info.config) {
+            (Some(e), _) if e.code == 404 || e.err_code == 10014 => self.create_consumer()?,
+            (Some(e), _) => {
+                return Err(Error::transient(format!(
+                "nats {}: consumer {consumer:?} of stream {stream:?}: {} (code {}, err_code {})",
+                self.shown, e.description, e.code, e.err_code
+            )))
+            }
+            (None, Some(config)) => self.check_existing(config)?,
+            (None, None) => {
+                return Err(Error::transient(format!(
+                    "nats {}: consumer {consumer:?} of stream {stream:?}: an answer without config",
+                    self.shown
+                )))
+            }
+        }
+        self.check_consumer = false;
+        Ok(())
+    }
+
+    fn ack_wait_ns(&self) -> u64 {
+        self.cfg.ack_wait_ms.unwrap_or(DEFAULT_ACK_WAIT_MS) * 1_000_000
+    }
+
+    fn create_consumer(&mut self) -> Result<(), Error> {
+        let (stream, consumer) = (&self.cfg.stream, &self.consumer);
+        let deliver = match self.cfg.start.as_deref() {
+            Some("new" | "latest") => "new",
+            _ => "all",
+        };
+        let mut config = json!({
+            "durable_name": consumer,
+            "deliver_policy": deliver,
+            "ack_policy": "explicit",
+            "ack_wait": self.ack_wait_ns(),
+            "max_deliver": -1,
+            "max_ack_pending": -1,
+            "replay_policy": "instant",
+        });
+        if let Some(s) = &self.cfg.subject {
+            config["filter_subject"] = json!(s);
+        }
+        let req = json!({"stream_name": stream, "config": config});
+        let info = self.info(
+            &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
+            req.to_string().as_bytes(),
+        )?;
+        if let Some(e) = info.error {
+            let key = if e.description.contains("filter") {
+                "subject"
+            } else {
+                "consumer"
+            };
+            return Err(self.config_error(
+                key,
+                format!(
+                    "creating JetStream consumer {consumer:?} on stream {stream:?}: {} (code {}, \
+                     err_code {})",
+                    e.description, e.code, e.err_code
+                ),
+            ));
+        }
+        log::info!(
+            "created durable consumer {consumer:?} on stream {stream:?} (deliver {deliver}, \
+             ack wait {} ms{})",
+            self.ack_wait_ns() / 1_000_000,
+            self.cfg
+                .subject
+                .as_ref()
+                .map(|s| format!(", subjects {s}"))
+                .unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Refuse a consumer the relay cannot use safely; apply `ack_wait_ms`.
+    fn check_existing(&mut self, mut config: Map<String, Value>) -> Result<(), Error> {
+        let consumer = self.consumer.clone();
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+        if !text(config.get("deliver_subject")).is_empty() {
+            return Err(self.config_error(
+                "consumer",
+                format!(
+                    "JetStream consumer {consumer:?} is a push consumer; the nats source needs a \
+                     pull consumer (name another, or delete it and the relay creates one)"
+                ),
+            ));
+        }
+        let policy = text(config.get("ack_policy"));
+        if policy == "none" {
+            return Err(self.config_error(
+                "consumer",
+                format!(
+                    "JetStream consumer {consumer:?} has ack policy none: messages would be lost \
+                     when the inbox is down; use a consumer with explicit acks"
+                ),
+            ));
+        }
+        let filter = text(config.get("filter_subject"));
+        if let Some(want) = self.cfg.subject.as_deref().filter(|s| *s != filter) {
+            return Err(self.config_error(
+                "subject",
+                format!(
+                    "JetStream consumer {consumer:?} filters {filter:?}, not {want:?}: delete the \
+                     consumer or name another"
+                ),
+            ));
+        }
+        let has = config.get("ack_wait").and_then(Value::as_u64);
+        if self.cfg.ack_wait_ms.is_some() && has != Some(self.ack_wait_ns()) {
+            config.insert("ack_wait".into(), json!(self.ack_wait_ns()));
+            let req = json!({"stream_name": self.cfg.stream, "config": config});
+            let info = self.info(
+                &format!(
+                    "$JS.API.CONSUMER.DURABLE.CREATE.{}.{consumer}",
+                    self.cfg.stream
+                ),
+                req.to_string().as_bytes(),
+            )?;
+            match info.error {
+                Some(e) => log::warn!(
+                    "could not set the ack wait of consumer {consumer:?} to {} ms: {}; it stays \
+                     at {} ms",
+                    self.ack_wait_ns() / 1_000_000,
+                    e.description,
+                    has.unwrap_or(0) / 1_000_000
+                ),
+                None => log::info!(
+                    "set the ack wait of consumer {consumer:?} to {} ms",
+                    self.ack_wait_ns() / 1_000_000
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait for the connection, up to [`OUTAGE_WAIT`]; after a reconnect
+    /// the open pull request is forgotten (the server may have lost it).
+    fn wait_connected(&mut self) -> Result<(), Error> {
+        let until = Instant::now() + OUTAGE_WAIT;
+        while !self.link.connected.load(Ordering::SeqCst) {
+            if Instant::now() >= until {
+                return Err(Error::transient(format!(
+                    "nats {}: not connected (reconnecting)",
+                    self.shown
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let generation = self.link.generation.load(Ordering::SeqCst);
+        if generation != self.generation {
+            self.generation = generation;
+            self.pull_left = 0;
+        }
+        Ok(())
+    }
+
+    /// Ask for `max` messages, unless a pull request is still open.
+    fn pull(&mut self, max: usize) -> Result<(), Error> {
+        if self.pull_left > 0 && Instant::now() < self.pull_until {
+            return Ok(());
+        }
+        let req = json!({"batch": max, "expires": PULL_EXPIRES.as_nanos() as u64});
+        self.nc
+            .publish_request(
+                &format!(
+                    "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                    self.cfg.stream, self.consumer
+                ),
+                &self.deliver_to,
+                req.to_string(),
+            )
+            .map_err(|e| Error::transient(format!("nats {}: pull request: {e}", self.shown)))?;
+        self.pull_left = max;
+        self.pull_until = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+        Ok(())
+    }
+
+    /// Classify one delivered message.
+    fn delivery(&mut self, m: nats::Message) -> Delivery {
+        if m.data.is_empty() {
+            if let Some(status) = header(&m, "Status") {
+                let why = header(&m, "Description").cloned().unwrap_or_default();
+                return match status.as_str() {
+                    // Heartbeat, flow control.
+                    "100" => Delivery::Nothing,
+                    // No messages / request expired.
+                    "404" | "408" => Delivery::Ended,
+                    // No responders: the consumer (or stream) is gone.
+                    "503" => Delivery::Gone(format!(
+                        "JetStream consumer {:?} of stream {:?} does not answer",
+                        self.consumer, self.cfg.stream
+                    )),
+                    _ if why.contains("Deleted") => Delivery::Gone(format!(
+                        "JetStream consumer {:?}: {status} {why}",
+                        self.consumer
+                    )),
+                    _ => {
+                        log::debug!("pull request ended: {status} {why}");
+                        Delivery::Ended
+                    }
+                };
+            }
+        }
+        let Some(reply) = m.reply.clone().filter(|r| r.starts_with("$JS.ACK.")) else {
+            log::debug!(
+                "ignoring a message without a JetStream ack subject on {}",
+                m.subject
+            );
+            return Delivery::Nothing;
+        };
+        let Some(seq) = m.jetstream_message_info().map(|i| i.stream_seq) else {
+            log::debug!("ignoring a message with an unreadable ack subject {reply}");
+            return Delivery::Nothing;
+        };
+        self.pull_left = self.pull_left.saturating_sub(1);
+        self.unacked.push(reply);
+        Delivery::Message(self.message(&m, seq))
+    }
+
+    fn message(&self, m: &nats::Message, seq: u64) -> Message {
+        let event_id = header(m, "Nats-Msg-Id")
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| format!("{}:{seq}", self.cfg.stream));
+        let what = || format!("nats stream {} seq {seq} ({})", self.cfg.stream, m.subject);
+        let (payload, parsed, error) = match std::str::from_utf8(&m.data) {
+            Err(e) => (
+                String::from_utf8_lossy(&m.data).into_owned(),
+                None,
+                Some(format!(
+                    "{}: body is not valid JSON (not UTF-8: {e})",
+                    what()
+                )),
+            ),
+            Ok(text) => match serde_json::from_str::<Value>(text) {
+                Err(e) => (
+                    text.to_string(),
+                    None,
+                    Some(format!("{}: body is not valid JSON ({e})", what())),
+                ),
+                Ok(_) if has_nul_escape(text) => (
+                    text.to_string(),
+                    None,
+                    Some(format!(
+                        "{}: body holds a \\u0000 escape, which PostgreSQL jsonb cannot store",
+                        what()
+                    )),
+                ),
+                Ok(v) => (text.to_string(), Some(v), None),
+            },
+        };
+        let payload = match &error {
+            Some(e) => {
+                log::warn!("{e}; into the inbox's dead letters");
+                // PostgreSQL text cannot hold NUL.
+                payload.replace('\0', "\u{FFFD}")
+            }
+            None => payload,
+        };
+        let body = parsed.as_ref().and_then(Value::as_object);
+        Message {
+            event_type: match &self.event_type {
+                Some(o) => attribute(o, m, body),
+                None => Some(m.subject.clone()),
+            },
+            aggregate_id: attribute(&self.aggregate_id, m, body),
+            source: attribute(&self.source, m, body),
+            trace_id: attribute(&self.trace_id, m, body),
+            event_id,
+            payload,
+            error,
+        }
+    }
+}
+
+impl Source for NatsSource {
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        let max = max.max(1);
+        let deadline = Instant::now() + wait;
+        let mut batch = Batch::default();
+        self.wait_connected()?;
+        if self.check_consumer {
+            self.ensure_consumer()?;
+        }
+        let mut gone = None;
+        while batch.messages.len() < max {
+            self.pull(max)?;
+            let now = Instant::now();
+            let timeout = if batch.messages.is_empty() {
+                if now >= deadline {
+                    break;
+                }
+                // Slices, to notice a reconnect or an expired request.
+                (deadline - now).min(Duration::from_millis(100))
+            } else {
+                GAP
+            };
+            match self.deliveries.next_timeout(timeout) {
+                Ok(m) => match self.delivery(m) {
+                    Delivery::Message(msg) => batch.messages.push(msg),
+                    Delivery::Ended => self.pull_left = 0,
+                    Delivery::Gone(why) => {
+                        self.pull_left = 0;
+                        self.check_consumer = true;
+                        gone = Some(why);
+                        break;
+                    }
+                    Delivery::Nothing => {}
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if !batch.messages.is_empty() {
+                        break;
+                    }
+                    self.wait_connected()?;
+                }
+                Err(e) => {
+                    return Err(Error::transient(format!(
+                        "nats {}: deliveries subscription: {e}",
+                        self.shown
+                    )))
+                }
+            }
+        }
+        if let Some(why) = gone {
+            if batch.messages.is_empty() {
+                return Err(Error::transient(format!("nats {}: {why}", self.shown)));
+            }
+            log::warn!("{why}; checking it after this batch");
+        } else if !batch.messages.is_empty() {
+            // The next batch is delivered while this one is written.
+            self.pull(max)?;
+        }
+        batch.end_of_input = self.once && batch.messages.is_empty();
+        Ok(batch)
+    }
+
+    fn ack(&mut self) -> Result<(), Error> {
+        if self.unacked.is_empty() {
+            return Ok(());
+        }
+        self.wait_connected()?;
+        let generation = self.generation;
+        self.confirm_seq += 1;
+        let confirm = format!("{}.{}", self.confirm_inbox, self.confirm_seq);
+        let failed = |e: std::io::Error| Error::transient(format!("nats {}: ack: {e}", self.shown));
+        let (last, rest) = self.unacked.split_last().expect("not empty");
+        for reply in rest {
+            self.nc.publish(reply, b"+ACK").map_err(failed)?;
+        }
+        self.nc
+            .publish_request(last, &confirm, b"+ACK")
+            .map_err(failed)?;
+        let until = Instant::now() + CONFIRM_TIMEOUT;
+        loop {
+            match self.confirms.next_timeout(Duration::from_millis(50)) {
+                Ok(m) if m.subject == confirm => break,
+                // The answer to an earlier attempt.
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if self.link.generation.load(Ordering::SeqCst) != generation
+                        || Instant::now() >= until
+                    {
+                        // Kept: acknowledged again with the next batch, or
+                        // redelivered after the ack wait; the inbox absorbs it.
+                        return Err(Error::transient(format!(
+                            "nats {}: JetStream did not confirm the acks of {} messages",
+                            self.shown,
+                            self.unacked.len()
+                        )));
+                    }
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        self.unacked.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn key(v: Value) -> String {
+        parse(keys(v)).unwrap_err().key
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        assert_eq!(key(json!({"stream": "S"})), "source.url");
+        assert_eq!(key(json!({"url": "nats://x"})), "source.stream");
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "a.b"})),
+            "source.stream"
+        );
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "S", "consumer": "c d"})),
+            "source.consumer"
+        );
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "S", "subject": "a..b"})),
+            "source.subject"
+        );
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "S", "start": "middle"})),
+            "source.start"
+        );
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "S", "ack_wait_ms": 10})),
+            "source.ack_wait_ms"
+        );
+        assert_eq!(
+            key(json!({"url": "nats://x", "stream": "S", "ackwait": 10})),
+            "source.ackwait"
+        );
+        assert!(parse(keys(
+            json!({"url": "nats://x", "stream": "S", "subject": "a.>",
+            "start": "new", "ack_wait_ms": 5000, "event_type": {"header": "T"}})
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn default_consumer_names_are_valid() {
+        assert_eq!(
+            default_consumer("orders in.v1"),
+            "pgtrickle-relay-orders_in_v1"
+        );
+        assert!(valid_name(&default_consumer("a.*>b")));
+    }
+
+    #[test]
+    fn nul_escapes_are_found() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
+        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\u0001"}"#));
+    }
+}
