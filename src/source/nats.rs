@@ -62,6 +62,9 @@ const OUTAGE_WAIT: Duration = Duration::from_secs(4);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long a pull request stays open at the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// With `--once`: how much longer than `max_wait_ms` to wait for the
+/// server's answer to a pull request before ending anyway.
+const ONCE_SLACK: Duration = Duration::from_secs(10);
 /// Once a batch has its first message: more are taken while they keep
 /// arriving at least this often.
 const GAP: Duration = Duration::from_millis(2);
@@ -204,6 +207,7 @@ impl SourceSpec for NatsSourceConfig {
             pull_left: 0,
             pull_until: Instant::now(),
             check_consumer: true,
+            deferred: None,
             event_type: self.event_type.clone(),
             aggregate_id: field(&self.aggregate_id, "aggregate_id"),
             source: field(&self.source, "source"),
@@ -246,6 +250,8 @@ struct NatsSource {
     pull_until: Instant,
     /// Look at the stream and consumer (again) before the next pull.
     check_consumer: bool,
+    /// An error met after some messages of a batch: returned next time.
+    deferred: Option<Error>,
     /// `None`: the subject.
     event_type: Option<Origin>,
     aggregate_id: Origin,
@@ -273,6 +279,8 @@ enum Delivery {
     Ended,
     /// The consumer or stream is gone: check them before pulling again.
     Gone(String),
+    /// The server refused the pull request.
+    Refused(Error),
     /// Nothing to act on (a heartbeat, a stray message).
     Nothing,
 }
@@ -517,12 +525,19 @@ impl NatsSource {
         Ok(())
     }
 
-    /// Ask for `max` messages, unless a pull request is still open.
-    fn pull(&mut self, max: usize) -> Result<(), Error> {
+    /// Ask for `max` messages, unless a pull request is still open. With
+    /// `--once` the request expires after `wait`, so an empty answer says
+    /// that nothing is there.
+    fn pull(&mut self, max: usize, wait: Duration) -> Result<(), Error> {
         if self.pull_left > 0 && Instant::now() < self.pull_until {
             return Ok(());
         }
-        let req = json!({"batch": max, "expires": PULL_EXPIRES.as_nanos() as u64});
+        let expires = if self.once {
+            wait.max(Duration::from_millis(10))
+        } else {
+            PULL_EXPIRES
+        };
+        let req = json!({"batch": max, "expires": expires.as_nanos() as u64});
         self.nc
             .publish_request(
                 &format!(
@@ -534,7 +549,7 @@ impl NatsSource {
             )
             .map_err(|e| Error::transient(format!("nats {}: pull request: {e}", self.shown)))?;
         self.pull_left = max;
-        self.pull_until = Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
+        self.pull_until = Instant::now() + expires + Duration::from_secs(1);
         Ok(())
     }
 
@@ -557,10 +572,23 @@ impl NatsSource {
                         "JetStream consumer {:?}: {status} {why}",
                         self.consumer
                     )),
-                    _ => {
-                        log::debug!("pull request ended: {status} {why}");
-                        Delivery::Ended
+                    // The consumer's limits on pull requests (max_batch,
+                    // max_expires, ...) are below what the relay asks for.
+                    _ if why.contains("MaxRequest") || status == "400" => {
+                        Delivery::Refused(self.config_error(
+                            "consumer",
+                            format!(
+                                "JetStream consumer {:?} refuses the relay's pull requests \
+                                 ({status} {why}): lower batch_size or raise the consumer's limit",
+                                self.consumer
+                            ),
+                        ))
                     }
+                    // Exceeded MaxWaiting, a leadership change, ...
+                    _ => Delivery::Refused(Error::transient(format!(
+                        "nats {}: JetStream consumer {:?} refused a pull request: {status} {why}",
+                        self.shown, self.consumer
+                    ))),
                 };
             }
         }
@@ -638,40 +666,65 @@ impl NatsSource {
 
 impl Source for NatsSource {
     fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let max = max.max(1);
         let deadline = Instant::now() + wait;
+        // `--once` ends on the server's word that nothing is there (the
+        // pull request expired empty), not on a local timeout that a busy
+        // machine can exceed.
+        let give_up = if self.once {
+            deadline + ONCE_SLACK
+        } else {
+            deadline
+        };
         let mut batch = Batch::default();
         self.wait_connected()?;
         if self.check_consumer {
             self.ensure_consumer()?;
         }
-        let mut gone = None;
+        let mut stop = None;
+        let mut ended_empty = false;
         while batch.messages.len() < max {
-            self.pull(max)?;
-            let now = Instant::now();
+            self.pull(max, wait)?;
             let timeout = if batch.messages.is_empty() {
-                if now >= deadline {
-                    break;
-                }
                 // Slices, to notice a reconnect or an expired request.
-                (deadline - now).min(Duration::from_millis(100))
+                give_up
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100))
             } else {
                 GAP
             };
             match self.deliveries.next_timeout(timeout) {
                 Ok(m) => match self.delivery(m) {
                     Delivery::Message(msg) => batch.messages.push(msg),
-                    Delivery::Ended => self.pull_left = 0,
+                    Delivery::Ended => {
+                        self.pull_left = 0;
+                        if batch.messages.is_empty() && self.once {
+                            ended_empty = true;
+                            break;
+                        }
+                    }
                     Delivery::Gone(why) => {
                         self.pull_left = 0;
                         self.check_consumer = true;
-                        gone = Some(why);
+                        stop = Some(Error::transient(format!("nats {}: {why}", self.shown)));
+                        break;
+                    }
+                    Delivery::Refused(e) => {
+                        self.pull_left = 0;
+                        stop = Some(e);
                         break;
                     }
                     Delivery::Nothing => {}
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if !batch.messages.is_empty() {
+                    let now = Instant::now();
+                    if !batch.messages.is_empty()
+                        || now >= give_up
+                        || (!self.once && now >= deadline)
+                    {
                         break;
                     }
                     self.wait_connected()?;
@@ -684,16 +737,21 @@ impl Source for NatsSource {
                 }
             }
         }
-        if let Some(why) = gone {
-            if batch.messages.is_empty() {
-                return Err(Error::transient(format!("nats {}: {why}", self.shown)));
-            }
-            log::warn!("{why}; checking it after this batch");
-        } else if !batch.messages.is_empty() {
+        match stop {
+            Some(e) if batch.messages.is_empty() => return Err(e),
+            // Hand out what was received; the error comes next time.
+            Some(e) => self.deferred = Some(e),
             // The next batch is delivered while this one is written.
-            self.pull(max)?;
+            None if !batch.messages.is_empty() => self.pull(max, wait)?,
+            None => {}
         }
         batch.end_of_input = self.once && batch.messages.is_empty();
+        if batch.end_of_input && !ended_empty {
+            log::warn!(
+                "no answer to a pull request within {:?}; ending",
+                wait + ONCE_SLACK
+            );
+        }
         Ok(batch)
     }
 
