@@ -308,6 +308,54 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
 }
 
 #[test]
+fn sigkill_after_the_commit_before_the_acks_is_redelivered_once() {
+    // The relay's user may not publish acks: the server refuses them, so
+    // the real relay commits to the inbox and never gets its acks confirmed;
+    // it is SIGKILLed in that state and restarted as a user that may.
+    let n = Nats::start_with_config(
+        r#"
+        authorization {
+          users = [
+            {user: admin, password: admin}
+            {user: noack, password: noack, permissions: {publish: {deny: ["$JS.ACK.>"]}}}
+          ]
+        }
+        no_auth_user: admin
+        "#,
+    );
+    let url = Pg::shared().new_db("rev_nats_realkill");
+    create_stream(&n, "RK", &["rk.>"], None);
+    let msgs: Vec<_> = (0..50)
+        .map(|i| out("rk.x", Some(&format!("m{i}")), json!({"n": i}).to_string()))
+        .collect();
+    js_publish(&n, &msgs);
+    set_inbox(
+        &url,
+        json!({"type": "nats", "url": n.url_as("noack", "noack"), "stream": "RK",
+               "ack_wait_ms": 2000, "max_wait_ms": 50}),
+    );
+    let mut first = Relay::spawn(&mut relay(&url));
+    wait_until(30, "every message in the inbox", || count(&url) == 50);
+    first.wait_log("did not confirm the acks", 30);
+    let info = consumer(&n, "RK", CONSUMER);
+    assert_eq!(info["ack_floor"]["stream_seq"], 0, "acked: {info}");
+    first.signal(libc::SIGKILL);
+    first.wait_exit(10);
+    set_inbox(
+        &url,
+        json!({"type": "nats", "url": n.url(), "stream": "RK", "ack_wait_ms": 2000,
+               "max_wait_ms": 50}),
+    );
+    let second = Relay::spawn(&mut relay(&url));
+    wait_until(30, "every message acked", || all_acked(&n, "RK", CONSUMER));
+    let info = consumer(&n, "RK", CONSUMER);
+    assert_eq!(info["ack_floor"]["stream_seq"], 50, "{info}");
+    assert_eq!(count(&url), 50);
+    assert_eq!(ids(&mut Pg::shared().client(&url)).len(), 50);
+    drop(second);
+}
+
+#[test]
 fn sigkill_mid_stream_then_restart_delivers_every_id_once() {
     let url = Pg::shared().new_db("rev_nats_kill");
     let n = Nats::start();

@@ -140,6 +140,8 @@ pub struct Nats {
     /// Its temporary directory.
     pub dir: PathBuf,
     child: Option<Child>,
+    /// A configuration file (`-c`), if any.
+    config: Option<PathBuf>,
 }
 
 impl Nats {
@@ -149,14 +151,41 @@ impl Nats {
             port: free_port(),
             dir: temp_dir("nats"),
             child: None,
+            config: None,
         };
         n.launch();
         n
     }
 
+    /// Start a new server with `config` as its configuration file (the
+    /// command line's JetStream, address and port still apply), e.g. users
+    /// and permissions.
+    pub fn start_with_config(config: &str) -> Nats {
+        let dir = temp_dir("nats");
+        let file = dir.join("nats.conf");
+        std::fs::write(&file, config).unwrap();
+        let mut n = Nats {
+            port: free_port(),
+            dir,
+            child: None,
+            config: Some(file),
+        };
+        n.launch();
+        n
+    }
+
+    /// The URL of the server with a user and password.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("nats://{user}:{password}@127.0.0.1:{}", self.port)
+    }
+
     fn launch(&mut self) {
         let log = self.dir.join("nats.log");
-        let child = Command::new("nats-server")
+        let mut cmd = Command::new("nats-server");
+        if let Some(c) = &self.config {
+            cmd.arg("-c").arg(c);
+        }
+        let child = cmd
             .arg("-js")
             .arg("-sd")
             .arg(self.dir.join("js"))
