@@ -25,7 +25,10 @@
 //! message is acknowledged (`+ACK`) only after the inbox transaction
 //! holding it committed: all acks of a batch are sent at once, the last
 //! one with a reply subject, and the server's answer to it confirms them
-//! all (a connection processes in order). A message not acknowledged
+//! all (a connection processes in order). That answer is awaited when the
+//! next batch is acknowledged (or the source ends), so the round trip
+//! overlaps the next batch; acks not confirmed in time are sent again with
+//! the next batch. A message not acknowledged
 //! within `ack_wait_ms` (a crashed relay, PostgreSQL down) is redelivered
 //! by JetStream; the inbox absorbs the repeat.
 //!
@@ -213,6 +216,7 @@ impl SourceSpec for NatsSourceConfig {
             source: field(&self.source, "source"),
             trace_id: field(&self.trace_id, "trace_id"),
             unacked: Vec::new(),
+            sent: None,
             once,
         };
         src.generation = src.link.generation.load(Ordering::SeqCst);
@@ -259,8 +263,22 @@ struct NatsSource {
     trace_id: Origin,
     /// Ack subjects of messages handed out and not yet acknowledged.
     unacked: Vec<String>,
+    /// Acks sent and not yet confirmed.
+    sent: Option<Sent>,
     /// `--once`: end when nothing arrives within the wait.
     once: bool,
+}
+
+/// The acks of one batch, sent: the last asked for a confirmation.
+struct Sent {
+    /// The confirmation's subject.
+    confirm: String,
+    /// The ack subjects, to send again if no confirmation comes.
+    replies: Vec<String>,
+    /// The connection generation they were sent on.
+    generation: u64,
+    /// When to stop waiting for the confirmation.
+    until: Instant,
 }
 
 #[derive(Deserialize)]
@@ -746,6 +764,10 @@ impl Source for NatsSource {
             None => {}
         }
         batch.end_of_input = self.once && batch.messages.is_empty();
+        if batch.end_of_input {
+            // `--once` ends with every ack confirmed.
+            self.settle()?;
+        }
         if batch.end_of_input && !ended_empty {
             log::warn!(
                 "no answer to a pull request within {:?}; ending",
@@ -756,11 +778,12 @@ impl Source for NatsSource {
     }
 
     fn ack(&mut self) -> Result<(), Error> {
+        // The previous batch's confirmation has normally arrived meanwhile.
+        self.settle()?;
         if self.unacked.is_empty() {
             return Ok(());
         }
         self.wait_connected()?;
-        let generation = self.generation;
         self.confirm_seq += 1;
         let confirm = format!("{}.{}", self.confirm_inbox, self.confirm_seq);
         let failed = |e: std::io::Error| Error::transient(format!("nats {}: ack: {e}", self.shown));
@@ -771,30 +794,56 @@ impl Source for NatsSource {
         self.nc
             .publish_request(last, &confirm, b"+ACK")
             .map_err(failed)?;
-        let until = Instant::now() + CONFIRM_TIMEOUT;
-        loop {
-            match self.confirms.next_timeout(Duration::from_millis(50)) {
-                Ok(m) if m.subject == confirm => break,
-                // The answer to an earlier attempt.
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if self.link.generation.load(Ordering::SeqCst) != generation
-                        || Instant::now() >= until
-                    {
-                        // Kept: acknowledged again with the next batch, or
-                        // redelivered after the ack wait; the inbox absorbs it.
-                        return Err(Error::transient(format!(
-                            "nats {}: JetStream did not confirm the acks of {} messages",
-                            self.shown,
-                            self.unacked.len()
-                        )));
-                    }
-                }
-                Err(e) => return Err(failed(e)),
-            }
-        }
-        self.unacked.clear();
+        self.sent = Some(Sent {
+            confirm,
+            replies: std::mem::take(&mut self.unacked),
+            generation: self.generation,
+            until: Instant::now() + CONFIRM_TIMEOUT,
+        });
         Ok(())
+    }
+}
+
+impl NatsSource {
+    /// Wait for the confirmation of the acks sent last. Without it in time
+    /// (a lost connection, acks refused) they are kept to be sent again
+    /// with the next batch; were they lost, JetStream delivers the messages
+    /// again after the ack wait, and the inbox absorbs the repeats.
+    fn settle(&mut self) -> Result<(), Error> {
+        let Some(sent) = self.sent.take() else {
+            return Ok(());
+        };
+        loop {
+            let failure = match self.confirms.next_timeout(Duration::from_millis(50)) {
+                Ok(m) if m.subject == sent.confirm => return Ok(()),
+                // The answer to an earlier attempt.
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    if self.link.generation.load(Ordering::SeqCst) == sent.generation
+                        && Instant::now() < sent.until
+                    {
+                        continue;
+                    }
+                    format!(
+                        "JetStream did not confirm the acks of {} messages",
+                        sent.replies.len()
+                    )
+                }
+                Err(e) => format!("ack confirmations: {e}"),
+            };
+            let mut replies = sent.replies;
+            replies.append(&mut self.unacked);
+            self.unacked = replies;
+            return Err(Error::transient(format!("nats {}: {failure}", self.shown)));
+        }
+    }
+}
+
+impl Drop for NatsSource {
+    fn drop(&mut self) {
+        if let Err(e) = self.settle() {
+            log::warn!("{e}; JetStream delivers those messages again after the ack wait");
+        }
     }
 }
 
