@@ -1,12 +1,15 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
-//! source) and from a private redis-server (`redis` source), with the
-//! release relay run `--once`. One JSON object per scenario on stdout.
+//! source), from a private redis-server (`redis` source) and from a private
+//! nats-server with JetStream (`nats` source), with the release relay run
+//! `--once`. One JSON object per scenario on stdout, with the median
+//! events/s and the largest peak RSS (VmHWM) of the relay process.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::io::Write;
+use std::process::Stdio;
 use std::time::Instant;
 
 use support::{relay, temp_dir, Pg};
@@ -32,36 +35,57 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn scenario(url: &str, name: &str, pipeline: &str, runs: usize, reset: &dyn Fn()) {
     let mut c = Pg::shared().client(url);
     let mut rates = Vec::new();
+    let mut peak_kb = 0u64;
     for i in 0..runs {
         c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
         reset();
         let t = Instant::now();
-        let out = relay(url)
+        let mut child = relay(url)
             .args(["--once", "--log-level", "warn", "--pipeline", pipeline])
-            .output()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        // Peak RSS of the relay from /proc (VmHWM), read until it exits.
+        let status_file = format!("/proc/{}/status", child.id());
+        let mut kb = 0u64;
+        while child.try_wait().unwrap().is_none() {
+            if let Some(v) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            }) {
+                kb = kb.max(v);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let out = child.wait_with_output().unwrap();
         let secs = t.elapsed().as_secs_f64();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        peak_kb = peak_kb.max(kb);
         let rows: i64 = c
             .query_one("SELECT count(*) FROM pgtrickle.events", &[])
             .unwrap()
             .get(0);
         assert_eq!(rows as usize, N, "{name}: every message must arrive");
         eprintln!(
-            "{name} run {}: {secs:.2}s, {:.0} events/s",
+            "{name} run {}: {secs:.2}s, {:.0} events/s, peak RSS {:.1} MB",
             i + 1,
-            N as f64 / secs
+            N as f64 / secs,
+            kb as f64 / 1024.0
         );
         rates.push(N as f64 / secs);
     }
     println!(
         "{}",
         serde_json::json!({"bench": name, "events": N, "runs": runs,
-            "median_events_per_sec": median(rates).round()})
+            "median_events_per_sec": median(rates).round(),
+            "max_peak_rss_mb": (peak_kb as f64 / 102.4).round() / 10.0})
     );
 }
 
@@ -145,5 +169,77 @@ fn main() {
             },
         );
     }
+    #[cfg(feature = "nats")]
+    {
+        let n = support::brokers::Nats::start();
+        nats_fill(&n);
+        c.execute(
+            "SELECT pgtrickle.set_relay_inbox('nats-in', 'events', $1::text::jsonb)",
+            &[
+                &serde_json::json!({"type": "nats", "url": n.url(), "stream": "BENCH",
+                "consumer": "bench"})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+        scenario(
+            &url,
+            "reverse_nats_to_inbox_200000",
+            "nats-in",
+            runs,
+            &|| nats_reset(&n),
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stream `BENCH` on `bench.>` with the N messages, each with a
+/// `Nats-Msg-Id`, published in windows of 10,000 awaited PubAcks.
+#[cfg(feature = "nats")]
+#[allow(deprecated)]
+fn nats_fill(n: &support::brokers::Nats) {
+    let nc = nats::connect(n.url()).unwrap();
+    let timeout = std::time::Duration::from_secs(20);
+    let created = nc
+        .request_timeout(
+            "$JS.API.STREAM.CREATE.BENCH",
+            serde_json::json!({"name": "BENCH", "subjects": ["bench.>"], "storage": "file",
+                "num_replicas": 1})
+            .to_string(),
+            timeout,
+        )
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&created.data).contains("\"error\""));
+    let inbox = nc.new_inbox();
+    let acks = nc.subscribe(&format!("{inbox}.*")).unwrap();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {
+        for i in chunk {
+            let mut h = nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", format!("n{i}"));
+            nc.publish_with_reply_or_headers(
+                "bench.orders",
+                Some(&format!("{inbox}.{i}")),
+                Some(&h),
+                body(*i),
+            )
+            .unwrap();
+        }
+        for _ in chunk {
+            let m = acks.next_timeout(timeout).unwrap();
+            assert!(!String::from_utf8_lossy(&m.data).contains("\"error\""));
+        }
+    }
+}
+
+/// Read everything again: delete the consumer, the relay recreates it at
+/// the first message.
+#[cfg(feature = "nats")]
+#[allow(deprecated)]
+fn nats_reset(n: &support::brokers::Nats) {
+    let nc = nats::connect(n.url()).unwrap();
+    let _ = nc.request_timeout(
+        "$JS.API.CONSUMER.DELETE.BENCH.bench",
+        "",
+        std::time::Duration::from_secs(5),
+    );
 }
