@@ -36,6 +36,8 @@
 //! connection is re-established in the background; the batch is published
 //! again as soon as it is back (or fails after a few seconds, and the
 //! caller retries it).
+//!
+//! [`connect`] and [`api`] are shared with the `nats` source.
 
 // The sync `nats` crate is deprecated upstream in favour of async-nats; it
 // is used on purpose (no async runtime; see ARCHITECTURE.md).

@@ -14,8 +14,8 @@
 //! = `ack_wait_ms` (default 30 s), deliver policy `all` (`start: "all"`,
 //! the default, so a backlog published before the relay's first start is
 //! not lost) or `new`, filtered on `subject` when set, no limit on
-//! unacknowledged messages (the relay itself keeps at most two batches in
-//! flight). An existing consumer is used as it is, after checks: it must be
+//! unacknowledged messages (the relay itself keeps about two batches in
+//! flight at most). An existing consumer is used as it is, after checks: it must be
 //! a pull consumer, with acks (`explicit` or `all`), filtering on `subject`
 //! when that is set; a different `ack_wait_ms` is applied to it.
 //!
@@ -28,9 +28,9 @@
 //! all (a connection processes in order). That answer is awaited when the
 //! next batch is acknowledged (or the source ends), so the round trip
 //! overlaps the next batch; acks not confirmed in time are sent again with
-//! the next batch. A message not acknowledged
-//! within `ack_wait_ms` (a crashed relay, PostgreSQL down) is redelivered
-//! by JetStream; the inbox absorbs the repeat.
+//! the next batch. A message not acknowledged within `ack_wait_ms` (a
+//! crashed relay, PostgreSQL down) is redelivered by JetStream; the inbox
+//! absorbs the repeat.
 //!
 //! The inbox `event_id` is the `Nats-Msg-Id` header, else
 //! `<stream>:<stream sequence>`. The payload is the body, which must be
