@@ -643,3 +643,45 @@ fn a_bad_config_names_pipeline_and_key() {
         );
     }
 }
+
+#[test]
+fn a_consumer_deleted_while_running_is_created_again() {
+    let url = Pg::shared().new_db("rev_nats_recreate");
+    let n = Nats::start();
+    create_stream(&n, "GONE", &["gone.>"], None);
+    set_inbox(
+        &url,
+        json!({"type": "nats", "url": n.url(), "stream": "GONE", "max_wait_ms": 50}),
+    );
+    let relay = Relay::spawn(&mut relay(&url));
+    let batch = |tag: &str| -> Vec<Out> {
+        (0..10)
+            .map(|i| out("gone.x", Some(&format!("{tag}{i}")), "{}"))
+            .collect()
+    };
+    js_publish(&n, &batch("a"));
+    wait_until(30, "the first messages", || count(&url) == 10);
+    wait_until(20, "the first messages acked", || {
+        all_acked(&n, "GONE", CONSUMER)
+    });
+    let nc = nats::connect(n.url()).unwrap();
+    let r = api(
+        &nc,
+        &format!("$JS.API.CONSUMER.DELETE.GONE.{CONSUMER}"),
+        &json!({}),
+    );
+    assert_eq!(r["success"], true, "{r}");
+    js_publish(&n, &batch("b"));
+    // The new consumer starts at the first message again: the inbox absorbs
+    // the first ten.
+    wait_until(60, "the messages after the deletion", || count(&url) == 20);
+    wait_until(20, "every message acked", || {
+        all_acked(&n, "GONE", CONSUMER)
+    });
+    assert_eq!(
+        relay.stderr().matches("created durable consumer").count(),
+        2,
+        "{}",
+        relay.stderr()
+    );
+}
