@@ -39,7 +39,11 @@ pub fn session(ctx: &Ctx, cfg: &Reverse, state: &mut State) -> Result<(), Error>
         let batch = match state.pending.take() {
             Some(b) => b,
             None if ctx.stopping() => return Ok(()),
-            None => source.receive(cfg.batch_size, cfg.max_wait)?,
+            None => {
+                let mut b = source.receive(cfg.batch_size, cfg.max_wait)?;
+                b.messages.iter_mut().for_each(|m| m.make_storable());
+                b
+            }
         };
         if !batch.messages.is_empty() {
             let new = match inbox.write(&mut client, &batch.messages) {

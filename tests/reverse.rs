@@ -43,6 +43,9 @@ fn stdin_into_the_inbox_dedups_and_skips_malformed_lines() {
     input.push('\n');
     input.push_str(r#"{"no_id":true}"#);
     input.push('\n');
+    // jsonb cannot store a \u0000 escape: a dead letter, not a stuck batch.
+    input.push_str(r#"{"dedup_key":"k2","a":"x\u0000"}"#);
+    input.push('\n');
     let mut child = relay(&url)
         .args(["--once", "--pipeline", "in", "--batch-size", "64"])
         .stdin(Stdio::piped())
@@ -69,7 +72,15 @@ fn stdin_into_the_inbox_dedups_and_skips_malformed_lines() {
         "{stderr}"
     );
     let ids = inbox_ids(&mut c, "events");
-    assert_eq!(ids.len(), 150 + 2, "{ids:?}");
+    assert_eq!(ids.len(), 150 + 3, "{ids:?}");
+    let error: String = c
+        .query_one(
+            "SELECT error FROM pgtrickle.events WHERE event_id = 'k2'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(error.contains("\\u0000 escape"), "{error}");
     assert!(ids.contains(&"k1".to_string()));
     assert!(ids.iter().any(|i| i.starts_with("in:304:")));
     // Fields land in their columns; the payload is the payload field, or the line.

@@ -62,6 +62,58 @@ pub struct Message {
     pub error: Option<String>,
 }
 
+impl Message {
+    /// Make the message storable in PostgreSQL, whatever the source: text
+    /// cannot hold NUL and jsonb refuses a `\u0000` escape, so such a
+    /// payload becomes a dead letter with the reason (instead of failing
+    /// the inbox insert forever), and NUL characters in the text of a dead
+    /// letter or an attribute become U+FFFD.
+    pub fn make_storable(&mut self) {
+        if self.error.is_none() && has_nul_escape(&self.payload) {
+            let reason = format!(
+                "message {:?}: payload holds a \\u0000 escape, which PostgreSQL jsonb cannot store",
+                self.event_id.replace('\0', "\u{FFFD}")
+            );
+            log::warn!("{reason}; into the inbox's dead letters");
+            self.error = Some(reason);
+        }
+        let clean = |t: &mut String| {
+            if t.contains('\0') {
+                *t = t.replace('\0', "\u{FFFD}");
+            }
+        };
+        clean(&mut self.event_id);
+        clean(&mut self.payload);
+        for t in [
+            &mut self.event_type,
+            &mut self.source,
+            &mut self.aggregate_id,
+            &mut self.trace_id,
+            &mut self.error,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            clean(t);
+        }
+    }
+}
+
+/// Whether JSON text holds a `\u0000` escape (not an escaped backslash
+/// followed by `u0000`).
+fn has_nul_escape(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(i) = text[from..].find("\\u0000").map(|i| i + from) {
+        let backslashes = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
+        if backslashes % 2 == 0 {
+            return true;
+        }
+        from = i + 1;
+    }
+    false
+}
+
 /// What one receive call produced.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -115,5 +167,43 @@ pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>
                     .join(", ")
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(payload: &str) -> Message {
+        Message {
+            event_id: "id\0".into(),
+            event_type: Some("t\0".into()),
+            source: None,
+            aggregate_id: None,
+            trace_id: None,
+            payload: payload.into(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn nul_escapes_are_found() {
+        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
+        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
+        assert!(!has_nul_escape(r#"{"a":"\u0001"}"#));
+    }
+
+    #[test]
+    fn a_nul_escape_makes_a_dead_letter_and_nul_characters_are_replaced() {
+        let mut m = message(r#"{"a":"x\u0000"}"#);
+        m.make_storable();
+        assert!(m.error.as_deref().unwrap().contains("\\u0000 escape"));
+        assert_eq!(m.event_id, "id\u{FFFD}");
+        assert_eq!(m.event_type.as_deref(), Some("t\u{FFFD}"));
+        let mut ok = message(r#"{"a":"\\u0000"}"#);
+        ok.make_storable();
+        assert_eq!(ok.error, None);
+        assert_eq!(ok.payload, r#"{"a":"\\u0000"}"#);
     }
 }

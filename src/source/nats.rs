@@ -303,20 +303,6 @@ enum Delivery {
     Nothing,
 }
 
-/// Whether JSON text holds a `\u0000` escape, which jsonb refuses.
-fn has_nul_escape(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut from = 0;
-    while let Some(i) = text[from..].find("\\u0000").map(|i| i + from) {
-        let backslashes = bytes[..i].iter().rev().take_while(|b| **b == b'\\').count();
-        if backslashes % 2 == 0 {
-            return true;
-        }
-        from = i + 1;
-    }
-    false
-}
-
 fn header<'a>(m: &'a nats::Message, name: &str) -> Option<&'a String> {
     let h = m.headers.as_ref()?;
     h.get(name).or_else(|| {
@@ -647,25 +633,12 @@ impl NatsSource {
                     None,
                     Some(format!("{}: body is not valid JSON ({e})", what())),
                 ),
-                Ok(_) if has_nul_escape(text) => (
-                    text.to_string(),
-                    None,
-                    Some(format!(
-                        "{}: body holds a \\u0000 escape, which PostgreSQL jsonb cannot store",
-                        what()
-                    )),
-                ),
                 Ok(v) => (text.to_string(), Some(v), None),
             },
         };
-        let payload = match &error {
-            Some(e) => {
-                log::warn!("{e}; into the inbox's dead letters");
-                // PostgreSQL text cannot hold NUL.
-                payload.replace('\0', "\u{FFFD}")
-            }
-            None => payload,
-        };
+        if let Some(e) = &error {
+            log::warn!("{e}; into the inbox's dead letters");
+        }
         let body = parsed.as_ref().and_then(Value::as_object);
         Message {
             event_type: match &self.event_type {
@@ -901,13 +874,5 @@ mod tests {
             "pgtrickle-relay-orders_in_v1"
         );
         assert!(valid_name(&default_consumer("a.*>b")));
-    }
-
-    #[test]
-    fn nul_escapes_are_found() {
-        assert!(has_nul_escape(r#"{"a":"x\u0000"}"#));
-        assert!(has_nul_escape(r#"{"a":"\\\u0000"}"#));
-        assert!(!has_nul_escape(r#"{"a":"\\u0000"}"#));
-        assert!(!has_nul_escape(r#"{"a":"\u0001"}"#));
     }
 }
