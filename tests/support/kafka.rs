@@ -201,42 +201,9 @@ impl Kafka {
             .unwrap_or(0)
     }
 
-    /// Produce `(key, value, headers)` records to `topic` (partition by
-    /// key hash) and wait until all are stored.
+    /// Produce records to `topic` and wait until all are stored.
     pub fn produce(&self, topic: &str, records: &[Produce]) {
-        let p: BaseProducer = self
-            .config()
-            .set("linger.ms", "1")
-            .set("enable.idempotence", "true")
-            .create()
-            .unwrap();
-        for (key, value, headers) in records {
-            let mut h = rdkafka::message::OwnedHeaders::new();
-            for (k, v) in headers {
-                h = h.insert(rdkafka::message::Header {
-                    key: k,
-                    value: Some(v.as_str()),
-                });
-            }
-            let mut r = BaseRecord::<String, Vec<u8>>::to(topic)
-                .payload(value)
-                .headers(h);
-            if let Some(k) = key {
-                r = r.key(k);
-            }
-            let mut r = r;
-            loop {
-                match p.send(r) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        r = back;
-                        p.poll(Duration::from_millis(10));
-                    }
-                }
-            }
-        }
-        p.flush(Duration::from_secs(60))
-            .expect("test producer flush");
+        produce_to(&self.brokers(), topic, records);
     }
 
     /// Every record of `topic` so far, read from the beginning of each
@@ -320,6 +287,44 @@ impl Kafka {
             })
             .collect()
     }
+}
+
+/// Produce `(key, value, headers)` records to `topic` of the broker at
+/// `brokers` (partition by key hash) and wait until all are stored.
+pub fn produce_to(brokers: &str, topic: &str, records: &[Produce]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "1")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for (key, value, headers) in records {
+        let mut h = rdkafka::message::OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(rdkafka::message::Header {
+                key: k,
+                value: Some(v.as_str()),
+            });
+        }
+        let mut r = BaseRecord::<String, Vec<u8>>::to(topic)
+            .payload(value)
+            .headers(h);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        let mut r = r;
+        loop {
+            match p.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    p.poll(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    p.flush(Duration::from_secs(60))
+        .expect("test producer flush");
 }
 
 /// A record to produce: key, value, headers (name, value).
