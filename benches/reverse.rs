@@ -1,6 +1,7 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
-//! source) and from a private redis-server (`redis` source), with the
+//! source), from a private redis-server (`redis` source) and from a
+//! private Tansu broker (`kafka` source), with the
 //! release relay run `--once`. One JSON object per scenario on stdout.
 
 #[path = "../tests/support/mod.rs"]
@@ -145,5 +146,44 @@ fn main() {
             },
         );
     }
+    #[cfg(feature = "kafka")]
+    {
+        let k = support::kafka::Kafka::start();
+        k.create_topic("bench", 3);
+        let records: Vec<support::kafka::Produce> = (0..N)
+            .map(|i| (Some(format!("k{i}")), body(i).into_bytes(), Vec::new()))
+            .collect();
+        k.produce("bench", &records);
+        drop(records);
+        // Read everything again in every run: a new consumer group each
+        // time starts at the earliest record.
+        let run = std::cell::Cell::new(0);
+        scenario(
+            &url,
+            "reverse_kafka_to_inbox_200000",
+            "kafka-in",
+            runs,
+            &|| {
+                run.set(run.get() + 1);
+                set_kafka_pipeline(&url, &k.brokers(), &format!("bench-{}", run.get()));
+            },
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Point pipeline `kafka-in` at topic `bench` as consumer group `group`.
+#[cfg(feature = "kafka")]
+fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('kafka-in', 'events', $1::text::jsonb)",
+            &[
+                &serde_json::json!({"type": "kafka", "brokers": brokers, "topic": "bench",
+                "group_id": group, "properties": {"session.timeout.ms": 6000}})
+                .to_string(),
+            ],
+        )
+        .unwrap();
 }

@@ -56,8 +56,6 @@ use crate::source::{Batch, Message, Origin, Source, SourceSpec};
 
 /// How long a `--once` run waits for its first partition assignment.
 const ONCE_JOIN: Duration = Duration::from_secs(60);
-/// The timeout of a synchronous offset commit.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Properties the relay sets itself.
 const RESERVED: &[Reserved] = &[
@@ -530,17 +528,9 @@ impl Source for KafkaSource {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| self.error(&e))?;
         }
-        let started = Instant::now();
         self.consumer
             .commit(&tpl, CommitMode::Sync)
             .map_err(|e| self.error(&e).context("committing offsets"))?;
-        if started.elapsed() > COMMIT_TIMEOUT {
-            log::warn!(
-                "kafka offset commit took {:?} (group {:?})",
-                started.elapsed(),
-                self.cfg.group_id
-            );
-        }
         let mut s = self.consumer.context().state();
         for (tp, offset) in offsets {
             if s.uncommitted.get(&tp) == Some(&offset) {
