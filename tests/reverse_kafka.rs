@@ -393,6 +393,35 @@ fn a_rebalance_between_two_relays_loses_nothing() {
 }
 
 #[test]
+fn kafka_restarted_mid_stream_loses_nothing() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_kafka_restart");
+    let mut k = Kafka::start_persistent();
+    k.create_topic("restart", 1);
+    set_inbox(pg, &url, source(&k, "restart", "g-restart", json!({})));
+    let relay = Relay::spawn(&mut relay(&url));
+    let batch = |from: usize| -> Vec<Produce> {
+        (from..from + 100)
+            .map(|i| rec(Some(&format!("r{i}")), json!({"i": i}), &[]))
+            .collect()
+    };
+    k.produce("restart", &batch(0));
+    wait_until(60, "the first records", || count(&url) == 100);
+    wait_until(30, "their offsets committed", || {
+        k.committed("g-restart", "restart") == HashMap::from([(0, 100)])
+    });
+    k.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    k.start_again();
+    k.produce("restart", &batch(100));
+    wait_until(90, "the records after the restart", || count(&url) == 200);
+    wait_until(30, "every offset committed", || {
+        k.committed("g-restart", "restart") == HashMap::from([(0, 200)])
+    });
+    drop(relay);
+}
+
+#[test]
 fn a_bad_kafka_source_config_names_pipeline_and_key() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_kafka_badcfg");
