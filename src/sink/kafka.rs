@@ -26,9 +26,13 @@
 //! sessions, so a relay that restarts before its commit writes those
 //! events again (at-least-once; consumers dedup on the key, as the `kafka`
 //! source does). A record the producer or broker refuses for good (larger
-//! than `message.max.bytes`, an invalid topic name) is dead-lettered; a
-//! missing topic or refused authorization fails the batch (retried
-//! slowly); anything else (broker away, timeouts) is retried.
+//! than `message.max.bytes`, an invalid topic name) is dead-lettered. A
+//! broker refuses a whole produce batch for one bad record (or a batch
+//! over the topic's size limit): when it refused several records at once,
+//! each is sent again on its own, and only those refused alone are
+//! dead-lettered (the others then follow later events of their
+//! partition). A missing topic or refused authorization fails the batch
+//! (retried slowly); anything else (broker away, timeouts) is retried.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -336,7 +340,10 @@ impl KafkaSink {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn attempt(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
+    /// Send `events[i]` for every i in `indices` and wait for every
+    /// delivery report; returns the records refused for good (or, for a
+    /// broker refusal, perhaps only because of a neighbour in its batch).
+    fn attempt(&mut self, events: &[Event], indices: &[usize]) -> Result<Vec<Refused>, Error> {
         self.generation = self.generation.wrapping_add(1);
         let generation = self.generation;
         {
@@ -346,9 +353,10 @@ impl KafkaSink {
             s.results.resize(events.len(), None);
             s.count = 0;
         }
-        let mut rejected = Vec::new();
+        let mut refused = Vec::new();
         let mut sent = 0usize;
-        for (i, e) in events.iter().enumerate() {
+        for &i in indices {
+            let e = &events[i];
             let topic = self.topic.render(
                 &Vars {
                     stream_table: &e.stream_table,
@@ -378,9 +386,12 @@ impl KafkaSink {
                         let code = err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
                         match verdict(code) {
                             Verdict::Reject => {
-                                rejected.push(Rejected {
+                                // The producer's own check: this record alone.
+                                refused.push(Refused {
                                     index: i,
                                     reason: format!("kafka: topic {topic}: {err}"),
+                                    alone: true,
+                                    neighbour: false,
                                 });
                                 break;
                             }
@@ -422,9 +433,18 @@ impl KafkaSink {
                 continue;
             };
             match verdict(code) {
-                Verdict::Reject => rejected.push(Rejected {
+                Verdict::Reject => refused.push(Refused {
                     index: i,
                     reason: format!("kafka: {why}"),
+                    alone: false,
+                    neighbour: false,
+                }),
+                // Refused because another record of its batch was.
+                _ if code == RDKafkaErrorCode::InvalidDifferentRecord => refused.push(Refused {
+                    index: i,
+                    reason: format!("kafka: {why}"),
+                    alone: false,
+                    neighbour: true,
                 }),
                 v => {
                     let e = &events[i];
@@ -432,14 +452,50 @@ impl KafkaSink {
                 }
             }
         }
-        rejected.sort_by_key(|r| r.index);
-        Ok(rejected)
+        Ok(refused)
     }
+}
+
+/// A record not delivered for a reason that retrying cannot fix.
+struct Refused {
+    /// Its index in the published slice.
+    index: usize,
+    /// Why.
+    reason: String,
+    /// Refused on its own (not as part of a batch the broker refused).
+    alone: bool,
+    /// Refused because another record of its batch was invalid.
+    neighbour: bool,
 }
 
 impl Sink for KafkaSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
-        self.attempt(events)
+        let all: Vec<usize> = (0..events.len()).collect();
+        let refused = self.attempt(events, &all)?;
+        // A broker refuses a whole batch (of one partition) for one bad
+        // record, or because the batch is over the topic's size limit:
+        // when it refused several records, or said a neighbour was the
+        // problem, send each of them again on its own, and dead-letter
+        // only those it refuses alone (they then follow later events).
+        let batch_refusals = refused.iter().filter(|r| !r.alone).count();
+        let mut rejected = Vec::new();
+        for r in refused {
+            if r.alone || (batch_refusals == 1 && !r.neighbour) {
+                rejected.push(Rejected {
+                    index: r.index,
+                    reason: r.reason,
+                });
+                continue;
+            }
+            if let Some(again) = self.attempt(events, &[r.index])?.pop() {
+                rejected.push(Rejected {
+                    index: again.index,
+                    reason: again.reason,
+                });
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        Ok(rejected)
     }
 
     fn flush(&mut self) -> Result<(), Error> {
@@ -482,6 +538,47 @@ mod tests {
             .clone()
         )
         .is_ok());
+    }
+
+    fn event(n: i64) -> Event {
+        Event {
+            dedup_key: format!("outbox_orders:{n}:0"),
+            subject: "pgtrickle.orders.insert".into(),
+            op: Op::Insert,
+            payload: serde_json::value::RawValue::from_string(format!("{{\"n\":{n}}}")).unwrap(),
+            is_full_refresh: false,
+            outbox_id: n,
+            refresh_id: None,
+            headers: None,
+            stream_table: "orders".into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_the_broker_refuses_is_sent_again_record_by_record() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let spec = parse(
+            json!({"brokers": mock.bootstrap_servers(), "topic": "t",
+                   "properties": {"linger.ms": 100, "message.timeout.ms": 20000}})
+            .as_object()
+            .unwrap()
+            .clone(),
+        )
+        .unwrap();
+        let mut sink = spec.open("p").unwrap();
+        // Warm up (producer id, metadata), then refuse the next produce
+        // request: its whole batch of ten records.
+        assert!(sink.publish(&[event(0)]).unwrap().is_empty());
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+        let events: Vec<Event> = (1..=10).map(event).collect();
+        let rejected = sink.publish(&events).unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
     }
 
     #[test]
