@@ -152,12 +152,18 @@ impl Kafka {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Stop the broker (SIGKILL: Tansu keeps nothing in memory worth
-    /// flushing; a persistent broker's data is in S3).
+    /// Stop the broker: SIGTERM, as a service manager stops it (SIGKILL
+    /// after 10 s).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
