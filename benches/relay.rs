@@ -225,6 +225,8 @@ fn main() {
     bench_http(&url, runs);
     #[cfg(feature = "nats")]
     bench_nats(&url, runs);
+    #[cfg(feature = "kafka")]
+    bench_kafka(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -234,7 +236,8 @@ fn main() {
         feature = "redis",
         feature = "pg-inbox",
         feature = "http",
-        feature = "nats"
+        feature = "nats",
+        feature = "kafka"
     )),
     allow(dead_code)
 )]
@@ -390,5 +393,37 @@ fn bench_nats(url: &str, runs: usize) {
                 .as_u64()
                 .unwrap_or(0)
         },
+    );
+}
+
+/// The 200,000 one-event rows to a private Tansu broker (memory storage),
+/// every delivery report awaited. Each run writes a topic of its own (a
+/// run's records are counted by reading the topic back; Tansu's high
+/// watermarks cannot be trusted).
+#[cfg(feature = "kafka")]
+fn bench_kafka(url: &str, runs: usize) {
+    let name = "forward_kafka_200000_rows_x1_event";
+    if !selected(name) {
+        return;
+    }
+    let k = support::kafka::Kafka::start();
+    let run = std::cell::Cell::new(0);
+    scenario_with(
+        url,
+        name,
+        "kafka",
+        200_000,
+        runs,
+        &|| {
+            run.set(run.get() + 1);
+            let topic = format!("bench{}", run.get());
+            k.create_topic(&topic, 3);
+            set_pipeline(
+                url,
+                "kafka",
+                serde_json::json!({"type": "kafka", "brokers": k.brokers(), "topic": topic}),
+            );
+        },
+        &|| k.read(&format!("bench{}", run.get()), 200_000, 120).len() as u64,
     );
 }

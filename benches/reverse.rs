@@ -1,9 +1,10 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
-//! source), from a private redis-server (`redis` source) and from a private
-//! nats-server with JetStream (`nats` source), with the release relay run
-//! `--once`. One JSON object per scenario on stdout, with the median
-//! events/s and the largest peak RSS (VmHWM) of the relay process.
+//! source), from a private redis-server (`redis` source), from a private
+//! nats-server with JetStream (`nats` source) and from a private Tansu
+//! broker (`kafka` source), with the release relay run `--once`. One JSON
+//! object per scenario on stdout, with the median events/s and the largest
+//! peak RSS (VmHWM) of the relay process.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -190,6 +191,29 @@ fn main() {
             &|| nats_reset(&n),
         );
     }
+    #[cfg(feature = "kafka")]
+    {
+        let k = support::kafka::Kafka::start();
+        k.create_topic("bench", 3);
+        let records: Vec<support::kafka::Produce> = (0..N)
+            .map(|i| (Some(format!("k{i}")), body(i).into_bytes(), Vec::new()))
+            .collect();
+        k.produce("bench", &records);
+        drop(records);
+        // Read everything again in every run: a new consumer group each
+        // time starts at the earliest record.
+        let run = std::cell::Cell::new(0);
+        scenario(
+            &url,
+            "reverse_kafka_to_inbox_200000",
+            "kafka-in",
+            runs,
+            &|| {
+                run.set(run.get() + 1);
+                set_kafka_pipeline(&url, &k.brokers(), &format!("bench-{}", run.get()));
+            },
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -242,4 +266,20 @@ fn nats_reset(n: &support::brokers::Nats) {
         "",
         std::time::Duration::from_secs(5),
     );
+}
+
+/// Point pipeline `kafka-in` at topic `bench` as consumer group `group`.
+#[cfg(feature = "kafka")]
+fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('kafka-in', 'events', $1::text::jsonb)",
+            &[
+                &serde_json::json!({"type": "kafka", "brokers": brokers, "topic": "bench",
+                "group_id": group, "properties": {"session.timeout.ms": 6000}})
+                .to_string(),
+            ],
+        )
+        .unwrap();
 }

@@ -9,6 +9,8 @@ mod forward;
 mod health;
 mod http;
 mod inbox;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod logging;
 mod metrics;
 mod outbox;

@@ -9,6 +9,8 @@ use crate::retry::Error;
 
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "pg-inbox")]
@@ -59,6 +61,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("http", http::parse),
     #[cfg(feature = "nats")]
     ("nats", nats::parse),
+    #[cfg(feature = "kafka")]
+    ("kafka", kafka::parse),
 ];
 
 /// Parse the config of a sink of type `kind`.

@@ -11,6 +11,8 @@ use crate::retry::Error;
 
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
@@ -21,7 +23,12 @@ pub mod stdin;
 /// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
 /// a fixed string. What a header or a field is depends on the source.
 #[cfg_attr(
-    not(any(feature = "http", feature = "redis", feature = "nats")),
+    not(any(
+        feature = "http",
+        feature = "redis",
+        feature = "nats",
+        feature = "kafka"
+    )),
     allow(dead_code)
 )]
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -150,6 +157,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("redis", redis::parse),
     #[cfg(feature = "nats")]
     ("nats", nats::parse),
+    #[cfg(feature = "kafka")]
+    ("kafka", kafka::parse),
 ];
 
 /// Parse the config of a source of type `kind`.

@@ -1,0 +1,603 @@
+//! The `kafka` sink: events produced to Kafka topics by an idempotent
+//! librdkafka producer (`BaseProducer`, no async runtime).
+//!
+//! Config: `{"type":"kafka", "brokers":"host:9092,host2:9092",
+//! "topic":"<template>", "properties":{...}}`. `topic` is a template like
+//! `subject` (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`;
+//! default `pgtrickle.{stream_table}`). `brokers` and `properties` (passed
+//! to librdkafka: SASL, SSL, compression, batching...) are described in
+//! the shared Kafka module. The relay sets `enable.idempotence=true` and
+//! `acks=all`, which a config may repeat but not change, and refuses
+//! `transactional.id`. Its defaults, which a config may change:
+//! `linger.ms=1`, `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`
+//! (a broker that comes back is used again within a second).
+//!
+//! Each record: key = the event's dedup key
+//! (`<outbox table>:<outbox id>:<row index>`), value = the row as JSON,
+//! headers `Pgtrickle-Op` (`insert`/`delete`), `Pgtrickle-Full-Refresh`
+//! (`true`/`false`), `Pgtrickle-Outbox-Id`, `Pgtrickle-Subject` (the
+//! rendered `subject`), and `Pgtrickle-Refresh-Id` / `Pgtrickle-Headers`
+//! when present. The default partitioner hashes the key, so the events of
+//! one outbox spread over the topic's partitions, each in order.
+//!
+//! A batch counts as delivered once every record's delivery report says
+//! the broker stored it (all in-sync replicas); only then does the offset
+//! move. Kafka cannot drop a replay of the same key across producer
+//! sessions, so a relay that restarts before its commit writes those
+//! events again (at-least-once; consumers dedup on the key, as the `kafka`
+//! source does). A record the producer or broker refuses for good (larger
+//! than `message.max.bytes`, an invalid topic name) is dead-lettered. A
+//! broker refuses a whole produce batch for one bad record (or a batch
+//! over the topic's size limit): when it refused several records at once,
+//! each is sent again on its own, and only those refused alone are
+//! dead-lettered (the others then follow later events of their
+//! partition). A missing topic or refused authorization fails the batch
+//! (retried slowly); anything else (broker away, timeouts) is retried.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+use crate::config::{from_value, ConfigError};
+use crate::event::{Event, Op, Template, Vars};
+use crate::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
+use crate::retry::Error;
+use crate::sink::{Rejected, Sink, SinkSpec};
+
+/// The topic when the config names none.
+const DEFAULT_TOPIC: &str = "pgtrickle.{stream_table}";
+/// How long delivery reports may take beyond `message.timeout.ms`.
+const REPORT_GRACE: Duration = Duration::from_secs(5);
+/// The relay's `message.timeout.ms` unless the config sets one.
+const MESSAGE_TIMEOUT_MS: u64 = 30_000;
+
+/// Properties the relay sets itself.
+const RESERVED: &[Reserved] = &[
+    Reserved {
+        name: "enable.idempotence",
+        allowed: &["true"],
+        why: "the idempotent producer keeps retried records in order and unduplicated",
+    },
+    Reserved {
+        name: "acks",
+        allowed: &["all", "-1"],
+        why: "a record counts as delivered once all in-sync replicas have it",
+    },
+    Reserved {
+        name: "request.required.acks",
+        allowed: &["all", "-1"],
+        why: "a record counts as delivered once all in-sync replicas have it",
+    },
+    Reserved {
+        name: "transactional.id",
+        allowed: &[],
+        why: "the sink does not use transactions (dedup keys are record keys)",
+    },
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaKeys {
+    brokers: Brokers,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    properties: Option<BTreeMap<String, Property>>,
+}
+
+/// The `kafka` sink's config.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    client: ClientKeys,
+    topic: Template,
+    /// `message.timeout.ms` in effect (bounds the wait for reports).
+    message_timeout: Duration,
+}
+
+/// Whether `t` can be a Kafka topic name.
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Parse the sink's keys.
+pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let raw: KafkaKeys = from_value("sink", Json::Object(keys))?;
+    let topic = raw.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_string());
+    let template = Template::parse(&topic).map_err(|m| ConfigError::new("sink.topic", m))?;
+    let sample = template.render(
+        &Vars {
+            stream_table: "t",
+            outbox_id: 1,
+            refresh_id: "r",
+        },
+        Op::Insert,
+    );
+    if !valid_topic(&sample) {
+        return Err(ConfigError::new(
+            "sink.topic",
+            format!(
+                "{topic:?} is not a Kafka topic name (letters, digits, '.', '_' and '-', \
+                 at most 249)"
+            ),
+        ));
+    }
+    let message_timeout = match raw
+        .properties
+        .as_ref()
+        .and_then(|p| p.get("message.timeout.ms"))
+    {
+        Some(Property::Number(n)) => n.as_u64(),
+        Some(Property::Text(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|ms| *ms > 0)
+    .unwrap_or(MESSAGE_TIMEOUT_MS);
+    let client = ClientKeys::parse("sink", raw.brokers, raw.properties, RESERVED)?;
+    Ok(Box::new(KafkaConfig {
+        client,
+        topic: template,
+        message_timeout: Duration::from_millis(message_timeout),
+    }))
+}
+
+impl SinkSpec for KafkaConfig {
+    fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
+        let timeout = self.message_timeout.as_millis().to_string();
+        let cfg = self.client.client_config(
+            pipeline,
+            &[
+                ("linger.ms", "1"),
+                ("reconnect.backoff.max.ms", "1000"),
+                ("message.timeout.ms", &timeout),
+            ],
+            &[("enable.idempotence", "true"), ("acks", "all")],
+        )?;
+        let context = Reports {
+            pipeline: pipeline.to_string(),
+            state: Mutex::new(Delivered::default()),
+        };
+        let producer: BaseProducer<Reports> = cfg.create_with_context(context).map_err(|e| {
+            Error::permanent(format!(
+                "pipeline {pipeline:?}: sink.properties: creating the Kafka producer: {e}"
+            ))
+        })?;
+        Ok(Box::new(KafkaSink {
+            producer,
+            topic: self.topic.clone(),
+            shown: self.client.shown().to_string(),
+            wait: self.message_timeout + REPORT_GRACE,
+            generation: 0,
+        }))
+    }
+}
+
+/// A delivery failure: librdkafka's code and text.
+type Failure = (RDKafkaErrorCode, String);
+
+/// Delivery reports of the current attempt.
+#[derive(Default)]
+struct Delivered {
+    /// The attempt the reports are collected for.
+    generation: u32,
+    /// One slot per event: None until its report arrives.
+    results: Vec<Option<Result<(), Failure>>>,
+    /// Reports received.
+    count: usize,
+}
+
+/// The producer's context: collects delivery reports, routes logs.
+struct Reports {
+    pipeline: String,
+    state: Mutex<Delivered>,
+}
+
+impl ClientContext for Reports {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_line(&self.pipeline, level, fac, msg);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&self.pipeline, &error, reason);
+    }
+}
+
+impl ProducerContext for Reports {
+    /// `generation << 32 | index`.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let generation = (opaque >> 32) as u32;
+        let index = opaque & 0xffff_ffff;
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.generation != generation {
+            return; // a report of an abandoned attempt
+        }
+        if let Some(slot) = s.results.get_mut(index) {
+            if slot.is_none() {
+                *slot = Some(match result {
+                    Ok(_) => Ok(()),
+                    Err((e, _)) => Err((
+                        e.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail),
+                        e.to_string(),
+                    )),
+                });
+                s.count += 1;
+            }
+        }
+    }
+}
+
+struct KafkaSink {
+    producer: BaseProducer<Reports>,
+    topic: Template,
+    /// The brokers, for messages.
+    shown: String,
+    /// How long to wait for a batch's delivery reports.
+    wait: Duration,
+    generation: u32,
+}
+
+/// What a refused record means.
+enum Verdict {
+    /// This event can never be delivered: dead-letter it.
+    Reject,
+    /// The whole batch fails and is retried slowly (config, permissions).
+    Permanent,
+    /// Retry the batch.
+    Transient,
+}
+
+fn verdict(code: RDKafkaErrorCode) -> Verdict {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::InvalidTopic
+        | C::MessageBatchTooLarge
+        | C::UnsupportedForMessageFormat
+        | C::PolicyViolation => Verdict::Reject,
+        C::UnknownTopic
+        | C::UnknownTopicOrPartition
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::Authentication
+        | C::SaslAuthenticationFailed => Verdict::Permanent,
+        _ => Verdict::Transient,
+    }
+}
+
+impl KafkaSink {
+    fn record_headers(e: &Event) -> OwnedHeaders {
+        let outbox_id = e.outbox_id.to_string();
+        let mut h = OwnedHeaders::new_with_capacity(6)
+            .insert(Header {
+                key: "Pgtrickle-Op",
+                value: Some(e.op.as_str()),
+            })
+            .insert(Header {
+                key: "Pgtrickle-Full-Refresh",
+                value: Some(if e.is_full_refresh { "true" } else { "false" }),
+            })
+            .insert(Header {
+                key: "Pgtrickle-Outbox-Id",
+                value: Some(outbox_id.as_str()),
+            })
+            .insert(Header {
+                key: "Pgtrickle-Subject",
+                value: Some(e.subject.as_str()),
+            });
+        if let Some(r) = &e.refresh_id {
+            h = h.insert(Header {
+                key: "Pgtrickle-Refresh-Id",
+                value: Some(r.as_str()),
+            });
+        }
+        if let Some(x) = &e.headers {
+            h = h.insert(Header {
+                key: "Pgtrickle-Headers",
+                value: Some(x.get()),
+            });
+        }
+        h
+    }
+
+    /// An error naming the brokers; a fatal producer error says so.
+    fn fail(&self, class: Verdict, msg: String) -> Error {
+        let msg = format!("kafka {}: {msg}", self.shown);
+        match class {
+            Verdict::Permanent => Error::permanent(msg),
+            _ => Error::transient(msg),
+        }
+    }
+
+    /// Drop what is still queued of an abandoned attempt.
+    fn abandon(&self) {
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue());
+        self.state().generation = self.generation.wrapping_add(1);
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        self.producer
+            .context()
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send `events[i]` for every i in `indices` and wait for every
+    /// delivery report; returns the records refused for good (or, for a
+    /// broker refusal, perhaps only because of a neighbour in its batch).
+    fn attempt(&mut self, events: &[Event], indices: &[usize]) -> Result<Vec<Refused>, Error> {
+        self.generation = self.generation.wrapping_add(1);
+        let generation = self.generation;
+        {
+            let mut s = self.state();
+            s.generation = generation;
+            s.results.clear();
+            s.results.resize(events.len(), None);
+            s.count = 0;
+        }
+        let mut refused = Vec::new();
+        let mut sent = 0usize;
+        for &i in indices {
+            let e = &events[i];
+            let topic = self.topic.render(
+                &Vars {
+                    stream_table: &e.stream_table,
+                    outbox_id: e.outbox_id,
+                    refresh_id: e.refresh_id.as_deref().unwrap_or(""),
+                },
+                e.op,
+            );
+            let opaque = ((generation as usize) << 32) | i;
+            let mut record = BaseRecord::with_opaque_to(&topic, opaque)
+                .key(e.dedup_key.as_str())
+                .payload(e.payload.get())
+                .headers(Self::record_headers(e));
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => {
+                        sent += 1;
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The local queue is full: serve delivery reports
+                        // until there is room.
+                        record = r;
+                        self.producer.poll(Duration::from_millis(5));
+                    }
+                    Err((err, _)) => {
+                        let code = err.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+                        match verdict(code) {
+                            Verdict::Reject => {
+                                // The producer's own check: this record alone.
+                                refused.push(Refused {
+                                    index: i,
+                                    reason: format!("kafka: topic {topic}: {err}"),
+                                    alone: true,
+                                    neighbour: false,
+                                });
+                                break;
+                            }
+                            v => {
+                                self.abandon();
+                                return Err(self.fail(v, format!("producing to {topic}: {err}")));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Every report of this attempt, within message.timeout.ms.
+        let deadline = Instant::now() + self.wait;
+        loop {
+            if self.state().count >= sent {
+                break;
+            }
+            if let Some((code, why)) = self.producer.client().fatal_error() {
+                self.abandon();
+                return Err(self.fail(
+                    Verdict::Transient,
+                    format!("the producer failed ({code:?}: {why}); starting a new one"),
+                ));
+            }
+            if Instant::now() >= deadline {
+                let missing = sent - self.state().count;
+                self.abandon();
+                return Err(self.fail(
+                    Verdict::Transient,
+                    format!("{missing} delivery reports missing after {:?}", self.wait),
+                ));
+            }
+            self.producer.poll(Duration::from_millis(2));
+        }
+        let results = std::mem::take(&mut self.state().results);
+        for (i, r) in results.into_iter().enumerate() {
+            let Some(Err((code, why))) = r else {
+                continue;
+            };
+            match verdict(code) {
+                Verdict::Reject => refused.push(Refused {
+                    index: i,
+                    reason: format!("kafka: {why}"),
+                    alone: false,
+                    neighbour: false,
+                }),
+                // Refused because another record of its batch was.
+                _ if code == RDKafkaErrorCode::InvalidDifferentRecord => refused.push(Refused {
+                    index: i,
+                    reason: format!("kafka: {why}"),
+                    alone: false,
+                    neighbour: true,
+                }),
+                v => {
+                    let e = &events[i];
+                    return Err(self.fail(v, format!("delivering {}: {why}", e.dedup_key)));
+                }
+            }
+        }
+        Ok(refused)
+    }
+}
+
+/// A record not delivered for a reason that retrying cannot fix.
+struct Refused {
+    /// Its index in the published slice.
+    index: usize,
+    /// Why.
+    reason: String,
+    /// Refused on its own (not as part of a batch the broker refused).
+    alone: bool,
+    /// Refused because another record of its batch was invalid.
+    neighbour: bool,
+}
+
+impl Sink for KafkaSink {
+    fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
+        let all: Vec<usize> = (0..events.len()).collect();
+        let refused = self.attempt(events, &all)?;
+        // A broker refuses a whole batch (of one partition) for one bad
+        // record, or because the batch is over the topic's size limit:
+        // when it refused several records, or said a neighbour was the
+        // problem, send each of them again on its own, and dead-letter
+        // only those it refuses alone (they then follow later events).
+        let batch_refusals = refused.iter().filter(|r| !r.alone).count();
+        let mut rejected = Vec::new();
+        for r in refused {
+            if r.alone || (batch_refusals == 1 && !r.neighbour) {
+                rejected.push(Rejected {
+                    index: r.index,
+                    reason: r.reason,
+                });
+                continue;
+            }
+            if let Some(again) = self.attempt(events, &[r.index])?.pop() {
+                rejected.push(Rejected {
+                    index: again.index,
+                    reason: again.reason,
+                });
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        Ok(rejected)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        // publish waited for every delivery report.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Json) -> String {
+        parse(v.as_object().unwrap().clone())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        assert!(err(json!({"topic": "t"})).contains("sink.brokers"));
+        assert!(err(json!({"brokers": 9092})).contains("sink.brokers"));
+        assert!(err(json!({"brokers": "b:1", "topic": "a b"})).contains("sink.topic"));
+        assert!(err(json!({"brokers": "b:1", "topic": "a.{nope}"})).contains("sink.topic"));
+        assert!(err(json!({"brokers": "b:1", "partition": 1})).contains("sink.partition"));
+        assert!(
+            err(json!({"brokers": "b:1", "properties": {"enable.idempotence": false}}))
+                .contains("sink.properties.enable.idempotence")
+        );
+        assert!(
+            err(json!({"brokers": "b:1", "properties": {"transactional.id": "x"}}))
+                .contains("sink.properties.transactional.id")
+        );
+        assert!(parse(
+            json!({"brokers": ["b:1"], "topic": "x.{stream_table}-{op}",
+                   "properties": {"compression.type": "lz4", "acks": -1}})
+            .as_object()
+            .unwrap()
+            .clone()
+        )
+        .is_ok());
+    }
+
+    fn event(n: i64) -> Event {
+        Event {
+            dedup_key: format!("outbox_orders:{n}:0"),
+            subject: "pgtrickle.orders.insert".into(),
+            op: Op::Insert,
+            payload: serde_json::value::RawValue::from_string(format!("{{\"n\":{n}}}")).unwrap(),
+            is_full_refresh: false,
+            outbox_id: n,
+            refresh_id: None,
+            headers: None,
+            stream_table: "orders".into(),
+        }
+    }
+
+    #[test]
+    fn a_batch_the_broker_refuses_is_sent_again_record_by_record() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let spec = parse(
+            json!({"brokers": mock.bootstrap_servers(), "topic": "t",
+                   "properties": {"linger.ms": 100, "message.timeout.ms": 20000}})
+            .as_object()
+            .unwrap()
+            .clone(),
+        )
+        .unwrap();
+        let mut sink = spec.open("p").unwrap();
+        // Warm up (producer id, metadata), then refuse the next produce
+        // request: its whole batch of ten records.
+        assert!(sink.publish(&[event(0)]).unwrap().is_empty());
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE],
+        );
+        let events: Vec<Event> = (1..=10).map(event).collect();
+        let rejected = sink.publish(&events).unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
+    }
+
+    #[test]
+    fn size_errors_are_dead_letters_and_outages_are_retried() {
+        assert!(matches!(
+            verdict(RDKafkaErrorCode::MessageSizeTooLarge),
+            Verdict::Reject
+        ));
+        assert!(matches!(
+            verdict(RDKafkaErrorCode::UnknownTopicOrPartition),
+            Verdict::Permanent
+        ));
+        assert!(matches!(
+            verdict(RDKafkaErrorCode::MessageTimedOut),
+            Verdict::Transient
+        ));
+        assert!(matches!(
+            verdict(RDKafkaErrorCode::AllBrokersDown),
+            Verdict::Transient
+        ));
+    }
+}

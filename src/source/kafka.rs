@@ -1,0 +1,568 @@
+//! The `kafka` source: a Kafka consumer group into the inbox, with a
+//! librdkafka `BaseConsumer` (no async runtime).
+//!
+//! Config: `{"type":"kafka", "brokers":"host:9092", "topic":"orders"` (or
+//! `"topics":["a","b"]`), `"group_id":"inbox-orders", "start":"earliest",
+//! "properties":{...}, "event_type":{"header":"type"} | {"field":"type"} |
+//! "fixed"}`, and the same for `aggregate_id`, `source` and `trace_id`: a
+//! record header, a field of the JSON value, or a fixed string (default:
+//! the header of the same name, else the JSON field of the same name).
+//! `brokers` and `properties` (SASL, SSL, fetch sizes...) are described in
+//! the shared Kafka module; the relay sets `group.id` (from `group_id`),
+//! `auto.offset.reset` (from `start`), `enable.auto.commit=false`,
+//! `enable.auto.offset.store=false` and `enable.partition.eof=true`, and
+//! defaults `session.timeout.ms` to 10000 (a crashed relay's partitions
+//! move on within ten seconds).
+//!
+//! `start` only matters when the group has no committed offset yet (a
+//! group the relay creates by joining it): `earliest` (the default) reads
+//! the topics from their first record, `latest` only what comes after.
+//!
+//! Offsets are committed by hand, synchronously, only when the reverse
+//! loop acknowledges: after the inbox transaction holding those records
+//! committed. A relay killed in between reads them again (the inbox keeps
+//! one row per `event_id`). On a rebalance, the offsets of records
+//! received from revoked partitions and not yet committed are dropped, not
+//! committed late: their next owner reads them again from the group's last
+//! commit, so nothing is lost and no commit goes backwards.
+//!
+//! The inbox `event_id` is the record key (the `kafka` sink writes the
+//! event's dedup key there), else `<topic>:<partition>:<offset>`. The
+//! value must be JSON; a value that is not (or a record without a value)
+//! goes into the inbox as a dead letter (`{"raw": "<text>"}` with the
+//! reason in `error`) and is committed like the rest, so it neither blocks
+//! the partition nor is lost.
+//!
+//! With `--once` the source ends when every assigned partition has been
+//! read to its end.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json};
+
+use crate::config::{from_value, ConfigError};
+use crate::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
+use crate::retry::Error;
+use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+
+/// How long a `--once` run waits for its first partition assignment.
+const ONCE_JOIN: Duration = Duration::from_secs(60);
+
+/// Properties the relay sets itself.
+const RESERVED: &[Reserved] = &[
+    Reserved {
+        name: "group.id",
+        allowed: &[],
+        why: "use source.group_id",
+    },
+    Reserved {
+        name: "auto.offset.reset",
+        allowed: &[],
+        why: "use source.start",
+    },
+    Reserved {
+        name: "enable.auto.commit",
+        allowed: &["false"],
+        why: "offsets are committed only after the inbox commit",
+    },
+    Reserved {
+        name: "enable.auto.offset.store",
+        allowed: &["false"],
+        why: "offsets are committed only after the inbox commit",
+    },
+    Reserved {
+        name: "enable.partition.eof",
+        allowed: &["true"],
+        why: "--once needs to know where partitions end",
+    },
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KafkaSourceKeys {
+    brokers: Brokers,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    topics: Option<Vec<String>>,
+    group_id: String,
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    properties: Option<BTreeMap<String, Property>>,
+    #[serde(default)]
+    event_type: Option<Origin>,
+    #[serde(default)]
+    aggregate_id: Option<Origin>,
+    #[serde(default)]
+    source: Option<Origin>,
+    #[serde(default)]
+    trace_id: Option<Origin>,
+}
+
+/// The `kafka` source's config.
+#[derive(Debug, Clone)]
+pub struct KafkaSourceConfig {
+    client: ClientKeys,
+    topics: Vec<String>,
+    group_id: String,
+    /// `earliest` or `latest`.
+    start: &'static str,
+    event_type: Option<Origin>,
+    aggregate_id: Option<Origin>,
+    source: Option<Origin>,
+    trace_id: Option<Origin>,
+}
+
+/// Parse the source's keys.
+pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let raw: KafkaSourceKeys = from_value("source", Json::Object(keys))?;
+    let (key, topics) = match (raw.topic, raw.topics) {
+        (Some(t), None) => ("source.topic", vec![t]),
+        (None, Some(ts)) => ("source.topics", ts),
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "source.topics",
+                "give either topic or topics, not both",
+            ))
+        }
+        (None, None) => {
+            return Err(ConfigError::new(
+                "source.topic",
+                "missing (or topics: a list)",
+            ))
+        }
+    };
+    if topics.is_empty() || topics.iter().any(|t| t.trim().is_empty()) {
+        return Err(ConfigError::new(
+            key,
+            "expected one or more non-empty topic names (a name starting with ^ is a regex)",
+        ));
+    }
+    if raw.group_id.trim().is_empty() {
+        return Err(ConfigError::new("source.group_id", "must not be empty"));
+    }
+    let start = match raw.start.as_deref() {
+        None | Some("earliest") => "earliest",
+        Some("latest") => "latest",
+        Some(other) => {
+            return Err(ConfigError::new(
+                "source.start",
+                format!("expected \"earliest\" or \"latest\", found {other:?}"),
+            ))
+        }
+    };
+    let client = ClientKeys::parse("source", raw.brokers, raw.properties, RESERVED)?;
+    Ok(Box::new(KafkaSourceConfig {
+        client,
+        topics,
+        group_id: raw.group_id,
+        start,
+        event_type: raw.event_type,
+        aggregate_id: raw.aggregate_id,
+        source: raw.source,
+        trace_id: raw.trace_id,
+    }))
+}
+
+impl SourceSpec for KafkaSourceConfig {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+        let cfg = self.client.client_config(
+            pipeline,
+            &[("session.timeout.ms", "10000")],
+            &[
+                ("group.id", self.group_id.as_str()),
+                ("auto.offset.reset", self.start),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("enable.partition.eof", "true"),
+            ],
+        )?;
+        let context = Group {
+            pipeline: pipeline.to_string(),
+            state: Mutex::new(Positions::default()),
+        };
+        let consumer: BaseConsumer<Group> = cfg.create_with_context(context).map_err(|e| {
+            Error::permanent(format!(
+                "pipeline {pipeline:?}: source.properties: creating the Kafka consumer: {e}"
+            ))
+        })?;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(|e| {
+            Error::permanent(format!(
+                "pipeline {pipeline:?}: source.topics {topics:?}: {e}"
+            ))
+        })?;
+        log::info!(
+            "consuming kafka topics {topics:?} from {} as group {:?} (new group starts at {})",
+            self.client.shown(),
+            self.group_id,
+            self.start
+        );
+        Ok(Box::new(KafkaSource {
+            consumer,
+            cfg: self.clone(),
+            once,
+            once_since: Instant::now(),
+        }))
+    }
+}
+
+/// A topic and partition.
+type Tp = (String, i32);
+
+/// What the consumer knows about its partitions; shared with the
+/// rebalance callbacks (which run inside `poll`).
+#[derive(Default)]
+struct Positions {
+    /// The offset to commit next, per partition: the last received
+    /// record's offset + 1. Cleared for partitions revoked before commit.
+    uncommitted: HashMap<Tp, i64>,
+    /// The partitions assigned to this consumer.
+    assigned: HashSet<Tp>,
+    /// Assigned partitions read to their end (no record since).
+    at_end: HashSet<Tp>,
+}
+
+/// The consumer's context: tracks positions across rebalances.
+struct Group {
+    pipeline: String,
+    state: Mutex<Positions>,
+}
+
+impl Group {
+    fn state(&self) -> std::sync::MutexGuard<'_, Positions> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Tp> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for Group {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
+        log_line(&self.pipeline, level, fac, msg);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&self.pipeline, &error, reason);
+    }
+}
+
+impl ConsumerContext for Group {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut s = self.state();
+            let mut dropped = 0;
+            for tp in partitions(tpl) {
+                if s.uncommitted.remove(&tp).is_some() {
+                    dropped += 1;
+                }
+                s.assigned.remove(&tp);
+                s.at_end.remove(&tp);
+            }
+            log::info!(
+                "kafka partitions revoked: {}{}",
+                names(tpl),
+                if dropped > 0 {
+                    format!(
+                        " ({dropped} with records not yet committed: their next owner reads \
+                         them again)"
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let mut s = self.state();
+                for tp in partitions(tpl) {
+                    // Reading resumes at the group's commit.
+                    s.uncommitted.remove(&tp);
+                    s.at_end.remove(&tp);
+                    s.assigned.insert(tp);
+                }
+                log::info!("kafka partitions assigned: {}", names(tpl));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => log::warn!("kafka rebalance failed: {e}"),
+        }
+    }
+}
+
+fn names(tpl: &TopicPartitionList) -> String {
+    let list: Vec<String> = partitions(tpl)
+        .into_iter()
+        .map(|(t, p)| format!("{t}[{p}]"))
+        .collect();
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+struct KafkaSource {
+    consumer: BaseConsumer<Group>,
+    cfg: KafkaSourceConfig,
+    once: bool,
+    /// When a `--once` run started waiting for its assignment.
+    once_since: Instant,
+}
+
+fn json_text(obj: &Map<String, Json>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Json::String(s) => Some(s.clone()),
+        Json::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// The text of a value for a dead letter (invalid UTF-8 replaced).
+fn raw_text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
+    let headers = m.headers()?;
+    headers
+        .iter()
+        .filter(|h| h.key == name)
+        .last()
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// An attribute from where `origin` says, or by default from the header,
+/// else the JSON field, named `name`.
+fn attribute(
+    origin: &Option<Origin>,
+    name: &str,
+    m: &BorrowedMessage<'_>,
+    obj: Option<&Map<String, Json>>,
+) -> Option<String> {
+    match origin {
+        Some(Origin::Header { header: h }) => header(m, h),
+        Some(Origin::Field { field }) => json_text(obj?, field),
+        Some(Origin::Fixed(s)) => Some(s.clone()),
+        None => header(m, name).or_else(|| json_text(obj?, name)),
+    }
+}
+
+impl KafkaSource {
+    fn message(&self, m: &BorrowedMessage<'_>) -> Message {
+        let place = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
+        let event_id = m
+            .key()
+            .filter(|k| !k.is_empty())
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_else(|| place.clone());
+        let (payload, parsed, error) = match m.payload() {
+            None => (
+                String::new(),
+                None,
+                Some(format!("kafka record {place} has no value")),
+            ),
+            Some(bytes) => match std::str::from_utf8(bytes) {
+                Err(e) => (
+                    raw_text(bytes),
+                    None,
+                    Some(format!("kafka record {place}: value is not UTF-8 ({e})")),
+                ),
+                Ok(text) => match serde_json::from_str::<Json>(text) {
+                    Err(e) => (
+                        raw_text(bytes),
+                        None,
+                        Some(format!(
+                            "kafka record {place}: value is not valid JSON ({e})"
+                        )),
+                    ),
+                    Ok(v) => (text.to_string(), Some(v), None),
+                },
+            },
+        };
+        if let Some(why) = &error {
+            log::warn!("{why}; into the inbox's dead letters");
+        }
+        let obj = parsed.as_ref().and_then(Json::as_object);
+        Message {
+            event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
+            source: attribute(&self.cfg.source, "source", m, obj),
+            aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
+            trace_id: attribute(&self.cfg.trace_id, "trace_id", m, obj),
+            event_id,
+            payload,
+            error,
+        }
+    }
+
+    fn error(&self, e: &KafkaError) -> Error {
+        let msg = format!(
+            "kafka {} (group {:?}): {e}",
+            self.cfg.client.shown(),
+            self.cfg.group_id
+        );
+        match e.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::GroupAuthorizationFailed)
+            | Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+            | Some(RDKafkaErrorCode::Authentication)
+            | Some(RDKafkaErrorCode::SaslAuthenticationFailed)
+            | Some(RDKafkaErrorCode::InvalidGroupId) => Error::permanent(msg),
+            _ => Error::transient(msg),
+        }
+    }
+
+    /// `--once`: every assigned partition has been read to its end.
+    fn drained(&self) -> Result<bool, Error> {
+        let s = self.consumer.context().state();
+        if s.assigned.is_empty() {
+            if self.once_since.elapsed() > ONCE_JOIN {
+                return Err(Error::transient(format!(
+                    "kafka {}: no partition of {:?} assigned to group {:?} within {ONCE_JOIN:?}",
+                    self.cfg.client.shown(),
+                    self.cfg.topics,
+                    self.cfg.group_id
+                )));
+            }
+            return Ok(false);
+        }
+        Ok(s.assigned.iter().all(|tp| s.at_end.contains(tp)))
+    }
+}
+
+impl Source for KafkaSource {
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        let max = max.max(1);
+        let mut batch = Batch::default();
+        let deadline = Instant::now() + wait;
+        while batch.messages.len() < max {
+            if self.once && self.drained()? {
+                batch.end_of_input = batch.messages.is_empty();
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && !batch.messages.is_empty() {
+                break;
+            }
+            let polled = self.consumer.poll(left);
+            match polled {
+                None => break,
+                Some(Ok(m)) => {
+                    let msg = self.message(&m);
+                    let tp = (m.topic().to_string(), m.partition());
+                    let mut s = self.consumer.context().state();
+                    s.at_end.remove(&tp);
+                    s.uncommitted.insert(tp, m.offset() + 1);
+                    drop(s);
+                    batch.messages.push(msg);
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    // librdkafka does not say which topic's partition p
+                    // ended: with several topics, partition p of each (a
+                    // record from one of them clears it again).
+                    let mut s = self.consumer.context().state();
+                    let ends: Vec<Tp> = s.assigned.iter().filter(|t| t.1 == p).cloned().collect();
+                    s.at_end.extend(ends);
+                }
+                Some(Err(e)) => {
+                    if !batch.messages.is_empty() {
+                        log::debug!("kafka: {e} (after {} records)", batch.messages.len());
+                        break;
+                    }
+                    return Err(self.error(&e));
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    fn ack(&mut self) -> Result<(), Error> {
+        let offsets: Vec<(Tp, i64)> = {
+            let s = self.consumer.context().state();
+            s.uncommitted
+                .iter()
+                .map(|(tp, o)| (tp.clone(), *o))
+                .collect()
+        };
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+        for ((topic, partition), offset) in &offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(|e| self.error(&e))?;
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| self.error(&e).context("committing offsets"))?;
+        let mut s = self.consumer.context().state();
+        for (tp, offset) in offsets {
+            if s.uncommitted.get(&tp) == Some(&offset) {
+                s.uncommitted.remove(&tp);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Json) -> String {
+        parse(v.as_object().unwrap().clone())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        assert!(err(json!({"topic": "t", "group_id": "g"})).contains("source.brokers"));
+        assert!(err(json!({"brokers": "b:1", "group_id": "g"})).contains("source.topic"));
+        assert!(err(json!({"brokers": "b:1", "topic": "t"})).contains("source.group_id"));
+        assert!(
+            err(json!({"brokers": "b:1", "topic": "t", "topics": ["u"], "group_id": "g"}))
+                .contains("source.topics")
+        );
+        assert!(
+            err(json!({"brokers": "b:1", "topics": [], "group_id": "g"})).contains("source.topics")
+        );
+        assert!(
+            err(json!({"brokers": "b:1", "topic": "t", "group_id": "g", "start": "now"}))
+                .contains("source.start")
+        );
+        assert!(err(json!({"brokers": "b:1", "topic": "t", "group_id": "g",
+                            "properties": {"enable.auto.commit": true}}))
+        .contains("source.properties.enable.auto.commit"));
+        assert!(err(json!({"brokers": "b:1", "topic": "t", "group_id": "g",
+                            "event_type": {"column": "x"}}))
+        .contains("source.event_type"));
+        assert!(parse(
+            json!({"brokers": "b:1", "topics": ["a", "b"], "group_id": "g", "start": "latest",
+                   "event_type": {"header": "type"}, "source": "shop",
+                   "properties": {"session.timeout.ms": 6000}})
+            .as_object()
+            .unwrap()
+            .clone()
+        )
+        .is_ok());
+    }
+}
