@@ -13,6 +13,8 @@ pub mod http;
 pub mod nats;
 #[cfg(feature = "pg-inbox")]
 pub mod pg_inbox;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod stdout;
@@ -59,6 +61,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("http", http::parse),
     #[cfg(feature = "nats")]
     ("nats", nats::parse),
+    #[cfg(feature = "rabbitmq")]
+    ("rabbitmq", rabbitmq::parse),
 ];
 
 /// Parse the config of a sink of type `kind`.
