@@ -11,6 +11,8 @@ use crate::retry::Error;
 
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod stdin;
@@ -18,7 +20,10 @@ pub mod stdin;
 /// Where a message attribute (`event_type`, `aggregate_id`, `source`,
 /// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
 /// a fixed string. What a header or a field is depends on the source.
-#[cfg_attr(not(any(feature = "http", feature = "redis")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "http", feature = "redis", feature = "rabbitmq")),
+    allow(dead_code)
+)]
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Origin {
@@ -91,6 +96,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("http", http::parse),
     #[cfg(feature = "redis")]
     ("redis", redis::parse),
+    #[cfg(feature = "rabbitmq")]
+    ("rabbitmq", rabbitmq::parse),
 ];
 
 /// Parse the config of a source of type `kind`.
