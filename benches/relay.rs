@@ -225,6 +225,8 @@ fn main() {
     bench_http(&url, runs);
     #[cfg(feature = "nats")]
     bench_nats(&url, runs);
+    #[cfg(feature = "rabbitmq")]
+    bench_rabbitmq(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -234,7 +236,8 @@ fn main() {
         feature = "redis",
         feature = "pg-inbox",
         feature = "http",
-        feature = "nats"
+        feature = "nats",
+        feature = "rabbitmq"
     )),
     allow(dead_code)
 )]
@@ -390,5 +393,34 @@ fn bench_nats(url: &str, runs: usize) {
                 .as_u64()
                 .unwrap_or(0)
         },
+    );
+}
+
+/// The 200,000 one-event rows to a private RabbitMQ node: persistent
+/// messages into a durable queue, every one confirmed.
+#[cfg(feature = "rabbitmq")]
+fn bench_rabbitmq(url: &str, runs: usize) {
+    let name = "forward_rabbitmq_200000_rows_x1_event";
+    if !selected(name) {
+        return;
+    }
+    let r = support::rabbitmq::Rabbit::start();
+    r.declare("bench", "bench", "#");
+    set_pipeline(
+        url,
+        "rabbitmq",
+        serde_json::json!({"type": "rabbitmq", "url": r.url(), "exchange": "bench"}),
+    );
+    scenario_with(
+        url,
+        name,
+        "rabbitmq",
+        200_000,
+        runs,
+        &|| {
+            let (_conn, ch) = r.open();
+            ch.queue_purge("bench").unwrap();
+        },
+        &|| u64::from(r.count("bench")),
     );
 }

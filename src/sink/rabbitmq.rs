@@ -253,6 +253,13 @@ impl<'a> Progress<'a> {
 
     /// Start an attempt on a channel whose next delivery tag is `base`.
     fn restart(&mut self, base: u64) {
+        // A return without its confirm (the channel closed in between)
+        // says nothing about the message's next attempt.
+        for (r, done) in self.returned.iter_mut().zip(&self.done) {
+            if !done {
+                *r = None;
+            }
+        }
         self.base = base;
         self.low = base;
         self.sent.clear();

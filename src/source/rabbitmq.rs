@@ -60,7 +60,7 @@
 //! messages without an id are one dead letter).
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
@@ -78,6 +78,8 @@ use crate::source::{Batch, Message, Origin, Source, SourceSpec};
 
 /// How long dropping the source waits for its connection to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// A batch ends when no message follows the last one within this long.
+const GAP: Duration = Duration::from_millis(5);
 
 /// The `rabbitmq` source's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -386,6 +388,14 @@ impl RabbitSource {
         Ok(self.worker.as_ref().expect("just started"))
     }
 
+    /// The error for a consumer thread that ended without saying why.
+    fn ended(&self) -> Error {
+        Error::transient(format!(
+            "rabbitmq {}: the consumer thread ended",
+            self.url.shown
+        ))
+    }
+
     /// The inbox message of a delivery.
     fn message(&self, d: &Delivery, body: Vec<u8>) -> Message {
         let p = &d.properties;
@@ -455,25 +465,31 @@ impl RabbitSource {
 
 impl Source for RabbitSource {
     fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let max = max.max(1);
+        // The broker sends at most `prefetch` messages ahead of the ack:
+        // a batch of that many is all there can be.
+        let max = max.min(usize::from(self.prefetch())).max(1);
         let mut batch = Batch::default();
         let w = self.worker()?;
         let generation = w.generation;
-        let mut next = match w.incoming.recv_timeout(wait) {
-            Ok(i) => Some(i),
+        let incoming = w.incoming.clone();
+        let mut next = match incoming.recv_timeout(wait) {
+            Ok(i) => i,
             Err(e) if e.is_timeout() => {
                 batch.end_of_input = self.once;
                 return Ok(batch);
             }
-            Err(_) => None,
+            Err(_) => Incoming::Ended(self.ended()),
         };
-        let mut last = None;
-        while let Some(incoming) = next {
-            match incoming {
+        // After the first, take what follows closely, until the batch is
+        // full, a gap of GAP, or `wait` is over.
+        let until = Instant::now() + wait;
+        let mut last: Box<Delivery>;
+        loop {
+            match next {
                 Incoming::Delivery(mut d) => {
                     let body = std::mem::take(&mut d.body);
                     batch.messages.push(self.message(&d, body));
-                    last = Some(d);
+                    last = d;
                 }
                 Incoming::Ended(e) => {
                     // What this batch holds is redelivered on a new channel.
@@ -484,21 +500,17 @@ impl Source for RabbitSource {
             if batch.messages.len() >= max {
                 break;
             }
-            next = match &self.worker {
-                Some(w) => w.incoming.try_recv().ok(),
-                None => None,
+            let gap = GAP.min(until.saturating_duration_since(Instant::now()));
+            next = match incoming.try_recv() {
+                Ok(i) => i,
+                Err(_) => match incoming.recv_timeout(gap) {
+                    Ok(i) => i,
+                    Err(e) if e.is_timeout() => break,
+                    Err(_) => Incoming::Ended(self.ended()),
+                },
             };
         }
-        match last {
-            Some(d) => self.last = Some((generation, *d)),
-            None => {
-                self.worker = None;
-                return Err(Error::transient(format!(
-                    "rabbitmq {}: the consumer thread ended",
-                    self.url.shown
-                )));
-            }
-        }
+        self.last = Some((generation, *last));
         Ok(batch)
     }
 
