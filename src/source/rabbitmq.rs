@@ -7,7 +7,9 @@
 //! "exchange_type":"topic", "binding_key":"#", "event_type":..., "aggregate_id":...,
 //! "source":..., "trace_id":...}`. `url` (see `src/amqp.rs`: `amqps://`
 //! for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `prefetch` is how many
-//! unacknowledged messages the broker sends ahead (1-65535).
+//! unacknowledged messages the broker sends ahead (1-65535, default 500);
+//! an inbox batch holds at most half of them (and at most `batch_size`),
+//! so the broker keeps sending while a batch is written.
 //!
 //! **The queue.** Without `declare` the queue must exist, or the pipeline
 //! stops with an error that says so. With `declare: true` the relay
@@ -465,9 +467,10 @@ impl RabbitSource {
 
 impl Source for RabbitSource {
     fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        // The broker sends at most `prefetch` messages ahead of the ack:
-        // a batch of that many is all there can be.
-        let max = max.min(usize::from(self.prefetch())).max(1);
+        // The broker sends at most `prefetch` messages ahead of the ack. A
+        // batch holds at most half of them, so that the other half streams
+        // in while the batch is written to the inbox.
+        let max = max.min(usize::from(self.prefetch()).div_ceil(2)).max(1);
         let mut batch = Batch::default();
         let w = self.worker()?;
         let generation = w.generation;
