@@ -58,8 +58,10 @@ use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
-/// Messages waiting for their confirm at most.
-pub const WINDOW: usize = 4096;
+/// Messages waiting for their confirm at most. Larger than a default
+/// batch (5,000 events): RabbitMQ confirms persistent messages after a
+/// disk sync, and a batch sent whole needs one sync cycle, not two.
+pub const WINDOW: usize = 16_384;
 /// No confirm at all for this long: the batch fails (and is retried).
 /// Kept below the relay's shutdown grace.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
