@@ -227,6 +227,8 @@ fn main() {
     bench_nats(&url, runs);
     #[cfg(feature = "kafka")]
     bench_kafka(&url, runs);
+    #[cfg(feature = "rabbitmq")]
+    bench_rabbitmq(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -237,7 +239,8 @@ fn main() {
         feature = "pg-inbox",
         feature = "http",
         feature = "nats",
-        feature = "kafka"
+        feature = "kafka",
+        feature = "rabbitmq"
     )),
     allow(dead_code)
 )]
@@ -425,5 +428,34 @@ fn bench_kafka(url: &str, runs: usize) {
             );
         },
         &|| k.read(&format!("bench{}", run.get()), 200_000, 120).len() as u64,
+    );
+}
+
+/// The 200,000 one-event rows to a private RabbitMQ node: persistent
+/// messages into a durable queue, every one confirmed.
+#[cfg(feature = "rabbitmq")]
+fn bench_rabbitmq(url: &str, runs: usize) {
+    let name = "forward_rabbitmq_200000_rows_x1_event";
+    if !selected(name) {
+        return;
+    }
+    let r = support::rabbitmq::Rabbit::start();
+    r.declare("bench", "bench", "#");
+    set_pipeline(
+        url,
+        "rabbitmq",
+        serde_json::json!({"type": "rabbitmq", "url": r.url(), "exchange": "bench"}),
+    );
+    scenario_with(
+        url,
+        name,
+        "rabbitmq",
+        200_000,
+        runs,
+        &|| {
+            let (_conn, ch) = r.open();
+            ch.queue_purge("bench").unwrap();
+        },
+        &|| u64::from(r.count("bench")),
     );
 }

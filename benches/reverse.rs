@@ -1,8 +1,9 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
 //! source), from a private redis-server (`redis` source), from a private
-//! nats-server with JetStream (`nats` source) and from a private Tansu
-//! broker (`kafka` source), with the release relay run `--once`. One JSON
+//! nats-server with JetStream (`nats` source), from a private Tansu broker
+//! (`kafka` source) and from a private RabbitMQ node (`rabbitmq` source),
+//! with the release relay run `--once`. One JSON
 //! object per scenario on stdout, with the median events/s and the largest
 //! peak RSS (VmHWM) of the relay process.
 
@@ -214,6 +215,8 @@ fn main() {
             },
         );
     }
+    #[cfg(feature = "rabbitmq")]
+    bench_rabbitmq(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -282,4 +285,37 @@ fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
             ],
         )
         .unwrap();
+}
+
+/// 200,000 persistent messages from a durable queue of a private RabbitMQ
+/// node (prefetch 500), filled anew before each run.
+#[cfg(feature = "rabbitmq")]
+fn bench_rabbitmq(url: &str, runs: usize) {
+    let r = support::rabbitmq::Rabbit::start();
+    r.declare("bench", "", "");
+    let messages: Vec<(Option<String>, Option<String>, Vec<u8>)> = (0..N)
+        .map(|i| (Some(format!("q{i}")), None, body(i).into_bytes()))
+        .collect();
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('rabbitmq-in', 'events', $1::text::jsonb)",
+            &[
+                &serde_json::json!({"type": "rabbitmq", "url": r.url(), "queue": "bench",
+                                  "prefetch": 500, "max_wait_ms": 1000})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+    scenario(
+        url,
+        "reverse_rabbitmq_to_inbox_200000",
+        "rabbitmq-in",
+        runs,
+        &|| {
+            let (_conn, ch) = r.open();
+            ch.queue_purge("bench").unwrap();
+            r.publish("", "bench", &messages);
+        },
+    );
 }

@@ -2,6 +2,8 @@
 //! message brokers. Flags are defined here, in one place; everything else
 //! is configured in SQL.
 
+#[cfg(feature = "rabbitmq")]
+mod amqp;
 mod config;
 mod coordinator;
 mod event;

@@ -15,6 +15,8 @@ pub mod kafka;
 pub mod nats;
 #[cfg(feature = "pg-inbox")]
 pub mod pg_inbox;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod stdout;
@@ -63,6 +65,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("nats", nats::parse),
     #[cfg(feature = "kafka")]
     ("kafka", kafka::parse),
+    #[cfg(feature = "rabbitmq")]
+    ("rabbitmq", rabbitmq::parse),
 ];
 
 /// Parse the config of a sink of type `kind`.

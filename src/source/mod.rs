@@ -15,6 +15,8 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod stdin;
@@ -27,7 +29,8 @@ pub mod stdin;
         feature = "http",
         feature = "redis",
         feature = "nats",
-        feature = "kafka"
+        feature = "kafka",
+        feature = "rabbitmq"
     )),
     allow(dead_code)
 )]
@@ -159,6 +162,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("nats", nats::parse),
     #[cfg(feature = "kafka")]
     ("kafka", kafka::parse),
+    #[cfg(feature = "rabbitmq")]
+    ("rabbitmq", rabbitmq::parse),
 ];
 
 /// Parse the config of a source of type `kind`.
