@@ -15,6 +15,8 @@ pub mod nats;
 pub mod pg_inbox;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 pub mod stdout;
 
 /// An event the destination refused for good (too large, a 4xx answer):
@@ -59,6 +61,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("http", http::parse),
     #[cfg(feature = "nats")]
     ("nats", nats::parse),
+    #[cfg(feature = "sqs")]
+    ("sqs", sqs::parse),
 ];
 
 /// Parse the config of a sink of type `kind`.
