@@ -13,12 +13,17 @@ use crate::retry::Error;
 pub mod http;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 pub mod stdin;
 
 /// Where a message attribute (`event_type`, `aggregate_id`, `source`,
 /// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
 /// a fixed string. What a header or a field is depends on the source.
-#[cfg_attr(not(any(feature = "http", feature = "redis")), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "http", feature = "redis", feature = "sqs")),
+    allow(dead_code)
+)]
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(untagged)]
 pub enum Origin {
@@ -91,6 +96,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("http", http::parse),
     #[cfg(feature = "redis")]
     ("redis", redis::parse),
+    #[cfg(feature = "sqs")]
+    ("sqs", sqs::parse),
 ];
 
 /// Parse the config of a source of type `kind`.
