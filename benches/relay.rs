@@ -225,6 +225,8 @@ fn main() {
     bench_http(&url, runs);
     #[cfg(feature = "nats")]
     bench_nats(&url, runs);
+    #[cfg(feature = "sqs")]
+    bench_sqs(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -234,7 +236,8 @@ fn main() {
         feature = "redis",
         feature = "pg-inbox",
         feature = "http",
-        feature = "nats"
+        feature = "nats",
+        feature = "sqs"
     )),
     allow(dead_code)
 )]
@@ -390,5 +393,36 @@ fn bench_nats(url: &str, runs: usize) {
                 .as_u64()
                 .unwrap_or(0)
         },
+    );
+}
+
+/// The 200,000 one-event rows to a standard queue of a private
+/// moto_server (SendMessageBatch, up to 4 requests in flight). moto is
+/// single-process Python: this measures moto as much as the relay.
+#[cfg(feature = "sqs")]
+fn bench_sqs(url: &str, runs: usize) {
+    let name = "forward_sqs_200000_rows_x1_event";
+    if !selected(name) {
+        return;
+    }
+    let moto = support::sqs::Moto::start();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("bench", serde_json::json!({}));
+    set_pipeline(
+        url,
+        "sqs",
+        serde_json::json!({"type": "sqs", "queue_url": queue, "region": support::sqs::REGION,
+                           "access_key_id": "bench", "secret_access_key": "bench"}),
+    );
+    scenario_with(
+        url,
+        name,
+        "sqs",
+        200_000,
+        runs,
+        &|| {
+            sqs.ok("PurgeQueue", serde_json::json!({"QueueUrl": queue}));
+        },
+        &|| sqs.counts(&queue).0,
     );
 }

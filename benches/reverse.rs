@@ -1,7 +1,10 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
-//! source) and from a private redis-server (`redis` source), with the
-//! release relay run `--once`. One JSON object per scenario on stdout.
+//! source) and from a private redis-server (`redis` source), and 20,000
+//! from a private moto_server's SQS queue (`sqs` source; moto is slow
+//! Python), with the release relay run `--once`. One JSON object per
+//! scenario on stdout; `BENCH_ONLY` (comma-separated substrings) selects
+//! scenarios.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -28,8 +31,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Run `pipeline` `runs` times (`reset` before each) and report.
-fn scenario(url: &str, name: &str, pipeline: &str, runs: usize, reset: &dyn Fn()) {
+/// Whether `BENCH_ONLY` (a comma-separated list of substrings) selects
+/// scenario `name`; all run when it is unset.
+fn selected(name: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(only) if !only.is_empty() => only.split(',').any(|p| name.contains(p.trim())),
+        _ => true,
+    }
+}
+
+/// Run `pipeline` `runs` times (`reset` before each) and report; `n`
+/// messages must arrive each time.
+fn scenario(url: &str, name: &str, pipeline: &str, n: usize, runs: usize, reset: &dyn Fn()) {
+    if !selected(name) {
+        return;
+    }
     let mut c = Pg::shared().client(url);
     let mut rates = Vec::new();
     for i in 0..runs {
@@ -50,17 +66,17 @@ fn scenario(url: &str, name: &str, pipeline: &str, runs: usize, reset: &dyn Fn()
             .query_one("SELECT count(*) FROM pgtrickle.events", &[])
             .unwrap()
             .get(0);
-        assert_eq!(rows as usize, N, "{name}: every message must arrive");
+        assert_eq!(rows as usize, n, "{name}: every message must arrive");
         eprintln!(
             "{name} run {}: {secs:.2}s, {:.0} events/s",
             i + 1,
-            N as f64 / secs
+            n as f64 / secs
         );
-        rates.push(N as f64 / secs);
+        rates.push(n as f64 / secs);
     }
     println!(
         "{}",
-        serde_json::json!({"bench": name, "events": N, "runs": runs,
+        serde_json::json!({"bench": name, "events": n, "runs": runs,
             "median_events_per_sec": median(rates).round()})
     );
 }
@@ -96,6 +112,7 @@ fn main() {
         &url,
         "reverse_file_to_inbox_200000",
         "file-in",
+        N,
         runs,
         &|| {},
     );
@@ -133,6 +150,7 @@ fn main() {
             &url,
             "reverse_redis_to_inbox_200000",
             "redis-in",
+            N,
             runs,
             &|| {
                 // Read everything again: drop the group, the relay recreates it
@@ -145,5 +163,52 @@ fn main() {
             },
         );
     }
+    #[cfg(feature = "sqs")]
+    bench_sqs(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 20,000 messages from a standard queue of a private moto_server, each
+/// with a `dedup_key` attribute; the queue is filled anew (8 senders)
+/// before each run.
+#[cfg(feature = "sqs")]
+fn bench_sqs(url: &str, runs: usize) {
+    const SQS_N: usize = 20_000;
+    let name = "reverse_sqs_to_inbox_20000";
+    if !selected(name) {
+        return;
+    }
+    let moto = support::sqs::Moto::start();
+    let queue = moto.client().create_queue("bench", serde_json::json!({}));
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('sqs-in', 'events', $1::text::jsonb)",
+            &[&serde_json::json!({"type": "sqs", "queue_url": queue,
+                "region": support::sqs::REGION, "access_key_id": "bench",
+                "secret_access_key": "bench", "wait_time_seconds": 1})
+            .to_string()],
+        )
+        .unwrap();
+    let fill = || {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in 0..8 {
+                let (moto, queue) = (&moto, &queue);
+                s.spawn(move || {
+                    let msgs: Vec<serde_json::Value> = (part..SQS_N)
+                        .step_by(8)
+                        .map(|i| {
+                            serde_json::json!({"MessageBody": body(i), "MessageAttributes":
+                                {"dedup_key": {"DataType": "String",
+                                               "StringValue": format!("s{i}")}}})
+                        })
+                        .collect();
+                    moto.client().send(queue, &msgs);
+                });
+            }
+        });
+        eprintln!("filled the queue in {:.1}s", t.elapsed().as_secs_f64());
+    };
+    scenario(url, name, "sqs-in", SQS_N, runs, &fill);
 }
