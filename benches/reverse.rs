@@ -1,8 +1,8 @@
 //! Reverse throughput, part of `make bench` (`cargo bench --bench reverse`):
 //! 200,000 messages of about 200 bytes into an inbox, from a file (`stdin`
-//! source) and from a private redis-server (`redis` source), and 20,000
-//! from a private moto_server's SQS queue (`sqs` source; moto is slow
-//! Python), with the release relay run `--once`. One JSON object per
+//! source) and from a private redis-server (`redis` source), and
+//! `BENCH_SQS_MESSAGES` (default 2,000) from a private moto_server's SQS
+//! queue (`sqs` source), with the release relay run `--once`. One JSON object per
 //! scenario on stdout; `BENCH_ONLY` (comma-separated substrings) selects
 //! scenarios.
 
@@ -168,14 +168,19 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// 20,000 messages from a standard queue of a private moto_server, each
-/// with a `dedup_key` attribute; the queue is filled anew (8 senders)
-/// before each run.
+/// `BENCH_SQS_MESSAGES` (default 2,000) messages from a standard queue of
+/// a private moto_server, each with a `dedup_key` attribute; the queue is
+/// filled anew (8 senders) before each run. moto does work proportional to
+/// the queue's length for every message sent, so filling it is quadratic:
+/// keep the count small.
 #[cfg(feature = "sqs")]
 fn bench_sqs(url: &str, runs: usize) {
-    const SQS_N: usize = 20_000;
-    let name = "reverse_sqs_to_inbox_20000";
-    if !selected(name) {
+    let n: usize = std::env::var("BENCH_SQS_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let name = format!("reverse_sqs_to_inbox_{n}");
+    if !selected(&name) {
         return;
     }
     let moto = support::sqs::Moto::start();
@@ -196,7 +201,7 @@ fn bench_sqs(url: &str, runs: usize) {
             for part in 0..8 {
                 let (moto, queue) = (&moto, &queue);
                 s.spawn(move || {
-                    let msgs: Vec<serde_json::Value> = (part..SQS_N)
+                    let msgs: Vec<serde_json::Value> = (part..n)
                         .step_by(8)
                         .map(|i| {
                             serde_json::json!({"MessageBody": body(i), "MessageAttributes":
@@ -210,5 +215,5 @@ fn bench_sqs(url: &str, runs: usize) {
         });
         eprintln!("filled the queue in {:.1}s", t.elapsed().as_secs_f64());
     };
-    scenario(url, name, "sqs-in", SQS_N, runs, &fill);
+    scenario(url, &name, "sqs-in", n, runs, &fill);
 }

@@ -64,8 +64,9 @@ const TRANSIENT_CODES: &[&str] = &[
     "AWS.SimpleQueueService.NonExistentQueue",
 ];
 
-/// The connection keys of an `sqs` sink or source, as configured.
-#[derive(Debug, Clone, Deserialize)]
+/// The connection keys of an `sqs` sink or source, as configured (its
+/// `Debug` hides the secret key and the session token).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnKeys {
     queue_url: String,
@@ -81,6 +82,21 @@ pub struct ConnKeys {
     session_token: Option<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for ConnKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "***");
+        f.debug_struct("ConnKeys")
+            .field("queue_url", &self.queue_url)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &hidden(&self.secret_access_key))
+            .field("session_token", &hidden(&self.session_token))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 /// The names of [`ConnKeys`]' keys.
@@ -544,6 +560,14 @@ mod tests {
             .unwrap()
             .clone();
         assert!(ConnKeys::take(&mut m, "source").is_ok());
+        let secret = take(json!({"queue_url": "https://q/1/a", "access_key_id": "A",
+                                 "secret_access_key": "hunter2", "session_token": "tok3n"}))
+        .unwrap();
+        let shown = format!("{secret:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("tok3n"),
+            "{shown}"
+        );
         assert!(m.contains_key("batch") && !m.contains_key("queue_url"));
     }
 

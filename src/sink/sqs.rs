@@ -62,6 +62,8 @@ const LIMIT_MAX_BYTES: usize = 1024 * 1024;
 /// Attempts at entries refused for a transient reason before the whole
 /// batch is handed back for a retry.
 const ENTRY_ATTEMPTS: u32 = 5;
+/// Events encoded at a time (each entry is a JSON tree until it is sent).
+const ENCODE_CHUNK: usize = 500;
 /// Longest deduplication or group id SQS accepts.
 const ID_MAX: usize = 128;
 /// Characters of the original value kept before the hash of a mapped id.
@@ -306,8 +308,32 @@ impl SqsSink {
 impl Sink for SqsSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
         let mut rejected = Vec::new();
+        // Encoded a slice at a time, so memory does not grow with the batch.
+        for (n, slice) in events.chunks(ENCODE_CHUNK).enumerate() {
+            self.publish_slice(slice, n * ENCODE_CHUNK, &mut rejected)?;
+        }
+        rejected.sort_by_key(|r| r.index);
+        Ok(rejected)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        // Every request was answered before publish returned.
+        Ok(())
+    }
+}
+
+impl SqsSink {
+    /// Publish `events`, the ones at `base..` of the batch; refused ones
+    /// are added to `rejected`.
+    fn publish_slice(
+        &self,
+        events: &[Event],
+        base: usize,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Error> {
         let mut entries = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
+            let i = base + i;
             let entry = self.entry(i, e);
             if entry.size > self.max_bytes {
                 rejected.push(Rejected {
@@ -364,12 +390,6 @@ impl Sink for SqsSink {
             }
             todo = again;
         }
-        rejected.sort_by_key(|r| r.index);
-        Ok(rejected)
-    }
-
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every request was answered before publish returned.
         Ok(())
     }
 }
