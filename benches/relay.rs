@@ -396,14 +396,14 @@ fn bench_nats(url: &str, runs: usize) {
 }
 
 /// One-event rows (`BENCH_SQS_EVENTS`, default 200,000) to a standard queue
-/// of a private moto_server (SendMessageBatch, up to 4 requests in flight),
-/// while 3 consumers receive and delete them: moto does work proportional
-/// to the queue's length for every message sent, so a queue left to grow
-/// would measure moto's quadratic slowdown, not the relay. moto is
-/// single-process Python: this measures moto as much as the relay.
+/// of a private moto_server, while 4 consumers receive and delete them:
+/// moto does work proportional to the queue's length for every message
+/// sent, so a queue left to grow would measure moto's quadratic slowdown.
+/// One request in flight (`max_in_flight: 1`) lets the consumers keep up.
+/// moto is single-process Python: this measures moto more than the relay.
 #[cfg(feature = "sqs")]
 fn bench_sqs(url: &str, runs: usize) {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, Ordering};
     let events: u64 = std::env::var("BENCH_SQS_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -425,24 +425,40 @@ fn bench_sqs(url: &str, runs: usize) {
         "SELECT pgtrickle.set_relay_outbox('sqs', 'sqs_single', 'bench', $1::text::jsonb)",
         &[&serde_json::json!({"type": "sqs", "queue_url": queue,
             "region": support::sqs::REGION, "access_key_id": "bench",
-            "secret_access_key": "bench"})
+            "secret_access_key": "bench", "max_in_flight": 1})
         .to_string()],
     )
     .unwrap();
     let stop = AtomicBool::new(false);
-    let drained = AtomicU64::new(0);
+    // Distinct dedup keys: moto can hand one message to two concurrent
+    // receivers.
+    let drained = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
+    /// Stops the consumers however the scenario ends (a failed assertion
+    /// included), so the scope can end.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
-        for _ in 0..3 {
+        let _stop = Stop(&stop);
+        for _ in 0..4 {
             s.spawn(|| {
                 let sqs = moto.client();
                 while !stop.load(Ordering::Relaxed) {
-                    let got = sqs.receive(&queue, 0);
+                    // moto can answer 500 to concurrent receivers: an
+                    // undeleted message comes again.
+                    let got = sqs.try_receive(&queue, 0).unwrap_or_default();
                     if got.is_empty() {
                         std::thread::sleep(std::time::Duration::from_millis(20));
                         continue;
                     }
-                    sqs.delete(&queue, &got);
-                    drained.fetch_add(got.len() as u64, Ordering::Relaxed);
+                    let _ = sqs.try_delete(&queue, &got);
+                    let mut d = drained.lock().unwrap();
+                    for m in &got {
+                        d.insert(support::sqs::attr(m, "dedup_key").unwrap().to_string());
+                    }
                 }
             });
         }
@@ -452,7 +468,7 @@ fn bench_sqs(url: &str, runs: usize) {
             "sqs",
             events,
             runs,
-            &|| drained.store(0, Ordering::Relaxed),
+            &|| drained.lock().unwrap().clear(),
             &|| {
                 // The relay has exited: everything sent is queued, in
                 // flight to a consumer, or drained.
@@ -460,9 +476,8 @@ fn bench_sqs(url: &str, runs: usize) {
                     std::thread::sleep(std::time::Duration::from_millis(100));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(200));
-                drained.load(Ordering::Relaxed)
+                drained.lock().unwrap().len() as u64
             },
         );
-        stop.store(true, Ordering::Relaxed);
     });
 }

@@ -244,29 +244,43 @@ impl Sqs {
 
     /// Up to 10 messages, with every attribute.
     pub fn receive(&self, queue: &str, wait_seconds: u64) -> Vec<Value> {
-        let r = self.ok(
+        self.try_receive(queue, wait_seconds)
+            .unwrap_or_else(|e| panic!("sqs ReceiveMessage on {queue}: {e:?}"))
+    }
+
+    /// Up to 10 messages, with every attribute, or the error (moto can
+    /// answer 500 to concurrent receivers).
+    pub fn try_receive(&self, queue: &str, wait_seconds: u64) -> Result<Vec<Value>, (u16, String)> {
+        let r = self.call(
             "ReceiveMessage",
             json!({"QueueUrl": queue, "MaxNumberOfMessages": 10,
                    "WaitTimeSeconds": wait_seconds,
                    "AttributeNames": ["All"], "MessageSystemAttributeNames": ["All"],
                    "MessageAttributeNames": ["All"]}),
-        );
-        r["Messages"].as_array().cloned().unwrap_or_default()
+        )?;
+        Ok(r["Messages"].as_array().cloned().unwrap_or_default())
     }
 
     /// Delete received messages.
     pub fn delete(&self, queue: &str, messages: &[Value]) {
+        self.try_delete(queue, messages)
+            .unwrap_or_else(|e| panic!("sqs DeleteMessageBatch on {queue}: {e:?}"))
+    }
+
+    /// Delete received messages, or the error.
+    pub fn try_delete(&self, queue: &str, messages: &[Value]) -> Result<(), (u16, String)> {
         for chunk in messages.chunks(10) {
             let entries: Vec<Value> = chunk
                 .iter()
                 .enumerate()
                 .map(|(i, m)| json!({"Id": i.to_string(), "ReceiptHandle": m["ReceiptHandle"]}))
                 .collect();
-            self.ok(
+            self.call(
                 "DeleteMessageBatch",
                 json!({"QueueUrl": queue, "Entries": entries}),
-            );
+            )?;
         }
+        Ok(())
     }
 
     /// Receive and delete messages until `done` holds for everything
