@@ -334,12 +334,13 @@ pub fn attr<'a>(m: &'a Value, name: &str) -> Option<&'a str> {
 
 /// A forwarding proxy in front of an SQS server that answers the actions
 /// in its refuse list with 503 ServiceUnavailable instead of forwarding
-/// them.
+/// them, and counts the requests it forwards by action.
 pub struct Proxy {
     /// Its port on 127.0.0.1.
     pub port: u16,
     refuse: Arc<Mutex<Vec<String>>>,
     refused: Arc<Mutex<u64>>,
+    forwarded: Arc<Mutex<Vec<String>>>,
     server: Arc<tiny_http::Server>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -351,6 +352,7 @@ impl Proxy {
         let port = server.server_addr().to_ip().unwrap().port();
         let refuse: Arc<Mutex<Vec<String>>> = Arc::default();
         let refused: Arc<Mutex<u64>> = Arc::default();
+        let forwarded: Arc<Mutex<Vec<String>>> = Arc::default();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -358,10 +360,11 @@ impl Proxy {
             .into();
         let threads = (0..4)
             .map(|_| {
-                let (server, refuse, refused, agent) = (
+                let (server, refuse, refused, forwarded, agent) = (
                     server.clone(),
                     refuse.clone(),
                     refused.clone(),
+                    forwarded.clone(),
                     agent.clone(),
                 );
                 let target = format!("{endpoint}/");
@@ -388,6 +391,7 @@ impl Proxy {
                             let _ = req.respond(resp);
                             continue;
                         }
+                        forwarded.lock().unwrap().push(action.clone());
                         let mut out = agent.post(&target);
                         for name in [
                             "Content-Type",
@@ -429,6 +433,7 @@ impl Proxy {
             port,
             refuse,
             refused,
+            forwarded,
             server,
             threads,
         }
@@ -447,6 +452,16 @@ impl Proxy {
     /// How many requests were refused so far.
     pub fn refused(&self) -> u64 {
         *self.refused.lock().unwrap()
+    }
+
+    /// How many `action` requests were forwarded so far.
+    pub fn forwarded(&self, action: &str) -> usize {
+        self.forwarded
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| *a == action)
+            .count()
     }
 }
 
