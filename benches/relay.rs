@@ -229,6 +229,8 @@ fn main() {
     bench_kafka(&url, runs);
     #[cfg(feature = "rabbitmq")]
     bench_rabbitmq(&url, runs);
+    #[cfg(feature = "sqs")]
+    bench_sqs(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -240,7 +242,8 @@ fn main() {
         feature = "http",
         feature = "nats",
         feature = "kafka",
-        feature = "rabbitmq"
+        feature = "rabbitmq",
+        feature = "sqs"
     )),
     allow(dead_code)
 )]
@@ -458,4 +461,92 @@ fn bench_rabbitmq(url: &str, runs: usize) {
         },
         &|| u64::from(r.count("bench")),
     );
+}
+
+/// One-event rows (`BENCH_SQS_EVENTS`, default 20,000: moto manages a few
+/// hundred a second, so 200,000 would take a quarter of an hour a run) to a standard queue
+/// of a private moto_server, while 4 consumers receive and delete them:
+/// moto does work proportional to the queue's length for every message
+/// sent, so a queue left to grow would measure moto's quadratic slowdown.
+/// One request in flight (`max_in_flight: 1`) lets the consumers keep up.
+/// moto is single-process Python: this measures moto more than the relay.
+#[cfg(feature = "sqs")]
+fn bench_sqs(url: &str, runs: usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let events: u64 = std::env::var("BENCH_SQS_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let name = format!("forward_sqs_{events}_rows_x1_event");
+    if !selected(&name) {
+        return;
+    }
+    let mut c = Pg::shared().client(url);
+    c.batch_execute(&format!(
+        "SELECT pgtrickle.enable_outbox('sqs_single');
+         SELECT count(pgtrickle.outbox_publish('sqs_single', {ROW})) FROM generate_series(1, {events}) g;"
+    ))
+    .unwrap();
+    let moto = support::sqs::Moto::start();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("bench", serde_json::json!({}));
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('sqs', 'sqs_single', 'bench', $1::text::jsonb)",
+        &[&serde_json::json!({"type": "sqs", "queue_url": queue,
+            "region": support::sqs::REGION, "access_key_id": "bench",
+            "secret_access_key": "bench", "max_in_flight": 1})
+        .to_string()],
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    // Distinct dedup keys: moto can hand one message to two concurrent
+    // receivers.
+    let drained = std::sync::Mutex::new(std::collections::HashSet::<String>::new());
+    /// Stops the consumers however the scenario ends (a failed assertion
+    /// included), so the scope can end.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = Stop(&stop);
+        for _ in 0..4 {
+            s.spawn(|| {
+                let sqs = moto.client();
+                while !stop.load(Ordering::Relaxed) {
+                    // moto can answer 500 to concurrent receivers: an
+                    // undeleted message comes again.
+                    let got = sqs.try_receive(&queue, 0).unwrap_or_default();
+                    if got.is_empty() {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        continue;
+                    }
+                    let _ = sqs.try_delete(&queue, &got);
+                    let mut d = drained.lock().unwrap();
+                    for m in &got {
+                        d.insert(support::sqs::attr(m, "dedup_key").unwrap().to_string());
+                    }
+                }
+            });
+        }
+        scenario_with(
+            url,
+            &name,
+            "sqs",
+            events,
+            runs,
+            &|| drained.lock().unwrap().clear(),
+            &|| {
+                // The relay has exited: everything sent is queued, in
+                // flight to a consumer, or drained.
+                while sqs.counts(&queue) != (0, 0) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                drained.lock().unwrap().len() as u64
+            },
+        );
+    });
 }

@@ -3,7 +3,9 @@
 //! source), from a private redis-server (`redis` source), from a private
 //! nats-server with JetStream (`nats` source), from a private Tansu broker
 //! (`kafka` source) and from a private RabbitMQ node (`rabbitmq` source),
-//! with the release relay run `--once`. One JSON
+//! and `BENCH_SQS_MESSAGES` (default 1,000) from a private moto_server's
+//! SQS queue (`sqs` source), with the release relay run `--once`.
+//! `BENCH_ONLY` (comma-separated substrings) selects scenarios. One JSON
 //! object per scenario on stdout, with the median events/s and the largest
 //! peak RSS (VmHWM) of the relay process.
 
@@ -33,8 +35,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Run `pipeline` `runs` times (`reset` before each) and report.
-fn scenario(url: &str, name: &str, pipeline: &str, runs: usize, reset: &dyn Fn()) {
+/// Whether `BENCH_ONLY` (a comma-separated list of substrings) selects
+/// scenario `name`; all run when it is unset.
+fn selected(name: &str) -> bool {
+    match std::env::var("BENCH_ONLY") {
+        Ok(only) if !only.is_empty() => only.split(',').any(|p| name.contains(p.trim())),
+        _ => true,
+    }
+}
+
+/// Run `pipeline` `runs` times (`reset` before each) and report; `n`
+/// messages must arrive each time.
+fn scenario(url: &str, name: &str, pipeline: &str, n: usize, runs: usize, reset: &dyn Fn()) {
+    if !selected(name) {
+        return;
+    }
     let mut c = Pg::shared().client(url);
     let mut rates = Vec::new();
     let mut peak_kb = 0u64;
@@ -74,18 +89,18 @@ fn scenario(url: &str, name: &str, pipeline: &str, runs: usize, reset: &dyn Fn()
             .query_one("SELECT count(*) FROM pgtrickle.events", &[])
             .unwrap()
             .get(0);
-        assert_eq!(rows as usize, N, "{name}: every message must arrive");
+        assert_eq!(rows as usize, n, "{name}: every message must arrive");
         eprintln!(
             "{name} run {}: {secs:.2}s, {:.0} events/s, peak RSS {:.1} MB",
             i + 1,
-            N as f64 / secs,
+            n as f64 / secs,
             kb as f64 / 1024.0
         );
-        rates.push(N as f64 / secs);
+        rates.push(n as f64 / secs);
     }
     println!(
         "{}",
-        serde_json::json!({"bench": name, "events": N, "runs": runs,
+        serde_json::json!({"bench": name, "events": n, "runs": runs,
             "median_events_per_sec": median(rates).round(),
             "max_peak_rss_mb": (peak_kb as f64 / 102.4).round() / 10.0})
     );
@@ -122,6 +137,7 @@ fn main() {
         &url,
         "reverse_file_to_inbox_200000",
         "file-in",
+        N,
         runs,
         &|| {},
     );
@@ -159,6 +175,7 @@ fn main() {
             &url,
             "reverse_redis_to_inbox_200000",
             "redis-in",
+            N,
             runs,
             &|| {
                 // Read everything again: drop the group, the relay recreates it
@@ -188,6 +205,7 @@ fn main() {
             &url,
             "reverse_nats_to_inbox_200000",
             "nats-in",
+            N,
             runs,
             &|| nats_reset(&n),
         );
@@ -208,6 +226,7 @@ fn main() {
             &url,
             "reverse_kafka_to_inbox_200000",
             "kafka-in",
+            N,
             runs,
             &|| {
                 run.set(run.get() + 1);
@@ -217,6 +236,8 @@ fn main() {
     }
     #[cfg(feature = "rabbitmq")]
     bench_rabbitmq(&url, runs);
+    #[cfg(feature = "sqs")]
+    bench_sqs(&url, runs);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -311,6 +332,7 @@ fn bench_rabbitmq(url: &str, runs: usize) {
         url,
         "reverse_rabbitmq_to_inbox_200000",
         "rabbitmq-in",
+        N,
         runs,
         &|| {
             let (_conn, ch) = r.open();
@@ -318,4 +340,54 @@ fn bench_rabbitmq(url: &str, runs: usize) {
             r.publish("", "bench", &messages);
         },
     );
+}
+
+/// `BENCH_SQS_MESSAGES` (default 1,000) messages from a standard queue of
+/// a private moto_server, each with a `dedup_key` attribute; the queue is
+/// filled anew (8 senders) before each run. moto does work proportional to
+/// the queue's length for every message sent, so filling it is quadratic:
+/// keep the count small.
+#[cfg(feature = "sqs")]
+fn bench_sqs(url: &str, runs: usize) {
+    let n: usize = std::env::var("BENCH_SQS_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000);
+    let name = format!("reverse_sqs_to_inbox_{n}");
+    if !selected(&name) {
+        return;
+    }
+    let moto = support::sqs::Moto::start();
+    let queue = moto.client().create_queue("bench", serde_json::json!({}));
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('sqs-in', 'events', $1::text::jsonb)",
+            &[&serde_json::json!({"type": "sqs", "queue_url": queue,
+                "region": support::sqs::REGION, "access_key_id": "bench",
+                "secret_access_key": "bench", "wait_time_seconds": 1})
+            .to_string()],
+        )
+        .unwrap();
+    let fill = || {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for part in 0..8 {
+                let (moto, queue) = (&moto, &queue);
+                s.spawn(move || {
+                    let msgs: Vec<serde_json::Value> = (part..n)
+                        .step_by(8)
+                        .map(|i| {
+                            serde_json::json!({"MessageBody": body(i), "MessageAttributes":
+                                {"dedup_key": {"DataType": "String",
+                                               "StringValue": format!("s{i}")}}})
+                        })
+                        .collect();
+                    moto.client().send(queue, &msgs);
+                });
+            }
+        });
+        eprintln!("filled the queue in {:.1}s", t.elapsed().as_secs_f64());
+    };
+    scenario(url, &name, "sqs-in", n, runs, &fill);
 }

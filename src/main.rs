@@ -24,6 +24,8 @@ mod shutdown;
 mod sink;
 mod source;
 mod sql;
+#[cfg(feature = "sqs")]
+mod sqs;
 mod status;
 
 use std::io::Write;

@@ -19,6 +19,8 @@ pub mod pg_inbox;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 pub mod stdout;
 
 /// An event the destination refused for good (too large, a 4xx answer):
@@ -67,6 +69,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("kafka", kafka::parse),
     #[cfg(feature = "rabbitmq")]
     ("rabbitmq", rabbitmq::parse),
+    #[cfg(feature = "sqs")]
+    ("sqs", sqs::parse),
 ];
 
 /// Parse the config of a sink of type `kind`.

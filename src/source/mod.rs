@@ -19,6 +19,8 @@ pub mod nats;
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sqs")]
+pub mod sqs;
 pub mod stdin;
 
 /// Where a message attribute (`event_type`, `aggregate_id`, `source`,
@@ -30,7 +32,8 @@ pub mod stdin;
         feature = "redis",
         feature = "nats",
         feature = "kafka",
-        feature = "rabbitmq"
+        feature = "rabbitmq",
+        feature = "sqs"
     )),
     allow(dead_code)
 )]
@@ -164,6 +167,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("kafka", kafka::parse),
     #[cfg(feature = "rabbitmq")]
     ("rabbitmq", rabbitmq::parse),
+    #[cfg(feature = "sqs")]
+    ("sqs", sqs::parse),
 ];
 
 /// Parse the config of a source of type `kind`.

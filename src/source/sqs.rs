@@ -1,0 +1,471 @@
+//! The `sqs` source: an Amazon SQS queue into the inbox.
+//!
+//! Config: `{"type":"sqs", "queue_url":"https://sqs.<region>.amazonaws.com/<account>/<name>",
+//! "region":"eu-west-1", "wait_time_seconds":4, "visibility_timeout":60,
+//! "event_type":{"header":"type"} | {"field":"type"} | "fixed"}`, the same
+//! for `aggregate_id`, `source` and `trace_id`, plus the connection keys of
+//! the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
+//! `session_token`, `timeout_ms`; see `src/sqs.rs`). Credentials default to
+//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
+//!
+//! Receiving: `ReceiveMessage` with up to 10 messages per call; the first
+//! call of a batch long-polls for `wait_time_seconds` (0 to 20, default 4:
+//! below the relay's shutdown grace, so SIGTERM is not held up), and more
+//! calls without waiting fill the batch up to `batch_size` until
+//! `max_wait_ms` has passed or the queue has nothing more to give.
+//!
+//! Acknowledging: the messages of a batch are deleted
+//! (`DeleteMessageBatch`) only after the inbox transaction holding them
+//! committed. Until then they are invisible for the visibility timeout
+//! (`visibility_timeout` seconds, else the queue's own, read with
+//! `GetQueueAttributes`, else 30 s); while a batch is still being filled,
+//! messages held for more than half of it are extended
+//! (`ChangeMessageVisibilityBatch`). A message whose timeout ran out (the
+//! inbox was unwritable for longer, or the relay died) is delivered again,
+//! and the inbox's `ON CONFLICT (event_id) DO NOTHING` absorbs the repeat.
+//!
+//! The inbox `event_id` is the message's `MessageDeduplicationId` (FIFO
+//! queues), else its `dedup_key` message attribute (set by the `sqs` sink),
+//! else its `MessageId`. The payload is the body, which must be JSON; a
+//! body that is not goes into the inbox as a dead letter (`{"raw": "<text>"}`,
+//! with the reason in `error`, in `<inbox>_dlq`) and is deleted like the
+//! rest. `event_type`, `aggregate_id`, `source` and `trace_id` come from a
+//! message attribute (`{"header": "name"}`), a field of the JSON body
+//! (`{"field": "name"}`), or a fixed string; by default from the message
+//! attribute of the same name, else the body's field of that name.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::config::{from_value, ConfigError};
+use crate::retry::Error;
+use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};
+
+/// The default long-poll wait, seconds.
+const DEFAULT_WAIT: u64 = 4;
+/// The visibility timeout assumed when the queue's cannot be read.
+const DEFAULT_VISIBILITY: u64 = 30;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqsSourceKeys {
+    #[serde(default)]
+    wait_time_seconds: Option<u64>,
+    #[serde(default)]
+    visibility_timeout: Option<u64>,
+    #[serde(default)]
+    event_type: Option<Origin>,
+    #[serde(default)]
+    aggregate_id: Option<Origin>,
+    #[serde(default)]
+    source: Option<Origin>,
+    #[serde(default)]
+    trace_id: Option<Origin>,
+}
+
+/// The `sqs` source's config.
+#[derive(Debug, Clone)]
+pub struct SqsSourceConfig {
+    conn: ConnKeys,
+    keys: SqsSourceKeys,
+}
+
+/// Parse the source's keys.
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let conn = ConnKeys::take(&mut keys, "source")?;
+    let raw: SqsSourceKeys = from_value("source", Value::Object(keys))?;
+    if raw.wait_time_seconds.is_some_and(|w| w > 20) {
+        return Err(ConfigError::new(
+            "source.wait_time_seconds",
+            "must be between 0 and 20 (SQS's limit)",
+        ));
+    }
+    if raw
+        .visibility_timeout
+        .is_some_and(|v| !(1..=43_200).contains(&v))
+    {
+        return Err(ConfigError::new(
+            "source.visibility_timeout",
+            "must be between 1 and 43200 seconds (SQS's limits)",
+        ));
+    }
+    Ok(Box::new(SqsSourceConfig { conn, keys: raw }))
+}
+
+impl SourceSpec for SqsSourceConfig {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+        let client = Client::open(&self.conn, pipeline, "source")?;
+        let visibility = match self.keys.visibility_timeout {
+            Some(v) => v,
+            None => queue_visibility(&client)?,
+        };
+        log::info!(
+            "receiving from sqs queue {} (visibility timeout {visibility} s)",
+            client.queue_url()
+        );
+        Ok(Box::new(SqsSource {
+            client,
+            wait: self.keys.wait_time_seconds.unwrap_or(DEFAULT_WAIT),
+            visibility_timeout: self.keys.visibility_timeout,
+            visibility: Duration::from_secs(visibility),
+            event_type: self.keys.event_type.clone(),
+            aggregate_id: self.keys.aggregate_id.clone(),
+            source: self.keys.source.clone(),
+            trace_id: self.keys.trace_id.clone(),
+            unacked: Vec::new(),
+            once,
+        }))
+    }
+}
+
+/// The queue's visibility timeout, seconds; the default when the
+/// credentials may not read it.
+fn queue_visibility(client: &Client) -> Result<u64, Error> {
+    let body = json!({"QueueUrl": client.queue_url(), "AttributeNames": ["VisibilityTimeout"]});
+    match client.call("GetQueueAttributes", &body, Duration::ZERO) {
+        Ok(a) => Ok(a["Attributes"]["VisibilityTimeout"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_VISIBILITY)),
+        Err(r) if r.code == "AccessDenied" || r.code == "AccessDeniedException" => {
+            log::warn!(
+                "{}; assuming a visibility timeout of {DEFAULT_VISIBILITY} s (set source.visibility_timeout)",
+                r.error
+            );
+            Ok(DEFAULT_VISIBILITY)
+        }
+        Err(r) => Err(r.error),
+    }
+}
+
+/// A received message not yet deleted.
+struct Held {
+    receipt: String,
+    since: Instant,
+}
+
+struct SqsSource {
+    client: Client,
+    /// Long-poll wait of a batch's first call, seconds.
+    wait: u64,
+    /// The configured visibility timeout (None: the queue's).
+    visibility_timeout: Option<u64>,
+    /// The visibility timeout in force.
+    visibility: Duration,
+    event_type: Option<Origin>,
+    aggregate_id: Option<Origin>,
+    source: Option<Origin>,
+    trace_id: Option<Origin>,
+    /// Received and not yet deleted.
+    unacked: Vec<Held>,
+    /// `--once`: end when a long poll brings nothing.
+    once: bool,
+}
+
+/// A message attribute's value as text (String and Number types).
+fn attribute(m: &Value, name: &str) -> Option<String> {
+    m["MessageAttributes"][name]["StringValue"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// A JSON field as text (a string as is, anything else as JSON).
+fn json_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
+    match obj.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+/// The value of `origin` for a message (`name`: the inbox column, for the
+/// default); `body` is the parsed JSON body when it is an object.
+fn pick(
+    origin: &Option<Origin>,
+    name: &str,
+    m: &Value,
+    body: Option<&Map<String, Value>>,
+) -> Option<String> {
+    match origin {
+        None => attribute(m, name).or_else(|| json_text(body?, name)),
+        Some(Origin::Header { header }) => attribute(m, header),
+        Some(Origin::Field { field }) => json_text(body?, field),
+        Some(Origin::Fixed(s)) => Some(s.clone()),
+    }
+}
+
+impl SqsSource {
+    /// Turn one received message into an inbox message.
+    fn message(&self, m: &Value) -> Message {
+        let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        let message_id = text(&m["MessageId"]).unwrap_or_default();
+        let event_id = text(&m["Attributes"]["MessageDeduplicationId"])
+            .or_else(|| attribute(m, "dedup_key").filter(|k| !k.is_empty()))
+            .unwrap_or_else(|| message_id.clone());
+        let body = m["Body"].as_str().unwrap_or("").to_string();
+        let (parsed, error) = match serde_json::from_str::<Value>(&body) {
+            Ok(v) => (Some(v), None),
+            Err(e) => {
+                log::warn!(
+                    "sqs queue {} message {message_id}: body is not valid JSON ({e}); into the \
+                     inbox's dead letters",
+                    self.client.queue_url()
+                );
+                (
+                    None,
+                    Some(format!(
+                        "sqs queue {} message {message_id}: body is not valid JSON ({e})",
+                        self.client.queue_url()
+                    )),
+                )
+            }
+        };
+        let obj = parsed.as_ref().and_then(Value::as_object);
+        Message {
+            event_type: pick(&self.event_type, "event_type", m, obj),
+            aggregate_id: pick(&self.aggregate_id, "aggregate_id", m, obj),
+            source: pick(&self.source, "source", m, obj),
+            trace_id: pick(&self.trace_id, "trace_id", m, obj),
+            event_id,
+            payload: body,
+            error,
+        }
+    }
+
+    /// One `ReceiveMessage` call.
+    fn receive_once(&self, max: usize, wait: u64) -> Result<Vec<Value>, Error> {
+        let mut body = json!({
+            "QueueUrl": self.client.queue_url(),
+            "MaxNumberOfMessages": max.clamp(1, MAX_BATCH),
+            "WaitTimeSeconds": wait,
+            "AttributeNames": ["MessageDeduplicationId"],
+            "MessageSystemAttributeNames": ["MessageDeduplicationId"],
+            "MessageAttributeNames": ["All"],
+        });
+        if let Some(v) = self.visibility_timeout {
+            body["VisibilityTimeout"] = json!(v);
+        }
+        let answer = self
+            .client
+            .call("ReceiveMessage", &body, Duration::from_secs(wait))
+            .map_err(|r| r.error)?;
+        Ok(answer["Messages"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Extend the visibility of held messages once they are held for half
+    /// of it. A failure is only logged: the messages may then be delivered
+    /// again, which the inbox absorbs.
+    fn extend(&mut self) {
+        let due = self
+            .unacked
+            .first()
+            .is_some_and(|h| h.since.elapsed() >= self.visibility / 2);
+        if !due {
+            return;
+        }
+        let secs = self.visibility.as_secs();
+        for chunk in self.unacked.chunks_mut(MAX_BATCH) {
+            let entries: Vec<Value> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    json!({"Id": i.to_string(), "ReceiptHandle": h.receipt, "VisibilityTimeout": secs})
+                })
+                .collect();
+            let body = json!({"QueueUrl": self.client.queue_url(), "Entries": entries});
+            match self
+                .client
+                .call("ChangeMessageVisibilityBatch", &body, Duration::ZERO)
+            {
+                Ok(a) => {
+                    let failed = sqs::failed_entries(&a);
+                    for (i, h) in chunk.iter_mut().enumerate() {
+                        if !failed.iter().any(|f| f.id == i.to_string()) {
+                            h.since = Instant::now();
+                        }
+                    }
+                    if let Some(f) = failed.first() {
+                        log::warn!(
+                            "sqs: extending the visibility of {} messages failed ({}: {}); they \
+                             may be delivered again",
+                            failed.len(),
+                            f.code,
+                            f.message
+                        );
+                    }
+                }
+                Err(r) => log::warn!("{}; the messages held may be delivered again", r.error),
+            }
+        }
+    }
+}
+
+impl Source for SqsSource {
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+        let max = max.max(1);
+        let deadline = Instant::now() + wait;
+        let mut batch = Batch::default();
+        loop {
+            self.extend();
+            let first = batch.messages.is_empty();
+            let got = self.receive_once(
+                max - batch.messages.len(),
+                if first { self.wait } else { 0 },
+            )?;
+            let empty = got.is_empty();
+            for m in &got {
+                batch.messages.push(self.message(m));
+                self.unacked.push(Held {
+                    receipt: m["ReceiptHandle"].as_str().unwrap_or("").to_string(),
+                    since: Instant::now(),
+                });
+            }
+            if empty || batch.messages.len() >= max || Instant::now() >= deadline {
+                break;
+            }
+        }
+        batch.end_of_input = self.once && batch.messages.is_empty();
+        Ok(batch)
+    }
+
+    fn ack(&mut self) -> Result<(), Error> {
+        let mut kept = Vec::new();
+        let mut error = None;
+        let held = std::mem::take(&mut self.unacked);
+        for chunk in held.chunks(MAX_BATCH) {
+            let entries: Vec<Value> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, h)| json!({"Id": i.to_string(), "ReceiptHandle": h.receipt}))
+                .collect();
+            let body = json!({"QueueUrl": self.client.queue_url(), "Entries": entries});
+            let answer = match self
+                .client
+                .call("DeleteMessageBatch", &body, Duration::ZERO)
+            {
+                Ok(a) => a,
+                Err(r) => {
+                    // Kept: deleted with the next batch, or delivered again
+                    // after the visibility timeout (the inbox absorbs it).
+                    kept.extend(chunk.iter().map(|h| Held {
+                        receipt: h.receipt.clone(),
+                        since: h.since,
+                    }));
+                    error = Some(r.error);
+                    continue;
+                }
+            };
+            for f in sqs::failed_entries(&answer) {
+                let Some(h) = f.id.parse::<usize>().ok().and_then(|i| chunk.get(i)) else {
+                    continue;
+                };
+                if f.transient {
+                    kept.push(Held {
+                        receipt: h.receipt.clone(),
+                        since: h.since,
+                    });
+                    error = Some(Error::transient(format!(
+                        "sqs DeleteMessageBatch on {}: {}: {}",
+                        self.client.queue_url(),
+                        f.code,
+                        f.message
+                    )));
+                } else {
+                    // An expired receipt handle: the message comes again
+                    // and the inbox absorbs it.
+                    log::warn!(
+                        "sqs: deleting a message from {} failed ({}: {}); it will be delivered \
+                         again and absorbed by the inbox",
+                        self.client.queue_url(),
+                        f.code,
+                        f.message
+                    );
+                }
+            }
+        }
+        self.unacked = kept;
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let p = |v: Value| parse(keys(v)).unwrap_err().key;
+        let q = "https://sqs.eu-west-1.amazonaws.com/1/q";
+        assert_eq!(p(json!({"region": "r"})), "source.queue_url");
+        assert_eq!(
+            p(json!({"queue_url": q, "wait_time_seconds": 21})),
+            "source.wait_time_seconds"
+        );
+        assert_eq!(
+            p(json!({"queue_url": q, "visibility_timeout": 0})),
+            "source.visibility_timeout"
+        );
+        assert_eq!(
+            p(json!({"queue_url": q, "event_type": 5})),
+            "source.event_type"
+        );
+        assert_eq!(p(json!({"queue_url": q, "group": "g"})), "source.group");
+        assert!(parse(keys(
+            json!({"queue_url": q, "event_type": {"header": "type"},
+                                  "source": "fixed", "aggregate_id": {"field": "id"}})
+        ))
+        .is_ok());
+    }
+
+    #[test]
+    fn messages_take_ids_and_attributes_from_the_right_places() {
+        let cfg = json!({"queue_url": "http://127.0.0.1:1/1/q", "region": "r",
+                         "access_key_id": "a", "secret_access_key": "s",
+                         "event_type": {"header": "type"}, "aggregate_id": {"field": "id"},
+                         "source": "shop"});
+        let mut m = keys(cfg);
+        let conn = ConnKeys::take(&mut m, "source").unwrap();
+        let k: SqsSourceKeys = from_value("source", Value::Object(m)).unwrap();
+        let src = SqsSource {
+            client: Client::open(&conn, "p", "source").unwrap(),
+            wait: 0,
+            visibility_timeout: None,
+            visibility: Duration::from_secs(30),
+            event_type: k.event_type,
+            aggregate_id: k.aggregate_id,
+            source: k.source,
+            trace_id: k.trace_id,
+            unacked: Vec::new(),
+            once: false,
+        };
+        let msg = src.message(&json!({
+            "MessageId": "m-1", "Body": r#"{"id": 7, "trace_id": "t-9"}"#,
+            "Attributes": {"MessageDeduplicationId": "d-1"},
+            "MessageAttributes": {"type": {"DataType": "String", "StringValue": "created"},
+                                  "dedup_key": {"DataType": "String", "StringValue": "k-1"}}}));
+        assert_eq!(msg.event_id, "d-1");
+        assert_eq!(msg.event_type.as_deref(), Some("created"));
+        assert_eq!(msg.aggregate_id.as_deref(), Some("7"));
+        assert_eq!(msg.source.as_deref(), Some("shop"));
+        assert_eq!(msg.trace_id.as_deref(), Some("t-9"));
+        assert!(msg.error.is_none());
+        let msg = src.message(&json!({
+            "MessageId": "m-2", "Body": "not json",
+            "MessageAttributes": {"dedup_key": {"DataType": "String", "StringValue": "k-2"}}}));
+        assert_eq!(msg.event_id, "k-2");
+        assert_eq!(msg.payload, "not json");
+        assert!(msg.error.unwrap().contains("not valid JSON"));
+        let msg = src.message(&json!({"MessageId": "m-3", "Body": "{}"}));
+        assert_eq!(msg.event_id, "m-3");
+    }
+}

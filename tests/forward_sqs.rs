@@ -1,0 +1,284 @@
+//! Forward to Amazon SQS end to end: outbox → relay binary → a private
+//! moto_server, read back with a signed client of the test's own.
+//!
+//! moto dedups FIFO deduplication ids only against messages still queued,
+//! so the restart test leaves its messages in the queue until the end; and
+//! moto forgets everything when it stops, so the outage test drains what
+//! was delivered before the stop and checks that everything published
+//! during the outage arrives once the queue is back.
+#![cfg(feature = "sqs")]
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::sqs::{attr, Moto, REGION};
+use support::*;
+
+/// A sink config for `queue` with credentials in the config (the secret
+/// from the environment).
+fn sink(queue: &str, extra: Value) -> Value {
+    let mut s = json!({"type": "sqs", "queue_url": queue, "region": REGION,
+        "access_key_id": "AKIDTEST", "secret_access_key": "${ENV:PGTR_SQS_SECRET}"});
+    for (k, v) in extra.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    s
+}
+
+/// The relay for `url`, with the secret key in its environment.
+fn relay_cmd(url: &str) -> std::process::Command {
+    let mut c = relay(url);
+    c.env("PGTR_SQS_SECRET", "s3cr3t-sqs-key");
+    c
+}
+
+/// The `n` of a message body `{"n": ...}`.
+fn n_of(m: &Value) -> i64 {
+    let body: Value = serde_json::from_str(m["Body"].as_str().unwrap()).unwrap();
+    body["n"].as_i64().unwrap()
+}
+
+/// The committed offset of pipeline `fwd`.
+fn offset(url: &str) -> i64 {
+    Pg::shared()
+        .client(url)
+        .query_opt(
+            "SELECT last_change_id FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = 'fwd'",
+            &[],
+        )
+        .unwrap()
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+#[test]
+fn ten_thousand_events_arrive_in_order_in_their_message_group() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("order.fifo", json!({}));
+    // Credentials from the standard AWS environment variables.
+    let url = outbox_pipeline(
+        "sqs_order",
+        &json!({"type": "sqs", "queue_url": queue,
+                "message_group_id": "{stream_table}-{op}"}),
+    );
+    publish(&url, 0, 10_000);
+    let mut r = Relay::spawn(
+        relay(&url)
+            .env("AWS_ACCESS_KEY_ID", "AKIDENV")
+            .env("AWS_SECRET_ACCESS_KEY", "s3cr3t-env-key")
+            .env("AWS_REGION", REGION),
+    );
+    let got = sqs.drain_until(&queue, 600, "10,000 messages", |m| m.len() >= 10_000);
+    assert_eq!(
+        got.iter().map(n_of).collect::<Vec<_>>(),
+        (0..10_000).collect::<Vec<_>>(),
+        "every event, once, in order"
+    );
+    for m in &got {
+        let key = attr(m, "dedup_key").unwrap();
+        assert_eq!(m["Attributes"]["MessageDeduplicationId"], key);
+        assert_eq!(m["Attributes"]["MessageGroupId"], "orders-insert");
+        assert_eq!(attr(m, "op"), Some("insert"));
+        assert_eq!(attr(m, "subject"), Some("pgtrickle.orders.insert"));
+        assert_eq!(attr(m, "full_refresh"), Some("false"));
+        assert_eq!(m["MessageAttributes"]["outbox_id"]["DataType"], "Number");
+        assert_eq!(
+            key,
+            format!("outbox_orders:{}:0", attr(m, "outbox_id").unwrap())
+        );
+    }
+    assert_eq!(attr(&got[0], "dedup_key"), Some("outbox_orders:1:0"));
+    let (_, health) = r.get("/health");
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(10), Some(0));
+    let log = r.stderr();
+    assert!(log.contains("FIFO"), "{log}");
+    for text in [&log, &health] {
+        assert!(
+            !text.contains("s3cr3t-env-key"),
+            "the secret key leaked: {text}"
+        );
+    }
+}
+
+#[test]
+fn sigkill_mid_stream_then_restart_delivers_every_event_once() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("restart.fifo", json!({}));
+    // moto's FIFO queues slow down as messages pile up: keep this small.
+    let url = outbox_pipeline("sqs_kill", &sink(&queue, json!({"batch_size": 20})));
+    let n = 600;
+    publish(&url, 0, n);
+    let mut r = Relay::spawn(&mut relay_cmd(&url));
+    // The messages stay queued to the end: moto dedups only against them.
+    wait_until(120, "some messages", || sqs.counts(&queue).0 >= 100);
+    r.signal(libc::SIGKILL);
+    r.wait_exit(10);
+    let at_kill = sqs.counts(&queue).0;
+    assert!(
+        (at_kill as i64) < n,
+        "the relay was killed after it delivered everything ({at_kill}); nothing to test"
+    );
+    let resumed_from = offset(&url);
+    let mut r = Relay::spawn(&mut relay_cmd(&url));
+    wait_until(300, "every message", || sqs.counts(&queue).0 >= n as u64);
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(10), Some(0), "{}", r.stderr());
+    let got = sqs.drain_until(&queue, 300, "every message", |m| m.len() >= n as usize);
+    // Anything left would be a duplicate.
+    let extra = sqs.receive(&queue, 1);
+    assert!(extra.is_empty(), "duplicates: {extra:?}");
+    let ns: HashSet<i64> = got.iter().map(n_of).collect();
+    assert_eq!(got.len(), ns.len(), "an event was delivered twice");
+    assert_eq!(ns, (0..n).collect::<HashSet<_>>());
+    assert!(resumed_from < n, "resumed from {resumed_from}");
+}
+
+#[test]
+fn sqs_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes() {
+    let mut moto = Moto::start();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("outage", json!({}));
+    let url = outbox_pipeline(
+        "sqs_outage",
+        &sink(&queue, json!({"batch_size": 50, "timeout_ms": 3000})),
+    );
+    let r = Relay::spawn(&mut relay_cmd(&url));
+    publish(&url, 0, 500);
+    let before = sqs.drain_until(&queue, 120, "the first 500", |m| m.len() >= 500);
+    assert_eq!(
+        before.iter().map(n_of).collect::<HashSet<_>>(),
+        (0..500).collect::<HashSet<_>>()
+    );
+    // Everything delivered is committed once the relay is caught up.
+    let committed = {
+        let mut last = -1;
+        wait_until(30, "the offset to settle", || {
+            let o = offset(&url);
+            let settled = o == last && o > 0;
+            last = o;
+            std::thread::sleep(Duration::from_millis(300));
+            settled
+        });
+        last
+    };
+    let stopped = Instant::now();
+    moto.stop();
+    publish(&url, 500, 500);
+    r.wait_log("sqs SendMessageBatch on", 60);
+    r.wait_log("retrying", 60);
+    // The destination stays down for 10 s; the offset must not move.
+    while stopped.elapsed() < Duration::from_secs(10) {
+        assert_eq!(
+            offset(&url),
+            committed,
+            "the offset moved while SQS was down"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    moto.start_again();
+    let sqs = moto.client();
+    let recreated = sqs.create_queue("outage", json!({}));
+    assert_eq!(recreated, queue);
+    let back = Instant::now();
+    let first = sqs.drain_until(&queue, 60, "the first message after the outage", |m| {
+        !m.is_empty()
+    });
+    let resumed_after = back.elapsed();
+    let rest = sqs.drain_until(&queue, 120, "the 500 published during the outage", |m| {
+        let mut ns: HashSet<i64> = first.iter().map(n_of).collect();
+        ns.extend(m.iter().map(n_of));
+        (500..1000).all(|i| ns.contains(&i))
+    });
+    assert!(
+        first
+            .iter()
+            .chain(&rest)
+            .all(|m| (500..1000).contains(&n_of(m))),
+        "only the events not yet acknowledged are sent again"
+    );
+    assert!(
+        resumed_after < Duration::from_secs(20),
+        "delivery resumed {resumed_after:?} after the queue was back"
+    );
+    wait_until(30, "the offset to move on", || offset(&url) > committed);
+}
+
+#[test]
+fn an_oversize_event_is_dead_lettered_and_the_rest_delivered() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("oversize.fifo", json!({}));
+    let url = outbox_pipeline("sqs_oversize", &sink(&queue, json!({})));
+    let mut c = Pg::shared().client(&url);
+    c.batch_execute(
+        "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g, 'pad',
+                CASE WHEN g = 2 THEN repeat('x', 270000) ELSE '' END))
+         FROM generate_series(0, 4) g",
+    )
+    .unwrap();
+    let out = relay_cmd(&url)
+        .args(["--once", "--pipeline", "fwd"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let got = sqs.drain_until(&queue, 60, "four messages", |m| m.len() >= 4);
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![0, 1, 3, 4]);
+    let dead = c
+        .query(
+            "SELECT dedup_key, error, payload->'payload'->>'n' FROM pgtrickle.relay_dead_letters \
+             WHERE pipeline = 'fwd'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let (key, error, n): (String, String, Option<String>) =
+        (dead[0].get(0), dead[0].get(1), dead[0].get(2));
+    assert_eq!(key, "outbox_orders:3:0");
+    assert_eq!(n.as_deref(), Some("2"));
+    assert!(error.contains("over the limit of 262144 bytes"), "{error}");
+    assert!(
+        stderr.contains("dead-lettered event outbox_orders:3:0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_sqs_config_names_pipeline_and_key() {
+    let run = |db: &str, sink: Value| {
+        let url = outbox_pipeline(db, &sink);
+        let out = relay(&url)
+            .args(["--once", "--pipeline", "fwd"])
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("pipeline \"fwd\""), "{stderr}");
+        stderr
+    };
+    let e = run("sqs_badcfg", json!({"type": "sqs", "region": REGION}));
+    assert!(e.contains("sink.queue_url"), "{e}");
+    let e = run(
+        "sqs_badcfg_secret",
+        json!({"type": "sqs", "queue_url": "https://sqs.us-east-1.amazonaws.com/1/q",
+               "secret_access_key": "hunter2-secret"}),
+    );
+    assert!(e.contains("sink.access_key_id"), "{e}");
+    assert!(!e.contains("hunter2"), "the secret leaked: {e}");
+    let e = run(
+        "sqs_badcfg_creds",
+        json!({"type": "sqs", "queue_url": "https://sqs.us-east-1.amazonaws.com/1/q"}),
+    );
+    assert!(
+        e.contains("no AWS credentials") && e.contains("sink.access_key_id"),
+        "{e}"
+    );
+}
