@@ -55,7 +55,7 @@ fn offset(url: &str) -> i64 {
 }
 
 #[test]
-fn ten_thousand_events_arrive_in_order_in_their_message_group() {
+fn two_thousand_events_arrive_in_order_in_their_message_group() {
     let moto = Moto::shared();
     let sqs = moto.client();
     let queue = sqs.create_queue("order.fifo", json!({}));
@@ -65,17 +65,20 @@ fn ten_thousand_events_arrive_in_order_in_their_message_group() {
         &json!({"type": "sqs", "queue_url": queue,
                 "message_group_id": "{stream_table}-{op}"}),
     );
-    publish(&url, 0, 10_000);
+    // 2,000, not the 10,000 of the other sinks: moto's FIFO queues do work
+    // proportional to the queue for every message, and 10,000 took over ten
+    // minutes on a 2-core CI machine.
+    publish(&url, 0, 2_000);
     let mut r = Relay::spawn(
         relay(&url)
             .env("AWS_ACCESS_KEY_ID", "AKIDENV")
             .env("AWS_SECRET_ACCESS_KEY", "s3cr3t-env-key")
             .env("AWS_REGION", REGION),
     );
-    let got = sqs.drain_until(&queue, 600, "10,000 messages", |m| m.len() >= 10_000);
+    let got = sqs.drain_until(&queue, 600, "2,000 messages", |m| m.len() >= 2_000);
     assert_eq!(
         got.iter().map(n_of).collect::<Vec<_>>(),
-        (0..10_000).collect::<Vec<_>>(),
+        (0..2_000).collect::<Vec<_>>(),
         "every event, once, in order"
     );
     for m in &got {

@@ -11,33 +11,6 @@ use serde_json::{json, Value as Json};
 use support::kafka::{Kafka, Produce, Record};
 use support::*;
 
-fn set_inbox(pg: &Pg, url: &str, source: Json) {
-    pg.client(url)
-        .execute(
-            "SELECT pgtrickle.set_relay_inbox('rin', 'events', $1::text::jsonb)",
-            &[&source.to_string()],
-        )
-        .unwrap();
-}
-
-fn count(url: &str) -> i64 {
-    match postgres::Client::connect(url, postgres::NoTls) {
-        Ok(mut c) => c
-            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
-            .map(|r| r.get(0))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    }
-}
-
-fn ids(c: &mut postgres::Client) -> HashSet<String> {
-    c.query("SELECT event_id FROM pgtrickle.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// A JSON record with key `key` (None: no key).
 fn rec(key: Option<&str>, value: Json, headers: &[(&str, &str)]) -> Produce {
     (
@@ -96,7 +69,6 @@ fn records_dedup_into_the_inbox_and_offsets_are_committed() {
     // A backlog before the group exists: a new group starts at the earliest.
     k.produce("orders", &numbered(0, 1000));
     set_inbox(
-        pg,
         &url,
         json!({"type": "kafka", "brokers": "${ENV:KBROKERS}", "topic": "orders",
                "group_id": "inbox-orders", "max_wait_ms": 50,
@@ -118,18 +90,18 @@ fn records_dedup_into_the_inbox_and_offsets_are_committed() {
     // Keys k1..k299 except multiples of 10, and 200 keyless records.
     assert_eq!(want.len(), 270 + 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while count(&url) != want.len() as i64 {
+    while inbox_count(&url) != want.len() as i64 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} of {} ids in the inbox; log:\n{}",
-            count(&url),
+            inbox_count(&url),
             want.len(),
             relay.stderr()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut c = pg.client(&url);
-    assert_eq!(ids(&mut c), want);
+    assert_eq!(inbox_ids(&url), want);
     wait_until(30, "every offset committed", || {
         k.committed("inbox-orders", "orders") == ends(&records)
     });
@@ -167,7 +139,7 @@ fn killed_between_inbox_commit_and_broker_commit_redelivers_one_row_per_id() {
         .map(|i| rec(Some(&format!("n{i}")), json!({"v": i}), &[]))
         .collect();
     k.produce("noack", &records);
-    set_inbox(pg, &url, source(&k, "noack", "g-noack", json!({})));
+    set_inbox(&url, source(&k, "noack", "g-noack", json!({})));
     let mut db = pg.client(&url);
     for i in 0..30 {
         db.execute(
@@ -178,11 +150,11 @@ fn killed_between_inbox_commit_and_broker_commit_redelivers_one_row_per_id() {
     }
     assert!(k.committed("g-noack", "noack").is_empty());
     let relay = Relay::spawn(&mut relay(&url));
-    wait_until(60, "all records in the inbox", || count(&url) == 50);
+    wait_until(60, "all records in the inbox", || inbox_count(&url) == 50);
     wait_until(30, "the offset committed", || {
         k.committed("g-noack", "noack") == HashMap::from([(0, 50)])
     });
-    assert_eq!(ids(&mut db).len(), 50);
+    assert_eq!(inbox_ids(&url).len(), 50);
     drop(relay);
 }
 
@@ -197,26 +169,25 @@ fn sigkill_mid_stream_and_restart_keeps_one_row_per_id() {
         .collect();
     k.produce("kill", &records);
     set_inbox(
-        pg,
         &url,
         source(&k, "kill", "g-kill", json!({"batch_size": 20})),
     );
     let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(60, "some records in the inbox", || count(&url) > 100);
+    wait_until(60, "some records in the inbox", || inbox_count(&url) > 100);
     first.signal(libc::SIGKILL);
     first.wait_exit(10);
-    let got = count(&url);
+    let got = inbox_count(&url);
     assert!(
         got < 3000,
         "the relay finished before it was killed ({got})"
     );
     let second = Relay::spawn(&mut relay(&url));
-    wait_until(90, "all records in the inbox", || count(&url) == 3000);
+    wait_until(90, "all records in the inbox", || inbox_count(&url) == 3000);
     let all = k.read("kill", 3000, 30);
     wait_until(30, "every offset committed", || {
         k.committed("g-kill", "kill") == ends(&all)
     });
-    assert_eq!(ids(&mut pg.client(&url)).len(), 3000);
+    assert_eq!(inbox_ids(&url).len(), 3000);
     drop(second);
 }
 
@@ -226,13 +197,13 @@ fn postgres_down_nothing_committed_to_kafka_everything_arrives() {
     let url = pg.new_db("rev_kafka_pgdown");
     let k = Kafka::start();
     k.create_topic("down", 1);
-    set_inbox(&pg, &url, source(&k, "down", "g-down", json!({})));
+    set_inbox(&url, source(&k, "down", "g-down", json!({})));
     let relay = Relay::spawn(&mut relay(&url));
     let first: Vec<_> = (0..9)
         .map(|i| rec(Some(&format!("before-{i}")), json!({"i": i}), &[]))
         .collect();
     k.produce("down", &first);
-    wait_until(60, "the first records", || count(&url) == 9);
+    wait_until(60, "the first records", || inbox_count(&url) == 9);
     wait_until(30, "their offsets committed", || {
         k.committed("g-down", "down") == HashMap::from([(0, 9)])
     });
@@ -249,7 +220,9 @@ fn postgres_down_nothing_committed_to_kafka_everything_arrives() {
         "offsets committed while the inbox could not be written"
     );
     pg.start_again();
-    wait_until(90, "everything after the restart", || count(&url) == 209);
+    wait_until(90, "everything after the restart", || {
+        inbox_count(&url) == 209
+    });
     wait_until(30, "every offset committed", || {
         k.committed("g-down", "down") == HashMap::from([(0, 209)])
     });
@@ -262,10 +235,10 @@ fn an_inbox_lock_holds_commits_back_until_it_is_released() {
     let url = pg.new_db("rev_kafka_lock");
     let k = Kafka::start();
     k.create_topic("locked", 1);
-    set_inbox(pg, &url, source(&k, "locked", "g-lock", json!({})));
+    set_inbox(&url, source(&k, "locked", "g-lock", json!({})));
     let relay = Relay::spawn(&mut relay(&url));
     k.produce("locked", &[rec(Some("first"), json!({}), &[])]);
-    wait_until(60, "the first record", || count(&url) == 1);
+    wait_until(60, "the first record", || inbox_count(&url) == 1);
     wait_until(30, "its offset committed", || {
         k.committed("g-lock", "locked") == HashMap::from([(0, 1)])
     });
@@ -295,7 +268,7 @@ fn an_inbox_lock_holds_commits_back_until_it_is_released() {
         "offsets committed before the inbox commit"
     );
     tx.commit().unwrap();
-    wait_until(60, "everything after the lock", || count(&url) == 101);
+    wait_until(60, "everything after the lock", || inbox_count(&url) == 101);
     wait_until(30, "every offset committed", || {
         k.committed("g-lock", "locked") == HashMap::from([(0, 101)])
     });
@@ -318,11 +291,11 @@ fn malformed_records_are_dead_letters_and_the_rest_arrive() {
         (Some("nul".into()), br#"{"a":"\u0000"}"#.to_vec(), vec![]),
     );
     k.produce("bad", &records);
-    set_inbox(pg, &url, source(&k, "bad", "g-bad", json!({})));
+    set_inbox(&url, source(&k, "bad", "g-bad", json!({})));
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(count(&url), 13, "{stderr}");
+    assert_eq!(inbox_count(&url), 13, "{stderr}");
     assert_eq!(k.committed("g-bad", "bad"), HashMap::from([(0, 13)]));
     let mut c = pg.client(&url);
     let rows = c
@@ -354,7 +327,6 @@ fn a_rebalance_between_two_relays_loses_nothing() {
     let k = Kafka::start();
     k.create_topic("shared", 4);
     set_inbox(
-        pg,
         &url,
         source(&k, "shared", "g-shared", json!({"batch_size": 50})),
     );
@@ -373,13 +345,15 @@ fn a_rebalance_between_two_relays_loses_nothing() {
             }
         })
     };
-    wait_until(60, "some records in the inbox", || count(&url) > 200);
+    wait_until(60, "some records in the inbox", || inbox_count(&url) > 200);
     let b = Relay::spawn(relay(&url).args(["--relay-group-id", "b"]));
     b.wait_log("kafka partitions assigned", 60);
     a.signal(libc::SIGTERM);
     assert_eq!(a.wait_exit(30), Some(0), "{}", a.stderr());
     producer.join().unwrap();
-    wait_until(90, "every record in the inbox", || count(&url) == 2000);
+    wait_until(90, "every record in the inbox", || {
+        inbox_count(&url) == 2000
+    });
     let all = k.read("shared", 2000, 30);
     wait_until(30, "every offset committed", || {
         k.committed("g-shared", "shared") == ends(&all)
@@ -398,7 +372,7 @@ fn kafka_restarted_mid_stream_loses_nothing() {
     let url = pg.new_db("rev_kafka_restart");
     let mut k = Kafka::start_persistent();
     k.create_topic("restart", 1);
-    set_inbox(pg, &url, source(&k, "restart", "g-restart", json!({})));
+    set_inbox(&url, source(&k, "restart", "g-restart", json!({})));
     let relay = Relay::spawn(&mut relay(&url));
     let batch = |from: usize| -> Vec<Produce> {
         (from..from + 100)
@@ -406,7 +380,7 @@ fn kafka_restarted_mid_stream_loses_nothing() {
             .collect()
     };
     k.produce("restart", &batch(0));
-    wait_until(60, "the first records", || count(&url) == 100);
+    wait_until(60, "the first records", || inbox_count(&url) == 100);
     wait_until(30, "their offsets committed", || {
         k.committed("g-restart", "restart") == HashMap::from([(0, 100)])
     });
@@ -414,7 +388,9 @@ fn kafka_restarted_mid_stream_loses_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     k.start_again();
     k.produce("restart", &batch(100));
-    wait_until(90, "the records after the restart", || count(&url) == 200);
+    wait_until(90, "the records after the restart", || {
+        inbox_count(&url) == 200
+    });
     wait_until(30, "every offset committed", || {
         k.committed("g-restart", "restart") == HashMap::from([(0, 200)])
     });
@@ -426,7 +402,6 @@ fn a_bad_kafka_source_config_names_pipeline_and_key() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_kafka_badcfg");
     set_inbox(
-        pg,
         &url,
         json!({"type": "kafka", "brokers": "127.0.0.1:9", "topic": "t"}),
     );

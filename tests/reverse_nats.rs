@@ -117,34 +117,6 @@ fn all_acked(n: &Nats, stream: &str, name: &str) -> bool {
     c["num_ack_pending"] == json!(0) && c["num_pending"] == json!(0)
 }
 
-fn set_inbox(url: &str, source: Value) {
-    Pg::shared()
-        .client(url)
-        .execute(
-            "SELECT pgtrickle.set_relay_inbox('rin', 'events', $1::text::jsonb)",
-            &[&source.to_string()],
-        )
-        .unwrap();
-}
-
-fn count(url: &str) -> i64 {
-    match postgres::Client::connect(url, postgres::NoTls) {
-        Ok(mut c) => c
-            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
-            .map(|r| r.get(0))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    }
-}
-
-fn ids(c: &mut postgres::Client) -> HashSet<String> {
-    c.query("SELECT event_id FROM pgtrickle.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Messages `from..to` on `orders.placed`: every 10th without a
 /// `Nats-Msg-Id` (its stream sequence is the event id), the others with
 /// ids repeating every 1500.
@@ -214,13 +186,13 @@ fn messages_dedup_into_the_inbox_and_are_all_acked() {
     let want = expected("ORDERS", &all, &acks);
     assert_eq!(want.len(), 1350 + 200);
     wait_until(60, "every distinct id in the inbox", || {
-        count(&url) == want.len() as i64
+        inbox_count(&url) == want.len() as i64
     });
     wait_until(20, "every message acked", || {
         all_acked(&n, "ORDERS", CONSUMER)
     });
     let mut c = Pg::shared().client(&url);
-    assert_eq!(ids(&mut c), want);
+    assert_eq!(inbox_ids(&url), want);
     let row = c
         .query_one(
             "SELECT event_type, source, aggregate_id, trace_id, payload->>'n' \
@@ -308,8 +280,8 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
     wait_until(30, "every message acked", || {
         all_acked(&n, "NOACK", CONSUMER)
     });
-    assert_eq!(count(&url), 50);
-    assert_eq!(ids(&mut db).len(), 50);
+    assert_eq!(inbox_count(&url), 50);
+    assert_eq!(inbox_ids(&url).len(), 50);
     assert_eq!(
         consumer(&n, "NOACK", CONSUMER)["config"]["ack_wait"],
         json!(2_000_000_000u64)
@@ -345,7 +317,7 @@ fn sigkill_after_the_commit_before_the_acks_is_redelivered_once() {
                "ack_wait_ms": 2000, "max_wait_ms": 50}),
     );
     let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "every message in the inbox", || count(&url) == 50);
+    wait_until(30, "every message in the inbox", || inbox_count(&url) == 50);
     first.wait_log("did not confirm the acks", 30);
     let info = consumer(&n, "RK", CONSUMER);
     assert_eq!(info["ack_floor"]["stream_seq"], 0, "acked: {info}");
@@ -360,8 +332,8 @@ fn sigkill_after_the_commit_before_the_acks_is_redelivered_once() {
     wait_until(30, "every message acked", || all_acked(&n, "RK", CONSUMER));
     let info = consumer(&n, "RK", CONSUMER);
     assert_eq!(info["ack_floor"]["stream_seq"], 50, "{info}");
-    assert_eq!(count(&url), 50);
-    assert_eq!(ids(&mut Pg::shared().client(&url)).len(), 50);
+    assert_eq!(inbox_count(&url), 50);
+    assert_eq!(inbox_ids(&url).len(), 50);
     drop(second);
 }
 
@@ -386,10 +358,10 @@ fn sigkill_mid_stream_then_restart_delivers_every_id_once() {
                "batch_size": 20}),
     );
     let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some messages in the inbox", || count(&url) > 100);
+    wait_until(30, "some messages in the inbox", || inbox_count(&url) > 100);
     first.signal(libc::SIGKILL);
     first.wait_exit(10);
-    let got = count(&url);
+    let got = inbox_count(&url);
     assert!(
         got < 10_000,
         "the relay finished before it was killed ({got})"
@@ -399,11 +371,13 @@ fn sigkill_mid_stream_then_restart_delivers_every_id_once() {
         .as_u64()
         .unwrap();
     let second = Relay::spawn(&mut relay(&url));
-    wait_until(120, "every message in the inbox", || count(&url) == 10_000);
+    wait_until(120, "every message in the inbox", || {
+        inbox_count(&url) == 10_000
+    });
     wait_until(30, "every message acked", || {
         all_acked(&n, "KILL", CONSUMER)
     });
-    assert_eq!(ids(&mut Pg::shared().client(&url)).len(), 10_000);
+    assert_eq!(inbox_ids(&url).len(), 10_000);
     eprintln!("{pending} messages were unacknowledged at the kill");
     drop(second);
 }
@@ -427,7 +401,7 @@ fn postgres_down_nothing_acked_everything_arrives() {
         .map(|i| out("pgdown.x", Some(&format!("b{i}")), "{}"))
         .collect();
     js_publish(&n, &before);
-    wait_until(30, "the first messages", || count(&url) == 9);
+    wait_until(30, "the first messages", || inbox_count(&url) == 9);
     wait_until(20, "the first messages acked", || {
         all_acked(&n, "PGDOWN", CONSUMER)
     });
@@ -449,7 +423,9 @@ fn postgres_down_nothing_acked_everything_arrives() {
         "acked while PostgreSQL was down: {info}"
     );
     pg.start_again();
-    wait_until(60, "everything after the restart", || count(&url) == 209);
+    wait_until(60, "everything after the restart", || {
+        inbox_count(&url) == 209
+    });
     wait_until(20, "every message acked", || {
         all_acked(&n, "PGDOWN", CONSUMER)
     });
@@ -475,7 +451,7 @@ fn malformed_bodies_are_dead_letters_and_the_rest_arrive() {
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(count(&url), 13);
+    assert_eq!(inbox_count(&url), 13);
     assert!(all_acked(&n, "BAD", CONSUMER));
     let mut c = Pg::shared().client(&url);
     let rows = c
@@ -537,10 +513,10 @@ fn start_new_skips_the_backlog() {
             out("new.x", Some("b"), "{}"),
         ],
     );
-    wait_until(30, "the new messages", || count(&url) == 2);
+    wait_until(30, "the new messages", || inbox_count(&url) == 2);
     wait_until(20, "every message acked", || all_acked(&n, "NEW", CONSUMER));
     let want: HashSet<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
-    assert_eq!(ids(&mut Pg::shared().client(&url)), want);
+    assert_eq!(inbox_ids(&url), want);
     let info = consumer(&n, "NEW", CONSUMER);
     assert_eq!(info["config"]["deliver_policy"], "new", "{info}");
     assert_eq!(info["config"]["filter_subject"], "new.x", "{info}");
@@ -562,7 +538,7 @@ fn nats_restarted_mid_stream_loses_nothing() {
             .collect()
     };
     js_publish(&n, &batch(0));
-    wait_until(30, "the first messages", || count(&url) == 100);
+    wait_until(30, "the first messages", || inbox_count(&url) == 100);
     n.stop();
     relay.wait_log("not connected", 30);
     n.start_again();
@@ -571,7 +547,9 @@ fn nats_restarted_mid_stream_loses_nothing() {
         !consumer(&n, "RST", CONSUMER).is_null()
     });
     js_publish(&n, &batch(100));
-    wait_until(60, "the messages after the restart", || count(&url) == 200);
+    wait_until(60, "the messages after the restart", || {
+        inbox_count(&url) == 200
+    });
     wait_until(20, "every message acked", || all_acked(&n, "RST", CONSUMER));
 }
 
@@ -660,7 +638,7 @@ fn a_consumer_deleted_while_running_is_created_again() {
             .collect()
     };
     js_publish(&n, &batch("a"));
-    wait_until(30, "the first messages", || count(&url) == 10);
+    wait_until(30, "the first messages", || inbox_count(&url) == 10);
     wait_until(20, "the first messages acked", || {
         all_acked(&n, "GONE", CONSUMER)
     });
@@ -674,7 +652,9 @@ fn a_consumer_deleted_while_running_is_created_again() {
     js_publish(&n, &batch("b"));
     // The new consumer starts at the first message again: the inbox absorbs
     // the first ten.
-    wait_until(60, "the messages after the deletion", || count(&url) == 20);
+    wait_until(60, "the messages after the deletion", || {
+        inbox_count(&url) == 20
+    });
     wait_until(20, "every message acked", || {
         all_acked(&n, "GONE", CONSUMER)
     });

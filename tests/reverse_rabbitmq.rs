@@ -18,35 +18,6 @@ fn msg(id: &str, body: Json) -> Msg {
     (Some(id.to_string()), None, body.to_string().into_bytes())
 }
 
-fn set_inbox(pg: &Pg, url: &str, source: Json) {
-    pg.client(url)
-        .execute(
-            "SELECT pgtrickle.set_relay_inbox('rin', 'events', $1::text::jsonb)",
-            &[&source.to_string()],
-        )
-        .unwrap();
-}
-
-fn count(url: &str) -> i64 {
-    match postgres::Client::connect(url, postgres::NoTls) {
-        Ok(mut c) => c
-            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
-            .map(|r| r.get(0))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    }
-}
-
-fn ids(url: &str) -> HashSet<String> {
-    Pg::shared()
-        .client(url)
-        .query("SELECT event_id FROM pgtrickle.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Stop the relay cleanly; whatever it had not acknowledged is back in
 /// the queue then.
 fn stop(mut relay: Relay) {
@@ -77,7 +48,6 @@ fn repeated_message_ids_are_one_row_each_and_everything_is_acked() {
     };
     r.publish("dedup_x", "orders.new", &numbered(0, 1000));
     set_inbox(
-        pg,
         &url,
         json!({"type": "rabbitmq", "url": "${ENV:MQ_URL}", "queue": "dedup_q",
                "declare": true, "exchange": "dedup_x", "binding_key": "orders.#",
@@ -85,9 +55,11 @@ fn repeated_message_ids_are_one_row_each_and_everything_is_acked() {
     );
     let relay = Relay::spawn(relay(&url).env("MQ_URL", r.url()));
     r.publish("dedup_x", "orders.new", &numbered(1000, 2000));
-    wait_until(60, "1500 distinct ids in the inbox", || count(&url) == 1500);
+    wait_until(60, "1500 distinct ids in the inbox", || {
+        inbox_count(&url) == 1500
+    });
     let want: HashSet<String> = (0..1500).map(|i| format!("k{i}")).collect();
-    assert_eq!(ids(&url), want);
+    assert_eq!(inbox_ids(&url), want);
     let row = pg
         .client(&url)
         .query_one(
@@ -109,7 +81,7 @@ fn repeated_message_ids_are_one_row_each_and_everything_is_acked() {
     assert!(!relay.stderr().contains("ERROR"), "{}", relay.stderr());
     // The repeats may still be on their way: a last message marks the end.
     r.publish("dedup_x", "orders.new", &[msg("end", json!({}))]);
-    wait_until(30, "the last message", || count(&url) == 1501);
+    wait_until(30, "the last message", || inbox_count(&url) == 1501);
     stop(relay);
     assert_eq!(r.count("dedup_q"), 0, "messages were left unacknowledged");
 }
@@ -125,24 +97,25 @@ fn killed_mid_stream_and_restarted_every_message_arrives_once() {
         .collect();
     r.publish("", "kill_rq", &all);
     set_inbox(
-        pg,
         &url,
         json!({"type": "rabbitmq", "url": r.url(), "queue": "kill_rq", "batch_size": 20,
                "prefetch": 40}),
     );
     let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some messages in the inbox", || count(&url) > 100);
+    wait_until(30, "some messages in the inbox", || inbox_count(&url) > 100);
     first.signal(libc::SIGKILL);
     first.wait_exit(10);
-    let got = count(&url);
+    let got = inbox_count(&url);
     assert!(
         got < 3000,
         "the relay finished before it was killed ({got})"
     );
     let second = Relay::spawn(&mut relay(&url));
-    wait_until(60, "all messages in the inbox", || count(&url) == 3000);
+    wait_until(60, "all messages in the inbox", || {
+        inbox_count(&url) == 3000
+    });
     stop(second);
-    assert_eq!(ids(&url).len(), 3000);
+    assert_eq!(inbox_ids(&url).len(), 3000);
     assert_eq!(r.count("kill_rq"), 0);
 }
 
@@ -181,7 +154,6 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
         drop(conn);
     }
     set_inbox(
-        pg,
         &url,
         json!({"type": "rabbitmq", "url": r.url(), "queue": "noack_q", "max_wait_ms": 2000}),
     );
@@ -202,7 +174,7 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(count(&url), 50);
+    assert_eq!(inbox_count(&url), 50);
     assert_eq!(r.count("noack_q"), 0);
 }
 
@@ -213,7 +185,6 @@ fn inbox_unwritable_nothing_acked_nothing_lost() {
     let r = Rabbit::shared();
     r.declare("down_q", "", "");
     set_inbox(
-        &pg,
         &url,
         json!({"type": "rabbitmq", "url": r.url(), "queue": "down_q", "max_wait_ms": 50}),
     );
@@ -226,7 +197,7 @@ fn inbox_unwritable_nothing_acked_nothing_lost() {
     // it is back.
     let relay1 = Relay::spawn(&mut relay(&url));
     r.publish("", "down_q", &batch(0, 9));
-    wait_until(30, "the first messages", || count(&url) == 9);
+    wait_until(30, "the first messages", || inbox_count(&url) == 9);
     pg.stop();
     r.publish("", "down_q", &batch(9, 200));
     wait_until(20, "the messages delivered to the relay", || {
@@ -234,7 +205,9 @@ fn inbox_unwritable_nothing_acked_nothing_lost() {
     });
     std::thread::sleep(Duration::from_millis(1500));
     pg.start_again();
-    wait_until(60, "everything after the restart", || count(&url) == 209);
+    wait_until(60, "everything after the restart", || {
+        inbox_count(&url) == 209
+    });
     // 2. The inbox locked: the relay's insert waits. Killed meanwhile,
     // nothing it received was acknowledged: all of it is back in the queue.
     let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
@@ -256,7 +229,7 @@ fn inbox_unwritable_nothing_acked_nothing_lost() {
     // process, may commit now: the inbox absorbs the redelivery.)
     let relay2 = Relay::spawn(&mut relay(&url));
     r.publish("", "down_q", &batch(309, 1));
-    wait_until(60, "everything after the lock", || count(&url) == 310);
+    wait_until(60, "everything after the lock", || inbox_count(&url) == 310);
     stop(relay2);
     assert_eq!(r.count("down_q"), 0);
     let want: HashSet<String> = (0..310).map(|i| format!("d{i}")).collect();
@@ -283,14 +256,13 @@ fn malformed_messages_are_dead_letters_and_the_rest_arrive() {
     all.insert(7, (None, None, br#"{"no":"id"}"#.to_vec()));
     r.publish("", "bad_q", &all);
     set_inbox(
-        pg,
         &url,
         json!({"type": "rabbitmq", "url": r.url(), "queue": "bad_q", "max_wait_ms": 2000}),
     );
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(count(&url), 12);
+    assert_eq!(inbox_count(&url), 12);
     assert_eq!(r.count("bad_q"), 0);
     let mut c = pg.client(&url);
     let rows = c
@@ -320,7 +292,7 @@ fn malformed_messages_are_dead_letters_and_the_rest_arrive() {
 fn a_bad_rabbitmq_source_config_names_pipeline_and_key() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_rmq_badcfg");
-    set_inbox(pg, &url, json!({"type": "rabbitmq", "queue": "q"}));
+    set_inbox(&url, json!({"type": "rabbitmq", "queue": "q"}));
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -331,7 +303,6 @@ fn a_bad_rabbitmq_source_config_names_pipeline_and_key() {
     // A queue that does not exist, not declared by the relay.
     let r = Rabbit::shared();
     set_inbox(
-        pg,
         &url,
         json!({"type": "rabbitmq", "url": r.url(), "queue": "no_such_queue"}),
     );

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use redis::Value;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 use support::brokers::Redis;
 use support::*;
 
@@ -59,33 +59,6 @@ fn pending(r: &Redis, consumer: Option<&str>) -> usize {
     }
 }
 
-fn set_inbox(pg: &Pg, url: &str, source: Json) {
-    pg.client(url)
-        .execute(
-            "SELECT pgtrickle.set_relay_inbox('rin', 'events', $1::text::jsonb)",
-            &[&source.to_string()],
-        )
-        .unwrap();
-}
-
-fn count(url: &str) -> i64 {
-    match postgres::Client::connect(url, postgres::NoTls) {
-        Ok(mut c) => c
-            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
-            .map(|r| r.get(0))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    }
-}
-
-fn ids(c: &mut postgres::Client) -> HashSet<String> {
-    c.query("SELECT event_id FROM pgtrickle.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Entry `i` of a numbered series: every 10th without a dedup_key (its
 /// entry id is the event id), the others with keys repeating every 1500.
 fn numbered(from: usize, to: usize) -> Vec<Vec<(String, String)>> {
@@ -123,7 +96,6 @@ fn entries_dedup_into_the_inbox_and_are_all_acked() {
     let first = numbered(0, 1000);
     let mut entry_ids = xadd(&r, &first);
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": "${ENV:RURL}", "stream": STREAM, "consumer": "c1",
                "event_type": {"field": "type"}, "source": "shop", "max_wait_ms": 50}),
@@ -138,11 +110,11 @@ fn entries_dedup_into_the_inbox_and_are_all_acked() {
     let mut want = expected(&all, &entry_ids);
     want.insert("plain".into());
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while count(&url) != want.len() as i64 {
+    while inbox_count(&url) != want.len() as i64 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} of {} ids in the inbox; log:\n{}",
-            count(&url),
+            inbox_count(&url),
             want.len(),
             relay.stderr()
         );
@@ -150,7 +122,7 @@ fn entries_dedup_into_the_inbox_and_are_all_acked() {
     }
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
     let mut c = pg.client(&url);
-    assert_eq!(ids(&mut c), want);
+    assert_eq!(inbox_ids(&url), want);
     assert_eq!(want.len(), 1350 + 200 + 1);
     let row = c
         .query_one(
@@ -185,16 +157,15 @@ fn killed_mid_stream_and_restarted_under_the_same_consumer() {
         .collect();
     xadd(&r, &entries);
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "same",
                "batch_size": 20}),
     );
     let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some entries in the inbox", || count(&url) > 100);
+    wait_until(30, "some entries in the inbox", || inbox_count(&url) > 100);
     first.signal(libc::SIGKILL);
     first.wait_exit(10);
-    let got = count(&url);
+    let got = inbox_count(&url);
     assert!(
         got < 3000,
         "the relay finished before it was killed ({got})"
@@ -202,9 +173,9 @@ fn killed_mid_stream_and_restarted_under_the_same_consumer() {
     let second = Relay::spawn(&mut relay(&url));
     // Well within claim_idle_ms (30 s): the restarted consumer reads its
     // own unacknowledged entries again itself.
-    wait_until(20, "all entries in the inbox", || count(&url) == 3000);
+    wait_until(20, "all entries in the inbox", || inbox_count(&url) == 3000);
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
-    assert_eq!(ids(&mut pg.client(&url)).len(), 3000);
+    assert_eq!(inbox_ids(&url).len(), 3000);
     drop(second);
 }
 
@@ -240,14 +211,13 @@ fn pending_entries_of_a_dead_consumer_are_claimed() {
         .unwrap();
     assert_eq!(pending(&r, Some("dead")), 100);
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "live",
                "claim_idle_ms": 300, "max_wait_ms": 50}),
     );
     let relay = Relay::spawn(&mut relay(&url));
     wait_until(30, "the dead consumer's entries in the inbox", || {
-        count(&url) == 100
+        inbox_count(&url) == 100
     });
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
     relay.wait_log("claimed", 5);
@@ -259,14 +229,13 @@ fn postgres_down_nothing_acked_everything_arrives() {
     let url = pg.new_db("rev_redis_pgdown");
     let r = Redis::start();
     set_inbox(
-        &pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "c",
                "max_wait_ms": 50}),
     );
     let relay = Relay::spawn(&mut relay(&url));
     xadd(&r, &numbered(1, 10));
-    wait_until(30, "the first entries", || count(&url) == 9);
+    wait_until(30, "the first entries", || inbox_count(&url) == 9);
     pg.stop();
     let during: Vec<_> = (0..200)
         .map(|i| fields(&[("payload", "{}"), ("dedup_key", &format!("during-{i}"))]))
@@ -281,7 +250,9 @@ fn postgres_down_nothing_acked_everything_arrives() {
         "entries acked while PostgreSQL was down"
     );
     pg.start_again();
-    wait_until(60, "everything after the restart", || count(&url) == 209);
+    wait_until(60, "everything after the restart", || {
+        inbox_count(&url) == 209
+    });
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
     drop(relay);
 }
@@ -302,14 +273,13 @@ fn a_malformed_payload_is_a_dead_letter_and_the_rest_arrive() {
     entries.insert(5, fields(&[("payload", "{not json"), ("dedup_key", "bad")]));
     xadd(&r, &entries);
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "max_wait_ms": 50}),
     );
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(count(&url), 11);
+    assert_eq!(inbox_count(&url), 11);
     assert_eq!(pending(&r, None), 0);
     let mut c = pg.client(&url);
     let row = c
@@ -332,7 +302,7 @@ fn a_malformed_payload_is_a_dead_letter_and_the_rest_arrive() {
 fn missing_url_is_named() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_redis_badcfg");
-    set_inbox(pg, &url, json!({"type": "redis", "stream": STREAM}));
+    set_inbox(&url, json!({"type": "redis", "stream": STREAM}));
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -348,7 +318,6 @@ fn redis_restarted_mid_stream_loses_nothing() {
     let url = pg.new_db("rev_redis_restart");
     let mut r = Redis::start();
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "c",
                "max_wait_ms": 50}),
@@ -360,12 +329,14 @@ fn redis_restarted_mid_stream_loses_nothing() {
             .collect()
     };
     xadd(&r, &batch(0));
-    wait_until(30, "the first entries", || count(&url) == 100);
+    wait_until(30, "the first entries", || inbox_count(&url) == 100);
     r.stop();
     std::thread::sleep(Duration::from_millis(1000));
     r.start_again();
     xadd(&r, &batch(100));
-    wait_until(60, "the entries after the restart", || count(&url) == 200);
+    wait_until(60, "the entries after the restart", || {
+        inbox_count(&url) == 200
+    });
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
     assert!(relay.stderr().contains("retrying"), "{}", relay.stderr());
 }
@@ -378,7 +349,6 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
     let url = pg.new_db("rev_redis_noack");
     let r = Redis::start();
     set_inbox(
-        pg,
         &url,
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "same",
                "max_wait_ms": 50}),
@@ -417,8 +387,8 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
     }
     assert_eq!(pending(&r, Some("same")), 30);
     let relay = Relay::spawn(&mut relay(&url));
-    wait_until(20, "all entries in the inbox", || count(&url) == 50);
+    wait_until(20, "all entries in the inbox", || inbox_count(&url) == 50);
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
-    assert_eq!(ids(&mut db).len(), 50);
+    assert_eq!(inbox_ids(&url).len(), 50);
     drop(relay);
 }

@@ -36,26 +36,6 @@ fn setup(db: &str, source: Value) -> String {
     url
 }
 
-fn count(url: &str) -> i64 {
-    match postgres::Client::connect(url, postgres::NoTls) {
-        Ok(mut c) => c
-            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
-            .map(|r| r.get(0))
-            .unwrap_or(-1),
-        Err(_) => -1,
-    }
-}
-
-fn ids(url: &str) -> HashSet<String> {
-    Pg::shared()
-        .client(url)
-        .query("SELECT event_id FROM pgtrickle.events", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
 /// Plain messages `{"n": i}` for i in `from..to`.
 fn plain(from: usize, to: usize) -> Vec<Value> {
     (from..to)
@@ -92,7 +72,7 @@ fn repeated_ids_land_once_with_their_attributes() {
         ),
     );
     let mut r = Relay::spawn(&mut relay(&url));
-    wait_until(120, "the first 200", || count(&url) == 200);
+    wait_until(120, "the first 200", || inbox_count(&url) == 200);
     wait_until(60, "every message deleted", || sqs.counts(&queue) == (0, 0));
     r.signal(libc::SIGTERM);
     assert_eq!(r.wait_exit(10), Some(0), "{}", r.stderr());
@@ -103,9 +83,9 @@ fn repeated_ids_land_once_with_their_attributes() {
     wait_until(120, "every message deleted", || {
         sqs.counts(&queue) == (0, 0)
     });
-    wait_until(30, "the inbox to settle", || count(&url) == 250);
+    wait_until(30, "the inbox to settle", || inbox_count(&url) == 250);
     assert_eq!(
-        ids(&url),
+        inbox_ids(&url),
         (0..250).map(|i| format!("k{i}")).collect::<HashSet<_>>()
     );
     let row = Pg::shared()
@@ -144,19 +124,19 @@ fn killed_after_the_inbox_commit_before_delete_is_redelivered_and_absorbed() {
     );
     sqs.send(&queue, &plain(0, 50));
     let r = Relay::spawn(&mut relay(&url));
-    wait_until(60, "every message in the inbox", || count(&url) == 50);
+    wait_until(60, "every message in the inbox", || inbox_count(&url) == 50);
     // The inbox committed and the delete was refused: the state a crash
     // between the two leaves.
     wait_until(30, "a refused delete", || proxy.refused() > 0);
-    let before = ids(&url);
+    let before = inbox_ids(&url);
     drop(r); // SIGKILL
     let (visible, in_flight) = sqs.counts(&queue);
     assert_eq!(visible + in_flight, 50, "nothing may be deleted");
     proxy.refuse(&[]);
     let r = Relay::spawn(&mut relay(&url));
     wait_until(60, "every message deleted", || sqs.counts(&queue) == (0, 0));
-    assert_eq!(count(&url), 50, "one row per message");
-    assert_eq!(ids(&url), before);
+    assert_eq!(inbox_count(&url), 50, "one row per message");
+    assert_eq!(inbox_ids(&url), before);
     drop(r);
 }
 
@@ -177,7 +157,7 @@ fn an_unwritable_inbox_deletes_nothing_and_loses_nothing() {
     );
     let _r = Relay::spawn(&mut relay(&url));
     sqs.send(&queue, &plain(0, 20));
-    wait_until(60, "the first 20", || count(&url) == 20);
+    wait_until(60, "the first 20", || inbox_count(&url) == 20);
     wait_until(60, "the first 20 deleted", || sqs.counts(&queue) == (0, 0));
     let mut lock = Pg::shared().client(&url);
     let mut tx = lock.transaction().unwrap();
@@ -199,9 +179,11 @@ fn an_unwritable_inbox_deletes_nothing_and_loses_nothing() {
         std::thread::sleep(Duration::from_millis(200));
     }
     tx.commit().unwrap();
-    wait_until(120, "every message in the inbox", || count(&url) == 120);
+    wait_until(120, "every message in the inbox", || {
+        inbox_count(&url) == 120
+    });
     wait_until(60, "every message deleted", || sqs.counts(&queue) == (0, 0));
-    assert_eq!(count(&url), 120);
+    assert_eq!(inbox_count(&url), 120);
     assert!(proxy.forwarded("DeleteMessageBatch") > deletes);
 }
 
@@ -223,7 +205,7 @@ fn malformed_bodies_are_dead_letters_and_the_rest_arrive() {
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(count(&url), 11);
+    assert_eq!(inbox_count(&url), 11);
     assert_eq!(sqs.counts(&queue), (0, 0), "every message deleted");
     let mut c = Pg::shared().client(&url);
     let row = c

@@ -6,10 +6,11 @@
 //! offset is committed; when it reaches `rotate_bytes` it is renamed to
 //! `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file is started.
 //! A closed stdout (`... | head`) ends the relay cleanly: events not
-//! written are not committed.
+//! written are not committed. A torn last line (the relay killed mid-write)
+//! is cut off when the file is opened again; its event is written again.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -109,11 +110,52 @@ struct StdoutSink {
 }
 
 fn open_append(path: &Path) -> Result<File, Error> {
+    let failed = |e: std::io::Error| Error::permanent(format!("opening {}: {e}", path.display()));
+    cut_torn_tail(path).map_err(failed)?;
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| Error::permanent(format!("opening {}: {e}", path.display())))
+        .map_err(failed)
+}
+
+/// Cut a torn last line off `path`: a relay killed mid-write leaves one
+/// without its newline. Its event was not committed (the file is fsynced
+/// before every offset commit), so it is written again, whole, after it.
+fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let n = end.min(buf.len() as u64);
+        f.seek(SeekFrom::Start(end - n))?;
+        f.read_exact(&mut buf[..n as usize])?;
+        if let Some(i) = buf[..n as usize].iter().rposition(|b| *b == b'\n') {
+            let keep = end - n + i as u64 + 1;
+            if keep < len {
+                log::warn!(
+                    "{}: cutting a torn last line of {} bytes (left by a crash; its event is written again)",
+                    path.display(),
+                    len - keep
+                );
+                f.set_len(keep)?;
+                f.sync_all()?;
+            }
+            return Ok(());
+        }
+        end -= n;
+    }
+    if len > 0 {
+        return Err(std::io::Error::other(
+            "it holds no complete line: not an output file of this sink?",
+        ));
+    }
+    Ok(())
 }
 
 /// 1 + the highest n of existing `<path>.<n>` files.
@@ -267,5 +309,32 @@ impl Sink for StdoutSink {
                 .map_err(|e| Error::transient(format!("fsync {}: {e}", path.display())))?,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_complete_lines_kept() {
+        let dir = std::env::temp_dir().join(format!("pgtr-torn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        std::fs::write(&path, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
+        cut_torn_tail(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n"
+        );
+        cut_torn_tail(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n"
+        );
+        std::fs::write(&path, "no newline at all").unwrap();
+        assert!(cut_torn_tail(&path).is_err());
+        cut_torn_tail(&dir.join("missing")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@
 //! the server runs as the `postgres` user through `runuser`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -525,6 +525,40 @@ pub fn the_one_dead_letter(url: &str, dedup_key: &str, n: i64) -> String {
     rows[0].get(3)
 }
 
+/// Configure reverse pipeline `rin` from `source` into inbox `events` of
+/// the database at `url`.
+pub fn set_inbox(url: &str, source: serde_json::Value) {
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('rin', 'events', $1::text::jsonb)",
+            &[&source.to_string()],
+        )
+        .unwrap();
+}
+
+/// Rows in inbox `events` at `url`; -1 while the database is unreachable.
+pub fn inbox_count(url: &str) -> i64 {
+    match postgres::Client::connect(url, postgres::NoTls) {
+        Ok(mut c) => c
+            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
+            .map(|r| r.get(0))
+            .unwrap_or(-1),
+        Err(_) => -1,
+    }
+}
+
+/// The `event_id`s in inbox `events` at `url`.
+pub fn inbox_ids(url: &str) -> std::collections::HashSet<String> {
+    Pg::shared()
+        .client(url)
+        .query("SELECT event_id FROM pgtrickle.events", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// A database `db` on the shared server with outbox `orders` and pipeline
 /// `fwd` writing to `sink`; returns its URL.
 pub fn outbox_pipeline(db: &str, sink: &serde_json::Value) -> String {
@@ -542,14 +576,17 @@ pub fn outbox_pipeline(db: &str, sink: &serde_json::Value) -> String {
 
 /// Read JSON lines from a file (missing file: none).
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
-    let Ok(f) = std::fs::File::open(path) else {
+    let Ok(bytes) = std::fs::read(path) else {
         return Vec::new();
     };
-    BufReader::new(f)
+    let text = String::from_utf8_lossy(&bytes);
+    // A last line without its newline is still being written (or was torn
+    // by a kill, and is cut when the relay opens the file again).
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
-        .map_while(Result::ok)
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
         .collect()
 }
 
