@@ -145,25 +145,36 @@ fn kafka_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
                 "batch_size": 200}),
     );
     let relay_proc = Relay::spawn(&mut relay(&url));
-    // A steady writer: 10,000 events over ~13 s, in 50-row transactions.
+    // The broker is stopped between produce requests, with the stream still
+    // flowing into the outbox: Tansu 0.6 can lose a batch it acknowledged
+    // when it stops with a produce request in flight (seen here about once
+    // in three runs, also with SIGTERM), and that would test Tansu, not the
+    // relay. So the first 2,000 events are delivered and committed, then the
+    // broker stops and a writer goes on: 8,000 events over ~13 s, in 50-row
+    // transactions, ~10 s of them while the broker is away.
+    publish(&url, 0, 2_000);
+    wait_until(60, "the first 2,000 committed", || committed(&url) >= 2_000);
+    k.stop();
+    let stopped_at = committed(&url);
     let writer = {
         let url = url.clone();
         std::thread::spawn(move || {
-            for i in 0..200 {
-                publish(&url, i * 50, 50);
-                std::thread::sleep(Duration::from_millis(65));
+            for i in 0..160 {
+                publish(&url, 2_000 + i * 50, 50);
+                std::thread::sleep(Duration::from_millis(80));
             }
         })
     };
-    wait_until(60, "some events committed", || committed(&url) > 500);
-    k.stop();
-    let stopped_at = committed(&url);
     std::thread::sleep(Duration::from_secs(10));
     // Nothing can have been acknowledged while the broker was away.
     let during = committed(&url);
+    assert_eq!(during, stopped_at, "offsets moved while Kafka was down");
     k.start_again();
     let back = Instant::now();
-    assert!(during < 10_000, "the outage came too late to test anything");
+    assert!(
+        !writer.is_finished(),
+        "the writer finished during the outage: too slow a machine to test a resume mid-stream"
+    );
     wait_until(30, "delivery after the restart", || {
         committed(&url) > during
     });
