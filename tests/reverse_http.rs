@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, KeyInit, Mac};
-use serde_json::json;
+use serde_json::{json, Value};
 use sha2::Sha256;
 use support::*;
 
@@ -75,6 +75,15 @@ fn has_row(c: &mut postgres::Client, id: &str) -> bool {
         == 1
 }
 
+fn set_inbox(pg: &Pg, url: &str, source: Value) {
+    pg.client(url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('hooks', 'events', $1::text::jsonb)",
+            &[&source.to_string()],
+        )
+        .unwrap();
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -99,6 +108,7 @@ fn events_dedup_and_every_status_code() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_http_codes");
     set_inbox(
+        pg,
         &url,
         json!({"type": "http", "listen": "127.0.0.1:0", "path": "/hooks",
                "token": "${ENV:HOOK_TOKEN}", "max_body_bytes": 4000,
@@ -219,7 +229,7 @@ fn events_dedup_and_every_status_code() {
 fn concurrent_senders_all_arrive() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_http_conc");
-    set_inbox(&url, json!({"type": "http", "listen": "127.0.0.1:0"}));
+    set_inbox(pg, &url, json!({"type": "http", "listen": "127.0.0.1:0"}));
     let r = Relay::spawn(&mut relay(&url));
     let addr = webhook_addr(&r);
     let senders: Vec<_> = (0..8)
@@ -246,6 +256,7 @@ fn signatures_are_checked_and_our_http_sink_feeds_our_source() {
     let url = pg.new_db("rev_http_signed");
     let port = free_port();
     set_inbox(
+        pg,
         &url,
         json!({"type": "http", "listen": format!("127.0.0.1:{port}"), "path": "/in",
                "signing_secret": "${ENV:HOOK_SECRET}"}),
@@ -327,6 +338,7 @@ fn postgres_down_no_200_before_the_inbox_has_it() {
     let mut pg = Pg::start();
     let url = pg.new_db("rev_http_pgdown");
     set_inbox(
+        &pg,
         &url,
         json!({"type": "http", "listen": "127.0.0.1:0", "max_wait_ms": 20}),
     );
@@ -378,7 +390,7 @@ fn postgres_down_no_200_before_the_inbox_has_it() {
 fn missing_listen_is_named() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_http_badcfg");
-    set_inbox(&url, json!({"type": "http", "path": "/x"}));
+    set_inbox(pg, &url, json!({"type": "http", "path": "/x"}));
     let out = relay(&url).arg("--once").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -392,11 +404,12 @@ fn missing_listen_is_named() {
 fn a_changed_pipeline_closes_its_old_listener() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_http_restart");
-    set_inbox(&url, json!({"type": "http", "listen": "127.0.0.1:0"}));
+    set_inbox(pg, &url, json!({"type": "http", "listen": "127.0.0.1:0"}));
     let r = Relay::spawn(&mut relay(&url));
     let old = webhook_addr(&r);
     assert_eq!(post(&old, "/", &[], r#"{"event_id":"a"}"#).0, 200);
     set_inbox(
+        pg,
         &url,
         json!({"type": "http", "listen": "127.0.0.1:0", "path": "/v2"}),
     );
@@ -427,11 +440,15 @@ fn a_changed_pipeline_rebinds_the_same_port() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_http_rebind");
     let addr = format!("127.0.0.1:{}", free_port());
-    set_inbox(&url, json!({"type": "http", "listen": addr}));
+    set_inbox(pg, &url, json!({"type": "http", "listen": addr}));
     let r = Relay::spawn(&mut relay(&url));
     webhook_addr(&r);
     assert_eq!(post(&addr, "/", &[], r#"{"event_id":"a"}"#).0, 200);
-    set_inbox(&url, json!({"type": "http", "listen": addr, "path": "/v2"}));
+    set_inbox(
+        pg,
+        &url,
+        json!({"type": "http", "listen": addr, "path": "/v2"}),
+    );
     wait_until(30, "the restarted pipeline on the same port", || {
         TcpStream::connect(&addr).is_ok() && post(&addr, "/v2", &[], r#"{"event_id":"b"}"#).0 == 200
     });
