@@ -39,6 +39,30 @@ impl ConfigError {
     }
 }
 
+/// The parser registered for `kind` in a sink or source registry (`what`
+/// is `"sink"` or `"source"`), or an error at `<what>.type` that lists the
+/// types this binary has.
+pub fn registered<P: Copy>(
+    what: &str,
+    kind: &str,
+    registry: &[(&str, P)],
+) -> Result<P, ConfigError> {
+    match registry.iter().find(|(name, _)| *name == kind) {
+        Some((_, parse)) => Ok(*parse),
+        None => Err(ConfigError::new(
+            format!("{what}.type"),
+            format!(
+                "unknown {what} type {kind:?} (this binary has: {})",
+                registry
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
 /// Deserialize `v` into `T`, reporting the failing key as `prefix.path`.
 pub fn from_value<T: DeserializeOwned>(prefix: &str, v: Value) -> Result<T, ConfigError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
@@ -255,6 +279,22 @@ pub fn parse(entry: &CatalogEntry, default_batch: usize) -> Result<Pipeline, Con
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_unknown_type_is_named_with_the_types_this_binary_has() {
+        let e = sink::parse("carrier-pigeon", Map::new()).unwrap_err();
+        assert_eq!(e.key, "sink.type");
+        assert!(
+            e.to_string()
+                .contains("unknown sink type \"carrier-pigeon\""),
+            "{e}"
+        );
+        assert!(e.to_string().contains("stdout"), "{e}");
+        let e = source::parse("smoke", Map::new()).unwrap_err();
+        assert_eq!(e.key, "source.type");
+        assert!(e.to_string().contains("stdin"), "{e}");
+        assert!(sink::parse("stdout", Map::new()).is_ok());
+    }
 
     fn fwd(sink: Value) -> CatalogEntry {
         CatalogEntry {

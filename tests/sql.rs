@@ -16,7 +16,6 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::Client;
 use serde_json::{json, Value};
 use support::sqlcheck::*;
-use support::Pg;
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -103,20 +102,6 @@ fn notifications(c: &mut Client, want: usize) -> Vec<(String, String)> {
 
 fn config_note(payload: &str) -> Value {
     serde_json::from_str(payload).unwrap()
-}
-
-/// A login role that is only a member of pgtrickle_relay, and a connection as it.
-fn relay_login(pg: &Pg, admin: &mut Client, db: &str, role: &str) -> Client {
-    admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN
-                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
-                     CREATE ROLE {role} LOGIN IN ROLE pgtrickle_relay;
-                 END IF;
-             END $$;"
-        ))
-        .unwrap();
-    pg.client(&pg.url_as(db, role, "unused"))
 }
 
 fn sql_dir() -> &'static Path {

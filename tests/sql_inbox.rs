@@ -69,20 +69,6 @@ fn poll(c: &mut Client, group: &str, consumer: &str, n: i32, visibility: i32) ->
     )
 }
 
-/// A login role that is only a member of pgtrickle_relay, and a connection as it.
-fn relay_login(pg: &Pg, admin: &mut Client, db: &str, role: &str) -> Client {
-    admin
-        .batch_execute(&format!(
-            "DO $$ BEGIN
-                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
-                     CREATE ROLE {role} LOGIN IN ROLE pgtrickle_relay;
-                 END IF;
-             END $$;"
-        ))
-        .unwrap();
-    pg.client(&pg.url_as(db, role, "unused"))
-}
-
 /// An ordered inbox `name` whose sequence is a generated column from the
 /// payload ({"seq": n}), as the docs suggest for inboxes the relay writes.
 fn ordered_inbox(c: &mut Client, name: &str) {

@@ -75,18 +75,5 @@ const REGISTRY: &[(&str, Parse)] = &[
 
 /// Parse the config of a sink of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    match REGISTRY.iter().find(|(name, _)| *name == kind) {
-        Some((_, parse)) => parse(keys),
-        None => Err(ConfigError::new(
-            "sink.type",
-            format!(
-                "unknown sink type {kind:?} (this binary has: {})",
-                REGISTRY
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
+    crate::config::registered("sink", kind, REGISTRY)?(keys)
 }

@@ -173,20 +173,7 @@ const REGISTRY: &[(&str, Parse)] = &[
 
 /// Parse the config of a source of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    match REGISTRY.iter().find(|(name, _)| *name == kind) {
-        Some((_, parse)) => parse(keys),
-        None => Err(ConfigError::new(
-            "source.type",
-            format!(
-                "unknown source type {kind:?} (this binary has: {})",
-                REGISTRY
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
+    crate::config::registered("source", kind, REGISTRY)?(keys)
 }
 
 #[cfg(test)]

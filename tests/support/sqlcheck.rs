@@ -80,3 +80,17 @@ pub fn ids(c: &mut Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Vec<i64
         .map(|r| r.get(0))
         .collect()
 }
+
+/// A login role that is only a member of pgtrickle_relay, and a connection as it.
+pub fn relay_login(pg: &Pg, admin: &mut Client, db: &str, role: &str) -> Client {
+    admin
+        .batch_execute(&format!(
+            "DO $$ BEGIN
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{role}') THEN
+                     CREATE ROLE {role} LOGIN IN ROLE pgtrickle_relay;
+                 END IF;
+             END $$;"
+        ))
+        .unwrap();
+    pg.client(&pg.url_as(db, role, "unused"))
+}
