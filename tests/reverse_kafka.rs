@@ -172,15 +172,7 @@ fn sigkill_mid_stream_and_restart_keeps_one_row_per_id() {
         &url,
         source(&k, "kill", "g-kill", json!({"batch_size": 20})),
     );
-    let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(60, "some records in the inbox", || inbox_count(&url) > 100);
-    first.signal(libc::SIGKILL);
-    first.wait_exit(10);
-    let got = inbox_count(&url);
-    assert!(
-        got < 3000,
-        "the relay finished before it was killed ({got})"
-    );
+    kill_relay_mid_inbox(&url, 3000, 60);
     let second = Relay::spawn(&mut relay(&url));
     wait_until(90, "all records in the inbox", || inbox_count(&url) == 3000);
     let all = k.read("kill", 3000, 30);

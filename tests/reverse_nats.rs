@@ -357,15 +357,7 @@ fn sigkill_mid_stream_then_restart_delivers_every_id_once() {
         json!({"type": "nats", "url": n.url(), "stream": "KILL", "ack_wait_ms": 2000,
                "batch_size": 20}),
     );
-    let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some messages in the inbox", || inbox_count(&url) > 100);
-    first.signal(libc::SIGKILL);
-    first.wait_exit(10);
-    let got = inbox_count(&url);
-    assert!(
-        got < 10_000,
-        "the relay finished before it was killed ({got})"
-    );
+    kill_relay_mid_inbox(&url, 10_000, 30);
     // Messages delivered to the killed relay and not acknowledged.
     let pending = consumer(&n, "KILL", CONSUMER)["num_ack_pending"]
         .as_u64()

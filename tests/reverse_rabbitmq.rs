@@ -101,15 +101,7 @@ fn killed_mid_stream_and_restarted_every_message_arrives_once() {
         json!({"type": "rabbitmq", "url": r.url(), "queue": "kill_rq", "batch_size": 20,
                "prefetch": 40}),
     );
-    let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some messages in the inbox", || inbox_count(&url) > 100);
-    first.signal(libc::SIGKILL);
-    first.wait_exit(10);
-    let got = inbox_count(&url);
-    assert!(
-        got < 3000,
-        "the relay finished before it was killed ({got})"
-    );
+    kill_relay_mid_inbox(&url, 3000, 30);
     let second = Relay::spawn(&mut relay(&url));
     wait_until(60, "all messages in the inbox", || {
         inbox_count(&url) == 3000

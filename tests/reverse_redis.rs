@@ -161,15 +161,7 @@ fn killed_mid_stream_and_restarted_under_the_same_consumer() {
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "same",
                "batch_size": 20}),
     );
-    let mut first = Relay::spawn(&mut relay(&url));
-    wait_until(30, "some entries in the inbox", || inbox_count(&url) > 100);
-    first.signal(libc::SIGKILL);
-    first.wait_exit(10);
-    let got = inbox_count(&url);
-    assert!(
-        got < 3000,
-        "the relay finished before it was killed ({got})"
-    );
+    kill_relay_mid_inbox(&url, 3000, 30);
     let second = Relay::spawn(&mut relay(&url));
     // Well within claim_idle_ms (30 s): the restarted consumer reads its
     // own unacknowledged entries again itself.

@@ -559,6 +559,23 @@ pub fn inbox_ids(url: &str) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// Run the relay on `url` and SIGKILL it once inbox `events` has more than
+/// 100 of the `total` messages (waiting at most `secs`); it must not have
+/// finished them all.
+pub fn kill_relay_mid_inbox(url: &str, total: i64, secs: u64) {
+    let mut first = Relay::spawn(&mut relay(url));
+    wait_until(secs, "some messages in the inbox", || {
+        inbox_count(url) > 100
+    });
+    first.signal(libc::SIGKILL);
+    first.wait_exit(10);
+    let got = inbox_count(url);
+    assert!(
+        got < total,
+        "the relay finished before it was killed ({got})"
+    );
+}
+
 /// A database `db` on the shared server with outbox `orders` and pipeline
 /// `fwd` writing to `sink`; returns its URL.
 pub fn outbox_pipeline(db: &str, sink: &serde_json::Value) -> String {
