@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::metrics;
+use crate::{metrics, redact};
 
 /// A pipeline's state.
 #[derive(Debug, Clone, PartialEq)]
@@ -104,9 +104,9 @@ pub fn report(stall: Duration) -> (bool, Value) {
         let stalled = matches!(e.state, State::Running | State::Retrying(_)) && since_ok > stall;
         let (state, detail) = match &e.state {
             State::Running => ("running", None),
-            State::Retrying(err) => ("retrying", Some(err.clone())),
+            State::Retrying(err) => ("retrying", Some(redact::secrets(err))),
             State::WaitingForLock => ("waiting_for_lock", None),
-            State::BadConfig(why) => ("bad_config", Some(why.clone())),
+            State::BadConfig(why) => ("bad_config", Some(redact::secrets(why))),
             State::Stopped => ("stopped", None),
         };
         let good = !stalled && matches!(e.state, State::Running | State::WaitingForLock);

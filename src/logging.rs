@@ -6,6 +6,8 @@ use std::io::Write;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
+use crate::redact;
+
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -42,6 +44,8 @@ impl Log for Logger {
             return;
         }
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+        // Errors quote URLs and connection strings: no secret leaves here.
+        let message = redact::secrets(&r.args().to_string());
         let line = PIPELINE.with(|p| {
             let p = p.borrow();
             match self.format {
@@ -49,13 +53,13 @@ impl Log for Logger {
                 // fields hold.
                 Format::Text => {
                     let tag = p.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
-                    format!("{time} {:<5}{tag} {}\n", r.level(), r.args())
+                    format!("{time} {:<5}{tag} {message}\n", r.level())
                 }
                 Format::Json => {
                     let mut o = serde_json::json!({
                         "time": time.to_string(),
                         "level": level_name(r.level()),
-                        "message": r.args().to_string(),
+                        "message": message,
                     });
                     if let Some(n) = p.as_deref() {
                         o["pipeline"] = n.into();
@@ -92,7 +96,7 @@ impl<'kvs> log::kv::VisitSource<'kvs> for Fields {
         } else if let Some(b) = value.to_bool() {
             b.into()
         } else {
-            value.to_string().into()
+            redact::secrets(&value.to_string()).into()
         };
         self.0.insert(key.to_string(), v);
         Ok(())

@@ -18,6 +18,7 @@ mod metrics;
 mod outbox;
 mod pg;
 mod pipeline;
+mod redact;
 mod retry;
 mod reverse;
 mod shutdown;
@@ -133,7 +134,10 @@ fn flag_or_env(flag: Option<String>, env: &str) -> Option<String> {
 }
 
 fn usage_error(msg: &str) -> ! {
-    eprintln!("pgtrickle-relay: {msg}\nRun pgtrickle-relay --help for usage.");
+    eprintln!(
+        "pgtrickle-relay: {}\nRun pgtrickle-relay --help for usage.",
+        redact::secrets(msg)
+    );
     std::process::exit(EXIT_USAGE);
 }
 

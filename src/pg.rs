@@ -47,34 +47,10 @@ pub fn expand_env(s: &str) -> Result<String, String> {
     Ok(out)
 }
 
-/// A connection string fit for logs: the password replaced by `***`.
+/// A connection string fit for logs: the password and secret-looking
+/// parameters replaced by `***` (see [`crate::redact`]).
 pub fn mask(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let body = &url[scheme_end + 3..];
-        let auth_end = body.find(['/', '?']).unwrap_or(body.len());
-        if let Some(at) = body[..auth_end].rfind('@') {
-            if let Some(colon) = body[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &body[..colon],
-                    &body[at..]
-                );
-            }
-        }
-        return url.to_string();
-    }
-    // key=value form: mask the value of password=...
-    url.split(' ')
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***".to_string()
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    crate::redact::secrets(url)
 }
 
 /// TLS settings taken out of a connection string before the `postgres`
@@ -206,6 +182,10 @@ mod tests {
         assert_eq!(
             mask("host=db user=relay password=s3cr3t dbname=app"),
             "host=db user=relay password=*** dbname=app"
+        );
+        assert_eq!(
+            mask("postgres://relay@db/app?password=s3cr3t"),
+            "postgres://relay@db/app?password=***"
         );
     }
 

@@ -95,7 +95,7 @@ pub fn collect(client: &mut Client, relay_group: &str) -> Result<Value, Error> {
                         p["pending_events"] = events.into();
                         p["lag_seconds"] = ((lag * 10.0).round() / 10.0).into();
                     }
-                    Err(e) => p["error"] = e.msg.into(),
+                    Err(e) => p["error"] = crate::redact::secrets(&e.msg).into(),
                 }
             }
         } else {

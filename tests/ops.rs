@@ -442,3 +442,78 @@ fn json_logs_carry_the_pipeline_and_fields() {
         "{retry}"
     );
 }
+
+#[test]
+fn secrets_in_url_parameters_stay_out_of_logs_health_metrics_and_status() {
+    let (url, _file) = setup("ops_url_secrets");
+    let pg = Pg::shared();
+    let mut c = pg.client(&url);
+    c.batch_execute(
+        r#"DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'relay_qsecret') THEN
+               CREATE ROLE relay_qsecret LOGIN PASSWORD 'Qp-s3cr3t-PARAM';
+             END IF;
+           END $$;
+           GRANT pgtrickle_relay TO relay_qsecret;"#,
+    )
+    .unwrap();
+    // A webhook nobody listens on, its token in the query string.
+    let dead = free_port();
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('hook', 'orders', 'default', $1::text::jsonb)",
+        &[&serde_json::json!({
+            "type": "http",
+            "url": format!("http://127.0.0.1:{dead}/hook?team=a&token=${{ENV:HOOK_TOKEN}}"),
+        })
+        .to_string()],
+    )
+    .unwrap();
+    publish(&url, 0, 3);
+    // The password as a URL parameter, not in the userinfo.
+    let login = format!(
+        "{}?password=Qp-s3cr3t-PARAM&application_name=ops",
+        pg.url_as("ops_url_secrets", "relay_qsecret", "x")
+            .replace("relay_qsecret:x@", "relay_qsecret@")
+    );
+    let r = Relay::spawn(
+        relay(&login)
+            .env("HOOK_TOKEN", "tok-HOOK-9f8e7d")
+            .args(["--pipeline", "hook"]),
+    );
+    wait_until(20, "the webhook failure in /health", || {
+        r.get("/health").1.contains("\"last_error\"")
+    });
+    let status = |json: bool| {
+        let mut cmd = std::process::Command::new(relay_bin());
+        cmd.args(["--postgres-url", &login, "status"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let health = r.get("/health").1;
+    let shown = format!(
+        "{}\n{health}\n{}\n{}\n{}",
+        r.stderr(),
+        r.get("/metrics").1,
+        status(false),
+        status(true)
+    );
+    for secret in ["Qp-s3cr3t-PARAM", "tok-HOOK-9f8e7d"] {
+        assert!(!shown.contains(secret), "{secret} leaked:\n{shown}");
+    }
+    assert!(
+        shown.contains("password=***"),
+        "the masked PostgreSQL URL is logged:\n{shown}"
+    );
+    assert!(
+        health.contains("token=***"),
+        "the masked webhook URL is in /health:\n{health}"
+    );
+}
