@@ -4,9 +4,12 @@
 # stdout as JSON lines. Logs go to stderr; stdout carries only events.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
-cargo build --release --quiet
-relay=target/release/pgtrickle-relay
+scripts/install-deps.sh --demo
+# The demo needs only the stdout sink: a build without the broker clients
+# (librdkafka, OpenSSL for AMQP …) takes seconds, not minutes. It goes to
+# its own target dir so it never replaces a full build.
+cargo build --quiet --no-default-features --target-dir target/demo
+relay=target/demo/debug/pgtrickle-relay
 
 source scripts/pg-throwaway.sh
 pg_throwaway_start

