@@ -265,6 +265,7 @@ fn connect(settings: &Settings, signals: &Signals) -> Option<Client> {
                 c.batch_execute("LISTEN pgtrickle_relay_config")?;
                 Ok(c)
             });
+        health::catalog_connected(attempt.is_ok());
         match attempt {
             Ok(c) => return Some(c),
             Err(e) if settings.once => {
@@ -357,6 +358,7 @@ pub fn run(settings: &Settings, signals: &Signals) -> i32 {
             Ok(())
         })();
         if let Err(e) = step {
+            health::catalog_connected(false);
             log::warn!("coordinator: {e}; reconnecting");
             match connect(settings, signals) {
                 Some(c) => client = c,

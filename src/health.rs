@@ -2,6 +2,7 @@
 //! log: its state, its last success and whether events are waiting.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -132,6 +133,36 @@ pub fn report(stall: Duration) -> (bool, Value) {
     (
         healthy,
         json!({ "status": if healthy { "ok" } else { "degraded" }, "pipelines": pipelines }),
+    )
+}
+
+/// Whether the coordinator holds its PostgreSQL connection.
+static CATALOG_CONNECTED: AtomicBool = AtomicBool::new(false);
+
+/// The coordinator connected to PostgreSQL (true) or lost it (false).
+pub fn catalog_connected(up: bool) {
+    CATALOG_CONNECTED.store(up, Ordering::Relaxed);
+}
+
+/// Readiness, for `/readyz`: (ready, JSON). Ready when the coordinator is
+/// connected to PostgreSQL and every pipeline runs or waits for its lock.
+pub fn ready() -> (bool, Value) {
+    let postgres = CATALOG_CONNECTED.load(Ordering::Relaxed);
+    let t = table();
+    let not_ready: Vec<&String> = t
+        .iter()
+        .filter(|(_, e)| !matches!(e.state, State::Running | State::WaitingForLock))
+        .map(|(n, _)| n)
+        .collect();
+    let ready = postgres && not_ready.is_empty();
+    (
+        ready,
+        json!({
+            "status": if ready { "ready" } else { "not_ready" },
+            "postgres": postgres,
+            "pipelines": t.len(),
+            "not_ready": not_ready,
+        }),
     )
 }
 

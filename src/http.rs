@@ -1,11 +1,13 @@
 //! The HTTP endpoints for operators, on `--metrics-addr`: `GET /metrics`
-//! (Prometheus text) and `GET /health` (JSON; 200 healthy, 503 degraded).
+//! (Prometheus text), `GET /health` (JSON; 200 healthy, 503 degraded),
+//! `GET /livez` (200 while the process serves) and `GET /readyz` (JSON;
+//! 200 ready, 503 not: see [`health::ready`]).
 
 use std::time::Duration;
 
 use crate::{health, metrics};
 
-/// Serve `/metrics` and `/health` on `addr` from a thread of its own;
+/// Serve the endpoints on `addr` from a thread of its own;
 /// returns the bound address (`addr` may use port 0).
 pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, String> {
     let server = tiny_http::Server::http(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
@@ -33,10 +35,19 @@ pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, String
                             format!("{report}\n").into_bytes(),
                         )
                     }
+                    (true, "/livez") => (200, "text/plain", b"ok\n".to_vec()),
+                    (true, "/readyz") => {
+                        let (ok, report) = health::ready();
+                        (
+                            if ok { 200 } else { 503 },
+                            "application/json",
+                            format!("{report}\n").into_bytes(),
+                        )
+                    }
                     _ => (
                         404,
                         "text/plain",
-                        b"not found: try /metrics or /health\n".to_vec(),
+                        b"not found: try /metrics, /health, /livez or /readyz\n".to_vec(),
                     ),
                 };
                 let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], ctype.as_bytes())
@@ -50,4 +61,38 @@ pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, String
         })
         .map_err(|e| format!("starting the http thread: {e}"))?;
     Ok(bound)
+}
+
+/// `pgtrickle-relay probe`: GET `path` from the relay serving on `addr`
+/// (an unspecified address means this host); Ok when it answers 200.
+pub fn probe(addr: &str, path: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+    let mut target: SocketAddr = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--metrics-addr {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--metrics-addr {addr}: no address"))?;
+    if target.ip().is_unspecified() {
+        target.set_ip(if target.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let timeout = Duration::from_secs(3);
+    let mut s = TcpStream::connect_timeout(&target, timeout)
+        .map_err(|e| format!("connecting to {target}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n")
+        .map_err(|e| format!("asking {target}{path}: {e}"))?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)
+        .map_err(|e| format!("reading {target}{path}: {e}"))?;
+    let status = answer.lines().next().unwrap_or("");
+    match status.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!("{target}{path} answered {status:?}")),
+    }
 }

@@ -110,6 +110,18 @@ struct Flags {
 enum Command {
     Sql(SqlCommand),
     Status(StatusCommand),
+    Probe(ProbeCommand),
+}
+
+#[derive(FromArgs)]
+/// Ask a running relay on --metrics-addr (default 127.0.0.1:9090) whether it
+/// is alive (GET /livez) or ready (GET /readyz); exit 0 if so, 1 if not.
+/// For container HEALTHCHECKs and scripts.
+#[argh(subcommand, name = "probe")]
+struct ProbeCommand {
+    /// ask /readyz instead of /livez
+    #[argh(switch)]
+    ready: bool,
 }
 
 #[derive(FromArgs)]
@@ -167,6 +179,18 @@ fn main() {
     if flags.version {
         println!("pgtrickle-relay {}", env!("CARGO_PKG_VERSION"));
         return;
+    }
+    if let Some(Command::Probe(cmd)) = &flags.command {
+        let addr = flag_or_env(flags.metrics_addr.clone(), "PGTRICKLE_RELAY_METRICS_ADDR")
+            .unwrap_or_else(|| "127.0.0.1:9090".into());
+        let path = if cmd.ready { "/readyz" } else { "/livez" };
+        match http::probe(&addr, path) {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("pgtrickle-relay probe: {e}");
+                std::process::exit(EXIT_FAILURE);
+            }
+        }
     }
     if let Some(Command::Sql(_)) = flags.command {
         let mut out = std::io::stdout().lock();

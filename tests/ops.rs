@@ -517,3 +517,59 @@ fn secrets_in_url_parameters_stay_out_of_logs_health_metrics_and_status() {
         "the masked webhook URL is in /health:\n{health}"
     );
 }
+
+/// `pgtrickle-relay probe` against `addr`: its exit code.
+fn probe(addr: &str, ready: bool) -> Option<i32> {
+    let mut cmd = std::process::Command::new(relay_bin());
+    cmd.args(["--metrics-addr", addr, "probe"]);
+    if ready {
+        cmd.arg("--ready");
+    }
+    cmd.output().unwrap().status.code()
+}
+
+#[test]
+fn livez_and_readyz_probes_and_the_probe_command() {
+    let (url, file) = setup("ops_probes");
+    publish(&url, 0, 2);
+    let r = Relay::spawn(&mut relay(&url));
+    wait_until(10, "2 events", || lines(&file) == 2);
+    assert_eq!(r.get("/livez"), (200, "ok\n".to_string()));
+    wait_until(10, "ready", || r.get("/readyz").0 == 200);
+    let (_, body) = r.get("/readyz");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["postgres"].clone(), v["pipelines"].clone()),
+        (true.into(), 1.into())
+    );
+    let addr = r.http_addr();
+    assert_eq!(probe(&addr, false), Some(0));
+    assert_eq!(probe(&addr, true), Some(0));
+    // A pipeline with a bad config makes the relay alive but not ready.
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            r#"SELECT pgtrickle.set_relay_outbox('broken', 'orders', 'default',
+                 '{"type":"stdout","no_such_key":1}')"#,
+        )
+        .unwrap();
+    wait_until(10, "not ready", || r.get("/readyz").0 == 503);
+    assert!(r.get("/readyz").1.contains("broken"));
+    assert_eq!(r.get("/livez").0, 200);
+    assert_eq!(probe(&addr, true), Some(1));
+    assert_eq!(probe(&addr, false), Some(0));
+    // Nobody listening: the probe fails.
+    assert_eq!(probe(&format!("127.0.0.1:{}", free_port()), false), Some(1));
+}
+
+#[test]
+fn readyz_is_503_while_postgres_is_unreachable() {
+    let dead = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let r = Relay::spawn(&mut relay(&dead));
+    assert_eq!(r.get("/livez").0, 200);
+    let (code, body) = r.get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["postgres"], false);
+    assert_eq!(probe(&r.http_addr(), true), Some(1));
+}
