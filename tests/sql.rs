@@ -868,6 +868,90 @@ fn relay_role_reads_through_functions_only() {
     );
 }
 
+/// Issue 9, item 1: an application role that publishes (the README's
+/// grants) and is also the relay's role plants objects in its temporary
+/// schema that a function running as the owner would pick up before
+/// pg_catalog's: nothing of it may ever run as the owner.
+#[test]
+fn publishers_and_the_relay_cannot_run_code_as_the_owner() {
+    let db = "sqlt_temp_traps";
+    let role = "sqlt_trap_app";
+    let (pg, _url, mut c) = setup(db);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('o');
+         SELECT pgtrickle.outbox_publish('o', jsonb_build_object('n', g)) FROM generate_series(1, 6) g;
+         SELECT pgtrickle.create_consumer_group('g', 'o', 'earliest');
+         SELECT pgtrickle.set_relay_outbox('p', 'o', NULL, '{\"type\":\"stdout\"}');",
+    )
+    .unwrap();
+    wait_horizon(&mut c, "outbox_o");
+    let t2 = text_of(
+        &mut c,
+        "SELECT txid::text FROM pgtrickle.outbox_o WHERE id = 2",
+    )
+    .unwrap();
+    relay_login(pg, &mut c, db, role);
+    c.batch_execute(&format!(
+        "ALTER ROLE {role} NOSUPERUSER;
+         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb),
+                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean) TO {role};"
+    ))
+    .unwrap();
+
+    let commit = format!("SELECT pgtrickle.relay_commit_offset('default', 'p', 2, '{t2}', 'w')");
+    let failures: Vec<String> = [
+        "SELECT * FROM pgtrickle.list_relay_configs()",
+        "SELECT * FROM pgtrickle.get_relay_config('p')",
+        commit.as_str(),
+        "SELECT * FROM pgtrickle.relay_get_offset('default', 'p')",
+        "SELECT pgtrickle.relay_dead_letter('p', ARRAY['k1'], ARRAY['{}'], ARRAY['refused'])",
+        "SELECT pgtrickle.outbox_rows_consumed('o', 1)",
+        // The catalogs it reads are shadowed too: it must still see the real ones.
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pgtrickle.relay_outbox_info('o')
+                             WHERE delta_table = 'outbox_delta_rows_o' AND has_txid) THEN
+                 RAISE EXCEPTION 'relay_outbox_info read the temporary catalogs';
+             END IF;
+         END $$",
+        "SELECT * FROM pgtrickle.poll_outbox('g', 'c1', 2)",
+        "SELECT pgtrickle.commit_offset('g', 'c1', max(outbox_id)) FROM pgtrickle.poll_outbox('g', 'c1', 2)",
+        "SELECT pgtrickle.extend_lease('g', 'c1', 30)",
+        "SELECT pgtrickle.consumer_heartbeat('g', 'c1')",
+        "SELECT * FROM pgtrickle.consumer_lag('g')",
+        "SELECT * FROM pgtrickle._cg_outbox_stats('g')",
+        "SELECT * FROM pgtrickle.pgt_consumer_status",
+        "SELECT * FROM pgtrickle.pgt_consumer_group_lag",
+        "SELECT * FROM pgtrickle.pgt_consumer_active_leases",
+        "SELECT pgtrickle.outbox_publish('o', '{\"a\": 1}', '{\"h\": \"v\"}')",
+        "SELECT pgtrickle.outbox_publish_delta('o', '[{\"a\": 1}]', '[{\"a\": 0}]')",
+        "SET pgtrickle.outbox_inline_threshold = 1;
+         SELECT pgtrickle.outbox_publish_delta('o', '[{\"a\": 1}, {\"a\": 2}]', NULL, true)",
+    ]
+    .iter()
+    .filter_map(|sql| attack(pg, &mut c, db, role, sql))
+    .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of the calls were exploited or failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The calls did their work.
+    assert_eq!(i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_o"), 9);
+    assert_eq!(
+        i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_delta_rows_o"),
+        2
+    );
+    assert_eq!(watermark(&mut c, "g"), 0, "rows 1-2 are still leased");
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT last_change_id FROM pgtrickle.relay_consumer_offsets"
+        ),
+        2
+    );
+}
+
 // ---------------------------------------------------------------------------
 // outbox kit
 // ---------------------------------------------------------------------------
