@@ -39,7 +39,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._outbox_lookup(p_outbox TEXT, p_caller TEXT
 RETURNS pgtrickle.pgt_outbox_config
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
@@ -70,7 +70,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._outbox_consumed_sql(
 RETURNS text
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_conds text[] := '{}';
@@ -124,7 +124,7 @@ CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
@@ -144,7 +144,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(p_name TEXT, p_retention_hour
 RETURNS TEXT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 SET client_min_messages = warning  -- no "already exists, skipping" on a second call
 AS $fn$
 DECLARE
@@ -220,7 +220,7 @@ BEGIN
         )$sql$, v_delta, v_outbox);
     EXECUTE format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                     WHERE t.tgrelid = format('pgtrickle.%I', v_outbox)::regclass
                       AND t.tgname = 'pgtrickle_outbox_notify') THEN
         EXECUTE format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
@@ -240,7 +240,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.disable_outbox(p_name TEXT, p_if_exists BOO
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
@@ -295,7 +295,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(p_outbox TEXT, p_payload JSO
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish');
@@ -332,7 +332,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg       pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish_delta');
@@ -431,7 +431,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_rows_consumed(stream_table TEXT, out
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg   pgtrickle.pgt_outbox_config;
@@ -465,7 +465,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
 RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_stream text;
@@ -501,13 +501,13 @@ BEGIN
     outbox_table := v_table;
     -- The claim-check table is the one whose foreign key references the outbox.
     SELECT r.relname INTO delta_table
-      FROM pg_constraint k
-      JOIN pg_class r ON r.oid = k.conrelid
+      FROM pg_catalog.pg_constraint k
+      JOIN pg_catalog.pg_class r ON r.oid = k.conrelid
      WHERE k.contype = 'f' AND k.confrelid = v_oid
        AND r.relnamespace = 'pgtrickle'::regnamespace
      ORDER BY (r.relname LIKE 'outbox\_delta\_rows\_%') DESC, r.relname
      LIMIT 1;
-    has_txid := EXISTS (SELECT 1 FROM pg_attribute a
+    has_txid := EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                          WHERE a.attrelid = v_oid AND a.attname = 'txid'
                            AND a.attnum > 0 AND NOT a.attisdropped);
     RETURN NEXT;
@@ -527,7 +527,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_status(p_name TEXT)
 RETURNS JSONB
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_name, 'outbox_status');
@@ -606,7 +606,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_retention(
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_outbox_config;
