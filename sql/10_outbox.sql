@@ -62,8 +62,14 @@ $ddl$);
 
 -- A SQL condition on an outbox row (columns txid, id) that is true when every
 -- consumer of the outbox has committed past that row: each consumer group on
--- it and each relay pipeline reading it (a pipeline that never committed has
--- consumed nothing). p_if_none is the answer when nobody consumes it.
+-- it, and each relay pipeline reading it. A pipeline whose source.group names
+-- a consumer group of this outbox reads through that group (its watermark,
+-- above, is its position); one naming a group of another outbox cannot run;
+-- any other pipeline has its own offsets (one per relay group). What proves
+-- nothing keeps every row: a pipeline that never committed, one that cannot
+-- run, and a position at or beyond the next transaction id of this database
+-- (e.g. written before a dump and restore into another cluster).
+-- p_if_none is the answer when nobody consumes the outbox.
 CALL pgtrickle._kit_define('function', '_outbox_consumed_sql', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_consumed_sql(
     p_stream TEXT, p_outbox_table TEXT, p_has_txid BOOLEAN, p_if_none BOOLEAN)
@@ -73,6 +79,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
+    v_next  xid8 := pg_snapshot_xmax(pg_current_snapshot());
     v_conds text[] := '{}';
     r record;
     o record;
@@ -82,24 +89,36 @@ BEGIN
                FROM pgtrickle.pgt_consumer_groups g
               WHERE g.outbox_name IN (p_stream, p_outbox_table)
     LOOP
-        IF p_has_txid THEN
-            v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', r.committed_txid, r.committed_id);
-        ELSE
+        IF NOT p_has_txid THEN
             v_conds := v_conds || format('id <= %s', r.committed_id);
+        ELSIF r.committed_txid >= v_next THEN
+            v_conds := v_conds || 'false'::text;
+        ELSE
+            v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', r.committed_txid, r.committed_id);
         END IF;
     END LOOP;
 
-    FOR r IN SELECT c.name
+    FOR r IN SELECT c.name, g.outbox_name AS group_outbox
                FROM pgtrickle.relay_outbox_config c
+               LEFT JOIN pgtrickle.pgt_consumer_groups g
+                      ON g.group_name = nullif(c.config -> 'source' ->> 'group', '')
               WHERE c.config -> 'source' ->> 'outbox' IN (p_stream, p_outbox_table)
     LOOP
+        IF r.group_outbox IN (p_stream, p_outbox_table) THEN
+            CONTINUE;  -- reads through its consumer group: counted above
+        ELSIF r.group_outbox IS NOT NULL THEN
+            v_conds := v_conds || 'false'::text;  -- a group of another outbox
+            CONTINUE;
+        END IF;
         v_any := false;
         FOR o IN SELECT x.last_change_id, x.last_txid
                    FROM pgtrickle.relay_consumer_offsets x
                   WHERE x.pipeline_id = r.name
         LOOP
             v_any := true;
-            IF p_has_txid AND o.last_txid IS NOT NULL THEN
+            IF p_has_txid AND o.last_txid >= v_next THEN
+                v_conds := v_conds || 'false'::text;
+            ELSIF p_has_txid AND o.last_txid IS NOT NULL THEN
                 v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', o.last_txid, coalesce(o.last_change_id, 0));
             ELSE
                 v_conds := v_conds || format('id <= %s', coalesce(o.last_change_id, 0));
@@ -112,6 +131,9 @@ BEGIN
 
     IF cardinality(v_conds) = 0 THEN
         RETURN p_if_none::text;
+    END IF;
+    IF 'false' = ANY (v_conds) THEN
+        RETURN 'false';
     END IF;
     RETURN '(' || array_to_string(v_conds, ' AND ') || ')';
 END
