@@ -39,10 +39,23 @@ CREATE TABLE IF NOT EXISTS pgtrickle.pgt_inbox_config (
     dlq_retention_hours INT
 );
 
--- Upgrade an older kit catalog in place (not a table of the pg_trickle extension).
+-- Upgrade an older kit catalog in place (not a table of the pg_trickle
+-- extension). Only the columns it lacks are added: ADD COLUMN IF NOT EXISTS
+-- would print "already exists, skipping" on every fresh install.
 CALL pgtrickle._kit_define('relation', 'pgt_inbox_config', $ddl$
-ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN IF NOT EXISTS table_name TEXT;
-ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN IF NOT EXISTS dlq_retention_hours INT;
+DO $do$
+DECLARE
+    v_col text[];
+BEGIN
+    FOREACH v_col SLICE 1 IN ARRAY ARRAY[['table_name', 'TEXT'], ['dlq_retention_hours', 'INT']] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid = 'pgtrickle.pgt_inbox_config'::pg_catalog.regclass
+                          AND a.attname = v_col[1] AND NOT a.attisdropped) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN %I %s', v_col[1], v_col[2]);
+        END IF;
+    END LOOP;
+END
+$do$;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN retry_count_column DROP NOT NULL;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN error_column DROP NOT NULL;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN received_at_column DROP NOT NULL;

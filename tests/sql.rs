@@ -201,6 +201,45 @@ fn install_twice_is_harmless_and_keeps_data() {
     );
 }
 
+/// Issue 10, item 8: `pgtrickle-relay sql | psql` on an empty database
+/// prints nothing (no "already exists, skipping" NOTICE). Installing again
+/// over it (an upgrade) may say what it skipped, but fails on nothing.
+#[test]
+fn a_fresh_install_prints_nothing() {
+    let pg = support::Pg::shared();
+    let mut admin = pg.client(&pg.url("postgres"));
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS sqlt_quiet WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE sqlt_quiet").unwrap();
+    let url = pg.url("sqlt_quiet");
+    let out = Command::new(support::relay_bin())
+        .arg("sql")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sql = String::from_utf8(out.stdout).unwrap();
+    let (ok, stderr) = psql_stdin(&url, &sql);
+    assert!(ok, "fresh install failed: {stderr}");
+    assert_eq!(stderr, "", "a fresh install printed something");
+    // An older catalog gains the columns it lacks.
+    pg.client(&url)
+        .batch_execute(
+            "ALTER TABLE pgtrickle.pgt_inbox_config DROP COLUMN table_name, DROP COLUMN dlq_retention_hours",
+        )
+        .unwrap();
+    let (ok, stderr) = psql_stdin(&url, &sql);
+    assert!(ok && !stderr.contains("ERROR"), "install again: {stderr}");
+    assert_eq!(
+        i64_of(
+            &mut pg.client(&url),
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'pgtrickle.pgt_inbox_config'::regclass
+                AND attname IN ('table_name', 'dlq_retention_hours') AND NOT attisdropped"
+        ),
+        2
+    );
+}
+
 #[test]
 fn numbered_files_have_no_psql_meta_commands() {
     for f in [
