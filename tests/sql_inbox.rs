@@ -1805,7 +1805,7 @@ fn install_twice_keeps_inbox_features() {
         &mut c,
         "SELECT p.oid::regprocedure::text FROM pg_proc p
           WHERE p.pronamespace = 'pgtrickle'::regnamespace AND p.prosecdef
-            AND (NOT coalesce('search_path=pg_catalog, pgtrickle' = ANY (p.proconfig), false)
+            AND (NOT coalesce('search_path=pg_catalog, pgtrickle, pg_temp' = ANY (p.proconfig), false)
                  OR p.proacl IS NULL
                  OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))",
         &[],
