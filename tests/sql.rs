@@ -451,9 +451,9 @@ fn pinned_search_paths_end_with_pg_temp_and_catalogs_are_qualified() {
         match path {
             None if definer => bad.push(format!("{name}: SECURITY DEFINER without a search_path")),
             None => {}
-            Some(p) if p.split(',').map(str::trim).last() != Some("pg_temp") => bad.push(format!(
-                "{name}: search_path {p:?} does not end with pg_temp"
-            )),
+            Some(p) if p.split(',').map(str::trim).next_back() != Some("pg_temp") => bad.push(
+                format!("{name}: search_path {p:?} does not end with pg_temp"),
+            ),
             Some(_) => {}
         }
     }
