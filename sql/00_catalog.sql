@@ -12,6 +12,14 @@
 -- skips it when an extension owns an object of that name.
 -- Plain SQL only (no psql meta-commands): it is also piped into psql by
 -- `pgtrickle-relay sql`.
+--
+-- Every function of the kit pins search_path = pg_catalog, pgtrickle, pg_temp
+-- (pg_catalog alone for the install helpers, then pg_temp). pg_temp must be
+-- named, and last: PostgreSQL otherwise searches the calling session's
+-- temporary schema *first* for tables and types, so a caller could make a
+-- SECURITY DEFINER function use its own look-alike pg_attribute or a domain
+-- named text whose CHECK runs the caller's code as the owner. Catalogs are
+-- written pg_catalog.<name> all the same.
 
 CREATE SCHEMA IF NOT EXISTS pgtrickle;
 
@@ -38,7 +46,7 @@ GRANT USAGE ON SCHEMA pgtrickle TO pgtrickle_relay;
 CREATE OR REPLACE FUNCTION pgtrickle._kit_owner_extension(p_kind text, p_name text)
 RETURNS name
 LANGUAGE sql STABLE
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT e.extname
       FROM pg_catalog.pg_depend d
@@ -59,7 +67,7 @@ $$;
 -- Run p_ddl (which defines pgtrickle.<p_name>) unless an extension owns that name.
 CREATE OR REPLACE PROCEDURE pgtrickle._kit_define(p_kind text, p_name text, p_ddl text)
 LANGUAGE plpgsql
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_ext name := pgtrickle._kit_owner_extension(p_kind, p_name);
@@ -77,7 +85,7 @@ $$;
 CREATE OR REPLACE FUNCTION pgtrickle._kit_ident(p_full text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE STRICT
-SET search_path = pg_catalog
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v text;
@@ -132,7 +140,7 @@ CALL pgtrickle._kit_define('function', '_relay_config_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._relay_config_notify()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     -- A rename is a delete of the old name and an insert of the new one.
@@ -198,7 +206,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.set_relay_outbox(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_config jsonb;
@@ -264,7 +272,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.set_relay_inbox(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_config jsonb;
@@ -341,7 +349,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._relay_set_enabled(p_name TEXT, p_enabled B
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_found boolean := false;
@@ -365,7 +373,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_relay(p_name TEXT)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     PERFORM pgtrickle._relay_set_enabled(p_name, true);
@@ -380,7 +388,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.disable_relay(p_name TEXT)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     PERFORM pgtrickle._relay_set_enabled(p_name, false);
@@ -396,7 +404,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.delete_relay(p_name TEXT)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_found boolean := false;
@@ -425,7 +433,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.list_relay_configs()
 RETURNS TABLE(name TEXT, direction TEXT, enabled BOOLEAN, config JSONB)
 LANGUAGE sql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT c.name, 'forward'::text, c.enabled, c.config FROM pgtrickle.relay_outbox_config c
     UNION ALL
@@ -442,7 +450,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.get_relay_config(p_name TEXT)
 RETURNS TABLE(name TEXT, direction TEXT, enabled BOOLEAN, config JSONB)
 LANGUAGE sql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT c.name, 'forward'::text, c.enabled, c.config FROM pgtrickle.relay_outbox_config c
      WHERE c.name = p_name
@@ -461,7 +469,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.relay_get_offset(p_relay_group TEXT, p_pipe
 RETURNS TABLE(last_change_id BIGINT, last_txid TEXT)
 LANGUAGE sql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT o.last_change_id, o.last_txid::text
       FROM pgtrickle.relay_consumer_offsets o
@@ -479,7 +487,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.relay_commit_offset(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     IF p_relay_group IS NULL OR p_relay_group = '' OR p_pipeline IS NULL OR p_pipeline = '' THEN
@@ -530,7 +538,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.relay_dead_letter(
 RETURNS void
 LANGUAGE sql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     INSERT INTO pgtrickle.relay_dead_letters AS d (pipeline, dedup_key, payload, error)
     SELECT p_pipeline, k, p::jsonb, e FROM unnest(p_dedup_keys, p_payloads, p_errors) AS t(k, p, e)

@@ -39,7 +39,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._outbox_lookup(p_outbox TEXT, p_caller TEXT
 RETURNS pgtrickle.pgt_outbox_config
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
@@ -62,17 +62,24 @@ $ddl$);
 
 -- A SQL condition on an outbox row (columns txid, id) that is true when every
 -- consumer of the outbox has committed past that row: each consumer group on
--- it and each relay pipeline reading it (a pipeline that never committed has
--- consumed nothing). p_if_none is the answer when nobody consumes it.
+-- it, and each relay pipeline reading it. A pipeline whose source.group names
+-- a consumer group of this outbox reads through that group (its watermark,
+-- above, is its position); one naming a group of another outbox cannot run;
+-- any other pipeline has its own offsets (one per relay group). What proves
+-- nothing keeps every row: a pipeline that never committed, one that cannot
+-- run, and a position at or beyond the next transaction id of this database
+-- (e.g. written before a dump and restore into another cluster).
+-- p_if_none is the answer when nobody consumes the outbox.
 CALL pgtrickle._kit_define('function', '_outbox_consumed_sql', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_consumed_sql(
     p_stream TEXT, p_outbox_table TEXT, p_has_txid BOOLEAN, p_if_none BOOLEAN)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
+    v_next  xid8 := pg_snapshot_xmax(pg_current_snapshot());
     v_conds text[] := '{}';
     r record;
     o record;
@@ -82,24 +89,36 @@ BEGIN
                FROM pgtrickle.pgt_consumer_groups g
               WHERE g.outbox_name IN (p_stream, p_outbox_table)
     LOOP
-        IF p_has_txid THEN
-            v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', r.committed_txid, r.committed_id);
-        ELSE
+        IF NOT p_has_txid THEN
             v_conds := v_conds || format('id <= %s', r.committed_id);
+        ELSIF r.committed_txid >= v_next THEN
+            v_conds := v_conds || 'false'::text;
+        ELSE
+            v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', r.committed_txid, r.committed_id);
         END IF;
     END LOOP;
 
-    FOR r IN SELECT c.name
+    FOR r IN SELECT c.name, g.outbox_name AS group_outbox
                FROM pgtrickle.relay_outbox_config c
+               LEFT JOIN pgtrickle.pgt_consumer_groups g
+                      ON g.group_name = nullif(c.config -> 'source' ->> 'group', '')
               WHERE c.config -> 'source' ->> 'outbox' IN (p_stream, p_outbox_table)
     LOOP
+        IF r.group_outbox IN (p_stream, p_outbox_table) THEN
+            CONTINUE;  -- reads through its consumer group: counted above
+        ELSIF r.group_outbox IS NOT NULL THEN
+            v_conds := v_conds || 'false'::text;  -- a group of another outbox
+            CONTINUE;
+        END IF;
         v_any := false;
         FOR o IN SELECT x.last_change_id, x.last_txid
                    FROM pgtrickle.relay_consumer_offsets x
                   WHERE x.pipeline_id = r.name
         LOOP
             v_any := true;
-            IF p_has_txid AND o.last_txid IS NOT NULL THEN
+            IF p_has_txid AND o.last_txid >= v_next THEN
+                v_conds := v_conds || 'false'::text;
+            ELSIF p_has_txid AND o.last_txid IS NOT NULL THEN
                 v_conds := v_conds || format('(txid, id) <= (%L::xid8, %s)', o.last_txid, coalesce(o.last_change_id, 0));
             ELSE
                 v_conds := v_conds || format('id <= %s', coalesce(o.last_change_id, 0));
@@ -113,6 +132,9 @@ BEGIN
     IF cardinality(v_conds) = 0 THEN
         RETURN p_if_none::text;
     END IF;
+    IF 'false' = ANY (v_conds) THEN
+        RETURN 'false';
+    END IF;
     RETURN '(' || array_to_string(v_conds, ' AND ') || ')';
 END
 $fn$;
@@ -124,7 +146,7 @@ CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
@@ -144,7 +166,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(p_name TEXT, p_retention_hour
 RETURNS TEXT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 SET client_min_messages = warning  -- no "already exists, skipping" on a second call
 AS $fn$
 DECLARE
@@ -220,7 +242,7 @@ BEGIN
         )$sql$, v_delta, v_outbox);
     EXECUTE format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                     WHERE t.tgrelid = format('pgtrickle.%I', v_outbox)::regclass
                       AND t.tgname = 'pgtrickle_outbox_notify') THEN
         EXECUTE format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
@@ -240,7 +262,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.disable_outbox(p_name TEXT, p_if_exists BOO
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
@@ -295,7 +317,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(p_outbox TEXT, p_payload JSO
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish');
@@ -332,7 +354,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg       pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish_delta');
@@ -431,7 +453,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_rows_consumed(stream_table TEXT, out
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg   pgtrickle.pgt_outbox_config;
@@ -465,7 +487,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
 RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_stream text;
@@ -501,13 +523,13 @@ BEGIN
     outbox_table := v_table;
     -- The claim-check table is the one whose foreign key references the outbox.
     SELECT r.relname INTO delta_table
-      FROM pg_constraint k
-      JOIN pg_class r ON r.oid = k.conrelid
+      FROM pg_catalog.pg_constraint k
+      JOIN pg_catalog.pg_class r ON r.oid = k.conrelid
      WHERE k.contype = 'f' AND k.confrelid = v_oid
        AND r.relnamespace = 'pgtrickle'::regnamespace
      ORDER BY (r.relname LIKE 'outbox\_delta\_rows\_%') DESC, r.relname
      LIMIT 1;
-    has_txid := EXISTS (SELECT 1 FROM pg_attribute a
+    has_txid := EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                          WHERE a.attrelid = v_oid AND a.attname = 'txid'
                            AND a.attnum > 0 AND NOT a.attisdropped);
     RETURN NEXT;
@@ -527,7 +549,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_status(p_name TEXT)
 RETURNS JSONB
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_name, 'outbox_status');
@@ -606,7 +628,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.outbox_retention(
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_outbox_config;

@@ -67,7 +67,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._cg_lookup(
     OUT grp pgtrickle.pgt_consumer_groups, OUT outbox_table TEXT)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     SELECT g.* INTO grp FROM pgtrickle.pgt_consumer_groups g WHERE g.group_name = p_group;
@@ -86,7 +86,7 @@ CALL pgtrickle._kit_define('function', '_cg_check_consumer', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._cg_check_consumer(p_consumer TEXT, p_caller TEXT)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     IF p_consumer IS NULL OR btrim(p_consumer) = '' THEN
@@ -103,7 +103,7 @@ CALL pgtrickle._kit_define('function', '_cg_outbox_stats', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._cg_outbox_stats(p_group TEXT, OUT max_outbox_id BIGINT, OUT lag BIGINT)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v record := pgtrickle._cg_lookup(p_group, 'consumer_lag');
@@ -130,7 +130,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.create_consumer_group(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg  pgtrickle.pgt_outbox_config;
@@ -175,7 +175,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.drop_consumer_group(p_name TEXT)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     DELETE FROM pgtrickle.pgt_consumer_leases WHERE group_name = p_name;
@@ -204,7 +204,7 @@ RETURNS TABLE(outbox_id BIGINT, pgt_id UUID, created_at TIMESTAMPTZ, inserted_co
               deleted_count BIGINT, is_claim_check BOOL, payload JSONB)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -300,7 +300,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.commit_offset(p_group TEXT, p_consumer TEXT
 RETURNS BOOLEAN
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v          record := pgtrickle._cg_lookup(p_group, 'commit_offset');
@@ -398,7 +398,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.seek_offset(p_group TEXT, p_consumer TEXT, 
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v      record := pgtrickle._cg_lookup(p_group, 'seek_offset');
@@ -440,7 +440,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.extend_lease(p_group TEXT, p_consumer TEXT,
 RETURNS INT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v   record := pgtrickle._cg_lookup(p_group, 'extend_lease');
@@ -468,7 +468,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.consumer_heartbeat(p_group TEXT, p_consumer
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v record := pgtrickle._cg_lookup(p_group, 'consumer_heartbeat');
@@ -492,7 +492,7 @@ RETURNS TABLE(consumer_id TEXT, committed_offset BIGINT, max_outbox_id BIGINT, l
               last_heartbeat_at TIMESTAMPTZ, is_alive BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE

@@ -39,10 +39,23 @@ CREATE TABLE IF NOT EXISTS pgtrickle.pgt_inbox_config (
     dlq_retention_hours INT
 );
 
--- Upgrade an older kit catalog in place (not a table of the pg_trickle extension).
+-- Upgrade an older kit catalog in place (not a table of the pg_trickle
+-- extension). Only the columns it lacks are added: ADD COLUMN IF NOT EXISTS
+-- would print "already exists, skipping" on every fresh install.
 CALL pgtrickle._kit_define('relation', 'pgt_inbox_config', $ddl$
-ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN IF NOT EXISTS table_name TEXT;
-ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN IF NOT EXISTS dlq_retention_hours INT;
+DO $do$
+DECLARE
+    v_col text[];
+BEGIN
+    FOREACH v_col SLICE 1 IN ARRAY ARRAY[['table_name', 'TEXT'], ['dlq_retention_hours', 'INT']] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid = 'pgtrickle.pgt_inbox_config'::pg_catalog.regclass
+                          AND a.attname = v_col[1] AND NOT a.attisdropped) THEN
+            EXECUTE pg_catalog.format('ALTER TABLE pgtrickle.pgt_inbox_config ADD COLUMN %I %s', v_col[1], v_col[2]);
+        END IF;
+    END LOOP;
+END
+$do$;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN retry_count_column DROP NOT NULL;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN error_column DROP NOT NULL;
 ALTER TABLE pgtrickle.pgt_inbox_config ALTER COLUMN received_at_column DROP NOT NULL;
@@ -88,7 +101,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._inbox_lookup(p_name TEXT, p_caller TEXT)
 RETURNS pgtrickle.pgt_inbox_config
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config;
@@ -110,7 +123,7 @@ CALL pgtrickle._kit_define('function', '_inbox_rel', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_rel(p_cfg pgtrickle.pgt_inbox_config)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT format('%I.%I', p_cfg.inbox_schema, coalesce(p_cfg.table_name, p_cfg.inbox_name))
 $fn$;
@@ -122,7 +135,7 @@ CALL pgtrickle._kit_define('function', '_inbox_pending_cond', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_pending_cond(p_cfg pgtrickle.pgt_inbox_config, p_alias TEXT)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT format('%I.%I IS NULL', p_alias, p_cfg.processed_at_column)
         || CASE WHEN p_cfg.retry_count_column IS NULL THEN ''
@@ -137,7 +150,7 @@ CALL pgtrickle._kit_define('function', '_inbox_dlq_cond', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_dlq_cond(p_cfg pgtrickle.pgt_inbox_config, p_alias TEXT)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT CASE WHEN p_cfg.retry_count_column IS NULL THEN 'false'
                 ELSE format('%I.%I IS NULL AND coalesce(%I.%I, 0) >= %s', p_alias, p_cfg.processed_at_column,
@@ -147,15 +160,18 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._inbox_dlq_cond(pgtrickle.pgt_inbox_config, TEXT) FROM PUBLIC;
 $ddl$);
 
--- The SQL type of column p_column of the inbox's table (for casting text ids).
+-- The SQL type of column p_column of the inbox's table (for casting text
+-- ids), as format_type writes it: quoted, and schema-qualified unless the
+-- type is visible on the search_path every kit function runs with, so it
+-- may be spliced into SQL with %s.
 CALL pgtrickle._kit_define('function', '_inbox_column_type', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_column_type(p_cfg pgtrickle.pgt_inbox_config, p_column TEXT)
 RETURNS text
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
-    SELECT format_type(a.atttypid, a.atttypmod)
-      FROM pg_attribute a
+    SELECT pg_catalog.format_type(a.atttypid, a.atttypmod)
+      FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = to_regclass(pgtrickle._inbox_rel(p_cfg))
        AND a.attname = p_column AND a.attnum > 0 AND NOT a.attisdropped
 $fn$;
@@ -167,7 +183,7 @@ CALL pgtrickle._kit_define('function', '_inbox_require_free', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_require_free(p_schema TEXT, p_name TEXT, p_caller TEXT)
 RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     IF octet_length(p_name) > 63 THEN
@@ -188,7 +204,7 @@ CALL pgtrickle._kit_define('function', '_inbox_pending_view_sql', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_pending_view_sql(p_cfg pgtrickle.pgt_inbox_config)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT format('SELECT * FROM %s t WHERE %s', pgtrickle._inbox_rel(p_cfg), pgtrickle._inbox_pending_cond(p_cfg, 't'))
 $fn$;
@@ -201,7 +217,7 @@ CALL pgtrickle._kit_define('function', '_inbox_create_views', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_create_views(p_cfg pgtrickle.pgt_inbox_config)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_tbl     text := pgtrickle._inbox_rel(p_cfg);
@@ -250,7 +266,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.create_inbox(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config;
@@ -365,7 +381,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_inbox_tracking(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_schema  text;
@@ -414,7 +430,7 @@ BEGIN
     END IF;
 
     SELECT n.nspname, c.relname, c.relkind INTO v_schema, v_table, v_kind
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = p_table;
     IF v_kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION 'enable_inbox_tracking: % is not a table', p_table
@@ -442,7 +458,7 @@ BEGIN
     FOR i IN 1 .. 6 LOOP
         v_attnum := NULL;
         SELECT a.attnum, a.atttypid INTO v_attnum, v_type
-          FROM pg_attribute a
+          FROM pg_catalog.pg_attribute a
          WHERE a.attrelid = p_table AND a.attname = coalesce(v_cols[i], v_default[i])
            AND a.attnum > 0 AND NOT a.attisdropped;
         IF v_attnum IS NULL THEN
@@ -463,7 +479,7 @@ BEGIN
         RAISE EXCEPTION 'enable_inbox_tracking: column "%" (p_retry_count_column) must be an integer type, not %', v_cols[3], v_types[3]
             USING ERRCODE = 'datatype_mismatch';
     END IF;
-    IF v_types[4] IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_type t WHERE t.oid = v_types[4] AND t.typcategory = 'S') THEN
+    IF v_types[4] IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.oid = v_types[4] AND t.typcategory = 'S') THEN
         RAISE EXCEPTION 'enable_inbox_tracking: column "%" (p_error_column) must be a string type, not %', v_cols[4], v_types[4]
             USING ERRCODE = 'datatype_mismatch';
     END IF;
@@ -477,7 +493,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- The id must be unique on its own: a primary key or a plain unique index.
-    IF NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index x JOIN pg_catalog.pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = x.indkey[0]
                     WHERE x.indrelid = p_table AND x.indisunique AND x.indnkeyatts = 1
                       AND x.indpred IS NULL AND x.indexprs IS NULL AND a.attname = v_cols[1]) THEN
         RAISE EXCEPTION 'enable_inbox_tracking: column "%" (p_id_column) of % is not unique', v_cols[1], p_table
@@ -519,10 +535,10 @@ CALL pgtrickle._kit_define('function', '_inbox_drop_index', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_drop_index(p_schema TEXT, p_index TEXT, p_table TEXT)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_index x
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_index x
                 WHERE x.indexrelid = to_regclass(format('%I.%I', p_schema, p_index))
                   AND x.indrelid = to_regclass(format('%I.%I', p_schema, p_table))) THEN
         EXECUTE format('DROP INDEX %I.%I', p_schema, p_index);
@@ -543,7 +559,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.drop_inbox(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg       pgtrickle.pgt_inbox_config;

@@ -48,7 +48,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.replay_inbox_messages(p_name TEXT, p_event_
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_name, 'replay_inbox_messages');
@@ -84,7 +84,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.inbox_mark_processed(p_name TEXT, p_event_i
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_name, 'inbox_mark_processed');
@@ -109,7 +109,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.inbox_mark_failed(p_name TEXT, p_event_id T
 RETURNS TEXT
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_name, 'inbox_mark_failed');
@@ -162,7 +162,7 @@ CALL pgtrickle._kit_define('function', '_inbox_ord_state_name', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_ord_state_name(p_inbox TEXT)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT pgtrickle._kit_ident('pgt_ordering_' || p_inbox)
 $fn$;
@@ -178,7 +178,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._inbox_ord_track()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
     EXECUTE format($sql$
@@ -208,7 +208,7 @@ CREATE OR REPLACE FUNCTION pgtrickle._inbox_ord_heads_sql(
     p_cfg pgtrickle.pgt_inbox_config, p_ord pgtrickle.pgt_inbox_ordering, p_next BOOLEAN)
 RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
     SELECT format($sql$(SELECT h.agg, h.seq, s.last_sequence AS last,
                 coalesce(s.last_sequence + 1, %6$s) AS expected
@@ -232,7 +232,7 @@ CALL pgtrickle._kit_define('function', '_inbox_ord_create_views', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_ord_create_views(p_cfg pgtrickle.pgt_inbox_config, p_ord pgtrickle.pgt_inbox_ordering)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_tbl  text := pgtrickle._inbox_rel(p_cfg);
@@ -281,7 +281,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_inbox_ordering(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg   pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_inbox, 'enable_inbox_ordering');
@@ -377,7 +377,7 @@ CALL pgtrickle._kit_define('function', '_inbox_ord_drop', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_ord_drop(p_cfg pgtrickle.pgt_inbox_config, p_mode TEXT)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_tbl text := pgtrickle._inbox_rel(p_cfg);
@@ -406,7 +406,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.disable_inbox_ordering(p_inbox TEXT, p_if_e
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_inbox, 'disable_inbox_ordering');
@@ -435,7 +435,7 @@ RETURNS TABLE(aggregate_id TEXT, last_processed_sequence BIGINT, expected_sequen
               oldest_waiting_at TIMESTAMPTZ, waiting_seconds DOUBLE PRECISION)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_inbox, 'inbox_ordering_gaps');
@@ -470,7 +470,7 @@ CALL pgtrickle._kit_define('function', '_inbox_priority_tiers', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._inbox_priority_tiers(p_column TEXT, p_tiers JSONB, p_caller TEXT)
 RETURNS TABLE(tier TEXT, lo BIGINT, hi BIGINT, cond TEXT)
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     r       record;
@@ -531,7 +531,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.enable_inbox_priority(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg     pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_inbox, 'enable_inbox_priority');
@@ -602,7 +602,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.disable_inbox_priority(p_inbox TEXT, p_if_e
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_inbox, 'disable_inbox_priority');
@@ -648,7 +648,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.inbox_claim(
 RETURNS TABLE(event_id TEXT, retry_count INT, message JSONB)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg   pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_name, 'inbox_claim');
@@ -719,7 +719,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.inbox_health(p_name TEXT)
 RETURNS JSONB
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     c_degraded_age  constant int := 60;
@@ -811,7 +811,7 @@ RETURNS TABLE(inbox_name TEXT, inbox_schema TEXT, table_name TEXT, is_managed BO
               status TEXT, health JSONB)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config;
@@ -850,7 +850,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.set_inbox_retention(
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg pgtrickle.pgt_inbox_config := pgtrickle._inbox_lookup(p_name, 'set_inbox_retention');
@@ -887,7 +887,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.inbox_retention(
 RETURNS TABLE(inbox_name TEXT, processed_deleted BIGINT, dlq_deleted BIGINT)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_cfg   pgtrickle.pgt_inbox_config;

@@ -21,7 +21,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.reap_dead_consumers(
 RETURNS TABLE(group_name TEXT, consumer_id TEXT, last_heartbeat_at TIMESTAMPTZ, leases_released INT)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -86,7 +86,7 @@ CREATE OR REPLACE FUNCTION pgtrickle.run_maintenance(
 RETURNS JSONB
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
     v_outbox bigint;

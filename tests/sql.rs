@@ -201,6 +201,45 @@ fn install_twice_is_harmless_and_keeps_data() {
     );
 }
 
+/// Issue 10, item 8: `pgtrickle-relay sql | psql` on an empty database
+/// prints nothing (no "already exists, skipping" NOTICE). Installing again
+/// over it (an upgrade) may say what it skipped, but fails on nothing.
+#[test]
+fn a_fresh_install_prints_nothing() {
+    let pg = support::Pg::shared();
+    let mut admin = pg.client(&pg.url("postgres"));
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS sqlt_quiet WITH (FORCE)")
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE sqlt_quiet").unwrap();
+    let url = pg.url("sqlt_quiet");
+    let out = Command::new(support::relay_bin())
+        .arg("sql")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sql = String::from_utf8(out.stdout).unwrap();
+    let (ok, stderr) = psql_stdin(&url, &sql);
+    assert!(ok, "fresh install failed: {stderr}");
+    assert_eq!(stderr, "", "a fresh install printed something");
+    // An older catalog gains the columns it lacks.
+    pg.client(&url)
+        .batch_execute(
+            "ALTER TABLE pgtrickle.pgt_inbox_config DROP COLUMN table_name, DROP COLUMN dlq_retention_hours",
+        )
+        .unwrap();
+    let (ok, stderr) = psql_stdin(&url, &sql);
+    assert!(ok && !stderr.contains("ERROR"), "install again: {stderr}");
+    assert_eq!(
+        i64_of(
+            &mut pg.client(&url),
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'pgtrickle.pgt_inbox_config'::regclass
+                AND attname IN ('table_name', 'dlq_retention_hours') AND NOT attisdropped"
+        ),
+        2
+    );
+}
+
 #[test]
 fn numbered_files_have_no_psql_meta_commands() {
     for f in [
@@ -316,7 +355,7 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
         assert!(
             config
                 .split(';')
-                .any(|s| s == "search_path=pg_catalog, pgtrickle"),
+                .any(|s| s == "search_path=pg_catalog, pgtrickle, pg_temp"),
             "{name} does not pin search_path: {config:?}"
         );
         assert!(!public, "{name} is executable by PUBLIC");
@@ -386,6 +425,72 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
             &format!("SELECT has_table_privilege('pgtrickle_relay', 'pgtrickle.{t}', 'SELECT')")
         ));
     }
+}
+
+/// Issue 9, item 1: PostgreSQL searches pg_temp *first* for relations and
+/// types unless search_path names it, so every function of the kit that
+/// pins a search_path (every SECURITY DEFINER one must) names pg_temp last,
+/// and the SQL names the catalogs it reads with pg_catalog.
+#[test]
+fn pinned_search_paths_end_with_pg_temp_and_catalogs_are_qualified() {
+    let (_pg, _url, mut c) = setup("sqlt_pg_temp_last");
+    let rows = c
+        .query(
+            "SELECT p.oid::pg_catalog.regprocedure::text, p.prosecdef,
+                    (SELECT substr(s, 13) FROM unnest(p.proconfig) s WHERE s LIKE 'search_path=%')
+               FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'pgtrickle'::pg_catalog.regnamespace",
+            &[],
+        )
+        .unwrap();
+    let mut bad = Vec::new();
+    let mut secdef = 0;
+    for r in &rows {
+        let (name, definer, path): (String, bool, Option<String>) = (r.get(0), r.get(1), r.get(2));
+        secdef += usize::from(definer);
+        match path {
+            None if definer => bad.push(format!("{name}: SECURITY DEFINER without a search_path")),
+            None => {}
+            Some(p) if p.split(',').map(str::trim).next_back() != Some("pg_temp") => bad.push(
+                format!("{name}: search_path {p:?} does not end with pg_temp"),
+            ),
+            Some(_) => {}
+        }
+    }
+    assert!(secdef >= 30, "only {secdef} SECURITY DEFINER functions");
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+
+    // Every relation of pg_catalog the SQL names is written pg_catalog.<name>.
+    let catalogs: Vec<String> = c
+        .query(
+            "SELECT relname::text FROM pg_catalog.pg_class
+              WHERE relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND relkind IN ('r', 'v')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for entry in std::fs::read_dir(sql_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("--").next().unwrap();
+            let bytes = code.as_bytes();
+            for (at, _) in code.match_indices("pg_") {
+                let word: String = code[at..]
+                    .chars()
+                    .take_while(|ch| ch.is_ascii_alphanumeric() || *ch == '_')
+                    .collect();
+                let starts_word =
+                    at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_');
+                if starts_word && catalogs.contains(&word) && !code[..at].ends_with("pg_catalog.") {
+                    bad.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "unqualified catalogs:\n{}", bad.join("\n"));
 }
 
 // ---------------------------------------------------------------------------
@@ -865,6 +970,90 @@ fn relay_role_reads_through_functions_only() {
         "INSERT INTO pgtrickle.outbox_orders (payload) VALUES ('{}')",
         "42501",
         "permission denied",
+    );
+}
+
+/// Issue 9, item 1: an application role that publishes (the README's
+/// grants) and is also the relay's role plants objects in its temporary
+/// schema that a function running as the owner would pick up before
+/// pg_catalog's: nothing of it may ever run as the owner.
+#[test]
+fn publishers_and_the_relay_cannot_run_code_as_the_owner() {
+    let db = "sqlt_temp_traps";
+    let role = "sqlt_trap_app";
+    let (pg, _url, mut c) = setup(db);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('o');
+         SELECT pgtrickle.outbox_publish('o', jsonb_build_object('n', g)) FROM generate_series(1, 6) g;
+         SELECT pgtrickle.create_consumer_group('g', 'o', 'earliest');
+         SELECT pgtrickle.set_relay_outbox('p', 'o', NULL, '{\"type\":\"stdout\"}');",
+    )
+    .unwrap();
+    wait_horizon(&mut c, "outbox_o");
+    let t2 = text_of(
+        &mut c,
+        "SELECT txid::text FROM pgtrickle.outbox_o WHERE id = 2",
+    )
+    .unwrap();
+    relay_login(pg, &mut c, db, role);
+    c.batch_execute(&format!(
+        "ALTER ROLE {role} NOSUPERUSER;
+         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb),
+                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean) TO {role};"
+    ))
+    .unwrap();
+
+    let commit = format!("SELECT pgtrickle.relay_commit_offset('default', 'p', 2, '{t2}', 'w')");
+    let failures: Vec<String> = [
+        "SELECT * FROM pgtrickle.list_relay_configs()",
+        "SELECT * FROM pgtrickle.get_relay_config('p')",
+        commit.as_str(),
+        "SELECT * FROM pgtrickle.relay_get_offset('default', 'p')",
+        "SELECT pgtrickle.relay_dead_letter('p', ARRAY['k1'], ARRAY['{}'], ARRAY['refused'])",
+        "SELECT pgtrickle.outbox_rows_consumed('o', 1)",
+        // The catalogs it reads are shadowed too: it must still see the real ones.
+        "DO $$ BEGIN
+             IF NOT EXISTS (SELECT 1 FROM pgtrickle.relay_outbox_info('o')
+                             WHERE delta_table = 'outbox_delta_rows_o' AND has_txid) THEN
+                 RAISE EXCEPTION 'relay_outbox_info read the temporary catalogs';
+             END IF;
+         END $$",
+        "SELECT * FROM pgtrickle.poll_outbox('g', 'c1', 2)",
+        "SELECT pgtrickle.commit_offset('g', 'c1', max(outbox_id)) FROM pgtrickle.poll_outbox('g', 'c1', 2)",
+        "SELECT pgtrickle.extend_lease('g', 'c1', 30)",
+        "SELECT pgtrickle.consumer_heartbeat('g', 'c1')",
+        "SELECT * FROM pgtrickle.consumer_lag('g')",
+        "SELECT * FROM pgtrickle._cg_outbox_stats('g')",
+        "SELECT * FROM pgtrickle.pgt_consumer_status",
+        "SELECT * FROM pgtrickle.pgt_consumer_group_lag",
+        "SELECT * FROM pgtrickle.pgt_consumer_active_leases",
+        "SELECT pgtrickle.outbox_publish('o', '{\"a\": 1}', '{\"h\": \"v\"}')",
+        "SELECT pgtrickle.outbox_publish_delta('o', '[{\"a\": 1}]', '[{\"a\": 0}]')",
+        "SET pgtrickle.outbox_inline_threshold = 1;
+         SELECT pgtrickle.outbox_publish_delta('o', '[{\"a\": 1}, {\"a\": 2}]', NULL, true)",
+    ]
+    .iter()
+    .filter_map(|sql| attack(pg, &mut c, db, role, sql))
+    .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of the calls were exploited or failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The calls did their work.
+    assert_eq!(i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_o"), 9);
+    assert_eq!(
+        i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_delta_rows_o"),
+        2
+    );
+    assert_eq!(watermark(&mut c, "g"), 0, "rows 1-2 are still leased");
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT last_change_id FROM pgtrickle.relay_consumer_offsets"
+        ),
+        2
     );
 }
 
@@ -1558,6 +1747,144 @@ fn retention_of_id_ordered_positions() {
     .unwrap();
     assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('r')"), 2);
     assert_eq!(i64_of(&mut c, "SELECT min(id) FROM pgtrickle.outbox_r"), 3);
+}
+
+/// Issue 9, item 12: retention of outboxes that relay pipelines read, in
+/// both modes, run by the real relay: its own offset, and a consumer group
+/// (where the pipeline has no offset row of its own). Rows the relay
+/// delivered go; rows it has not delivered stay, however old.
+#[test]
+fn retention_follows_relay_pipelines_in_both_modes() {
+    let (_pg, url, mut c) = setup("sqlt_retention_modes");
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('own', 1), pgtrickle.enable_outbox('grp', 1);
+         SELECT pgtrickle.create_consumer_group('workers', 'grp', 'earliest');
+         SELECT pgtrickle.set_relay_outbox('own-out', 'own', NULL, '{\"type\":\"stdout\"}');
+         SELECT pgtrickle.set_relay_outbox('grp-out', 'outbox_grp', 'workers', '{\"type\":\"stdout\"}');",
+    )
+    .unwrap();
+    let old = |c: &mut Client, n: usize| {
+        publish(c, "own", n);
+        publish(c, "grp", n);
+        c.batch_execute(
+            "UPDATE pgtrickle.outbox_own SET created_at = now() - interval '2 hours';
+             UPDATE pgtrickle.outbox_grp SET created_at = now() - interval '2 hours';",
+        )
+        .unwrap();
+        wait_horizon(c, "outbox_own");
+        wait_horizon(c, "outbox_grp");
+    };
+    let remaining =
+        |c: &mut Client, t: &str| ids(c, &format!("SELECT id FROM pgtrickle.{t} ORDER BY id"), &[]);
+    old(&mut c, 5);
+    // Nobody delivered anything yet: everything stays.
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention()"), 0);
+
+    let out = support::relay(&url).arg("--once").output().unwrap();
+    assert!(
+        out.status.success(),
+        "relay --once: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        10,
+        "both pipelines delivered their 5 events"
+    );
+    assert_eq!(watermark(&mut c, "workers"), 5);
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT count(*) FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = 'grp-out'"
+        ),
+        0,
+        "a consumer-group pipeline keeps no offset of its own"
+    );
+
+    // Three more old rows each, not delivered: retention takes exactly what
+    // each pipeline delivered.
+    old(&mut c, 3);
+    assert_eq!(
+        i64_of(&mut c, "SELECT pgtrickle.outbox_retention('own')"),
+        5
+    );
+    assert_eq!(
+        i64_of(&mut c, "SELECT pgtrickle.outbox_retention('grp', false, 2)"),
+        5
+    );
+    assert_eq!(remaining(&mut c, "outbox_own"), vec![6, 7, 8]);
+    assert_eq!(remaining(&mut c, "outbox_grp"), vec![6, 7, 8]);
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention()"), 0);
+    let summary = json_of(&mut c, "pgtrickle.run_maintenance()");
+    assert_eq!(summary["outbox_rows_deleted"], 0, "{summary}");
+
+    // Delivered too: now they go as well.
+    let out = support::relay(&url).arg("--once").output().unwrap();
+    assert!(out.status.success());
+    let summary = json_of(&mut c, "pgtrickle.run_maintenance()");
+    assert_eq!(summary["outbox_rows_deleted"], 6, "{summary}");
+}
+
+/// Whose positions retention trusts: a consumer-group pipeline is at its
+/// group's watermark (an offset row it kept from before does not hold rows
+/// back); a pipeline whose group belongs to another outbox, or a position
+/// beyond every transaction of this database (e.g. written before a
+/// dump and restore), has delivered nothing provably.
+#[test]
+fn retention_trusts_only_positions_of_this_outbox_and_database() {
+    let (_pg, _url, mut c) = setup("sqlt_retention_trust");
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('a', 1), pgtrickle.enable_outbox('b', 1);
+         SELECT pgtrickle.create_consumer_group('ga', 'a', 'earliest');
+         SELECT pgtrickle.create_consumer_group('gb', 'b', 'earliest');
+         SELECT pgtrickle.set_relay_outbox('pa', 'a', 'ga', '{\"type\":\"stdout\"}');",
+    )
+    .unwrap();
+    publish(&mut c, "a", 4);
+    c.batch_execute("UPDATE pgtrickle.outbox_a SET created_at = now() - interval '2 hours'")
+        .unwrap();
+    wait_horizon(&mut c, "outbox_a");
+    // An offset row from when pa ran without its group: behind, ignored.
+    c.batch_execute("SELECT pgtrickle.relay_commit_offset('default', 'pa', 0, '0', 'w')")
+        .unwrap();
+    assert_eq!(poll(&mut c, "ga", "c", 2), vec![1, 2]);
+    assert!(commit(&mut c, "ga", "c", 2));
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 2);
+
+    // A pipeline on a that names b's group: the relay refuses to run it, so
+    // it has delivered nothing.
+    c.batch_execute("SELECT pgtrickle.set_relay_outbox('pb', 'a', 'gb', '{\"type\":\"stdout\"}')")
+        .unwrap();
+    assert_eq!(poll(&mut c, "ga", "c", 2), vec![3, 4]);
+    assert!(commit(&mut c, "ga", "c", 4));
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 0);
+
+    // An own-offset pipeline whose position lies beyond this database's
+    // transactions proves nothing either.
+    c.batch_execute(
+        "SELECT pgtrickle.delete_relay('pb');
+         SELECT pgtrickle.set_relay_outbox('pc', 'a', NULL, '{\"type\":\"stdout\"}');
+         SELECT pgtrickle.relay_commit_offset('default', 'pc', 4,
+                    (pg_current_xact_id()::text::bigint + 1000000)::text, 'w');",
+    )
+    .unwrap();
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 0);
+    // Nor does such a group watermark.
+    c.batch_execute(
+        "SELECT pgtrickle.delete_relay('pc');
+         UPDATE pgtrickle.pgt_consumer_groups
+            SET committed_txid = (pg_current_xact_id()::text::bigint + 1000000)::text::xid8
+          WHERE group_name = 'ga';",
+    )
+    .unwrap();
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 0);
+    c.batch_execute(
+        "UPDATE pgtrickle.pgt_consumer_groups g
+            SET committed_txid = (SELECT txid FROM pgtrickle.outbox_a WHERE id = 4)
+          WHERE group_name = 'ga';",
+    )
+    .unwrap();
+    assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 2);
 }
 
 // ---------------------------------------------------------------------------

@@ -1805,7 +1805,7 @@ fn install_twice_keeps_inbox_features() {
         &mut c,
         "SELECT p.oid::regprocedure::text FROM pg_proc p
           WHERE p.pronamespace = 'pgtrickle'::regnamespace AND p.prosecdef
-            AND (NOT coalesce('search_path=pg_catalog, pgtrickle' = ANY (p.proconfig), false)
+            AND (NOT coalesce('search_path=pg_catalog, pgtrickle, pg_temp' = ANY (p.proconfig), false)
                  OR p.proacl IS NULL
                  OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))",
         &[],
@@ -1821,4 +1821,103 @@ fn install_twice_keeps_inbox_features() {
     ] {
         assert_err(&mut r, f, "42501", "permission denied");
     }
+}
+
+// ---------------------------------------------------------------------------
+// privileges
+// ---------------------------------------------------------------------------
+
+/// Issue 9, item 1: a worker (granted the worker functions, as docs/inbox.md
+/// says) that is also the relay's role plants objects in its temporary
+/// schema that a function running as the owner would pick up before
+/// pg_catalog's: nothing of it may ever run as the owner.
+#[test]
+fn workers_and_the_relay_cannot_run_code_as_the_owner() {
+    let db = "sqli_temp_traps";
+    let role = "sqli_trap_worker";
+    let (pg, _url, mut c) = setup(db);
+    ordered_inbox(&mut c, "ord");
+    c.batch_execute(
+        "SELECT pgtrickle.create_inbox('ib');
+         INSERT INTO pgtrickle.ib (event_id, aggregate_id, payload)
+         SELECT 'e' || g, 'a' || g % 3, '{}' FROM generate_series(1, 20) g;
+         INSERT INTO pgtrickle.ord (event_id, aggregate_id, payload)
+         VALUES ('o1', 'a', '{\"seq\": 1}'), ('o3', 'a', '{\"seq\": 3}');
+         SELECT pgtrickle.create_inbox('prio');
+         ALTER TABLE pgtrickle.prio ADD COLUMN priority int;
+         SELECT pgtrickle.enable_inbox_priority('prio');
+         INSERT INTO pgtrickle.prio (event_id, priority) VALUES ('p1', 1), ('p2', 5);
+         CREATE TABLE public.legacy (id bigint PRIMARY KEY, done_at timestamptz, tries int,
+                                     err text, received_at timestamptz DEFAULT now());
+         INSERT INTO public.legacy (id) SELECT generate_series(1, 5);
+         SELECT pgtrickle.enable_inbox_tracking('legacy', 'public.legacy', 'id', 'done_at',
+                                                'tries', 'err', 'received_at');",
+    )
+    .unwrap();
+    relay_login(pg, &mut c, db, role);
+    c.batch_execute(&format!(
+        "ALTER ROLE {role} NOSUPERUSER;
+         GRANT EXECUTE ON FUNCTION pgtrickle.inbox_claim(text, int, int, int),
+                                   pgtrickle.inbox_mark_processed(text, text[]),
+                                   pgtrickle.inbox_mark_failed(text, text, text),
+                                   pgtrickle.replay_inbox_messages(text, text[]) TO {role};
+         GRANT SELECT ON pgtrickle.next_ord, pgtrickle.ib_pending TO {role};"
+    ))
+    .unwrap();
+
+    let failures: Vec<String> = [
+        "SELECT pgtrickle.inbox_mark_processed('ib', ARRAY['e1'])",
+        "SELECT pgtrickle.inbox_mark_processed('legacy', ARRAY['1'])",
+        "SELECT pgtrickle.inbox_mark_failed('ib', 'e2', 'boom')",
+        "SELECT pgtrickle.inbox_mark_failed('legacy', '2', 'boom')",
+        "SELECT pgtrickle.replay_inbox_messages('ib', ARRAY['e1'])",
+        "SELECT pgtrickle.replay_inbox_messages('legacy', ARRAY['1'])",
+        "SELECT * FROM pgtrickle.inbox_claim('ib', 5)",
+        "SELECT * FROM pgtrickle.inbox_claim('ib', 5, 0, 2)",
+        "SELECT * FROM pgtrickle.inbox_claim('ord', 5, 1, 2)",
+        "SELECT * FROM pgtrickle.inbox_claim('prio', 5)",
+        "SELECT * FROM pgtrickle.inbox_claim('legacy', 5, 0, 3)",
+        "SELECT pgtrickle.inbox_is_my_partition('a1', 0, 2)",
+        "SELECT pgtrickle.inbox_health('ib'), pgtrickle.inbox_health('ord')",
+        "SELECT * FROM pgtrickle.inbox_status()",
+        "SELECT * FROM pgtrickle.pgt_inbox_status",
+        "SELECT * FROM pgtrickle.inbox_ordering_gaps('ord')",
+        "SELECT * FROM pgtrickle.next_ord",
+        "SELECT * FROM pgtrickle.ib_pending",
+        // What the relay writes fires the ordering trigger (SECURITY DEFINER)...
+        "INSERT INTO pgtrickle.ord (event_id, aggregate_id, payload) VALUES ('o2', 'a', '{\"seq\": 2}')",
+        // ... and so does a worker marking an event processed.
+        "SELECT pgtrickle.inbox_mark_processed('ord', ARRAY['o1', 'o2'])",
+    ]
+    .iter()
+    .filter_map(|sql| attack(pg, &mut c, db, role, sql))
+    .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of the calls were exploited or failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // The calls did their work (as the owner, on the real catalogs).
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT count(*) FROM pgtrickle.ord WHERE processed_at IS NOT NULL"
+        ),
+        2
+    );
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT last_sequence FROM pgtrickle.pgt_ordering_ord WHERE aggregate = 'a'"
+        ),
+        2
+    );
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT tries::bigint FROM public.legacy WHERE id = 2"
+        ),
+        1
+    );
 }

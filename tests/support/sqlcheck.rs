@@ -94,3 +94,108 @@ pub fn relay_login(pg: &Pg, admin: &mut Client, db: &str, role: &str) -> Client 
         .unwrap();
     pg.client(&pg.url_as(db, role, "unused"))
 }
+
+/// The type names the kit's functions use that a session may shadow with a
+/// temporary type of the same name (names PostgreSQL parses as keywords,
+/// like `bigint` or `boolean`, always mean pg_catalog's).
+const SHADOWED_TYPES: &[&str] = &[
+    "text",
+    "jsonb",
+    "json",
+    "xid8",
+    "uuid",
+    "timestamptz",
+    "int2",
+    "int4",
+    "int8",
+    "bool",
+    "name",
+    "oid",
+    "regclass",
+    "regtype",
+    "regnamespace",
+    "float8",
+    "\"char\"",
+];
+
+/// The catalogs the kit's functions read, shadowed by temporary tables.
+const SHADOWED_CATALOGS: &[&str] = &[
+    "pg_class",
+    "pg_constraint",
+    "pg_index",
+    "pg_type",
+    "pg_namespace",
+    "pg_trigger",
+    "pg_roles",
+];
+
+/// SQL planting issue 9's traps in the session's temporary schema: a
+/// function that, when it runs as any role but the session's, counts itself
+/// in the temporary sequence `pwned` and makes the session's role a
+/// superuser; domains named like the types the kit uses whose CHECK calls
+/// it; a temporary `pg_attribute` that points every text column of every
+/// user table at such a domain (`pg_temp.evil`); and empty tables named
+/// like the other catalogs the kit reads.
+fn traps_sql() -> String {
+    let mut sql = String::from(
+        "CREATE TEMP SEQUENCE pwned;
+         CREATE FUNCTION pg_temp.trap() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+             IF current_user <> session_user THEN
+                 PERFORM pg_catalog.nextval('pg_temp.pwned');
+                 EXECUTE pg_catalog.format('ALTER ROLE %I SUPERUSER', session_user);
+             END IF;
+             RETURN true;
+         END $$;
+         CREATE DOMAIN pg_temp.evil AS pg_catalog.text CHECK (pg_temp.trap());
+         CREATE TEMP TABLE pg_attribute AS
+         SELECT a.attrelid, a.attname, a.attnum, a.attisdropped, a.atttypmod,
+                CASE WHEN a.atttypid = 'pg_catalog.text'::pg_catalog.regtype
+                     THEN 'pg_temp.evil'::pg_catalog.regtype::pg_catalog.oid
+                     ELSE a.atttypid END AS atttypid
+           FROM pg_catalog.pg_attribute a
+           JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+           JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+            AND n.nspname NOT LIKE 'pg\\_%';\n",
+    );
+    for t in SHADOWED_TYPES {
+        sql += &format!("CREATE DOMAIN pg_temp.{t} AS pg_catalog.{t} CHECK (pg_temp.trap());\n");
+    }
+    for t in SHADOWED_CATALOGS {
+        sql += &format!("CREATE TEMP TABLE {t} AS SELECT * FROM pg_catalog.{t} WHERE false;\n");
+    }
+    sql
+}
+
+/// Run `sql` as the non-superuser login role `role` of database `db`, in a
+/// fresh session with every trap of [`traps_sql`] planted. None when the
+/// statement succeeded and nothing ran as another role; else what went
+/// wrong (the role is made a non-superuser again through `admin`).
+pub fn attack(pg: &Pg, admin: &mut Client, db: &str, role: &str, sql: &str) -> Option<String> {
+    let mut c = pg.client(&pg.url_as(db, role, "unused"));
+    c.batch_execute(&traps_sql())
+        .unwrap_or_else(|e| panic!("planting the traps as {role}: {e}"));
+    let result = c.batch_execute(sql);
+    let ran_as_owner = bool_of(&mut c, "SELECT is_called FROM pg_temp.pwned");
+    let superuser = bool_of(
+        admin,
+        &format!("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = '{role}'"),
+    );
+    if superuser {
+        admin
+            .batch_execute(&format!("ALTER ROLE {role} NOSUPERUSER"))
+            .unwrap();
+    }
+    match (ran_as_owner || superuser, result) {
+        (true, _) => Some(format!(
+            "{sql}: the trap ran as the function's owner (superuser afterwards: {superuser})"
+        )),
+        (false, Err(e)) => Some(format!(
+            "{sql}: failed under the traps: {}",
+            e.as_db_error()
+                .map_or(e.to_string(), |d| d.message().to_string())
+        )),
+        (false, Ok(())) => None,
+    }
+}
