@@ -516,8 +516,16 @@ impl Source for KafkaSource {
         // last commit, so no commit goes backwards.
         {
             let s = self.consumer.context().state();
+            let before = self.unsaved.len();
             self.unsaved
                 .retain(|tp, p| s.assigned.get(tp) == Some(&p.assignment));
+            if self.unsaved.len() < before {
+                log::info!(
+                    "not committing the offsets of {} partitions revoked since: their next \
+                     owner reads those records again",
+                    before - self.unsaved.len()
+                );
+            }
         }
         if self.unsaved.is_empty() {
             return Ok(());
