@@ -1,5 +1,7 @@
 //! Writing inboxes: one multi-row `INSERT ... ON CONFLICT (event_id) DO
-//! NOTHING` per batch, so the same event twice is one row.
+//! NOTHING` per batch, so the same event twice is one row; a message
+//! PostgreSQL refuses for good is found by halving the batch and written
+//! as a dead letter.
 
 use postgres::{Client, Statement};
 
@@ -66,8 +68,86 @@ impl Inbox {
         Ok(Inbox { name, insert })
     }
 
-    /// Insert a batch in one transaction; returns how many rows were new.
-    pub fn write(&self, client: &mut Client, batch: &[Message]) -> Result<u64, Error> {
+    /// Write a batch; returns how many rows were new. Normally one
+    /// statement (one transaction). When PostgreSQL refuses it because of
+    /// what a row holds (a constraint, a value, an index size limit), the
+    /// batch is halved until the refused messages are found; each becomes a
+    /// dead letter in `batch` (the reason in its `error`) and is written as
+    /// such, the others as they are. Err: a transient error, or a message
+    /// refused even as a dead letter (a problem of the table, not of the
+    /// message); part of the batch may be written, and writing it again
+    /// adds nothing twice.
+    pub fn write(&self, client: &mut Client, batch: &mut [Message]) -> Result<u64, Error> {
+        match self.insert(client, batch) {
+            Ok(n) => Ok(n),
+            Err(e) if !about_the_rows(&e) => Err(e.into()),
+            Err(_) if batch.len() > 1 => {
+                let (a, b) = batch.split_at_mut(batch.len() / 2);
+                Ok(self.write(client, a)? + self.write(client, b)?)
+            }
+            Err(e) => self.dead_letter(client, &mut batch[0], e),
+        }
+    }
+
+    /// Write `m`, which PostgreSQL refused with `refusal`, as a dead letter;
+    /// without its attributes if it is refused with them too.
+    fn dead_letter(
+        &self,
+        client: &mut Client,
+        m: &mut Message,
+        refusal: postgres::Error,
+    ) -> Result<u64, Error> {
+        let refusal = Error::from(refusal);
+        let mut dl = m.clone();
+        dl.dead_letter(format!("the inbox refused it: {}", refusal.msg));
+        let mut last = match self.insert(client, std::slice::from_ref(&dl)) {
+            Ok(n) => {
+                log::warn!(
+                    "message {:?}: {}; into the inbox's dead letters",
+                    m.event_id,
+                    refusal.msg
+                );
+                *m = dl;
+                return Ok(n);
+            }
+            Err(e) => e,
+        };
+        if about_the_rows(&last) {
+            let mut bare = dl.clone();
+            bare.event_type = None;
+            bare.source = None;
+            bare.aggregate_id = None;
+            bare.trace_id = None;
+            bare.dead_letter(
+                "written without event_type, source, aggregate_id and trace_id, \
+                              which the inbox refused too"
+                    .into(),
+            );
+            match self.insert(client, std::slice::from_ref(&bare)) {
+                Ok(n) => {
+                    log::warn!(
+                        "message {:?}: {}; into the inbox's dead letters without its attributes",
+                        m.event_id,
+                        refusal.msg
+                    );
+                    *m = bare;
+                    return Ok(n);
+                }
+                Err(e) => last = e,
+            }
+        }
+        let last = Error::from(last);
+        Err(Error {
+            msg: format!(
+                "message {:?}: {}; refused as a dead letter too: {}",
+                m.event_id, refusal.msg, last.msg
+            ),
+            class: last.class,
+        })
+    }
+
+    /// One multi-row insert.
+    fn insert(&self, client: &mut Client, batch: &[Message]) -> Result<u64, postgres::Error> {
         let col = |f: fn(&Message) -> Option<&str>| -> Vec<Option<&str>> {
             batch.iter().map(f).collect()
         };
@@ -78,9 +158,23 @@ impl Inbox {
         let payloads = col(|m| Some(&m.payload));
         let traces = col(|m| m.trace_id.as_deref());
         let errors = col(|m| m.error.as_deref());
-        Ok(client.execute(
+        client.execute(
             &self.insert,
             &[&ids, &types, &sources, &aggs, &payloads, &traces, &errors],
-        )?)
+        )
     }
+}
+
+/// Whether an insert was refused for good because of what a row holds,
+/// rather than for a reason of the session, the server or the table as a
+/// whole: SQLSTATE classes 21 (cardinality), 22 (data exception), 23
+/// (integrity constraint), 54 (program limit, e.g. an index row too
+/// large), and errors raised by triggers (P0, 38, 39, 2F).
+fn about_the_rows(e: &postgres::Error) -> bool {
+    !e.is_closed()
+        && e.code().is_some_and(|c| {
+            ["21", "22", "23", "54", "P0", "38", "39", "2F"]
+                .iter()
+                .any(|class| c.code().starts_with(class))
+        })
 }

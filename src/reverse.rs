@@ -1,9 +1,11 @@
 //! The reverse loop: source → inbox.
 //!
 //! Receive a batch (up to `batch_size` messages or `max_wait_ms`), insert it
-//! into the inbox in one transaction, and only then acknowledge it to the
-//! source. A failed insert acknowledges nothing: the batch is kept and
-//! written again once PostgreSQL is back (and a broker would redeliver).
+//! into the inbox, and only then acknowledge it to the source. A failed
+//! insert acknowledges nothing: the batch is kept and written again once
+//! PostgreSQL is back (and a broker would redeliver). A message PostgreSQL
+//! refuses for good becomes a dead letter (see [`Inbox::write`]); a receive
+//! that fails half way writes what it received before reporting the error.
 
 use crate::config::Reverse;
 use crate::health;
@@ -11,14 +13,13 @@ use crate::inbox::Inbox;
 use crate::metrics;
 use crate::pipeline::Ctx;
 use crate::retry::Error;
-use crate::source::{Batch, Source};
+use crate::source::Feed;
 
-/// What outlives a session (a lost connection): the open source and a
-/// batch received but not yet written.
+/// What outlives a session (a lost connection): the open source, with
+/// the batch it received and not yet written.
 #[derive(Default)]
 pub struct State {
-    source: Option<Box<dyn Source>>,
-    pending: Option<Batch>,
+    source: Option<Box<dyn Feed>>,
 }
 
 /// Run the pipeline until stopped, its input ends, or an error.
@@ -36,34 +37,28 @@ pub fn session(ctx: &Ctx, cfg: &Reverse, state: &mut State) -> Result<(), Error>
     health::set(&ctx.name, ctx.direction, health::State::Running);
     let consumed = metrics::get().consumed.with_label_values(&[&ctx.name]);
     loop {
-        let batch = match state.pending.take() {
-            Some(b) => b,
-            None if ctx.stopping() => return Ok(()),
-            None => {
-                let mut b = source.receive(cfg.batch_size, cfg.max_wait)?;
-                b.messages.iter_mut().for_each(|m| m.make_storable());
-                b
-            }
-        };
-        if !batch.messages.is_empty() {
-            let new = match inbox.write(&mut client, &batch.messages) {
-                Ok(n) => n,
-                Err(e) => {
-                    state.pending = Some(batch);
-                    return Err(e.context(format!("writing into inbox {}", inbox.name)));
-                }
-            };
-            source.ack()?;
-            consumed.inc_by(batch.messages.len() as u64);
+        if !source.holds() && ctx.stopping() {
+            return Ok(());
+        }
+        let next = source.next(cfg.batch_size, cfg.max_wait)?;
+        let (n, end_of_input, error) = (next.messages.len(), next.end_of_input, next.error);
+        if n > 0 {
+            let new = inbox
+                .write(&mut client, next.messages)
+                .map_err(|e| e.context(format!("writing into inbox {}", inbox.name)))?;
             log::debug!(
-                "{} messages into {} ({new} new, {} duplicates)",
-                batch.messages.len(),
+                "{n} messages into {} ({new} new, {} duplicates)",
                 inbox.name,
-                batch.messages.len() as u64 - new
+                n as u64 - new
             );
         }
+        source.written()?;
+        consumed.inc_by(n as u64);
+        if let Some(e) = error {
+            return Err(e);
+        }
         health::ok(&ctx.name, 0.0);
-        if batch.end_of_input {
+        if end_of_input {
             log::info!("end of input");
             return Ok(());
         }

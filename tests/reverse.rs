@@ -225,3 +225,115 @@ fn runs_as_a_login_role_that_is_only_a_member_of_pgtrickle_relay() {
     );
     assert_eq!(inbox_ids(&mut c, "events"), vec!["a", "b"]);
 }
+
+/// The rows of inbox `events` at `url`: (event_id, error) by event_id.
+fn rows_with_errors(url: &str) -> Vec<(String, Option<String>)> {
+    Pg::shared()
+        .client(url)
+        .query(
+            "SELECT event_id, error FROM pgtrickle.events ORDER BY event_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[test]
+fn an_event_id_too_long_for_the_index_is_a_dead_letter_under_a_stable_id() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_longid");
+    let dir = temp_dir("rev_longid");
+    let file = dir.join("in.jsonl");
+    // Not compressible: PostgreSQL would refuse it in the btree index.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let long: String = (0..8000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x >> 40) as u8 % 26)
+        })
+        .collect();
+    std::fs::write(
+        &file,
+        format!(
+            "{{\"event_id\":\"a\"}}\n{{\"event_id\":\"{long}\",\"n\":2}}\n{{\"event_id\":\"c\"}}\n"
+        ),
+    )
+    .unwrap();
+    set_inbox(&url, serde_json::json!({"type": "stdin", "path": file}));
+    for _ in 0..2 {
+        let out = relay(&url).arg("--once").output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+    }
+    // A replay lands on the same row: the substitute id is stable.
+    let rows = rows_with_errors(&url);
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let (dead, fine): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.1.is_some());
+    let fine: Vec<&str> = fine.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(fine, ["a", "c"]);
+    let (id, error) = (&dead[0].0, dead[0].1.as_deref().unwrap_or(""));
+    assert!(id.starts_with(&long[..64]) && id.len() < 200, "{id}");
+    assert!(
+        error.contains("event_id") && error.contains("8000"),
+        "{error}"
+    );
+    let (raw, retries): (String, i32) = {
+        let r = pg
+            .client(&url)
+            .query_one(
+                "SELECT payload->>'raw', retry_count FROM pgtrickle.events WHERE error IS NOT NULL",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(raw.contains(&long), "the dead letter keeps the message");
+    assert_eq!(retries, 3, "a dead letter (retry_count = max_retries)");
+}
+
+#[test]
+fn a_message_postgresql_refuses_is_a_dead_letter_and_the_rest_are_written() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_refused");
+    let dir = temp_dir("rev_refused");
+    let file = dir.join("in.jsonl");
+    let mut lines = String::new();
+    for i in 0..40 {
+        let poison = if i == 17 || i == 30 {
+            ",\"poison\":true"
+        } else {
+            ""
+        };
+        lines.push_str(&format!(
+            "{{\"event_id\":\"e{i:02}\",\"event_type\":\"t\",\"payload\":{{\"n\":{i}{poison}}}}}\n"
+        ));
+    }
+    std::fs::write(&file, lines).unwrap();
+    set_inbox(&url, serde_json::json!({"type": "stdin", "path": file}));
+    // A rule of the table that two events break (a dead letter's payload,
+    // {"raw": ...}, passes it).
+    pg.client(&url)
+        .batch_execute(
+            "ALTER TABLE pgtrickle.events ADD CONSTRAINT no_poison \
+             CHECK (NOT payload ? 'poison')",
+        )
+        .unwrap();
+    let out = relay(&url).arg("--once").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let rows = rows_with_errors(&url);
+    assert_eq!(rows.len(), 40, "{rows:?}");
+    for (id, error) in rows {
+        match id.as_str() {
+            "e17" | "e30" => {
+                let e = error.unwrap_or_default();
+                assert!(e.contains("no_poison"), "{id}: {e}");
+            }
+            _ => assert_eq!(error, None, "{id}"),
+        }
+    }
+}

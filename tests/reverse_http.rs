@@ -454,3 +454,115 @@ fn a_changed_pipeline_rebinds_the_same_port() {
     });
     assert_eq!(count(&mut pg.client(&url), "events"), 2, "{}", r.stderr());
 }
+
+#[test]
+fn an_event_postgresql_cannot_index_is_a_dead_letter_and_the_request_succeeds() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_http_longid");
+    set_inbox(pg, &url, json!({"type": "http", "listen": "127.0.0.1:0"}));
+    let r = Relay::spawn(&mut relay(&url));
+    let addr = webhook_addr(&r);
+    // Random letters: not compressible below the btree limit.
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let long: String = (0..8000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x >> 40) as u8 % 26)
+        })
+        .collect();
+    let body = json!([{"event_id": "h1"}, {"event_id": long, "n": 2}, {"event_id": "h3"}]);
+    for _ in 0..2 {
+        let (status, answer) = post(&addr, "/", &[], &body.to_string());
+        assert_eq!((status, answer.as_str()), (200, r#"{"accepted":3}"#));
+    }
+    let mut c = pg.client(&url);
+    assert!(has_row(&mut c, "h1") && has_row(&mut c, "h3"));
+    let rows = c
+        .query(
+            "SELECT event_id, error FROM pgtrickle.events WHERE error IS NOT NULL",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one dead letter, also for the repeat");
+    let (id, error): (String, String) = (rows[0].get(0), rows[0].get(1));
+    assert!(id.starts_with(&long[..64]) && id.len() < 200, "{id}");
+    assert!(error.contains("event_id"), "{error}");
+    assert_eq!(count(&mut c, "events"), 3);
+}
+
+#[test]
+fn relay_to_relay_over_http_keeps_one_row_per_event_across_a_retry() {
+    let pg = Pg::shared();
+    let port = free_port();
+    // Relay B: the http source into inbox `events`, whose inserts wait
+    // while slow.on_ is true.
+    let b = pg.new_db("rev_http_relay_b");
+    set_inbox(
+        pg,
+        &b,
+        json!({"type": "http", "listen": format!("127.0.0.1:{port}")}),
+    );
+    let mut cb = pg.client(&b);
+    cb.batch_execute(
+        "CREATE TABLE slow (on_ boolean NOT NULL); INSERT INTO slow VALUES (true);
+         CREATE FUNCTION wait_while_slow() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           WHILE (SELECT on_ FROM slow) LOOP PERFORM pg_sleep(0.02); END LOOP;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER slow BEFORE INSERT ON pgtrickle.events
+           FOR EACH ROW EXECUTE FUNCTION wait_while_slow();",
+    )
+    .unwrap();
+    let rb = Relay::spawn(&mut relay(&b));
+    webhook_addr(&rb);
+    // Relay A: outbox `orders` → the http sink, giving up after 300 ms.
+    let a = outbox_pipeline(
+        "rev_http_relay_a",
+        &json!({"type": "http", "url": format!("http://127.0.0.1:{port}/"), "timeout_ms": 300}),
+    );
+    let ra = Relay::spawn(&mut relay(&a));
+    publish(&a, 1, 3);
+    wait_until(60, "relay B writing the first request", || {
+        cb.query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = 'rev_http_relay_b' AND wait_event = 'PgSleep'",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+    });
+    // Events 4-6 are committed before the retry that follows the second
+    // time-out from now: that retry's request holds events 1-6.
+    publish(&a, 4, 3);
+    let retries = || ra.stderr().matches("retrying in").count();
+    let before = retries();
+    wait_until(60, "two more retries of relay A", || {
+        retries() >= before + 2
+    });
+    cb.execute("UPDATE slow SET on_ = false", &[]).unwrap();
+    let events = |c: &mut postgres::Client| -> Vec<(String, String)> {
+        c.query(
+            "SELECT event_id, payload->>'n' FROM pgtrickle.events ORDER BY 2, 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+    };
+    wait_until(60, "events 1-6 in relay B's inbox", || {
+        let mut ns: Vec<String> = events(&mut cb).into_iter().map(|e| e.1).collect();
+        ns.dedup();
+        ns == ["1", "2", "3", "4", "5", "6"]
+    });
+    // One row per event, under its dedup key.
+    let got = events(&mut cb);
+    assert_eq!(got.len(), 6, "{got:?}");
+    for (id, n) in got {
+        assert!(id.ends_with(":0") && !id.contains(".."), "{n}: {id}");
+    }
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::brokers::Nats;
+use support::proxy::Proxy;
 use support::*;
 
 /// The durable consumer the relay creates for pipeline `rin`.
@@ -543,6 +544,39 @@ fn nats_restarted_mid_stream_loses_nothing() {
         inbox_count(&url) == 200
     });
     wait_until(20, "every message acked", || all_acked(&n, "RST", CONSUMER));
+}
+
+#[test]
+fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
+    let url = Pg::shared().new_db("rev_nats_cuts");
+    let n = Nats::start();
+    create_stream(&n, "CUTS", &["orders.>"], None);
+    // The relay talks to JetStream only through the proxy, which cuts its
+    // connection at arbitrary points of the batches.
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", n.port));
+    set_inbox(
+        &url,
+        json!({"type": "nats", "url": format!("nats://{}", proxy.addr()), "stream": "CUTS",
+               "batch_size": 40, "max_wait_ms": 20, "ack_wait_ms": 2000}),
+    );
+    let _relay = Relay::spawn(&mut relay(&url));
+    let mut want = HashSet::new();
+    for chunk in 0..8 {
+        let before = inbox_count(&url);
+        let msgs = numbered(chunk * 200, chunk * 200 + 200);
+        let acks = js_publish(&n, &msgs);
+        want.extend(expected("CUTS", &msgs, &acks));
+        wait_until(60, "the relay to take some", || inbox_count(&url) > before);
+        proxy.cut();
+    }
+    wait_until(120, "every message in the inbox", || {
+        inbox_count(&url) == want.len() as i64
+    });
+    wait_until(60, "every message acked", || {
+        all_acked(&n, "CUTS", CONSUMER)
+    });
+    assert_eq!(inbox_ids(&url), want);
+    assert_eq!(proxy.cuts(), 8);
 }
 
 #[test]

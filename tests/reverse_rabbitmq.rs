@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{json, Value as Json};
+use support::proxy::Proxy;
 use support::rabbitmq::Rabbit;
 use support::*;
 
@@ -308,4 +309,39 @@ fn a_bad_rabbitmq_source_config_names_pipeline_and_key() {
             && stderr.contains("source.declare"),
         "{stderr}"
     );
+}
+
+#[test]
+fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_rmq_cuts");
+    let r = Rabbit::shared();
+    r.declare("cuts_q", "cuts_x", "#");
+    // The relay talks to RabbitMQ only through the proxy, which cuts its
+    // connection at arbitrary points of the batches.
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", r.port));
+    set_inbox(
+        &url,
+        json!({"type": "rabbitmq", "url": format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+               "queue": "cuts_q", "prefetch": 80, "max_wait_ms": 20}),
+    );
+    let relay = Relay::spawn(&mut relay(&url));
+    for chunk in 0..8 {
+        let before = inbox_count(&url);
+        let msgs: Vec<Msg> = (chunk * 200..chunk * 200 + 200)
+            .map(|i| msg(&format!("m{i}"), json!({"n": i})))
+            .collect();
+        r.publish("cuts_x", "k", &msgs);
+        wait_until(60, "the relay to take some", || inbox_count(&url) > before);
+        proxy.cut();
+    }
+    wait_until(120, "every message in the inbox", || {
+        inbox_count(&url) == 1600
+    });
+    // Stopped, the relay's unacknowledged messages would be back.
+    stop(relay);
+    assert_eq!(r.count("cuts_q"), 0, "every message acknowledged");
+    let want: HashSet<String> = (0..1600).map(|i| format!("m{i}")).collect();
+    assert_eq!(inbox_ids(&url), want);
+    assert_eq!(proxy.cuts(), 8);
 }

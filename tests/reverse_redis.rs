@@ -10,6 +10,7 @@ use std::time::Duration;
 use redis::Value;
 use serde_json::json;
 use support::brokers::Redis;
+use support::proxy::Proxy;
 use support::*;
 
 const STREAM: &str = "orders";
@@ -383,4 +384,34 @@ fn committed_but_not_acked_is_redelivered_and_absorbed() {
     wait_until(20, "every entry acked", || pending(&r, None) == 0);
     assert_eq!(inbox_ids(&url).len(), 50);
     drop(relay);
+}
+
+#[test]
+fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
+    let url = Pg::shared().new_db("rev_redis_cuts");
+    let r = Redis::start();
+    // The relay talks to Redis only through the proxy, which cuts its
+    // connection at arbitrary points of the batches.
+    let proxy = Proxy::start(&format!("127.0.0.1:{}", r.port));
+    set_inbox(
+        &url,
+        json!({"type": "redis", "url": format!("redis://{}/", proxy.addr()), "stream": STREAM,
+               "consumer": "c1", "batch_size": 40, "max_wait_ms": 20}),
+    );
+    let _relay = Relay::spawn(&mut relay(&url));
+    let mut want = HashSet::new();
+    for chunk in 0..8 {
+        let before = inbox_count(&url);
+        let entries = numbered(chunk * 200, chunk * 200 + 200);
+        let ids = xadd(&r, &entries);
+        want.extend(expected(&entries, &ids));
+        wait_until(60, "the relay to take some", || inbox_count(&url) > before);
+        proxy.cut();
+    }
+    wait_until(120, "every entry in the inbox", || {
+        inbox_count(&url) == want.len() as i64
+    });
+    wait_until(60, "every entry acked", || pending(&r, None) == 0);
+    assert_eq!(inbox_ids(&url), want);
+    assert_eq!(proxy.cuts(), 8);
 }

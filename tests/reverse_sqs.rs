@@ -141,6 +141,31 @@ fn killed_after_the_inbox_commit_before_delete_is_redelivered_and_absorbed() {
 }
 
 #[test]
+fn a_receive_failing_mid_batch_deletes_only_what_reached_the_inbox() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("midbatch", json!({}));
+    let proxy = Proxy::start(&moto.endpoint());
+    // The first batch's first ReceiveMessage brings 10 of the 12; its
+    // second one fails.
+    proxy.refuse_nth("ReceiveMessage", 2);
+    sqs.send(&queue, &plain(0, 12));
+    let url = setup(
+        "rev_sqs_midbatch",
+        source(
+            &queue,
+            json!({"endpoint": proxy.endpoint(), "visibility_timeout": 60,
+                   "batch_size": 100, "max_wait_ms": 5000}),
+        ),
+    );
+    let _r = Relay::spawn(&mut relay(&url));
+    wait_until(60, "the refused receive", || proxy.refused() == 1);
+    wait_until(60, "every message deleted", || sqs.counts(&queue) == (0, 0));
+    // Deleted only after the inbox committed: every one is there.
+    assert_eq!(inbox_count(&url), 12);
+}
+
+#[test]
 fn an_unwritable_inbox_deletes_nothing_and_loses_nothing() {
     let moto = Moto::shared();
     let sqs = moto.client();

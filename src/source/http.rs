@@ -16,14 +16,18 @@
 //! `http` sink, timestamps at most 5 minutes off), 400 with a reason for a
 //! body that is not JSON or an event without an id.
 //!
-//! The inbox `event_id` is the `Idempotency-Key` header (for an array,
-//! `<key>:<index>`), else the `id_field` field; an event with neither is
-//! refused with 400, because a webhook without an id cannot be
-//! deduplicated. The payload is the object's `payload` field, else the
-//! whole object.
+//! The inbox `event_id` is the id the event carries itself: the
+//! `dedup_key` of our envelope (what the `http` sink sends), else a
+//! CloudEvents `id` (an object with `specversion`), else the `id_field`
+//! field. Only an event without one gets the `Idempotency-Key` header
+//! (for an array, `<key>:<index>`): that key names a request, and a
+//! sender that retries with other batch boundaries sends other keys. An
+//! event with no id at all is refused with 400, because a webhook without
+//! an id cannot be deduplicated. The payload is the object's `payload`
+//! field, else the whole object.
 //!
 //! 200 (`{"accepted": n}`) is answered only after the inbox transaction
-//! holding the request's events committed (in [`Source::ack`]). A request
+//! holding the request's events committed (in `Source::ack`). A request
 //! whose batch is not committed within 30 s (PostgreSQL down) gets 503, so
 //! the sender retries; the inbox absorbs the duplicates.
 
@@ -42,7 +46,7 @@ use crate::config::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 pub use crate::source::Origin;
-use crate::source::{Batch, Message, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// Threads taking requests, so one slow client does not hold up the rest.
 const WORKERS: usize = 8;
@@ -139,7 +143,7 @@ struct Pending {
 }
 
 impl SourceSpec for HttpSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let env = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
             match v {
                 None => Ok(None),
@@ -191,12 +195,11 @@ impl SourceSpec for HttpSourceConfig {
                 })
                 .map_err(|e| Error::permanent(format!("spawning a webhook thread: {e}")))?;
         }
-        Ok(Box::new(HttpSource {
+        Ok(feed(HttpSource {
             server,
             stop,
             rx,
             next: None,
-            inflight: Vec::new(),
             once,
         }))
     }
@@ -208,14 +211,19 @@ struct HttpSource {
     rx: Receiver<Pending>,
     /// A request received that did not fit the last batch.
     next: Option<Pending>,
-    /// Requests handed out in batches but not yet acknowledged.
-    inflight: Vec<SyncSender<()>>,
     once: bool,
 }
 
 impl Source for HttpSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let mut batch = Batch::default();
+    /// Where to say that a request's events committed.
+    type Receipt = SyncSender<()>;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<SyncSender<()>>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + wait;
         loop {
             let p = match self.next.take() {
@@ -242,7 +250,7 @@ impl Source for HttpSource {
                 break;
             }
             batch.messages.extend(p.messages);
-            self.inflight.push(p.done);
+            batch.receipts.push(p.done);
             if batch.messages.len() >= max {
                 break;
             }
@@ -250,11 +258,11 @@ impl Source for HttpSource {
         if self.once && batch.messages.is_empty() {
             batch.end_of_input = true;
         }
-        Ok(batch)
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
-        for done in self.inflight.drain(..) {
+    fn ack(&mut self, receipts: Vec<SyncSender<()>>) -> Result<(), Error> {
+        for done in receipts {
             // The sender may have given up (503) already: nothing to do.
             let _ = done.try_send(());
         }
@@ -265,7 +273,6 @@ impl Source for HttpSource {
 impl Drop for HttpSource {
     fn drop(&mut self) {
         // Unacknowledged requests get 503 (their senders are dropped).
-        self.inflight.clear();
         self.next = None;
         self.stop.store(true, Ordering::SeqCst);
         for _ in 0..WORKERS {
@@ -443,19 +450,22 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
         let Value::Object(obj) = v else {
             return Err(format!("event {i} is not a JSON object"));
         };
-        let event_id = match key {
-            Some(k) if array => format!("{k}:{i}"),
-            Some(k) => k.to_string(),
-            None => match text_field(&obj, &rules.id_field) {
-                Some(id) if !id.is_empty() => id,
-                _ => {
-                    return Err(format!(
-                        "event {i} has no id: no Idempotency-Key header and no {:?} field \
-                         (a webhook without an id cannot be deduplicated)",
-                        rules.id_field
-                    ))
-                }
-            },
+        // The event's own id first: a resent event keeps its row however
+        // the sender batched it (the key names the request).
+        let own =
+            own_id(&obj).or_else(|| text_field(&obj, &rules.id_field).filter(|id| !id.is_empty()));
+        let event_id = match (own, key) {
+            (Some(id), _) => id,
+            (None, Some(k)) if array => format!("{k}:{i}"),
+            (None, Some(k)) => k.to_string(),
+            (None, None) => {
+                return Err(format!(
+                    "event {i} has no id: no {:?} field, no dedup_key (our envelope), no \
+                     CloudEvents id and no Idempotency-Key header (a webhook without an id \
+                     cannot be deduplicated)",
+                    rules.id_field
+                ))
+            }
         };
         let payload = match obj.get("payload") {
             Some(p) => p.to_string(),

@@ -27,7 +27,9 @@
 //! commit, so nothing is lost and no commit goes backwards.
 //!
 //! The inbox `event_id` is the record key (the `kafka` sink writes the
-//! event's dedup key there), else `<topic>:<partition>:<offset>`. The
+//! event's dedup key there), else the id the value carries itself (our
+//! envelope's `dedup_key`, a CloudEvents `id`; see `source::own_id`), else
+//! `<topic>:<partition>:<offset>`. The
 //! value must be JSON; a value that is not (or a record without a value)
 //! goes into the inbox as a dead letter (`{"raw": "<text>"}` with the
 //! reason in `error`) and is committed like the rest, so it neither blocks
@@ -52,7 +54,7 @@ use serde_json::{Map, Value as Json};
 use crate::config::{from_value, ConfigError};
 use crate::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::retry::Error;
-use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long a `--once` run waits for its first partition assignment.
 const ONCE_JOIN: Duration = Duration::from_secs(60);
@@ -175,7 +177,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
 }
 
 impl SourceSpec for KafkaSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let cfg = self.client.client_config(
             pipeline,
             &[("session.timeout.ms", "10000")],
@@ -208,11 +210,12 @@ impl SourceSpec for KafkaSourceConfig {
             self.group_id,
             self.start
         );
-        Ok(Box::new(KafkaSource {
+        Ok(feed(KafkaSource {
             consumer,
             cfg: self.clone(),
             once,
             once_since: Instant::now(),
+            unsaved: HashMap::new(),
         }))
     }
 }
@@ -224,13 +227,22 @@ type Tp = (String, i32);
 /// rebalance callbacks (which run inside `poll`).
 #[derive(Default)]
 struct Positions {
-    /// The offset to commit next, per partition: the last received
-    /// record's offset + 1. Cleared for partitions revoked before commit.
-    uncommitted: HashMap<Tp, i64>,
-    /// The partitions assigned to this consumer.
-    assigned: HashSet<Tp>,
+    /// The partitions assigned to this consumer, each with the number of
+    /// its assignment: a record received under an earlier one (the
+    /// partition was revoked meanwhile) is not committed.
+    assigned: HashMap<Tp, u64>,
+    /// Assignments so far.
+    assignments: u64,
     /// Assigned partitions read to their end (no record since).
     at_end: HashSet<Tp>,
+}
+
+/// A received record: its partition, the offset to commit after it (its
+/// own + 1), and the assignment it was received under.
+struct Position {
+    tp: Tp,
+    next: i64,
+    assignment: u64,
 }
 
 /// The consumer's context: tracks positions across rebalances.
@@ -266,26 +278,11 @@ impl ConsumerContext for Group {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut s = self.state();
-            let mut dropped = 0;
             for tp in partitions(tpl) {
-                if s.uncommitted.remove(&tp).is_some() {
-                    dropped += 1;
-                }
                 s.assigned.remove(&tp);
                 s.at_end.remove(&tp);
             }
-            log::info!(
-                "kafka partitions revoked: {}{}",
-                names(tpl),
-                if dropped > 0 {
-                    format!(
-                        " ({dropped} with records not yet committed: their next owner reads \
-                         them again)"
-                    )
-                } else {
-                    String::new()
-                }
-            );
+            log::info!("kafka partitions revoked: {}", names(tpl));
         }
     }
 
@@ -293,11 +290,12 @@ impl ConsumerContext for Group {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let mut s = self.state();
+                s.assignments += 1;
+                let n = s.assignments;
                 for tp in partitions(tpl) {
                     // Reading resumes at the group's commit.
-                    s.uncommitted.remove(&tp);
                     s.at_end.remove(&tp);
-                    s.assigned.insert(tp);
+                    s.assigned.insert(tp, n);
                 }
                 log::info!("kafka partitions assigned: {}", names(tpl));
             }
@@ -325,6 +323,9 @@ struct KafkaSource {
     once: bool,
     /// When a `--once` run started waiting for its assignment.
     once_since: Instant,
+    /// Offsets of records written to the inbox whose commit failed:
+    /// committed with the next batch.
+    unsaved: HashMap<Tp, Position>,
 }
 
 fn json_text(obj: &Map<String, Json>, key: &str) -> Option<String> {
@@ -369,11 +370,6 @@ fn attribute(
 impl KafkaSource {
     fn message(&self, m: &BorrowedMessage<'_>) -> Message {
         let place = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
-        let event_id = m
-            .key()
-            .filter(|k| !k.is_empty())
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .unwrap_or_else(|| place.clone());
         let (payload, parsed, error) = match m.payload() {
             None => (
                 String::new(),
@@ -402,6 +398,12 @@ impl KafkaSource {
             log::warn!("{why}; into the inbox's dead letters");
         }
         let obj = parsed.as_ref().and_then(Json::as_object);
+        let event_id = m
+            .key()
+            .filter(|k| !k.is_empty())
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .or_else(|| own_id(obj?))
+            .unwrap_or_else(|| place.clone());
         Message {
             event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
             source: attribute(&self.cfg.source, "source", m, obj),
@@ -443,14 +445,19 @@ impl KafkaSource {
             }
             return Ok(false);
         }
-        Ok(s.assigned.iter().all(|tp| s.at_end.contains(tp)))
+        Ok(s.assigned.keys().all(|tp| s.at_end.contains(tp)))
     }
 }
 
 impl Source for KafkaSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let max = max.max(1);
-        let mut batch = Batch::default();
+    type Receipt = Position;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<Position>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + wait;
         while batch.messages.len() < max {
             if self.once && self.drained()? {
@@ -469,20 +476,27 @@ impl Source for KafkaSource {
                     let tp = (m.topic().to_string(), m.partition());
                     let mut s = self.consumer.context().state();
                     s.at_end.remove(&tp);
-                    s.uncommitted.insert(tp, m.offset() + 1);
+                    let assignment = s.assigned.get(&tp).copied().unwrap_or(0);
                     drop(s);
                     batch.messages.push(msg);
+                    batch.receipts.push(Position {
+                        tp,
+                        next: m.offset() + 1,
+                        assignment,
+                    });
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     // librdkafka does not say which topic's partition p
                     // ended: with several topics, partition p of each (a
                     // record from one of them clears it again).
                     let mut s = self.consumer.context().state();
-                    let ends: Vec<Tp> = s.assigned.iter().filter(|t| t.1 == p).cloned().collect();
+                    let ends: Vec<Tp> = s.assigned.keys().filter(|t| t.1 == p).cloned().collect();
                     s.at_end.extend(ends);
                 }
                 Some(Err(e)) => {
                     if !batch.messages.is_empty() {
+                        // The batch so far is written; a lasting error
+                        // comes again with the next poll.
                         log::debug!("kafka: {e} (after {} records)", batch.messages.len());
                         break;
                     }
@@ -490,34 +504,41 @@ impl Source for KafkaSource {
                 }
             }
         }
-        Ok(batch)
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
-        let offsets: Vec<(Tp, i64)> = {
+    fn ack(&mut self, receipts: Vec<Position>) -> Result<(), Error> {
+        for r in receipts {
+            self.unsaved.insert(r.tp.clone(), r);
+        }
+        // Records of a partition revoked since they were received are not
+        // committed: their next owner reads them again from the group's
+        // last commit, so no commit goes backwards.
+        {
             let s = self.consumer.context().state();
-            s.uncommitted
-                .iter()
-                .map(|(tp, o)| (tp.clone(), *o))
-                .collect()
-        };
-        if offsets.is_empty() {
+            let before = self.unsaved.len();
+            self.unsaved
+                .retain(|tp, p| s.assigned.get(tp) == Some(&p.assignment));
+            if self.unsaved.len() < before {
+                log::info!(
+                    "not committing the offsets of {} partitions revoked since: their next \
+                     owner reads those records again",
+                    before - self.unsaved.len()
+                );
+            }
+        }
+        if self.unsaved.is_empty() {
             return Ok(());
         }
-        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        for ((topic, partition), offset) in &offsets {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+        let mut tpl = TopicPartitionList::with_capacity(self.unsaved.len());
+        for ((topic, partition), p) in &self.unsaved {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(p.next))
                 .map_err(|e| self.error(&e))?;
         }
         self.consumer
             .commit(&tpl, CommitMode::Sync)
             .map_err(|e| self.error(&e).context("committing offsets"))?;
-        let mut s = self.consumer.context().state();
-        for (tp, offset) in offsets {
-            if s.uncommitted.get(&tp) == Some(&offset) {
-                s.uncommitted.remove(&tp);
-            }
-        }
+        self.unsaved.clear();
         Ok(())
     }
 }

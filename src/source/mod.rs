@@ -75,12 +75,20 @@ pub struct Message {
     pub error: Option<String>,
 }
 
+/// The longest `event_id` written as it is, in bytes: PostgreSQL's btree
+/// index of the inbox refuses an entry above about 2,700 bytes.
+pub const MAX_EVENT_ID_BYTES: usize = 2048;
+/// How much of a too-long `event_id` its substitute keeps, in characters.
+const ID_PREFIX_CHARS: usize = 64;
+
 impl Message {
     /// Make the message storable in PostgreSQL, whatever the source: text
     /// cannot hold NUL and jsonb refuses a `\u0000` escape, so such a
     /// payload becomes a dead letter with the reason (instead of failing
     /// the inbox insert forever), and NUL characters in the text of a dead
-    /// letter or an attribute become U+FFFD.
+    /// letter or an attribute become U+FFFD. An `event_id` longer than
+    /// [`MAX_EVENT_ID_BYTES`] makes a dead letter under a stable substitute
+    /// id (see [`substitute_id`]), so a redelivery lands on the same row.
     pub fn make_storable(&mut self) {
         if self.error.is_none() && has_nul_escape(&self.payload) {
             let reason = format!(
@@ -109,7 +117,62 @@ impl Message {
         {
             clean(t);
         }
+        if self.event_id.len() > MAX_EVENT_ID_BYTES {
+            let id = substitute_id(&self.event_id);
+            let reason = format!(
+                "event_id of {} bytes is longer than the {MAX_EVENT_ID_BYTES} the inbox index can \
+                 hold; stored under {id:?}",
+                self.event_id.len()
+            );
+            log::warn!("{reason}; into the inbox's dead letters");
+            self.dead_letter(reason);
+            self.event_id = id;
+        }
     }
+
+    /// Make the message a dead letter for `reason` (the first reason
+    /// stays; its payload is kept as the raw text).
+    pub fn dead_letter(&mut self, reason: String) {
+        self.error = Some(match self.error.take() {
+            Some(first) => format!("{first}; {reason}"),
+            None => reason,
+        });
+    }
+}
+
+/// The stable id a too-long `event_id` is stored under: its first 64
+/// characters, `~sha256:`, and the SHA-256 of all of it in hex.
+pub fn substitute_id(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let mut out: String = id.chars().take(ID_PREFIX_CHARS).collect();
+    out.push_str("~sha256:");
+    for b in Sha256::digest(id.as_bytes()) {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// The id an event carries itself: the `dedup_key` of our event envelope
+/// (an object with `dedup_key`, `op`, `outbox_id` and `payload`, as the
+/// `http` and `stdout` sinks write it), else the `id` of a CloudEvents
+/// event (an object with `specversion`). An event keeps one inbox row
+/// under it however it was batched or resent; ids that name a request
+/// (`Idempotency-Key`) or a position (a stream sequence) are only the
+/// fallback.
+pub fn own_id(obj: &Map<String, Value>) -> Option<String> {
+    let text = |is: bool, k: &str| {
+        obj.get(k)
+            .filter(|_| is)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    let envelope = ["op", "outbox_id", "payload"]
+        .iter()
+        .all(|k| obj.contains_key(*k));
+    let cloud_event = obj.get("specversion").is_some_and(Value::is_string);
+    text(envelope, "dedup_key").or_else(|| text(cloud_event, "id"))
 }
 
 /// Whether JSON text holds a `\u0000` escape (not an escaped backslash
@@ -127,28 +190,137 @@ fn has_nul_escape(text: &str) -> bool {
     false
 }
 
-/// What one receive call produced.
-#[derive(Debug, Default)]
-pub struct Batch {
+/// What one receive call produced: messages for the inbox and what
+/// acknowledges them to the source.
+#[derive(Debug)]
+pub struct Batch<R> {
     /// Messages, in order.
     pub messages: Vec<Message>,
+    /// What acknowledges them once they are in the inbox (receipt handles,
+    /// reply subjects, offsets, ...), in the order received. It may also
+    /// hold receipts of what needs no row (e.g. a deleted stream entry).
+    pub receipts: Vec<R>,
     /// The source has no more messages, ever (end of file/stdin).
     pub end_of_input: bool,
 }
 
+impl<R> Default for Batch<R> {
+    fn default() -> Self {
+        Batch {
+            messages: Vec::new(),
+            receipts: Vec::new(),
+            end_of_input: false,
+        }
+    }
+}
+
 /// An open source.
+///
+/// The rule of every source: only what was written to the inbox is ever
+/// acknowledged. It holds by construction: receipts travel in the
+/// [`Batch`], which the reverse loop owns (see [`Feed`]); what a source
+/// put into it is written even when `receive` then fails, and only the
+/// receipts of a written batch are handed back to `ack`.
 pub trait Source {
-    /// Receive up to `max` messages, waiting at most `wait` for the first.
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error>;
-    /// Acknowledge everything received so far: called only after the inbox
-    /// transaction holding those messages committed.
-    fn ack(&mut self) -> Result<(), Error>;
+    /// What acknowledges one received message (or a run of them).
+    type Receipt;
+    /// Receive up to `max` messages into `batch` (empty when called),
+    /// waiting at most `wait` for the first. On an error after some
+    /// messages were received, those stay in `batch`: they are written,
+    /// and acknowledged, before the error is reported.
+    fn receive(
+        &mut self,
+        batch: &mut Batch<Self::Receipt>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error>;
+    /// Acknowledge `receipts`: those of a batch whose inbox transaction
+    /// committed, batches in the order received. A source keeps no receipt
+    /// itself, except those it failed to acknowledge (written already).
+    fn ack(&mut self, receipts: Vec<Self::Receipt>) -> Result<(), Error>;
+}
+
+/// The batch to write next, as [`Feed::next`] hands it out.
+pub struct Next<'a> {
+    /// Its messages; the inbox writer may turn some into dead letters.
+    pub messages: &'a mut [Message],
+    /// The source has no more messages, ever.
+    pub end_of_input: bool,
+    /// The error that ended receiving this batch early: reported once the
+    /// batch is written and acknowledged.
+    pub error: Option<Error>,
+}
+
+/// An open source with the batch received from it and not yet written:
+/// all the reverse loop sees of a source.
+pub trait Feed {
+    /// The batch to write: the one received before and not yet written
+    /// (its write failed), else a new one. Err only when nothing was
+    /// received.
+    fn next(&mut self, max: usize, wait: Duration) -> Result<Next<'_>, Error>;
+    /// The batch handed out last is in the inbox: acknowledge and forget it.
+    fn written(&mut self) -> Result<(), Error>;
+    /// Whether a batch received is waiting to be written.
+    fn holds(&self) -> bool;
+}
+
+/// A [`Source`] and the batch it is writing.
+struct Open<S: Source> {
+    source: S,
+    batch: Option<Batch<S::Receipt>>,
+}
+
+impl<S: Source> Feed for Open<S> {
+    fn next(&mut self, max: usize, wait: Duration) -> Result<Next<'_>, Error> {
+        let mut error = None;
+        if self.batch.is_none() {
+            let mut b = Batch::default();
+            if let Err(e) = self.source.receive(&mut b, max.max(1), wait) {
+                if b.messages.is_empty() && b.receipts.is_empty() {
+                    return Err(e);
+                }
+                log::warn!(
+                    "{e}; writing the {} messages received before it",
+                    b.messages.len()
+                );
+                error = Some(e);
+            }
+            b.messages.iter_mut().for_each(Message::make_storable);
+            self.batch = Some(b);
+        }
+        let b = self.batch.as_mut().expect("set above");
+        Ok(Next {
+            messages: &mut b.messages,
+            end_of_input: b.end_of_input,
+            error,
+        })
+    }
+
+    fn written(&mut self) -> Result<(), Error> {
+        match self.batch.take() {
+            Some(b) if !b.receipts.is_empty() => self.source.ack(b.receipts),
+            _ => Ok(()),
+        }
+    }
+
+    fn holds(&self) -> bool {
+        self.batch.is_some()
+    }
+}
+
+/// Box an opened source for the reverse loop.
+pub fn feed<S: Source + 'static>(source: S) -> Box<dyn Feed> {
+    Box::new(Open {
+        source,
+        batch: None,
+    })
 }
 
 /// A validated source config that can open a [`Source`].
 pub trait SourceSpec: Send + std::fmt::Debug {
-    /// Open the source for `pipeline`; `once` means read what is there and end.
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error>;
+    /// Open the source for `pipeline` (see [`feed`]); `once` means read
+    /// what is there and end.
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error>;
 }
 
 /// Parses a source's own keys (all but `type`, `batch_size`, `max_wait_ms`).
@@ -190,6 +362,120 @@ mod tests {
             payload: payload.into(),
             error: None,
         }
+    }
+
+    /// A source that hands out messages `0..` with receipts `0..`, and
+    /// fails after `fail_after` messages of a batch.
+    #[derive(Default)]
+    struct Counter {
+        next: u32,
+        fail_after: Option<usize>,
+        acked: Vec<u32>,
+    }
+
+    impl Source for Counter {
+        type Receipt = u32;
+
+        fn receive(
+            &mut self,
+            batch: &mut Batch<u32>,
+            max: usize,
+            _: Duration,
+        ) -> Result<(), Error> {
+            while batch.messages.len() < max {
+                if self.fail_after == Some(batch.messages.len()) {
+                    return Err(Error::transient("receive failed"));
+                }
+                batch.messages.push(message(&self.next.to_string()));
+                batch.receipts.push(self.next);
+                self.next += 1;
+            }
+            Ok(())
+        }
+
+        fn ack(&mut self, receipts: Vec<u32>) -> Result<(), Error> {
+            self.acked.extend(receipts);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn only_what_was_handed_out_and_written_is_acknowledged() {
+        let mut open = Open {
+            source: Counter {
+                fail_after: Some(3),
+                ..Counter::default()
+            },
+            batch: None,
+        };
+        // A receive failing half way: the 3 received are handed out with
+        // the error, not dropped.
+        let next = open.next(10, Duration::ZERO).unwrap();
+        assert_eq!(next.messages.len(), 3);
+        assert_eq!(next.error.unwrap().msg, "receive failed");
+        // Not written (the inbox write failed): kept, nothing acknowledged.
+        assert!(open.holds());
+        assert_eq!(open.next(10, Duration::ZERO).unwrap().messages.len(), 3);
+        assert!(open.source.acked.is_empty());
+        open.written().unwrap();
+        assert_eq!(open.source.acked, [0, 1, 2]);
+        // Failing before anything was received: an error, nothing to ack.
+        open.source.fail_after = Some(0);
+        assert!(open.next(10, Duration::ZERO).is_err());
+        assert!(!open.holds());
+        open.written().unwrap();
+        assert_eq!(open.source.acked, [0, 1, 2]);
+        open.source.fail_after = None;
+        assert_eq!(open.next(2, Duration::ZERO).unwrap().messages.len(), 2);
+        open.written().unwrap();
+        assert_eq!(open.source.acked, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn every_batch_is_made_storable() {
+        let mut open = Open {
+            source: Counter::default(),
+            batch: None,
+        };
+        let next = open.next(1, Duration::ZERO).unwrap();
+        assert_eq!(next.messages[0].event_id, "id\u{FFFD}");
+    }
+
+    #[test]
+    fn a_too_long_event_id_is_a_dead_letter_under_a_stable_substitute() {
+        let long = format!("é{}", "k".repeat(MAX_EVENT_ID_BYTES));
+        let mut m = message("{}");
+        m.event_id = long.clone();
+        m.make_storable();
+        let reason = m.error.clone().unwrap();
+        assert!(reason.contains("2050 bytes"), "{reason}");
+        assert!(m
+            .event_id
+            .starts_with(&long.chars().take(64).collect::<String>()));
+        assert!(m.event_id.len() < 200);
+        assert_eq!(m.event_id, substitute_id(&long));
+        assert_ne!(substitute_id(&long), substitute_id(&format!("{long}x")));
+        let mut fits = message("{}");
+        fits.event_id = "k".repeat(MAX_EVENT_ID_BYTES);
+        fits.make_storable();
+        assert_eq!(fits.error, None);
+    }
+
+    #[test]
+    fn own_ids_come_from_our_envelope_or_a_cloud_event() {
+        let id = |v: Value| own_id(v.as_object().unwrap());
+        let envelope = serde_json::json!({"dedup_key": "o:1:0", "op": "insert",
+                                          "outbox_id": 1, "payload": {}});
+        assert_eq!(id(envelope).as_deref(), Some("o:1:0"));
+        // A row that only has a dedup_key column is not an envelope.
+        assert_eq!(id(serde_json::json!({"dedup_key": "k", "n": 1})), None);
+        let ce = serde_json::json!({"specversion": "1.0", "id": "ce-1", "type": "t"});
+        assert_eq!(id(ce).as_deref(), Some("ce-1"));
+        assert_eq!(id(serde_json::json!({"id": "x"})), None);
+        assert_eq!(
+            id(serde_json::json!({"specversion": "1.0", "id": ""})),
+            None
+        );
     }
 
     #[test]

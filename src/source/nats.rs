@@ -32,8 +32,9 @@
 //! crashed relay, PostgreSQL down) is redelivered by JetStream; the inbox
 //! absorbs the repeat.
 //!
-//! The inbox `event_id` is the `Nats-Msg-Id` header, else
-//! `<stream>:<stream sequence>`. The payload is the body, which must be
+//! The inbox `event_id` is the `Nats-Msg-Id` header, else the id the body
+//! carries itself (our envelope's `dedup_key`, a CloudEvents `id`; see
+//! `source::own_id`), else `<stream>:<stream sequence>`. The payload is the body, which must be
 //! JSON; a body that is not (or that PostgreSQL's jsonb cannot hold: a
 //! `\u0000` escape) goes into the inbox as a dead letter (`{"raw":
 //! "<text>"}`, the reason in `error`, in `<inbox>_dlq`) and is acknowledged
@@ -56,7 +57,7 @@ use serde_json::{json, Map, Value};
 use crate::config::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::nats::{api, connect, ApiError, Client, Link};
-use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long `receive` and `ack` wait for a lost connection to come back.
 /// Kept below the relay's shutdown grace, as is [`CONFIRM_TIMEOUT`].
@@ -175,7 +176,7 @@ fn default_consumer(pipeline: &str) -> String {
 }
 
 impl SourceSpec for NatsSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let Client { nc, link, shown } =
             connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
         let deliver_to = nc.new_inbox();
@@ -210,7 +211,6 @@ impl SourceSpec for NatsSourceConfig {
             pull_left: 0,
             pull_until: Instant::now(),
             check_consumer: true,
-            deferred: None,
             event_type: self.event_type.clone(),
             aggregate_id: field(&self.aggregate_id, "aggregate_id"),
             source: field(&self.source, "source"),
@@ -227,7 +227,7 @@ impl SourceSpec for NatsSourceConfig {
             src.consumer,
             src.shown
         );
-        Ok(Box::new(src))
+        Ok(feed(src))
     }
 }
 
@@ -254,14 +254,13 @@ struct NatsSource {
     pull_until: Instant,
     /// Look at the stream and consumer (again) before the next pull.
     check_consumer: bool,
-    /// An error met after some messages of a batch: returned next time.
-    deferred: Option<Error>,
     /// `None`: the subject.
     event_type: Option<Origin>,
     aggregate_id: Origin,
     source: Origin,
     trace_id: Origin,
-    /// Ack subjects of messages handed out and not yet acknowledged.
+    /// Ack subjects of written messages to acknowledge (again, when their
+    /// acks were not confirmed).
     unacked: Vec<String>,
     /// Acks sent and not yet confirmed.
     sent: Option<Sent>,
@@ -291,8 +290,8 @@ struct InfoReply {
 
 /// What a message on the deliveries subscription was.
 enum Delivery {
-    /// A message of the stream, for the batch.
-    Message(Message),
+    /// A message of the stream, for the batch, and its ack subject.
+    Message(Message, String),
     /// The pull request ended (no more messages until the next pull).
     Ended,
     /// The consumer or stream is gone: check them before pulling again.
@@ -608,15 +607,10 @@ impl NatsSource {
             return Delivery::Nothing;
         };
         self.pull_left = self.pull_left.saturating_sub(1);
-        self.unacked.push(reply);
-        Delivery::Message(self.message(&m, seq))
+        Delivery::Message(self.message(&m, seq), reply)
     }
 
     fn message(&self, m: &nats::Message, seq: u64) -> Message {
-        let event_id = header(m, "Nats-Msg-Id")
-            .filter(|v| !v.is_empty())
-            .cloned()
-            .unwrap_or_else(|| format!("{}:{seq}", self.cfg.stream));
         let what = || format!("nats stream {} seq {seq} ({})", self.cfg.stream, m.subject);
         let (payload, parsed, error) = match std::str::from_utf8(&m.data) {
             Err(e) => (
@@ -640,6 +634,11 @@ impl NatsSource {
             log::warn!("{e}; into the inbox's dead letters");
         }
         let body = parsed.as_ref().and_then(Value::as_object);
+        let event_id = header(m, "Nats-Msg-Id")
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .or_else(|| own_id(body?))
+            .unwrap_or_else(|| format!("{}:{seq}", self.cfg.stream));
         Message {
             event_type: match &self.event_type {
                 Some(o) => attribute(o, m, body),
@@ -656,11 +655,15 @@ impl NatsSource {
 }
 
 impl Source for NatsSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
-        }
-        let max = max.max(1);
+    /// The message's ack subject.
+    type Receipt = String;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<String>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + wait;
         // `--once` ends on the server's word that nothing is there (the
         // pull request expired empty), not on a local timeout that a busy
@@ -670,7 +673,6 @@ impl Source for NatsSource {
         } else {
             deadline
         };
-        let mut batch = Batch::default();
         self.wait_connected()?;
         if self.check_consumer {
             self.ensure_consumer()?;
@@ -689,7 +691,10 @@ impl Source for NatsSource {
             };
             match self.deliveries.next_timeout(timeout) {
                 Ok(m) => match self.delivery(m) {
-                    Delivery::Message(msg) => batch.messages.push(msg),
+                    Delivery::Message(msg, reply) => {
+                        batch.messages.push(msg);
+                        batch.receipts.push(reply);
+                    }
                     Delivery::Ended => {
                         self.pull_left = 0;
                         if batch.messages.is_empty() && self.once {
@@ -729,9 +734,8 @@ impl Source for NatsSource {
             }
         }
         match stop {
-            Some(e) if batch.messages.is_empty() => return Err(e),
-            // Hand out what was received; the error comes next time.
-            Some(e) => self.deferred = Some(e),
+            // What was received is written all the same.
+            Some(e) => return Err(e),
             // The next batch is delivered while this one is written.
             None if !batch.messages.is_empty() => self.pull(max, wait)?,
             None => {}
@@ -747,10 +751,11 @@ impl Source for NatsSource {
                 wait + ONCE_SLACK
             );
         }
-        Ok(batch)
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
+    fn ack(&mut self, receipts: Vec<String>) -> Result<(), Error> {
+        self.unacked.extend(receipts);
         // The previous batch's confirmation has normally arrived meanwhile.
         self.settle()?;
         if self.unacked.is_empty() {

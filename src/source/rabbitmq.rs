@@ -38,7 +38,9 @@
 //! a message unacknowledged longer than that: the source reconnects and the
 //! messages come again.
 //!
-//! **Mapping.** The inbox `event_id` is the AMQP `message-id`. The payload
+//! **Mapping.** The inbox `event_id` is the AMQP `message-id`, else the id
+//! the body carries itself (our envelope's `dedup_key`, a CloudEvents
+//! `id`; see `source::own_id`). The payload
 //! is the body, which must be JSON. `event_type`, `aggregate_id`, `source`
 //! and `trace_id` each come from `{"header": "<name>"}`, `{"field":
 //! "<name>"}` (a top-level field of the JSON body) or a fixed string. A
@@ -53,10 +55,11 @@
 //! header, else the body field `aggregate_id`.
 //!
 //! **Dead letters.** A body that is not JSON (or not UTF-8), or a message
-//! without a `message-id`, is written to the inbox as a dead letter (the
-//! raw text, the reason in `error`, shown in `<inbox>_dlq`) and
-//! acknowledged like the rest: never dropped, never blocking. A message
-//! without a `message-id` cannot be deduplicated; its `event_id` is
+//! without a `message-id` or an id in its body, is written to the inbox
+//! as a dead letter (the raw text, the reason in `error`, shown in
+//! `<inbox>_dlq`) and acknowledged like the rest: never dropped, never
+//! blocking. A message without an id cannot be deduplicated; its
+//! `event_id` is
 //! `no-message-id:<hash>`, a 64-bit FNV-1a hash of its exchange, routing
 //! key and body, so a redelivery lands on the same row (and identical
 //! messages without an id are one dead letter).
@@ -76,7 +79,7 @@ use crate::amqp::{self, AmqpUrl};
 use crate::config::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
-use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long dropping the source waits for its connection to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -175,7 +178,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
 }
 
 impl SourceSpec for RabbitSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let url = expand_env(&self.url)
             .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
         let url = AmqpUrl::parse(&url)
@@ -186,7 +189,6 @@ impl SourceSpec for RabbitSourceConfig {
             url,
             worker: None,
             generation: 0,
-            last: None,
             once,
         };
         // Fail early on a wrong address, password or queue; a broker that
@@ -198,7 +200,7 @@ impl SourceSpec for RabbitSourceConfig {
             self.queue,
             src.prefetch()
         );
-        Ok(Box::new(src))
+        Ok(feed(src))
     }
 }
 
@@ -239,8 +241,6 @@ struct RabbitSource {
     worker: Option<Worker>,
     /// Bumped for every consumer thread.
     generation: u64,
-    /// The last delivery received (body taken) and its thread's generation.
-    last: Option<(u64, Delivery)>,
     /// `--once`: end when no message arrives within the wait.
     once: bool,
 }
@@ -402,20 +402,7 @@ impl RabbitSource {
     fn message(&self, d: &Delivery, body: Vec<u8>) -> Message {
         let p = &d.properties;
         let mut errors = Vec::new();
-        let event_id = match p.message_id().as_deref().filter(|id| !id.is_empty()) {
-            Some(id) => id.to_string(),
-            None => {
-                errors.push(
-                    "the message has no AMQP message-id property, so it cannot be \
-                     deduplicated (publish with a message-id)"
-                        .to_string(),
-                );
-                format!(
-                    "no-message-id:{:016x}",
-                    fnv1a(&[d.exchange.as_bytes(), d.routing_key.as_bytes(), &body])
-                )
-            }
-        };
+        let hash = fnv1a(&[d.exchange.as_bytes(), d.routing_key.as_bytes(), &body]);
         let (text, parsed) = match String::from_utf8(body) {
             Ok(text) => match serde_json::from_str::<Value>(&text) {
                 Ok(v) => (text, Some(v)),
@@ -428,6 +415,22 @@ impl RabbitSource {
                 errors.push("the body is not UTF-8 text".to_string());
                 (String::from_utf8_lossy(e.as_bytes()).into_owned(), None)
             }
+        };
+        let own = || own_id(parsed.as_ref()?.as_object()?);
+        let event_id = match p.message_id().as_deref().filter(|id| !id.is_empty()) {
+            Some(id) => id.to_string(),
+            None => match own() {
+                Some(id) => id,
+                None => {
+                    errors.insert(
+                        0,
+                        "the message has no AMQP message-id property, so it cannot be \
+                         deduplicated (publish with a message-id)"
+                            .to_string(),
+                    );
+                    format!("no-message-id:{hash:016x}")
+                }
+            },
         };
         let error = if errors.is_empty() {
             None
@@ -466,12 +469,20 @@ impl RabbitSource {
 }
 
 impl Source for RabbitSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
+    /// The last delivery of a batch (body taken; acknowledged with
+    /// `multiple`) and its consumer thread's generation.
+    type Receipt = (u64, Box<Delivery>);
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<(u64, Box<Delivery>)>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         // The broker sends at most `prefetch` messages ahead of the ack. A
         // batch holds at most half of them, so that the other half streams
         // in while the batch is written to the inbox.
         let max = max.min(usize::from(self.prefetch()).div_ceil(2)).max(1);
-        let mut batch = Batch::default();
         let w = self.worker()?;
         let generation = w.generation;
         let incoming = w.incoming.clone();
@@ -479,7 +490,7 @@ impl Source for RabbitSource {
             Ok(i) => i,
             Err(e) if e.is_timeout() => {
                 batch.end_of_input = self.once;
-                return Ok(batch);
+                return Ok(());
             }
             Err(_) => Incoming::Ended(self.ended()),
         };
@@ -495,7 +506,9 @@ impl Source for RabbitSource {
                     last = d;
                 }
                 Incoming::Ended(e) => {
-                    // What this batch holds is redelivered on a new channel.
+                    // What this batch holds is written but not acknowledged
+                    // (its channel is gone): it comes again on a new
+                    // channel, and the inbox absorbs it.
                     self.worker = None;
                     return Err(e);
                 }
@@ -513,17 +526,17 @@ impl Source for RabbitSource {
                 },
             };
         }
-        self.last = Some((generation, *last));
-        Ok(batch)
+        batch.receipts.push((generation, last));
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
-        let Some((generation, d)) = self.last.take() else {
+    fn ack(&mut self, receipts: Vec<(u64, Box<Delivery>)>) -> Result<(), Error> {
+        let Some((generation, d)) = receipts.into_iter().last() else {
             return Ok(());
         };
         match &self.worker {
             Some(w) if w.generation == generation => {
-                if w.acks.send(d).is_err() {
+                if w.acks.send(*d).is_err() {
                     self.worker = None;
                     return Err(Error::transient(format!(
                         "rabbitmq {}: connection lost before the ack (the broker redelivers; \

@@ -16,8 +16,9 @@
 //! Everything is acknowledged (`XACK`, pipelined) only after the inbox
 //! transaction holding it committed.
 //!
-//! The inbox `event_id` is the entry's `dedup_key` field, else the entry
-//! id. The payload is the `payload` field (which must be JSON), else all
+//! The inbox `event_id` is the entry's `dedup_key` field, else the id the
+//! payload carries itself (our envelope's `dedup_key`, a CloudEvents `id`;
+//! see `source::own_id`), else the entry id. The payload is the `payload` field (which must be JSON), else all
 //! fields as a JSON object of strings. A `payload` that is not JSON goes
 //! into the inbox as a dead letter (`{"raw": "<text>"}`, with the reason in
 //! `error`, in `<inbox>_dlq`) and is acknowledged like the rest.
@@ -31,7 +32,7 @@ use serde_json::{Map, Value as Json};
 use crate::config::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
-use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// Connect and write timeout (reads wait for `BLOCK` plus this).
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -120,7 +121,7 @@ fn hostname() -> String {
 }
 
 impl SourceSpec for RedisSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let url = expand_env(&self.url)
             .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
         check_url(&url)
@@ -175,7 +176,7 @@ impl SourceSpec for RedisSourceConfig {
             src.group,
             src.consumer
         );
-        Ok(Box::new(src))
+        Ok(feed(src))
     }
 }
 
@@ -199,7 +200,8 @@ struct RedisSource {
     /// Where the next XAUTOCLAIM continues ("0-0": from the start).
     claim_cursor: String,
     last_claim: Option<Instant>,
-    /// Entry ids received and not yet acknowledged.
+    /// Entry ids written to the inbox whose XACK failed: acknowledged
+    /// with the next batch.
     unacked: Vec<String>,
     /// `--once`: end when no new entry arrives within the wait.
     once: bool,
@@ -359,10 +361,6 @@ impl RedisSource {
 
     fn message(&self, id: String, fields: &[(String, String)]) -> Message {
         let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-        let event_id = get("dedup_key")
-            .filter(|k| !k.is_empty())
-            .cloned()
-            .unwrap_or_else(|| id.clone());
         let (payload, parsed, error) = match get("payload") {
             Some(p) => match serde_json::from_str::<Json>(p) {
                 Ok(v) => (p.clone(), Some(v), None),
@@ -391,6 +389,11 @@ impl RedisSource {
             }
         };
         let obj = parsed.as_ref().and_then(Json::as_object);
+        let event_id = get("dedup_key")
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .or_else(|| own_id(obj?))
+            .unwrap_or_else(|| id.clone());
         Message {
             event_type: self.attribute(&self.event_type, fields, obj),
             source: self.attribute(&self.source, fields, obj),
@@ -402,14 +405,15 @@ impl RedisSource {
         }
     }
 
-    /// Turn entries into messages; every id is to be acknowledged.
-    fn take(&mut self, found: Vec<Entry>, batch: &mut Batch) {
+    /// Turn entries into messages; every id is to be acknowledged (that
+    /// of an entry deleted meanwhile too, which needs no row).
+    fn take(&mut self, found: Vec<Entry>, batch: &mut Batch<String>) {
         for (id, fields) in found {
             if let Some(fields) = fields {
                 let m = self.message(id.clone(), &fields);
                 batch.messages.push(m);
             }
-            self.unacked.push(id);
+            batch.receipts.push(id);
         }
     }
 
@@ -442,9 +446,15 @@ impl RedisSource {
 }
 
 impl Source for RedisSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let max = max.max(1);
-        let mut batch = Batch::default();
+    /// An entry id.
+    type Receipt = String;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<String>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         self.conn()?;
         // 1. Entries this consumer already has (after a restart).
         if let Some(after) = self.history.clone() {
@@ -461,8 +471,8 @@ impl Source for RedisSource {
             match found.last() {
                 Some((last, _)) => {
                     self.history = Some(last.clone());
-                    self.take(found, &mut batch);
-                    return Ok(batch);
+                    self.take(found, batch);
+                    return Ok(());
                 }
                 None => self.history = None,
             }
@@ -473,8 +483,8 @@ impl Source for RedisSource {
             self.last_claim = Some(Instant::now());
             let found = self.autoclaim(max)?;
             if !found.is_empty() {
-                self.take(found, &mut batch);
-                return Ok(batch);
+                self.take(found, batch);
+                return Ok(());
             }
         }
         // 3. New entries.
@@ -492,11 +502,12 @@ impl Source for RedisSource {
             .arg(">");
         let found = read_reply(&self.query(&cmd, wait + TIMEOUT)?);
         batch.end_of_input = self.once && found.is_empty();
-        self.take(found, &mut batch);
-        Ok(batch)
+        self.take(found, batch);
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
+    fn ack(&mut self, receipts: Vec<String>) -> Result<(), Error> {
+        self.unacked.extend(receipts);
         if self.unacked.is_empty() {
             return Ok(());
         }

@@ -12,7 +12,10 @@
 //! call of a batch long-polls for `wait_time_seconds` (0 to 20, default 4:
 //! below the relay's shutdown grace, so SIGTERM is not held up), and more
 //! calls without waiting fill the batch up to `batch_size` until
-//! `max_wait_ms` has passed or the queue has nothing more to give.
+//! `max_wait_ms` has passed or the queue has nothing more to give. A call
+//! that fails while a batch is filled ends it: the messages received
+//! before are written and deleted, then the error is reported (the
+//! failed call received nothing, so nothing else is deleted).
 //!
 //! Acknowledging: the messages of a batch are deleted
 //! (`DeleteMessageBatch`) only after the inbox transaction holding them
@@ -26,7 +29,8 @@
 //!
 //! The inbox `event_id` is the message's `MessageDeduplicationId` (FIFO
 //! queues), else its `dedup_key` message attribute (set by the `sqs` sink),
-//! else its `MessageId`. The payload is the body, which must be JSON; a
+//! else the id the body carries itself (our envelope's `dedup_key`, a
+//! CloudEvents `id`; see `source::own_id`), else its `MessageId`. The payload is the body, which must be JSON; a
 //! body that is not goes into the inbox as a dead letter (`{"raw": "<text>"}`,
 //! with the reason in `error`, in `<inbox>_dlq`) and is deleted like the
 //! rest. `event_type`, `aggregate_id`, `source` and `trace_id` come from a
@@ -41,7 +45,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::{Batch, Message, Origin, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};
 
 /// The default long-poll wait, seconds.
@@ -96,7 +100,7 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, Config
 }
 
 impl SourceSpec for SqsSourceConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let client = Client::open(&self.conn, pipeline, "source")?;
         let visibility = match self.keys.visibility_timeout {
             Some(v) => v,
@@ -106,7 +110,7 @@ impl SourceSpec for SqsSourceConfig {
             "receiving from sqs queue {} (visibility timeout {visibility} s)",
             client.queue_url()
         );
-        Ok(Box::new(SqsSource {
+        Ok(feed(SqsSource {
             client,
             wait: self.keys.wait_time_seconds.unwrap_or(DEFAULT_WAIT),
             visibility_timeout: self.keys.visibility_timeout,
@@ -115,7 +119,7 @@ impl SourceSpec for SqsSourceConfig {
             aggregate_id: self.keys.aggregate_id.clone(),
             source: self.keys.source.clone(),
             trace_id: self.keys.trace_id.clone(),
-            unacked: Vec::new(),
+            undeleted: Vec::new(),
             once,
         }))
     }
@@ -142,6 +146,7 @@ fn queue_visibility(client: &Client) -> Result<u64, Error> {
 }
 
 /// A received message not yet deleted.
+#[derive(Clone)]
 struct Held {
     receipt: String,
     since: Instant,
@@ -159,8 +164,9 @@ struct SqsSource {
     aggregate_id: Option<Origin>,
     source: Option<Origin>,
     trace_id: Option<Origin>,
-    /// Received and not yet deleted.
-    unacked: Vec<Held>,
+    /// Written to the inbox, but their delete failed: deleted with the
+    /// next batch.
+    undeleted: Vec<Held>,
     /// `--once`: end when a long poll brings nothing.
     once: bool,
 }
@@ -202,9 +208,6 @@ impl SqsSource {
     fn message(&self, m: &Value) -> Message {
         let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
         let message_id = text(&m["MessageId"]).unwrap_or_default();
-        let event_id = text(&m["Attributes"]["MessageDeduplicationId"])
-            .or_else(|| attribute(m, "dedup_key").filter(|k| !k.is_empty()))
-            .unwrap_or_else(|| message_id.clone());
         let body = m["Body"].as_str().unwrap_or("").to_string();
         let (parsed, error) = match serde_json::from_str::<Value>(&body) {
             Ok(v) => (Some(v), None),
@@ -224,6 +227,10 @@ impl SqsSource {
             }
         };
         let obj = parsed.as_ref().and_then(Value::as_object);
+        let event_id = text(&m["Attributes"]["MessageDeduplicationId"])
+            .or_else(|| attribute(m, "dedup_key").filter(|k| !k.is_empty()))
+            .or_else(|| own_id(obj?))
+            .unwrap_or_else(|| message_id.clone());
         Message {
             event_type: pick(&self.event_type, "event_type", m, obj),
             aggregate_id: pick(&self.aggregate_id, "aggregate_id", m, obj),
@@ -258,16 +265,15 @@ impl SqsSource {
     /// Extend the visibility of held messages once they are held for half
     /// of it. A failure is only logged: the messages may then be delivered
     /// again, which the inbox absorbs.
-    fn extend(&mut self) {
-        let due = self
-            .unacked
+    fn extend(&self, held: &mut [Held]) {
+        let due = held
             .first()
             .is_some_and(|h| h.since.elapsed() >= self.visibility / 2);
         if !due {
             return;
         }
         let secs = self.visibility.as_secs();
-        for chunk in self.unacked.chunks_mut(MAX_BATCH) {
+        for chunk in held.chunks_mut(MAX_BATCH) {
             let entries: Vec<Value> = chunk
                 .iter()
                 .enumerate()
@@ -304,12 +310,20 @@ impl SqsSource {
 }
 
 impl Source for SqsSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let max = max.max(1);
+    type Receipt = Held;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<Held>,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(), Error> {
         let deadline = Instant::now() + wait;
-        let mut batch = Batch::default();
         loop {
-            self.extend();
+            self.extend(&mut batch.receipts);
+            let mut undeleted = std::mem::take(&mut self.undeleted);
+            self.extend(&mut undeleted);
+            self.undeleted = undeleted;
             let first = batch.messages.is_empty();
             let got = self.receive_once(
                 max - batch.messages.len(),
@@ -318,7 +332,7 @@ impl Source for SqsSource {
             let empty = got.is_empty();
             for m in &got {
                 batch.messages.push(self.message(m));
-                self.unacked.push(Held {
+                batch.receipts.push(Held {
                     receipt: m["ReceiptHandle"].as_str().unwrap_or("").to_string(),
                     since: Instant::now(),
                 });
@@ -328,13 +342,14 @@ impl Source for SqsSource {
             }
         }
         batch.end_of_input = self.once && batch.messages.is_empty();
-        Ok(batch)
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
+    fn ack(&mut self, receipts: Vec<Held>) -> Result<(), Error> {
         let mut kept = Vec::new();
         let mut error = None;
-        let held = std::mem::take(&mut self.unacked);
+        let mut held = std::mem::take(&mut self.undeleted);
+        held.extend(receipts);
         for chunk in held.chunks(MAX_BATCH) {
             let entries: Vec<Value> = chunk
                 .iter()
@@ -350,10 +365,7 @@ impl Source for SqsSource {
                 Err(r) => {
                     // Kept: deleted with the next batch, or delivered again
                     // after the visibility timeout (the inbox absorbs it).
-                    kept.extend(chunk.iter().map(|h| Held {
-                        receipt: h.receipt.clone(),
-                        since: h.since,
-                    }));
+                    kept.extend(chunk.iter().cloned());
                     error = Some(r.error);
                     continue;
                 }
@@ -363,10 +375,7 @@ impl Source for SqsSource {
                     continue;
                 };
                 if f.transient {
-                    kept.push(Held {
-                        receipt: h.receipt.clone(),
-                        since: h.since,
-                    });
+                    kept.push(h.clone());
                     error = Some(Error::transient(format!(
                         "sqs DeleteMessageBatch on {}: {}: {}",
                         self.client.queue_url(),
@@ -386,7 +395,7 @@ impl Source for SqsSource {
                 }
             }
         }
-        self.unacked = kept;
+        self.undeleted = kept;
         match error {
             Some(e) => Err(e),
             None => Ok(()),
@@ -445,7 +454,7 @@ mod tests {
             aggregate_id: k.aggregate_id,
             source: k.source,
             trace_id: k.trace_id,
-            unacked: Vec::new(),
+            undeleted: Vec::new(),
             once: false,
         };
         let msg = src.message(&json!({

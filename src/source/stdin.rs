@@ -1,14 +1,16 @@
 //! The `stdin` source: JSON lines from stdin or a file into the inbox.
 //!
 //! Config: `{"type":"stdin", "path":"<file, optional>"}`. Each line is a
-//! JSON object; `event_id` comes from its `event_id` or `dedup_key` field
-//! (a line with neither gets the id `<pipeline>:<line>:<hash of the line>`,
-//! so a replayed file deduplicates, and a warning); `event_type`,
+//! JSON object; `event_id` comes from its `event_id` or `dedup_key` field,
+//! or a CloudEvents `id` (a line with none gets the id
+//! `<pipeline>:<line>:<hash of the line>`, so a replayed file
+//! deduplicates, and a warning); `event_type`,
 //! `aggregate_id`, `source`, `trace_id` from fields of those names; the
 //! payload from its `payload` field, else the whole line. A line that is
 //! not JSON is logged with its number, counted and skipped. stdin ends the
 //! pipeline at end of input; a file is followed for appended lines unless
-//! the relay runs with `--once`.
+//! the relay runs with `--once`. A read error in the middle of a batch
+//! ends it: the lines read before are written, then the error is reported.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -22,7 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::{Batch, Message, Source, SourceSpec};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// The `stdin` source's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -76,7 +78,7 @@ fn stdin_lines() -> &'static Mutex<Receiver<Line>> {
 }
 
 impl SourceSpec for StdinConfig {
-    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Source>, Error> {
+    fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let input = match &self.path {
             None => Input::Stdin,
             Some(p) => Input::File {
@@ -88,7 +90,7 @@ impl SourceSpec for StdinConfig {
                 follow: !once,
             },
         };
-        Ok(Box::new(StdinSource {
+        Ok(feed(StdinSource {
             pipeline: pipeline.to_string(),
             input,
             malformed: 0,
@@ -155,11 +157,13 @@ impl StdinSource {
 }
 
 impl Source for StdinSource {
-    fn receive(&mut self, max: usize, wait: Duration) -> Result<Batch, Error> {
-        let mut batch = Batch::default();
+    /// Nothing to acknowledge: a line read is consumed.
+    type Receipt = ();
+
+    fn receive(&mut self, batch: &mut Batch<()>, max: usize, wait: Duration) -> Result<(), Error> {
         if self.ended {
             batch.end_of_input = true;
-            return Ok(batch);
+            return Ok(());
         }
         let deadline = Instant::now() + wait;
         while batch.messages.len() < max {
@@ -189,10 +193,10 @@ impl Source for StdinSource {
                 },
             }
         }
-        Ok(batch)
+        Ok(())
     }
 
-    fn ack(&mut self) -> Result<(), Error> {
+    fn ack(&mut self, _: Vec<()>) -> Result<(), Error> {
         Ok(())
     }
 }
@@ -223,7 +227,10 @@ fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, 
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
     let empty = Map::new();
     let obj = value.as_object().unwrap_or(&empty);
-    let event_id = match text_field(obj, "event_id").or_else(|| text_field(obj, "dedup_key")) {
+    let event_id = match text_field(obj, "event_id")
+        .or_else(|| text_field(obj, "dedup_key"))
+        .or_else(|| own_id(obj))
+    {
         Some(id) if !id.is_empty() => id,
         _ => {
             let id = format!("{pipeline}:{no}:{:016x}", fnv64(text.as_bytes()));

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 pub mod brokers;
 pub mod kafka;
+pub mod proxy;
 pub mod rabbitmq;
 pub mod sqlcheck;
 pub mod sqs;

@@ -333,12 +333,15 @@ pub fn attr<'a>(m: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 /// A forwarding proxy in front of an SQS server that answers the actions
-/// in its refuse list with 503 ServiceUnavailable instead of forwarding
-/// them, and counts the requests it forwards by action.
+/// in its refuse list (and the one request chosen with
+/// [`Proxy::refuse_nth`]) with 503 ServiceUnavailable instead of
+/// forwarding them, and counts the requests it forwards by action.
 pub struct Proxy {
     /// Its port on 127.0.0.1.
     pub port: u16,
     refuse: Arc<Mutex<Vec<String>>>,
+    /// (action, n): refuse the n-th request of action (1-based).
+    nth: Arc<Mutex<Option<(String, usize)>>>,
     refused: Arc<Mutex<u64>>,
     forwarded: Arc<Mutex<Vec<String>>>,
     server: Arc<tiny_http::Server>,
@@ -353,6 +356,8 @@ impl Proxy {
         let refuse: Arc<Mutex<Vec<String>>> = Arc::default();
         let refused: Arc<Mutex<u64>> = Arc::default();
         let forwarded: Arc<Mutex<Vec<String>>> = Arc::default();
+        let nth: Arc<Mutex<Option<(String, usize)>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
@@ -367,6 +372,7 @@ impl Proxy {
                     forwarded.clone(),
                     agent.clone(),
                 );
+                let (nth, seen) = (nth.clone(), seen.clone());
                 let target = format!("{endpoint}/");
                 std::thread::spawn(move || {
                     while let Ok(mut req) = server.recv() {
@@ -382,7 +388,14 @@ impl Proxy {
                             .unwrap_or_default()
                             .trim_start_matches("AmazonSQS.")
                             .to_string();
-                        if refuse.lock().unwrap().contains(&action) {
+                        let count = {
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(action.clone());
+                            seen.iter().filter(|a| **a == action).count()
+                        };
+                        let chosen = nth.lock().unwrap().as_ref()
+                            == Some(&(action.clone(), count));
+                        if chosen || refuse.lock().unwrap().contains(&action) {
                             *refused.lock().unwrap() += 1;
                             let resp = tiny_http::Response::from_string(
                                 r#"{"__type":"com.amazonaws.sqs#ServiceUnavailable","message":"refused by the test proxy"}"#,
@@ -432,6 +445,7 @@ impl Proxy {
         Proxy {
             port,
             refuse,
+            nth,
             refused,
             forwarded,
             server,
@@ -447,6 +461,12 @@ impl Proxy {
     /// Refuse these actions from now on (none: forward everything).
     pub fn refuse(&self, actions: &[&str]) {
         *self.refuse.lock().unwrap() = actions.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// Refuse the `n`-th request of `action` (1-based, counting every
+    /// request of it since the proxy started), once.
+    pub fn refuse_nth(&self, action: &str, n: usize) {
+        *self.nth.lock().unwrap() = Some((action.to_string(), n));
     }
 
     /// How many requests were refused so far.
