@@ -60,16 +60,7 @@ impl From<postgres::Error> for Error {
     fn from(e: postgres::Error) -> Error {
         let transient = e.is_closed()
             || match e.code() {
-                // 08: connection exceptions; 57P0x: shutdown, crash recovery,
-                // cannot connect now; 53: insufficient resources; 40: retryable
-                // transaction rollbacks (serialization, deadlock).
-                Some(code) => {
-                    let c = code.code();
-                    c.starts_with("08")
-                        || c.starts_with("57P")
-                        || c.starts_with("53")
-                        || c.starts_with("40")
-                }
+                Some(code) => transient_sqlstate(code.code()),
                 // No SQLSTATE: an I/O or protocol error on the socket.
                 None => true,
             };
@@ -92,6 +83,19 @@ impl From<postgres::Error> for Error {
             },
         }
     }
+}
+
+/// Whether an error with this SQLSTATE goes away by itself: 08 connection
+/// exceptions; 57P0x shutdown, crash recovery, cannot connect now; 57014 a
+/// statement timeout or cancel; 55P03 a lock timeout; 53 insufficient
+/// resources; 40 retryable rollbacks (serialization, deadlock); 25006 a
+/// read-only transaction (connected to a standby during a failover); 58
+/// system and I/O errors of the server.
+fn transient_sqlstate(c: &str) -> bool {
+    ["08", "57P", "53", "40", "58"]
+        .iter()
+        .any(|p| c.starts_with(p))
+        || matches!(c, "57014" | "55P03" | "25006")
 }
 
 impl From<std::io::Error> for Error {
@@ -177,5 +181,17 @@ mod tests {
         assert!(d[7] >= Duration::from_millis(500) && d[7] <= Duration::from_secs(1));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn timeouts_and_failovers_are_transient_and_bad_data_is_not() {
+        for c in [
+            "08006", "57P01", "57014", "55P03", "53300", "40001", "25006", "58030",
+        ] {
+            assert!(transient_sqlstate(c), "{c}");
+        }
+        for c in ["23505", "22P02", "42P01", "42501", "54000", "P0001"] {
+            assert!(!transient_sqlstate(c), "{c}");
+        }
     }
 }
