@@ -204,10 +204,13 @@ RETURNS TABLE(outbox_id BIGINT, pgt_id UUID, created_at TIMESTAMPTZ, inserted_co
               deleted_count BIGINT, is_claim_check BOOL, payload JSONB)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
+    -- First: the outboxes and this group's position belong to this cluster
+    -- (a restored or cut-over database is rebased before anything is read).
+    v_synced  boolean := pgtrickle._outbox_cluster_sync();
     v         record := pgtrickle._cg_lookup(p_group, 'poll_outbox');
     v_lease   pgtrickle.pgt_consumer_leases;
     v_horizon xid8;
@@ -233,6 +236,15 @@ BEGIN
 
     -- The horizon, taken before this transaction writes anything.
     v_horizon := pg_snapshot_xmin(pg_current_snapshot());
+    -- A watermark ahead of this cluster's transaction counter counts another
+    -- cluster's ids: new rows would sort before it and be skipped.
+    IF (v.grp).committed_txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN
+        RAISE EXCEPTION 'poll_outbox: the position of consumer group "%" (txid %, outbox id %) is ahead of this PostgreSQL cluster''s next transaction id %: the database was restored or moved from another cluster, or the position was set by hand. Nothing was skipped: the group waits. Check that rows written since the move have higher outbox ids than the rows before it (pg_dump carries the id sequence over; after a logical-replication cutover set it with setval), then run: SELECT pgtrickle.outbox_rebase(%); (README: "Moving a database")',
+            p_group, (v.grp).committed_txid, (v.grp).committed_id,
+            pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()),
+            pg_catalog.quote_literal((v.grp).outbox_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
 
     INSERT INTO pgtrickle.pgt_consumer_offsets AS o (group_name, consumer_id, last_heartbeat_at)
     VALUES (p_group, p_consumer, now())

@@ -24,9 +24,10 @@ fn slow_receiver() -> HttpReceiver {
 }
 
 /// Database `db` with outbox `orders`, consumer group `workers` and
-/// pipelines `g0`..`g{n-1}` in it, each an http sink (one request per
-/// event) to `h` with `batch_size` and `lease_seconds`.
-fn group_pipelines(db: &str, h: &HttpReceiver, n: usize, batch: usize, lease: u32) -> String {
+/// pipelines `g0`, `g1`, … in it, one per entry of `batches` (its
+/// `batch_size`), each an http sink (one request per event) to `h` with
+/// `lease_seconds`.
+fn group_pipelines(db: &str, h: &HttpReceiver, batches: &[usize], lease: u32) -> String {
     let pg = Pg::shared();
     let url = pg.new_db(db);
     let mut c = pg.client(&url);
@@ -35,7 +36,7 @@ fn group_pipelines(db: &str, h: &HttpReceiver, n: usize, batch: usize, lease: u3
          SELECT pgtrickle.create_consumer_group('workers', 'orders', 'earliest');",
     )
     .unwrap();
-    for i in 0..n {
+    for (i, batch) in batches.iter().enumerate() {
         let sink = json!({"type": "http", "url": h.url("/hook"), "mode": "event",
                           "batch_size": batch, "lease_seconds": lease});
         c.execute(
@@ -69,9 +70,11 @@ fn watermark(c: &mut Client) -> i64 {
 
 #[test]
 fn batches_longer_than_the_lease_stay_with_their_holders() {
-    // 100 events at 25 ms each: 2.5 s per batch against a 2 s lease.
+    // g0: 200 events at 25 ms each, 5 s per batch against a 2 s lease;
+    // g1 polls every half second with its batches of 20, so it is there
+    // to take over a lease the moment it expires.
     let h = slow_receiver();
-    let url = group_pipelines("grp_long", &h, 2, 100, 2);
+    let url = group_pipelines("grp_long", &h, &[200, 20], 2);
     publish(&url, 0, 400);
     let r0 = Relay::spawn(relay(&url).args(["--pipeline", "g0"]));
     let r1 = Relay::spawn(relay(&url).args(["--pipeline", "g1"]));
@@ -90,7 +93,7 @@ fn batches_longer_than_the_lease_stay_with_their_holders() {
 fn a_holder_that_lost_its_lease_stops_publishing_the_batch() {
     // One batch of 400 events at 25 ms each: about 10 s to publish.
     let h = slow_receiver();
-    let url = group_pipelines("grp_lost", &h, 1, 400, 4);
+    let url = group_pipelines("grp_lost", &h, &[400], 4);
     publish(&url, 0, 400);
     let r = Relay::spawn(relay(&url).args(["--pipeline", "g0"]));
     wait_until(30, "the batch under way", || h.accepted().len() >= 20);

@@ -117,7 +117,9 @@ fn deleting_a_running_pipeline_leaves_no_offset_behind() {
     publish(&url, 0, 30_000);
     let r = Relay::spawn(&mut relay(&url));
     // Delete it while it works off the backlog, with a position to commit.
-    wait_until(60, "a part of the backlog", || read_jsonl(&file).len() > 1_000);
+    wait_until(60, "a part of the backlog", || {
+        read_jsonl(&file).len() > 1_000
+    });
     c.batch_execute("SELECT pgtrickle.delete_relay('fwd')")
         .unwrap();
     r.wait_log("pipeline \"fwd\" disabled or deleted; stopped", 30);
@@ -157,7 +159,10 @@ fn relayed_on_a_busy_cluster(dir: &Path) -> PathBuf {
     c.execute(
         "SELECT pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb), \
                 pgtrickle.set_relay_outbox('grp', 'orders', 'workers', $2::text::jsonb)",
-        &[&file_sink(&dir.join("fwd.jsonl")), &file_sink(&dir.join("grp.jsonl"))],
+        &[
+            &file_sink(&dir.join("fwd.jsonl")),
+            &file_sink(&dir.join("grp.jsonl")),
+        ],
     )
     .unwrap();
     publish_each(&mut c, "orders", 0..5);
@@ -175,10 +180,7 @@ fn relayed_on_a_busy_cluster(dir: &Path) -> PathBuf {
 
 fn next_xid(c: &mut Client) -> u64 {
     let s: String = c
-        .query_one(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text",
-            &[],
-        )
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .unwrap()
         .get(0);
     s.parse().unwrap()
@@ -199,10 +201,13 @@ fn assert_all(dir: &Path, n: i64) {
 fn events_written_after_a_restore_into_a_new_cluster_are_all_delivered() {
     let dir = temp_dir("off_restore");
     let dump = relayed_on_a_busy_cluster(&dir);
-    let b = Pg::start();
+    let b = Pg::start_fresh();
     let url = b.restore("app", &dump);
     let mut c = b.client(&url);
-    assert!(next_xid(&mut c) < HIGH_XID, "the new cluster's xids are lower");
+    assert!(
+        next_xid(&mut c) < HIGH_XID,
+        "the new cluster's xids are lower"
+    );
     // The application writes first, the relay comes later.
     publish_each(&mut c, "orders", 5..8);
     let out = once(&url);
@@ -224,7 +229,7 @@ fn events_written_after_a_restore_into_a_new_cluster_are_all_delivered() {
 fn a_relay_started_on_a_restored_database_before_any_write_delivers_every_event() {
     let dir = temp_dir("off_restore_first");
     let dump = relayed_on_a_busy_cluster(&dir);
-    let b = Pg::start();
+    let b = Pg::start_fresh();
     let url = b.restore("app", &dump);
     // The relay comes first and keeps running; the application writes after.
     let r = Relay::spawn(relay(&url).args(["--poll-interval-ms", "200"]));
@@ -258,7 +263,10 @@ fn a_position_ahead_of_the_cluster_stops_the_pipeline_until_rebased() {
     c.execute(
         "SELECT pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb), \
                 pgtrickle.set_relay_outbox('grp', 'orders', 'workers', $2::text::jsonb)",
-        &[&file_sink(&dir.join("fwd.jsonl")), &file_sink(&dir.join("grp.jsonl"))],
+        &[
+            &file_sink(&dir.join("fwd.jsonl")),
+            &file_sink(&dir.join("grp.jsonl")),
+        ],
     )
     .unwrap();
     c.batch_execute(

@@ -22,7 +22,10 @@ fn timer_seconds(t: &str) -> f64 {
             rest = &rest[1..];
             continue;
         }
-        let unit: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+        let unit: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphabetic())
+            .collect();
         rest = &rest[unit.len()..];
         let v: f64 = num.parse().unwrap_or(0.0);
         num.clear();
@@ -68,7 +71,11 @@ fn relay_ports(pid: u32, pg_port: u16) -> BTreeSet<u16> {
         .filter_map(|e| {
             let l = std::fs::read_link(e.ok()?.path()).ok()?;
             let s = l.to_str()?;
-            Some(s.strip_prefix("socket:[")?.trim_end_matches(']').to_string())
+            Some(
+                s.strip_prefix("socket:[")?
+                    .trim_end_matches(']')
+                    .to_string(),
+            )
         })
         .collect();
     let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
@@ -86,28 +93,35 @@ fn relay_ports(pid: u32, pg_port: u16) -> BTreeSet<u16> {
 #[test]
 fn every_session_has_short_tcp_keepalives_on_both_ends() {
     let pg = Pg::shared();
-    let url = outbox_pipeline("ses_keepalive", &json!({"type": "stdout", "path": "/dev/null"}));
+    let url = outbox_pipeline(
+        "ses_keepalive",
+        &json!({"type": "stdout", "path": "/dev/null"}),
+    );
     let r = Relay::spawn(&mut relay(&url));
     r.wait_log("forwarding outbox", 20);
     let pid = r.child.id();
     // The coordinator's session and the pipeline's: both ends of each must
     // probe a silent peer within 10 s, not after the 2-hour default.
     let mut seen = String::new();
-    wait_until(20, "keepalive timers of at most 10 s on every relay session", || {
-        let ports = relay_ports(pid, pg.port);
-        let conns = tcp_connections();
-        let ends: Vec<(u16, u16, Option<f64>)> = conns
-            .iter()
-            .filter(|(l, p, _)| {
-                (*p == pg.port && ports.contains(l)) || (*l == pg.port && ports.contains(p))
-            })
-            .cloned()
-            .collect();
-        seen = format!("relay ports {ports:?}: {ends:?}");
-        ports.len() >= 2
-            && ends.len() == 2 * ports.len()
-            && ends.iter().all(|(_, _, k)| k.is_some_and(|s| s <= 10.0))
-    });
+    wait_until(
+        20,
+        "keepalive timers of at most 10 s on every relay session",
+        || {
+            let ports = relay_ports(pid, pg.port);
+            let conns = tcp_connections();
+            let ends: Vec<(u16, u16, Option<f64>)> = conns
+                .iter()
+                .filter(|(l, p, _)| {
+                    (*p == pg.port && ports.contains(l)) || (*l == pg.port && ports.contains(p))
+                })
+                .cloned()
+                .collect();
+            seen = format!("relay ports {ports:?}: {ends:?}");
+            ports.len() >= 2
+                && ends.len() == 2 * ports.len()
+                && ends.iter().all(|(_, _, k)| k.is_some_and(|s| s <= 10.0))
+        },
+    );
     eprintln!("{seen}");
 }
 
@@ -141,7 +155,9 @@ fn notifications_do_not_pile_up_while_a_backlog_is_worked_off() {
         read_jsonl(&file).len() < EVENTS,
         "the backlog was done before the notifications: the test proves nothing"
     );
-    wait_until(120, "the whole backlog", || read_jsonl(&file).len() >= EVENTS);
+    wait_until(120, "the whole backlog", || {
+        read_jsonl(&file).len() >= EVENTS
+    });
     let status = std::fs::read_to_string(format!("/proc/{}/status", r.child.id())).unwrap();
     let hwm_kb: u64 = status
         .lines()

@@ -218,6 +218,24 @@ impl Pg {
         pg
     }
 
+    /// Start a new private server from an `initdb` of its own: unlike the
+    /// copies of the shared template, it has a system identifier of its
+    /// own (`pg_control_system()`), as another cluster would.
+    pub fn start_fresh() -> Pg {
+        let mut pg = Pg::create(&[]);
+        let data = pg.dir.join("data");
+        std::fs::remove_dir_all(&data).unwrap();
+        let out = pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {out:?}");
+        pg.launch();
+        pg
+    }
+
     /// `pg_dump -Fc` of the database at `url` into a file of this test.
     pub fn dump(&self, url: &str) -> PathBuf {
         let file = temp_dir("dump").join("db.dump");
