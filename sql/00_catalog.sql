@@ -585,6 +585,7 @@ DECLARE
     v_next   xid8 := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
     v_stream text;
     v_fix    text;
+    v_ahead  xid8;
 BEGIN
     IF pgtrickle._outbox_cluster_sync() THEN
         action := 'rebased';
@@ -595,32 +596,41 @@ BEGIN
     END IF;
     SELECT x.* INTO o FROM pgtrickle.relay_consumer_offsets x
      WHERE x.relay_group_id = p_relay_group AND x.pipeline_id = p_pipeline;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF o.outbox IS NOT NULL AND o.outbox IS DISTINCT FROM p_outbox THEN
+    IF FOUND AND o.outbox IS NOT NULL AND o.outbox IS DISTINCT FROM p_outbox THEN
         DELETE FROM pgtrickle.relay_consumer_offsets x
          WHERE x.relay_group_id = p_relay_group AND x.pipeline_id = p_pipeline;
         action := 'reset';
-        detail := format('the committed position belonged to outbox %s: starting at the beginning of outbox %s',
-                         o.outbox, p_outbox);
+        detail := pg_catalog.format('the committed position belonged to outbox %s: starting at the beginning of outbox %s',
+                                    o.outbox, p_outbox);
         RETURN NEXT;
-        RETURN;
+        o := NULL;
     END IF;
-    IF o.last_txid IS NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_outbox))
+                      AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped) THEN
         RETURN;  -- an id-ordered outbox: transaction ids do not matter
     END IF;
     SELECT c.stream_table_name INTO v_stream FROM pgtrickle.pgt_outbox_config c
      WHERE c.outbox_table_name = p_outbox;
-    v_fix := format('SELECT pgtrickle.outbox_rebase(%L);', coalesce(v_stream, p_outbox));
-    IF o.system_identifier IS DISTINCT FROM v_sys AND o.system_identifier IS NOT NULL THEN
+    v_fix := pg_catalog.format('SELECT pgtrickle.outbox_rebase(%L);', coalesce(v_stream, p_outbox));
+    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', p_outbox)
+       INTO v_ahead USING v_next;
+    IF v_ahead IS NOT NULL THEN
         action := 'moved';
-        detail := format('pipeline %I: its committed position (txid %s, outbox id %s) was written on another '
+        detail := pg_catalog.format('pipeline %I: outbox %s holds rows with transaction ids ahead of this '
+                                    'PostgreSQL cluster''s next one %s (up to %s): they were written on '
+                                    'another cluster and would wait for years', p_pipeline, p_outbox,
+                                    v_next, v_ahead);
+    ELSIF o.last_txid IS NULL THEN
+        RETURN;  -- no position, or one by id only
+    ELSIF o.system_identifier IS DISTINCT FROM v_sys AND o.system_identifier IS NOT NULL THEN
+        action := 'moved';
+        detail := pg_catalog.format('pipeline %I: its committed position (txid %s, outbox id %s) was written on another '
                          'PostgreSQL cluster (system identifier %s; this one is %s)', p_pipeline,
                          o.last_txid, o.last_change_id, o.system_identifier, v_sys);
     ELSIF o.last_txid >= v_next THEN
         action := 'moved';
-        detail := format('pipeline %I: its committed position (txid %s, outbox id %s) is ahead of this '
+        detail := pg_catalog.format('pipeline %I: its committed position (txid %s, outbox id %s) is ahead of this '
                          'PostgreSQL cluster''s next transaction id %s: the database was restored or moved '
                          'from another cluster, or the position was set by hand', p_pipeline,
                          o.last_txid, o.last_change_id, v_next);

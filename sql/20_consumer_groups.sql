@@ -214,6 +214,7 @@ DECLARE
     v         record := pgtrickle._cg_lookup(p_group, 'poll_outbox');
     v_lease   pgtrickle.pgt_consumer_leases;
     v_horizon xid8;
+    v_next    xid8;
     v_txid    xid8;
     v_id      bigint;
     v_ids     bigint[];
@@ -236,13 +237,20 @@ BEGIN
 
     -- The horizon, taken before this transaction writes anything.
     v_horizon := pg_snapshot_xmin(pg_current_snapshot());
-    -- A watermark ahead of this cluster's transaction counter counts another
-    -- cluster's ids: new rows would sort before it and be skipped.
-    IF (v.grp).committed_txid >= pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) THEN
-        RAISE EXCEPTION 'poll_outbox: the position of consumer group "%" (txid %, outbox id %) is ahead of this PostgreSQL cluster''s next transaction id %: the database was restored or moved from another cluster, or the position was set by hand. Nothing was skipped: the group waits. Check that rows written since the move have higher outbox ids than the rows before it (pg_dump carries the id sequence over; after a logical-replication cutover set it with setval), then run: SELECT pgtrickle.outbox_rebase(%); (README: "Moving a database")',
-            p_group, (v.grp).committed_txid, (v.grp).committed_id,
-            pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()),
-            pg_catalog.quote_literal((v.grp).outbox_name)
+    -- A watermark or rows ahead of this cluster's transaction counter count
+    -- another cluster's ids: new rows would sort before the watermark and be
+    -- skipped, those rows would wait for years.
+    v_next := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
+    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', v.outbox_table)
+       INTO v_txid USING v_next;
+    IF (v.grp).committed_txid >= v_next OR v_txid IS NOT NULL THEN
+        RAISE EXCEPTION 'poll_outbox: %, ahead of this PostgreSQL cluster''s next transaction id %: the database was restored or moved from another cluster, or the position was set by hand. Nothing was skipped: the group waits. Check that rows written since the move have higher outbox ids than the rows before it (pg_dump carries the id sequence over; after a logical-replication cutover set it with setval), then run: SELECT pgtrickle.outbox_rebase(%); (README: "Moving a database")',
+            CASE WHEN v_txid IS NOT NULL
+                 THEN pg_catalog.format('outbox %s holds rows with transaction ids up to %s', v.outbox_table, v_txid)
+                 ELSE pg_catalog.format('the position of consumer group "%s" is txid %s, outbox id %s',
+                                        p_group, (v.grp).committed_txid, (v.grp).committed_id)
+            END,
+            v_next, pg_catalog.quote_literal((v.grp).outbox_name)
             USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
 

@@ -295,3 +295,111 @@ fn a_position_ahead_of_the_cluster_stops_the_pipeline_until_rebased() {
         assert_eq!(ns(&dir.join(f)), vec![0, 1, 2], "{f}");
     }
 }
+
+#[test]
+fn a_restore_into_a_clone_of_the_old_cluster_stops_until_rebased() {
+    // The harness's clusters are copies of one initdb, so this one has the
+    // old cluster's system identifier: nothing tells that the database
+    // moved but its transaction ids. Every pipeline stops with the command
+    // to run, a pipeline made after the restore too, and after it every
+    // event arrives.
+    let dir = temp_dir("off_clone");
+    let dump = relayed_on_a_busy_cluster(&dir);
+    let b = Pg::start();
+    let url = b.restore("app", &dump);
+    let mut c = b.client(&url);
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('late', 'orders', 'default', $1::text::jsonb)",
+        &[&file_sink(&dir.join("late.jsonl"))],
+    )
+    .unwrap();
+    publish_each(&mut c, "orders", 5..8);
+    for p in ["fwd", "grp", "late"] {
+        let out = relay(&url)
+            .args(["--once", "--pipeline", p])
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{p}: --once must fail: {log}");
+        assert!(
+            log.contains("ahead of this PostgreSQL cluster")
+                && log.contains("SELECT pgtrickle.outbox_rebase('orders')"),
+            "{p}: the error says why and what to run: {log}"
+        );
+    }
+    c.batch_execute("SELECT pgtrickle.outbox_rebase('orders')")
+        .unwrap();
+    assert_ok(&once(&url));
+    assert_all(&dir, 8);
+    assert_eq!(ns(&dir.join("late.jsonl")), (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_rebase_never_moves_a_position_past_an_undelivered_row() {
+    // Out of id order: row 1 is written by the later transaction, so a
+    // position after row 2 (by txid) has not delivered row 1 yet.
+    let pg = Pg::shared();
+    let url = pg.new_db("off_rebase_order");
+    let mut c = pg.client(&url);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('o');
+         SELECT pgtrickle.set_relay_outbox('p', 'o', 'default', '{\"type\":\"stdout\"}');
+         SELECT pgtrickle.create_consumer_group('g', 'o', 'earliest');",
+    )
+    .unwrap();
+    let mut early = pg.client(&url);
+    let mut late = pg.client(&url);
+    early
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .unwrap();
+    late.batch_execute(
+        "BEGIN; SELECT pg_current_xact_id(); SELECT pgtrickle.outbox_publish('o', '{\"n\": 1}');",
+    )
+    .unwrap();
+    early
+        .batch_execute("SELECT pgtrickle.outbox_publish('o', '{\"n\": 2}'); COMMIT;")
+        .unwrap();
+    late.batch_execute("COMMIT").unwrap();
+    let first: String = c
+        .query_one(
+            "SELECT txid::text FROM pgtrickle.outbox_o WHERE id = 2",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    c.execute(
+        "SELECT pgtrickle.relay_commit_offset('default', 'p', 2, $1, 'w')",
+        &[&first],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE pgtrickle.pgt_consumer_groups SET committed_txid = $1::text::xid8, committed_id = 2",
+        &[&first],
+    )
+    .unwrap();
+    c.batch_execute("SELECT pgtrickle.outbox_rebase('o')")
+        .unwrap();
+    let pos: (String, i64) = c
+        .query_one(
+            "SELECT last_txid::text, last_change_id FROM pgtrickle.relay_consumer_offsets",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(pos, ("2".to_string(), 0), "row 1 is read again");
+    let wm: (String, i64) = c
+        .query_one(
+            "SELECT committed_txid::text, committed_id FROM pgtrickle.pgt_consumer_groups",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(wm, ("2".to_string(), 0));
+    let txids: Vec<String> = c
+        .query("SELECT txid::text FROM pgtrickle.outbox_o ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(txids, vec!["2", "2"]);
+}
