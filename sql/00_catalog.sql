@@ -134,6 +134,12 @@ CREATE TABLE IF NOT EXISTS pgtrickle.relay_consumer_offsets (
 -- to the pg_trickle extension: it is nullable and the relay's offset functions
 -- below need it.
 ALTER TABLE pgtrickle.relay_consumer_offsets ADD COLUMN IF NOT EXISTS last_txid xid8;
+-- The outbox table the position belongs to (a position is meaningless in
+-- another outbox), and the PostgreSQL cluster whose transaction ids last_txid
+-- counts (pg_control_system().system_identifier): after a dump and restore or
+-- a logical-replication cutover the new cluster counts from elsewhere.
+ALTER TABLE pgtrickle.relay_consumer_offsets ADD COLUMN IF NOT EXISTS outbox TEXT;
+ALTER TABLE pgtrickle.relay_consumer_offsets ADD COLUMN IF NOT EXISTS system_identifier BIGINT;
 
 -- Tell running relays which pipeline changed (they reload just that one).
 CALL pgtrickle._kit_define('function', '_relay_config_notify', $ddl$
@@ -198,6 +204,25 @@ $ddl$);
 -- Pipeline management (administrators only: no EXECUTE for PUBLIC)
 -- ---------------------------------------------------------------------------
 
+-- The table of outbox p_outbox (a stream name or an outbox table name), as
+-- relay_outbox_info resolves it; p_outbox itself when it does not resolve
+-- (not created yet).
+CALL pgtrickle._kit_define('function', '_relay_outbox_table', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._relay_outbox_table(p_outbox TEXT)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    RETURN (SELECT i.outbox_table FROM pgtrickle.relay_outbox_info(p_outbox) i);
+EXCEPTION WHEN no_data_found OR undefined_table THEN
+    RETURN p_outbox;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._relay_outbox_table(TEXT) FROM PUBLIC;
+$ddl$);
+
 -- Create or update a forward pipeline: outbox p_outbox -> sink p_sink.
 CALL pgtrickle._kit_define('function', 'set_relay_outbox', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle.set_relay_outbox(
@@ -209,7 +234,8 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
-    v_config jsonb;
+    v_config     jsonb;
+    v_old_outbox text;
 BEGIN
     IF p_name IS NULL OR btrim(p_name) = '' THEN
         RAISE EXCEPTION 'set_relay_outbox: p_name must be a non-empty pipeline name'
@@ -248,6 +274,15 @@ BEGIN
                                      'retention_hours', p_retention_hours),
         'sink_type', p_sink ->> 'type',
         'sink', p_sink);
+
+    -- Another outbox: the pipeline starts at its beginning. A position in
+    -- one outbox means nothing in another (it would skip rows).
+    SELECT c.config -> 'source' ->> 'outbox' INTO v_old_outbox
+      FROM pgtrickle.relay_outbox_config c WHERE c.name = p_name;
+    IF v_old_outbox IS NOT NULL
+       AND pgtrickle._relay_outbox_table(v_old_outbox) IS DISTINCT FROM pgtrickle._relay_outbox_table(p_outbox) THEN
+        DELETE FROM pgtrickle.relay_consumer_offsets o WHERE o.pipeline_id = p_name;
+    END IF;
 
     -- An unchanged pipeline is not rewritten, so relays are not told to restart it.
     INSERT INTO pgtrickle.relay_outbox_config AS c (name, enabled, config)
@@ -479,16 +514,25 @@ REVOKE EXECUTE ON FUNCTION pgtrickle.relay_get_offset(TEXT, TEXT) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgtrickle.relay_get_offset(TEXT, TEXT) TO pgtrickle_relay;
 $ddl$);
 
--- Record a forward pipeline's position (after the sink acknowledged everything before it).
+-- Record a forward pipeline's position (after the sink acknowledged everything
+-- before it): true when recorded. False, recording nothing, when the pipeline
+-- no longer exists as a forward pipeline, or (p_config given) its configuration
+-- is no longer p_config: a relay stopping a pipeline that was just deleted or
+-- changed must not write its position back (a deleted pipeline would get its
+-- offset again; one moved to another outbox would resume at a position of the
+-- old one). p_outbox is the outbox table the position belongs to.
 CALL pgtrickle._kit_define('function', 'relay_commit_offset', $ddl$
+DROP FUNCTION IF EXISTS pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT);
 CREATE OR REPLACE FUNCTION pgtrickle.relay_commit_offset(
     p_relay_group TEXT, p_pipeline TEXT, p_last_change_id BIGINT,
-    p_last_txid TEXT, p_worker_id TEXT)
-RETURNS void
+    p_last_txid TEXT, p_worker_id TEXT, p_outbox TEXT DEFAULT NULL, p_config JSONB DEFAULT NULL)
+RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
+DECLARE
+    v_config jsonb;
 BEGIN
     IF p_relay_group IS NULL OR p_relay_group = '' OR p_pipeline IS NULL OR p_pipeline = '' THEN
         RAISE EXCEPTION 'relay_commit_offset: p_relay_group and p_pipeline must be non-empty'
@@ -498,18 +542,118 @@ BEGIN
         RAISE EXCEPTION 'relay_commit_offset: p_last_change_id must not be NULL'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- FOR SHARE: a concurrent delete_relay or set_relay_outbox either comes
+    -- first (and this commit is refused) or waits for it (and then deletes
+    -- what it wrote).
+    SELECT c.config INTO v_config
+      FROM pgtrickle.relay_outbox_config c WHERE c.name = p_pipeline
+       FOR SHARE;
+    IF NOT FOUND OR (p_config IS NOT NULL AND v_config IS DISTINCT FROM p_config) THEN
+        RETURN false;
+    END IF;
     INSERT INTO pgtrickle.relay_consumer_offsets AS o
-           (relay_group_id, pipeline_id, last_change_id, last_txid, worker_id, updated_at)
-    VALUES (p_relay_group, p_pipeline, p_last_change_id, p_last_txid::xid8, p_worker_id, now())
+           (relay_group_id, pipeline_id, last_change_id, last_txid, worker_id, updated_at,
+            outbox, system_identifier)
+    VALUES (p_relay_group, p_pipeline, p_last_change_id, p_last_txid::xid8, p_worker_id, now(),
+            p_outbox, (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s))
     ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
-        SET last_change_id = EXCLUDED.last_change_id,
-            last_txid      = EXCLUDED.last_txid,
-            worker_id      = EXCLUDED.worker_id,
-            updated_at     = EXCLUDED.updated_at;
+        SET last_change_id    = EXCLUDED.last_change_id,
+            last_txid         = EXCLUDED.last_txid,
+            worker_id         = EXCLUDED.worker_id,
+            updated_at        = EXCLUDED.updated_at,
+            outbox            = coalesce(EXCLUDED.outbox, o.outbox),
+            system_identifier = EXCLUDED.system_identifier;
+    RETURN true;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT) TO pgtrickle_relay;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT, TEXT, JSONB) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT, TEXT, JSONB) TO pgtrickle_relay;
+$ddl$);
+
+-- Called by the relay before it loads a forward pipeline's position in
+-- outbox table p_outbox. One row when there is something to say:
+--   'rebased': this database moved to another cluster and nothing had been
+--              written since; every position was rebased (see outbox_rebase);
+--   'reset':   the position belonged to another outbox: deleted, the pipeline
+--              starts at the beginning of p_outbox;
+--   'moved':   the position counts transaction ids of another cluster (or is
+--              ahead of this one's) and no rule tells which rows are new: the
+--              pipeline must wait for an operator (detail says what to run).
+CALL pgtrickle._kit_define('function', 'relay_check_offset', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_check_offset(
+    p_relay_group TEXT, p_pipeline TEXT, p_outbox TEXT)
+RETURNS TABLE(action TEXT, detail TEXT)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    o        pgtrickle.relay_consumer_offsets;
+    v_sys    bigint := (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s);
+    v_next   xid8 := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
+    v_stream text;
+    v_fix    text;
+    v_ahead  xid8;
+BEGIN
+    IF pgtrickle._outbox_cluster_sync() THEN
+        action := 'rebased';
+        detail := 'this database was moved to another PostgreSQL cluster (its system identifier changed) '
+               || 'and nothing was written to an outbox since: every position was rebased; the last '
+               || 'events before the move may be sent again, with the same dedup keys';
+        RETURN NEXT;
+    END IF;
+    SELECT x.* INTO o FROM pgtrickle.relay_consumer_offsets x
+     WHERE x.relay_group_id = p_relay_group AND x.pipeline_id = p_pipeline;
+    IF FOUND AND o.outbox IS NOT NULL AND o.outbox IS DISTINCT FROM p_outbox THEN
+        DELETE FROM pgtrickle.relay_consumer_offsets x
+         WHERE x.relay_group_id = p_relay_group AND x.pipeline_id = p_pipeline;
+        action := 'reset';
+        detail := pg_catalog.format('the committed position belonged to outbox %s: starting at the beginning of outbox %s',
+                                    o.outbox, p_outbox);
+        RETURN NEXT;
+        o := NULL;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_outbox))
+                      AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RETURN;  -- an id-ordered outbox: transaction ids do not matter
+    END IF;
+    SELECT c.stream_table_name INTO v_stream FROM pgtrickle.pgt_outbox_config c
+     WHERE c.outbox_table_name = p_outbox;
+    v_fix := pg_catalog.format('SELECT pgtrickle.outbox_rebase(%L);', coalesce(v_stream, p_outbox));
+    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', p_outbox)
+       INTO v_ahead USING v_next;
+    IF v_ahead IS NOT NULL THEN
+        action := 'moved';
+        detail := pg_catalog.format('pipeline %I: outbox %s holds rows with transaction ids ahead of this '
+                                    'PostgreSQL cluster''s next one %s (up to %s): they were written on '
+                                    'another cluster and would wait for years', p_pipeline, p_outbox,
+                                    v_next, v_ahead);
+    ELSIF o.last_txid IS NULL THEN
+        RETURN;  -- no position, or one by id only
+    ELSIF o.system_identifier IS DISTINCT FROM v_sys AND o.system_identifier IS NOT NULL THEN
+        action := 'moved';
+        detail := pg_catalog.format('pipeline %I: its committed position (txid %s, outbox id %s) was written on another '
+                         'PostgreSQL cluster (system identifier %s; this one is %s)', p_pipeline,
+                         o.last_txid, o.last_change_id, o.system_identifier, v_sys);
+    ELSIF o.last_txid >= v_next THEN
+        action := 'moved';
+        detail := pg_catalog.format('pipeline %I: its committed position (txid %s, outbox id %s) is ahead of this '
+                         'PostgreSQL cluster''s next transaction id %s: the database was restored or moved '
+                         'from another cluster, or the position was set by hand', p_pipeline,
+                         o.last_txid, o.last_change_id, v_next);
+    ELSE
+        RETURN;
+    END IF;
+    detail := detail || '. Nothing was skipped: the pipeline waits. Check that rows written since the '
+           || 'move have higher outbox ids than the rows before it (pg_dump carries the id sequence '
+           || 'over; after a logical-replication cutover set it with setval), then run: ' || v_fix
+           || ' (README: "Moving a database")';
+    RETURN NEXT;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_check_offset(TEXT, TEXT, TEXT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_check_offset(TEXT, TEXT, TEXT) TO pgtrickle_relay;
 $ddl$);
 
 -- ---------------------------------------------------------------------------

@@ -28,6 +28,23 @@ CALL pgtrickle._kit_define('relation', 'pgt_outbox_config', $ddl$
 GRANT SELECT ON pgtrickle.pgt_outbox_config TO pgtrickle_relay;
 $ddl$);
 
+-- The PostgreSQL cluster whose transaction ids the txid columns of the kit
+-- outboxes (and every position in them) count: its
+-- pg_control_system().system_identifier. A dump restored into another
+-- cluster, or a logical-replication cutover, brings rows and positions with
+-- txids of the old cluster into one that counts from elsewhere (often lower:
+-- new rows would sort before positions already committed). The first write to
+-- a kit outbox there, or the first relay, finds another identifier here and
+-- rebases every kit outbox and every position in it first
+-- (_outbox_cluster_sync). A physical standby keeps the identifier and the ids.
+CREATE TABLE IF NOT EXISTS pgtrickle.outbox_cluster (
+    singleton         BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+    system_identifier BIGINT NOT NULL
+);
+INSERT INTO pgtrickle.outbox_cluster (system_identifier)
+SELECT s.system_identifier FROM pg_catalog.pg_control_system() s
+ON CONFLICT DO NOTHING;
+
 -- ---------------------------------------------------------------------------
 -- Internal helpers
 -- ---------------------------------------------------------------------------
@@ -141,6 +158,145 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_consumed_sql(TEXT, TEXT, BOOLEAN, BOOLEAN) FROM PUBLIC;
 $ddl$);
 
+-- Rebase kit outbox p_table (of outbox p_stream) after its rows' txids stopped
+-- meaning anything in this cluster: every row gets txid 2 (frozen; below every
+-- transaction this cluster will run), so rows are ordered by id, before every
+-- later write. Every position in it, relay pipelines' and consumer groups',
+-- moves to txid 2 and the highest id up to which every row was delivered by
+-- its old (txid, id) order, never past its own id: a row delivered before the
+-- move may go out again (same dedup key), none is skipped. Consumer-group
+-- leases are dropped (their batches are polled again). Every row present must
+-- predate the move, or have a higher id than each row before it.
+CALL pgtrickle._kit_define('function', '_outbox_rebase_table', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_rebase_table(p_stream TEXT, p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_sys   bigint := (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s);
+    -- The first row not yet delivered by a position ($1, $2).
+    v_first text := pg_catalog.format(
+        'SELECT min(id) FROM pgtrickle.%I WHERE (txid, id) > ($1, $2)', p_table);
+    r       record;
+    k       record;
+    v_min   bigint;
+BEGIN
+    -- Writers wait (readers do not) until the rows and positions agree again.
+    EXECUTE pg_catalog.format('LOCK TABLE pgtrickle.%I IN SHARE ROW EXCLUSIVE MODE', p_table);
+
+    FOR r IN SELECT o.relay_group_id, o.pipeline_id, o.last_txid, o.last_change_id
+               FROM pgtrickle.relay_consumer_offsets o
+              WHERE o.outbox = p_table
+                 OR (o.outbox IS NULL AND EXISTS (
+                        SELECT 1 FROM pgtrickle.relay_outbox_config c
+                         WHERE c.name = o.pipeline_id
+                           AND c.config -> 'source' ->> 'outbox' IN (p_stream, p_table)))
+                FOR UPDATE
+    LOOP
+        EXECUTE v_first INTO v_min
+          USING coalesce(r.last_txid, '0'::xid8), coalesce(r.last_change_id, 0);
+        UPDATE pgtrickle.relay_consumer_offsets o
+           SET last_txid = '2', outbox = p_table, system_identifier = v_sys,
+               last_change_id = least(coalesce(r.last_change_id, 0), v_min - 1)
+         WHERE o.relay_group_id = r.relay_group_id AND o.pipeline_id = r.pipeline_id;
+    END LOOP;
+
+    FOR r IN SELECT g.group_name, g.committed_txid, g.committed_id
+               FROM pgtrickle.pgt_consumer_groups g
+              WHERE g.outbox_name IN (p_stream, p_table)
+                FOR UPDATE
+    LOOP
+        EXECUTE v_first INTO v_min USING r.committed_txid, r.committed_id;
+        UPDATE pgtrickle.pgt_consumer_groups g
+           SET committed_txid = '2', committed_id = least(r.committed_id, v_min - 1)
+         WHERE g.group_name = r.group_name;
+        DELETE FROM pgtrickle.pgt_consumer_leases l WHERE l.group_name = r.group_name;
+        FOR k IN SELECT o.consumer_id, o.committed_txid, o.committed_offset
+                   FROM pgtrickle.pgt_consumer_offsets o
+                  WHERE o.group_name = r.group_name AND o.committed_txid IS NOT NULL
+        LOOP
+            EXECUTE v_first INTO v_min USING k.committed_txid, k.committed_offset;
+            UPDATE pgtrickle.pgt_consumer_offsets o
+               SET committed_txid = '2', committed_offset = least(k.committed_offset, v_min - 1)
+             WHERE o.group_name = r.group_name AND o.consumer_id = k.consumer_id;
+        END LOOP;
+    END LOOP;
+
+    EXECUTE pg_catalog.format('UPDATE pgtrickle.%I SET txid = ''2'' WHERE txid <> ''2''', p_table);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_rebase_table(TEXT, TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Bring the kit outboxes in line with the cluster they are in: when
+-- outbox_cluster names another cluster (the database was restored or cut over
+-- into this one), rebase every kit outbox and record this cluster. Callers make
+-- sure nothing was written to an outbox here before (the outboxes' insert
+-- trigger calls this first; so do the relay and poll_outbox), so every row
+-- present predates the move. True when it rebased.
+CALL pgtrickle._kit_define('function', '_outbox_cluster_sync', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_sync()
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_sys bigint := (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s);
+    v_was bigint;
+    c     record;
+BEGIN
+    SELECT k.system_identifier INTO v_was FROM pgtrickle.outbox_cluster k;
+    IF v_was = v_sys THEN
+        RETURN false;
+    END IF;
+    -- One session rebases; the others wait here and then find it done.
+    INSERT INTO pgtrickle.outbox_cluster (system_identifier) VALUES (0) ON CONFLICT DO NOTHING;
+    SELECT k.system_identifier INTO v_was FROM pgtrickle.outbox_cluster k FOR UPDATE;
+    IF v_was = v_sys THEN
+        RETURN false;
+    END IF;
+    FOR c IN SELECT o.stream_table_name, o.outbox_table_name
+               FROM pgtrickle.pgt_outbox_config o
+              WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = pg_catalog.to_regclass(
+                                       pg_catalog.format('pgtrickle.%I', o.outbox_table_name))
+                               AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped)
+              ORDER BY o.stream_table_name
+    LOOP
+        PERFORM pgtrickle._outbox_rebase_table(c.stream_table_name, c.outbox_table_name);
+    END LOOP;
+    UPDATE pgtrickle.outbox_cluster SET system_identifier = v_sys;
+    RAISE LOG 'pgtrickle: this database moved from PostgreSQL cluster % to %: kit outboxes and their positions rebased',
+        v_was, v_sys;
+    RETURN true;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_sync() FROM PUBLIC;
+$ddl$);
+
+-- Statement-level BEFORE INSERT trigger on every kit outbox: the first write
+-- of a session makes sure (once) that the outboxes belong to this cluster.
+CALL pgtrickle._kit_define('function', '_outbox_cluster_check', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_check()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('pgtrickle_relay.outbox_cluster_checked', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pgtrickle._outbox_cluster_sync();
+        PERFORM pg_catalog.set_config('pgtrickle_relay.outbox_cluster_checked', 'on', false);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_check() FROM PUBLIC;
+$ddl$);
+
 -- Statement-level trigger on every kit outbox: wake up the relays.
 CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
@@ -161,8 +317,15 @@ $ddl$);
 -- ---------------------------------------------------------------------------
 
 -- Create outbox p_name (or update its retention); returns the outbox table name.
+-- p_notify: whether each insert sends pg_notify('pgtrickle_outbox_new', <table>)
+-- (the default for a new outbox; NULL keeps what an existing outbox has).
+-- A transaction that ran NOTIFY cannot PREPARE TRANSACTION: outboxes written by
+-- two-phase-commit (XA) transactions need p_notify => false, and relays then
+-- poll them every 100 ms instead of waiting for a notification.
 CALL pgtrickle._kit_define('function', 'enable_outbox', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(p_name TEXT, p_retention_hours INT DEFAULT 24)
+DROP FUNCTION IF EXISTS pgtrickle.enable_outbox(TEXT, INT);
+CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(
+    p_name TEXT, p_retention_hours INT DEFAULT 24, p_notify BOOLEAN DEFAULT NULL)
 RETURNS TEXT
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -174,8 +337,11 @@ DECLARE
     v_delta  text;
     v_view   text;
     v_rel    text;
+    v_new    boolean := false;
+    v_oid    oid;
+    v_notify boolean;
 BEGIN
-    IF p_name IS NULL OR btrim(p_name) = '' THEN
+    IF p_name IS NULL OR pg_catalog.btrim(p_name) = '' THEN
         RAISE EXCEPTION 'enable_outbox: p_name must be a non-empty outbox name'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -192,17 +358,18 @@ BEGIN
         UPDATE pgtrickle.pgt_outbox_config SET retention_hours = p_retention_hours
          WHERE stream_table_name = p_name;
     ELSE
+        v_new := true;
         v_outbox := pgtrickle._kit_ident('outbox_' || p_name);
         IF EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config c WHERE c.outbox_table_name = v_outbox) THEN
-            RAISE EXCEPTION 'enable_outbox: table name pgtrickle.% is already used by another outbox', quote_ident(v_outbox)
+            RAISE EXCEPTION 'enable_outbox: table name pgtrickle.% is already used by another outbox', pg_catalog.quote_ident(v_outbox)
                 USING ERRCODE = 'duplicate_table';
         END IF;
         FOREACH v_rel IN ARRAY ARRAY[v_outbox,
                                      pgtrickle._kit_ident('outbox_delta_rows_' || p_name),
                                      pgtrickle._kit_ident('pgt_outbox_latest_' || p_name)]
         LOOP
-            IF to_regclass(format('pgtrickle.%I', v_rel)) IS NOT NULL THEN
-                RAISE EXCEPTION 'enable_outbox: pgtrickle.% already exists and does not belong to an outbox; drop or rename it first', quote_ident(v_rel)
+            IF pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_rel)) IS NOT NULL THEN
+                RAISE EXCEPTION 'enable_outbox: pgtrickle.% already exists and does not belong to an outbox; drop or rename it first', pg_catalog.quote_ident(v_rel)
                     USING ERRCODE = 'duplicate_table';
             END IF;
         END LOOP;
@@ -214,7 +381,7 @@ BEGIN
     v_view  := pgtrickle._kit_ident('pgt_outbox_latest_' || p_name);
 
     -- Everything IF NOT EXISTS: a second call repairs what is missing.
-    EXECUTE format($sql$
+    EXECUTE pg_catalog.format($sql$
         CREATE TABLE IF NOT EXISTS pgtrickle.%I (
             id             BIGSERIAL PRIMARY KEY,
             pgt_id         UUID,
@@ -224,15 +391,16 @@ BEGIN
             deleted_count  INT,
             is_claim_check BOOLEAN DEFAULT false,
             payload        JSONB,
-            txid           xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            txid           xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
             headers        JSONB
         )$sql$, v_outbox);
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
+    v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_outbox));
+    EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
                    pgtrickle._kit_ident(v_outbox || '_created_at_idx'), v_outbox);
     -- The relay's read path: WHERE (txid, id) > (...) AND txid < horizon ORDER BY txid, id.
-    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (txid, id)',
+    EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (txid, id)',
                    pgtrickle._kit_ident(v_outbox || '_txid_id_idx'), v_outbox);
-    EXECUTE format($sql$
+    EXECUTE pg_catalog.format($sql$
         CREATE TABLE IF NOT EXISTS pgtrickle.%I (
             outbox_id BIGINT NOT NULL REFERENCES pgtrickle.%I (id) ON DELETE CASCADE,
             row_num   INT NOT NULL,
@@ -240,21 +408,64 @@ BEGIN
             payload   JSONB,
             PRIMARY KEY (outbox_id, row_num)
         )$sql$, v_delta, v_outbox);
-    EXECUTE format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
+    EXECUTE pg_catalog.format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                    WHERE t.tgrelid = format('pgtrickle.%I', v_outbox)::regclass
-                      AND t.tgname = 'pgtrickle_outbox_notify') THEN
-        EXECUTE format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
+    PERFORM pgtrickle._outbox_cluster_trigger(v_outbox);
+    v_notify := coalesce(p_notify, v_new OR EXISTS (
+        SELECT 1 FROM pg_catalog.pg_trigger t
+         WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
+    IF NOT v_notify THEN
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', v_outbox);
+    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                       WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
+        EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
                         FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify()', v_outbox);
     END IF;
-    EXECUTE format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
+    EXECUTE pg_catalog.format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
                    v_outbox, v_delta, v_view);
     RETURN v_outbox;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.enable_outbox(TEXT, INT) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pgtrickle.enable_outbox(TEXT, INT, BOOLEAN) FROM PUBLIC;
 $ddl$);
+
+-- Give kit outbox table p_table its BEFORE INSERT trigger that checks the
+-- cluster (see outbox_cluster), unless it has it.
+CALL pgtrickle._kit_define('function', '_outbox_cluster_trigger', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_trigger(p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table))
+                      AND t.tgname = 'pgtrickle_outbox_cluster') THEN
+        EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.%I
+                        FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check()', p_table);
+    END IF;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_trigger(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Kit outboxes made before the cluster check existed get its trigger.
+DO $$
+DECLARE
+    c record;
+BEGIN
+    FOR c IN SELECT o.outbox_table_name FROM pgtrickle.pgt_outbox_config o
+              WHERE o.stream_table_oid IS NULL
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = pg_catalog.to_regclass(
+                                       pg_catalog.format('pgtrickle.%I', o.outbox_table_name))
+                               AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped)
+    LOOP
+        PERFORM pgtrickle._outbox_cluster_trigger(c.outbox_table_name);
+    END LOOP;
+END
+$$;
 
 -- Drop outbox p_name: its tables, view, configuration and consumer groups.
 CALL pgtrickle._kit_define('function', 'disable_outbox', $ddl$
@@ -482,9 +693,12 @@ $ddl$);
 
 -- How the relay finds an outbox's tables: p_outbox is a stream name or an
 -- outbox table name, from pgt_outbox_config or else from the tables present.
+-- notifies: inserts send pg_notify (false for a kit outbox made with
+-- p_notify => false: the relay polls it).
 CALL pgtrickle._kit_define('function', 'relay_outbox_info', $ddl$
+DROP FUNCTION IF EXISTS pgtrickle.relay_outbox_info(TEXT);
 CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
-RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN)
+RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
@@ -493,29 +707,31 @@ DECLARE
     v_stream text;
     v_table  text;
     v_oid    oid;
+    v_kit    boolean := false;
 BEGIN
-    SELECT c.stream_table_name, c.outbox_table_name INTO v_stream, v_table
+    SELECT c.stream_table_name, c.outbox_table_name, c.stream_table_oid IS NULL
+      INTO v_stream, v_table, v_kit
       FROM pgtrickle.pgt_outbox_config c
      WHERE c.stream_table_name = p_outbox OR c.outbox_table_name = p_outbox
      ORDER BY (c.stream_table_name = p_outbox) DESC LIMIT 1;
     IF FOUND THEN
-        v_oid := to_regclass(format('pgtrickle.%I', v_table));
+        v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_table));
         IF v_oid IS NULL THEN
             RAISE EXCEPTION 'outbox "%" is registered in pgtrickle.pgt_outbox_config but its table pgtrickle.% is missing',
-                p_outbox, quote_ident(v_table)
+                p_outbox, pg_catalog.quote_ident(v_table)
                 USING ERRCODE = 'undefined_table';
         END IF;
-    ELSIF p_outbox LIKE 'outbox\_%' AND to_regclass(format('pgtrickle.%I', p_outbox)) IS NOT NULL THEN
+    ELSIF p_outbox LIKE 'outbox\_%' AND pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_outbox)) IS NOT NULL THEN
         v_table := p_outbox;
-        v_stream := substr(p_outbox, 8);
-        v_oid := to_regclass(format('pgtrickle.%I', p_outbox));
-    ELSIF to_regclass(format('pgtrickle.%I', pgtrickle._kit_ident('outbox_' || p_outbox))) IS NOT NULL THEN
+        v_stream := pg_catalog.substr(p_outbox, 8);
+        v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_outbox));
+    ELSIF pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', pgtrickle._kit_ident('outbox_' || p_outbox))) IS NOT NULL THEN
         v_table := pgtrickle._kit_ident('outbox_' || p_outbox);
         v_stream := p_outbox;
-        v_oid := to_regclass(format('pgtrickle.%I', v_table));
+        v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_table));
     ELSE
         RAISE EXCEPTION 'outbox "%" not found: no pgtrickle.pgt_outbox_config row and no table pgtrickle.outbox_% (create it with pgtrickle.enable_outbox(%))',
-            p_outbox, p_outbox, quote_literal(coalesce(p_outbox, ''))
+            p_outbox, p_outbox, pg_catalog.quote_literal(coalesce(p_outbox, ''))
             USING ERRCODE = 'no_data_found';
     END IF;
 
@@ -526,17 +742,68 @@ BEGIN
       FROM pg_catalog.pg_constraint k
       JOIN pg_catalog.pg_class r ON r.oid = k.conrelid
      WHERE k.contype = 'f' AND k.confrelid = v_oid
-       AND r.relnamespace = 'pgtrickle'::regnamespace
+       AND r.relnamespace = 'pgtrickle'::pg_catalog.regnamespace
      ORDER BY (r.relname LIKE 'outbox\_delta\_rows\_%') DESC, r.relname
      LIMIT 1;
     has_txid := EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                          WHERE a.attrelid = v_oid AND a.attname = 'txid'
                            AND a.attnum > 0 AND NOT a.attisdropped);
+    -- pg_trickle notifies for its own outboxes; the kit by its trigger.
+    notifies := NOT coalesce(v_kit, false)
+                OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                            WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify');
     RETURN NEXT;
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle.relay_outbox_info(TEXT) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgtrickle.relay_outbox_info(TEXT) TO pgtrickle_relay;
+$ddl$);
+
+-- After moving this database to another cluster when nothing proves which
+-- outbox rows came before the move (the relay says so and names this call):
+-- rebase outbox p_outbox (see _outbox_rebase_table). Rows written since the
+-- move must have higher ids than the rows before it: pg_dump carries the id
+-- sequence over; after a logical-replication cutover set it with setval. The
+-- relays reading the outbox must be stopped: a pipeline whose lock stays held
+-- for 10 s makes it fail, changing nothing.
+CALL pgtrickle._kit_define('function', 'outbox_rebase', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_rebase(p_outbox TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+SET lock_timeout = '10s'
+AS $fn$
+DECLARE
+    v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_rebase');
+    r     record;
+BEGIN
+    IF NOT (SELECT i.has_txid FROM pgtrickle.relay_outbox_info(v_cfg.stream_table_name) i) THEN
+        RAISE EXCEPTION 'outbox_rebase: outbox "%" has no txid column: it is read by id and needs no rebase', p_outbox
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    PERFORM pgtrickle._outbox_cluster_sync();
+    -- A running relay keeps its position in memory: it must not run on.
+    FOR r IN SELECT o.relay_group_id, o.pipeline_id FROM pgtrickle.relay_consumer_offsets o
+              WHERE o.outbox = v_cfg.outbox_table_name
+                 OR (o.outbox IS NULL AND EXISTS (
+                        SELECT 1 FROM pgtrickle.relay_outbox_config c
+                         WHERE c.name = o.pipeline_id
+                           AND c.config -> 'source' ->> 'outbox' IN (v_cfg.stream_table_name, v_cfg.outbox_table_name)))
+    LOOP
+        BEGIN
+            PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+                pg_catalog.format('pgtrickle-relay/%s/%s', r.relay_group_id, r.pipeline_id), 0));
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION 'outbox_rebase: pipeline "%" of relay group "%" is running: stop the relays reading outbox "%", then run this again',
+                r.pipeline_id, r.relay_group_id, p_outbox
+                USING ERRCODE = 'lock_not_available';
+        END;
+    END LOOP;
+    PERFORM pgtrickle._outbox_rebase_table(v_cfg.stream_table_name, v_cfg.outbox_table_name);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_rebase(TEXT) FROM PUBLIC;
 $ddl$);
 
 -- ---------------------------------------------------------------------------

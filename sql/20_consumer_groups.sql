@@ -208,9 +208,13 @@ SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 #variable_conflict use_column
 DECLARE
+    -- First: the outboxes and this group's position belong to this cluster
+    -- (a restored or cut-over database is rebased before anything is read).
+    v_synced  boolean := pgtrickle._outbox_cluster_sync();
     v         record := pgtrickle._cg_lookup(p_group, 'poll_outbox');
     v_lease   pgtrickle.pgt_consumer_leases;
     v_horizon xid8;
+    v_next    xid8;
     v_txid    xid8;
     v_id      bigint;
     v_ids     bigint[];
@@ -233,6 +237,22 @@ BEGIN
 
     -- The horizon, taken before this transaction writes anything.
     v_horizon := pg_snapshot_xmin(pg_current_snapshot());
+    -- A watermark or rows ahead of this cluster's transaction counter count
+    -- another cluster's ids: new rows would sort before the watermark and be
+    -- skipped, those rows would wait for years.
+    v_next := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
+    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', v.outbox_table)
+       INTO v_txid USING v_next;
+    IF (v.grp).committed_txid >= v_next OR v_txid IS NOT NULL THEN
+        RAISE EXCEPTION 'poll_outbox: %, ahead of this PostgreSQL cluster''s next transaction id %: the database was restored or moved from another cluster, or the position was set by hand. Nothing was skipped: the group waits. Check that rows written since the move have higher outbox ids than the rows before it (pg_dump carries the id sequence over; after a logical-replication cutover set it with setval), then run: SELECT pgtrickle.outbox_rebase(%); (README: "Moving a database")',
+            CASE WHEN v_txid IS NOT NULL
+                 THEN pg_catalog.format('outbox %s holds rows with transaction ids up to %s', v.outbox_table, v_txid)
+                 ELSE pg_catalog.format('the position of consumer group "%s" is txid %s, outbox id %s',
+                                        p_group, (v.grp).committed_txid, (v.grp).committed_id)
+            END,
+            v_next, pg_catalog.quote_literal((v.grp).outbox_name)
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
 
     INSERT INTO pgtrickle.pgt_consumer_offsets AS o (group_name, consumer_id, last_heartbeat_at)
     VALUES (p_group, p_consumer, now())

@@ -157,6 +157,9 @@ pub struct Forward {
     pub batch_size: usize,
     /// Subject/topic template.
     pub subject: Template,
+    /// Consumer-group mode: how long a leased batch stays this instance's
+    /// without a heartbeat (`sink.lease_seconds`).
+    pub lease: Duration,
     /// The sink, ready to open.
     pub sink: Box<dyn sink::SinkSpec>,
 }
@@ -238,11 +241,16 @@ pub fn parse(entry: &CatalogEntry, default_batch: usize) -> Result<Pipeline, Con
                 take(&mut sink, "sink", "subject")?.unwrap_or_else(|| DEFAULT_SUBJECT.to_string());
             let subject =
                 Template::parse(&subject).map_err(|m| ConfigError::new("sink.subject", m))?;
+            let lease_seconds: u32 = take(&mut sink, "sink", "lease_seconds")?.unwrap_or(60);
+            if lease_seconds < 2 {
+                return Err(ConfigError::new("sink.lease_seconds", "must be at least 2"));
+            }
             Ok(Pipeline::Forward(Forward {
                 outbox: src.outbox,
                 group: src.group.filter(|g| !g.is_empty()),
                 batch_size,
                 subject,
+                lease: Duration::from_secs(lease_seconds.into()),
                 sink: sink::parse(&kind, sink)?,
             }))
         }
@@ -319,6 +327,14 @@ mod tests {
         let Pipeline::Forward(f) = p else { panic!() };
         assert_eq!((f.outbox.as_str(), f.batch_size), ("orders", 5));
         assert_eq!(f.group.as_deref(), Some("g"));
+        assert_eq!(f.lease, Duration::from_secs(60));
+        let p = parse(&fwd(json!({"type":"stdout","lease_seconds":5})), 100).unwrap();
+        let Pipeline::Forward(f) = p else { panic!() };
+        assert_eq!(f.lease, Duration::from_secs(5));
+        assert_eq!(
+            err(fwd(json!({"type":"stdout","lease_seconds":1}))).key,
+            "sink.lease_seconds"
+        );
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl Coordinator<'_> {
             stop: stop.clone(),
             shutdown: self.signals.shutdown.clone(),
             direction,
+            config: entry.config.to_string().into(),
         };
         let spawned = std::thread::Builder::new()
             .name(format!("pipeline {name}"))

@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use prometheus::core::Collector;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -37,6 +38,8 @@ pub struct Metrics {
     pub horizon_pid: IntGaugeVec,
     /// Age of that transaction.
     pub horizon_xact_age: GaugeVec,
+    /// 1 for the prepared transaction (`gid`) holding the horizon back.
+    pub horizon_prepared: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounterVec {
@@ -134,6 +137,19 @@ pub fn get() -> &'static Metrics {
                 "pgtrickle_relay_horizon_oldest_xact_age_seconds",
                 "Age of the oldest open transaction holding the commit horizon back",
             ),
+            horizon_prepared: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "pgtrickle_relay_horizon_prepared_xact_info",
+                        "1 for the prepared transaction (gid, see pg_prepared_xacts) holding the \
+                         commit horizon back",
+                    ),
+                    &["pipeline", "gid"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
         }
     })
@@ -155,5 +171,25 @@ impl Metrics {
         let _ = self.horizon_held.remove_label_values(l);
         let _ = self.horizon_pid.remove_label_values(l);
         let _ = self.horizon_xact_age.remove_label_values(l);
+        self.forget_prepared(pipeline, None);
+    }
+
+    /// Remove the pipeline's prepared-transaction samples, but for `keep`.
+    pub fn forget_prepared(&self, pipeline: &str, keep: Option<&str>) {
+        for mf in self.horizon_prepared.collect() {
+            for m in mf.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                if let (Some(p), Some(gid)) = (label("pipeline"), label("gid")) {
+                    if p == pipeline && keep != Some(gid.as_str()) {
+                        let _ = self.horizon_prepared.remove_label_values(&[&p, &gid]);
+                    }
+                }
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::event::{dedup_key, Event, Op, Template, Vars};
+use crate::pipeline::Ctx;
 use crate::retry::Error;
 
 /// Where an outbox lives.
@@ -28,6 +29,9 @@ pub struct OutboxInfo {
     pub delta_table: Option<String>,
     /// Whether rows carry `txid` (kit outbox: commit-horizon reads).
     pub has_txid: bool,
+    /// Whether inserts send `pg_notify` (a kit outbox made with
+    /// `p_notify => false` does not: it is polled).
+    pub notifies: bool,
 }
 
 impl OutboxInfo {
@@ -35,7 +39,7 @@ impl OutboxInfo {
     pub fn resolve(client: &mut Client, outbox: &str) -> Result<OutboxInfo, Error> {
         let row = client
             .query_one(
-                "SELECT stream_table, outbox_table, delta_table, has_txid \
+                "SELECT stream_table, outbox_table, delta_table, has_txid, notifies \
                  FROM pgtrickle.relay_outbox_info($1)",
                 &[&outbox],
             )
@@ -45,6 +49,7 @@ impl OutboxInfo {
             table: row.get(1),
             delta_table: row.get(2),
             has_txid: row.get(3),
+            notifies: row.get(4),
         })
     }
 
@@ -181,18 +186,50 @@ impl Position {
         })
     }
 
-    /// Persist this position as the pipeline's committed offset.
+    /// Persist this position (in outbox table `outbox`) as the pipeline's
+    /// committed offset. False, committing nothing, when the catalog no
+    /// longer has the pipeline with exactly `config` (it was deleted or
+    /// changed while this session ran).
     pub fn commit(
         &self,
         client: &mut impl GenericClient,
-        relay_group: &str,
-        pipeline: &str,
-        worker: &str,
-    ) -> Result<(), Error> {
-        client.execute(
-            "SELECT pgtrickle.relay_commit_offset($1, $2, $3, $4, $5)",
-            &[&relay_group, &pipeline, &self.id, &self.txid, &worker],
+        ctx: &Ctx,
+        outbox: &str,
+    ) -> Result<bool, Error> {
+        Ok(client
+            .query_one(
+                "SELECT pgtrickle.relay_commit_offset($1, $2, $3, $4, $5, $6, $7::text::jsonb)",
+                &[
+                    &ctx.relay_group,
+                    &ctx.name,
+                    &self.id,
+                    &self.txid,
+                    &ctx.worker_id,
+                    &outbox,
+                    &&*ctx.config,
+                ],
+            )?
+            .get(0))
+    }
+
+    /// Before loading the pipeline's position in outbox table `outbox`:
+    /// let PostgreSQL rebase positions of a database moved to this cluster
+    /// (logged) and drop a position of another outbox (logged). Err, naming
+    /// the cause and the command that resumes, when the position counts
+    /// another cluster's transaction ids and nothing proves which rows are
+    /// new: reading on would skip them.
+    pub fn check(client: &mut Client, ctx: &Ctx, outbox: &str) -> Result<(), Error> {
+        let rows = client.query(
+            "SELECT action, detail FROM pgtrickle.relay_check_offset($1, $2, $3)",
+            &[&ctx.relay_group, &ctx.name, &outbox],
         )?;
+        for r in rows {
+            let (action, detail): (String, String) = (r.get(0), r.get(1));
+            match action.as_str() {
+                "moved" => return Err(Error::permanent(detail)),
+                _ => log::warn!("{detail}"),
+            }
+        }
         Ok(())
     }
 }
@@ -420,6 +457,7 @@ mod tests {
                 table: "outbox_orders".into(),
                 delta_table: None,
                 has_txid: true,
+                notifies: true,
             },
             Template::parse("t.{stream_table}.{op}").unwrap(),
         )

@@ -145,6 +145,20 @@ fn tls_connector(tls: &TlsParams) -> Result<native_tls::TlsConnector, Error> {
         .map_err(|e| Error::permanent(format!("TLS setup: {e}")))
 }
 
+/// TCP keepalives of every session, set on both ends: a peer gone silent
+/// (a host lost, a network partition) is given up after about
+/// `KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL` = 25 s, and the
+/// server then ends the session and frees its advisory locks (instead of
+/// after the system's default of over 2 hours).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Between unanswered keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the connection is given up.
+const KEEPALIVE_COUNT: u32 = 3;
+/// How long sent data may stay unacknowledged (keepalives do not probe
+/// while data waits): the same 25 s.
+const USER_TIMEOUT: Duration = Duration::from_secs(25);
+
 /// Connect to PostgreSQL (TLS when the server offers it or `sslmode` asks
 /// for it), tagging the session with `application_name`.
 pub fn connect(url: &str, application_name: &str) -> Result<Client, Error> {
@@ -158,14 +172,29 @@ pub fn connect(url: &str, application_name: &str) -> Result<Client, Error> {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
     }
-    config.keepalives_idle(Duration::from_secs(30));
+    config
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_COUNT)
+        .tcp_user_timeout(USER_TIMEOUT);
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
     let connector = shared_connector(&tls)?;
-    config
+    let mut client = config
         .connect(postgres_native_tls::MakeTlsConnector::new(connector))
-        .map_err(|e| Error::from(e).context(format!("connecting to {}", mask(url))))
+        .map_err(|e| Error::from(e).context(format!("connecting to {}", mask(url))))?;
+    // The server's end of the socket (its keepalives are its own settings,
+    // which a session may set; ignored on a Unix socket).
+    client.batch_execute(&format!(
+        "SET tcp_keepalives_idle = {}; SET tcp_keepalives_interval = {}; \
+         SET tcp_keepalives_count = {KEEPALIVE_COUNT}; SET tcp_user_timeout = {}",
+        KEEPALIVE_IDLE.as_secs(),
+        KEEPALIVE_INTERVAL.as_secs(),
+        USER_TIMEOUT.as_millis()
+    ))?;
+    Ok(client)
 }
 
 #[cfg(test)]

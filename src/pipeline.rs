@@ -34,6 +34,9 @@ pub struct Ctx {
     pub shutdown: Arc<AtomicBool>,
     /// `forward` or `reverse`.
     pub direction: &'static str,
+    /// The pipeline's configuration as read from the catalog (JSON): an
+    /// offset is committed only while the catalog still has exactly this.
+    pub config: Arc<str>,
 }
 
 impl Ctx {

@@ -371,7 +371,8 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
         "pgtrickle.list_relay_configs()",
         "pgtrickle.get_relay_config(text)",
         "pgtrickle.relay_get_offset(text,text)",
-        "pgtrickle.relay_commit_offset(text,text,bigint,text,text)",
+        "pgtrickle.relay_commit_offset(text,text,bigint,text,text,text,jsonb)",
+        "pgtrickle.relay_check_offset(text,text,text)",
         "pgtrickle.outbox_rows_consumed(text,bigint)",
         "pgtrickle.relay_outbox_info(text)",
         "pgtrickle.poll_outbox(text,text,integer,integer)",
@@ -388,7 +389,8 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
         "pgtrickle.enable_relay(text)",
         "pgtrickle.disable_relay(text)",
         "pgtrickle.delete_relay(text)",
-        "pgtrickle.enable_outbox(text,integer)",
+        "pgtrickle.enable_outbox(text,integer,boolean)",
+        "pgtrickle.outbox_rebase(text)",
         "pgtrickle.disable_outbox(text,boolean)",
         "pgtrickle.outbox_publish(text,jsonb,jsonb)",
         "pgtrickle.outbox_retention(text,boolean,integer)",
@@ -1186,7 +1188,7 @@ fn enable_outbox_creates_everything() {
     );
     assert_eq!(
         i64_of(&mut c, "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'pgtrickle.outbox_orders'::regclass AND NOT tgisinternal"),
-        1
+        2
     );
 
     assert_err(

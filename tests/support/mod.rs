@@ -202,6 +202,77 @@ impl Pg {
         Pg::start_with_files(settings, |_| {})
     }
 
+    /// Start a new private server whose next transaction id is `xid`
+    /// (`pg_resetwal -x` before the first start), like a cluster that has
+    /// run for a long time. `xid` must start a pg_xact page (a multiple of
+    /// 32768), so that the server creates that page itself.
+    pub fn start_at_xid(xid: u64) -> Pg {
+        assert_eq!(xid % 32768, 0, "xid must start a pg_xact page");
+        let mut pg = Pg::create(&[]);
+        let out = pg_command("pg_resetwal")
+            .args(["-x", &xid.to_string(), "-D"])
+            .arg(pg.dir.join("data"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_resetwal: {out:?}");
+        pg.launch();
+        pg
+    }
+
+    /// Start a new private server from an `initdb` of its own: unlike the
+    /// copies of the shared template, it has a system identifier of its
+    /// own (`pg_control_system()`), as another cluster would.
+    pub fn start_fresh() -> Pg {
+        let mut pg = Pg::create(&[]);
+        let data = pg.dir.join("data");
+        std::fs::remove_dir_all(&data).unwrap();
+        let out = pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {out:?}");
+        pg.launch();
+        pg
+    }
+
+    /// `pg_dump -Fc` of the database at `url` into a file of this test.
+    pub fn dump(&self, url: &str) -> PathBuf {
+        let file = temp_dir("dump").join("db.dump");
+        let out = Command::new(pg_bindir().join("pg_dump"))
+            .args(["-Fc", "-d", url, "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_dump: {out:?}");
+        file
+    }
+
+    /// Create database `name` on this server and `pg_restore` `dump` into
+    /// it (roles are cluster-wide and not in a dump: `pgtrickle_relay` is
+    /// created first, as `pg_dumpall --roles-only` would); returns its URL.
+    pub fn restore(&self, name: &str, dump: &Path) -> String {
+        let mut c = self.client(&self.url("postgres"));
+        c.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .unwrap();
+        c.batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .unwrap();
+        c.batch_execute(
+            "DO $$ BEGIN CREATE ROLE pgtrickle_relay NOLOGIN;
+             EXCEPTION WHEN duplicate_object THEN NULL; END $$",
+        )
+        .unwrap();
+        let url = self.url(name);
+        let out = Command::new(pg_bindir().join("pg_restore"))
+            .args(["--exit-on-error", "-d", &url])
+            .arg(dump)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_restore: {out:?}");
+        url
+    }
+
     fn create(settings: &[&str]) -> Pg {
         let dir = temp_dir("pg");
         let copy = Command::new("cp")
@@ -242,6 +313,9 @@ impl Pg {
                 "max_connections=200",
                 "-c",
                 "shared_buffers=64MB",
+                // Two-phase commit tests (PREPARE TRANSACTION).
+                "-c",
+                "max_prepared_transactions=10",
             ])
             .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdout(Stdio::null())
