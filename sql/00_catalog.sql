@@ -522,7 +522,11 @@ $ddl$);
 -- offset again; one moved to another outbox would resume at a position of the
 -- old one). p_outbox is the outbox table the position belongs to.
 CALL pgtrickle._kit_define('function', 'relay_commit_offset', $ddl$
-DROP FUNCTION IF EXISTS pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT);
+DO $drop$ BEGIN  -- an older signature; silent on a fresh install
+    IF pg_catalog.to_regprocedure('pgtrickle.relay_commit_offset(text,text,bigint,text,text)') IS NOT NULL THEN
+        DROP FUNCTION pgtrickle.relay_commit_offset(TEXT, TEXT, BIGINT, TEXT, TEXT);
+    END IF;
+END $drop$;
 CREATE OR REPLACE FUNCTION pgtrickle.relay_commit_offset(
     p_relay_group TEXT, p_pipeline TEXT, p_last_change_id BIGINT,
     p_last_txid TEXT, p_worker_id TEXT, p_outbox TEXT DEFAULT NULL, p_config JSONB DEFAULT NULL)

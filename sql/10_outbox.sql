@@ -323,7 +323,11 @@ $ddl$);
 -- two-phase-commit (XA) transactions need p_notify => false, and relays then
 -- poll them every 100 ms instead of waiting for a notification.
 CALL pgtrickle._kit_define('function', 'enable_outbox', $ddl$
-DROP FUNCTION IF EXISTS pgtrickle.enable_outbox(TEXT, INT);
+DO $drop$ BEGIN  -- an older signature; silent on a fresh install
+    IF pg_catalog.to_regprocedure('pgtrickle.enable_outbox(text,int)') IS NOT NULL THEN
+        DROP FUNCTION pgtrickle.enable_outbox(TEXT, INT);
+    END IF;
+END $drop$;
 CREATE OR REPLACE FUNCTION pgtrickle.enable_outbox(
     p_name TEXT, p_retention_hours INT DEFAULT 24, p_notify BOOLEAN DEFAULT NULL)
 RETURNS TEXT
@@ -696,7 +700,11 @@ $ddl$);
 -- notifies: inserts send pg_notify (false for a kit outbox made with
 -- p_notify => false: the relay polls it).
 CALL pgtrickle._kit_define('function', 'relay_outbox_info', $ddl$
-DROP FUNCTION IF EXISTS pgtrickle.relay_outbox_info(TEXT);
+DO $drop$ BEGIN  -- an older signature; silent on a fresh install
+    IF pg_catalog.to_regprocedure('pgtrickle.relay_outbox_info(text)') IS NOT NULL THEN
+        DROP FUNCTION pgtrickle.relay_outbox_info(TEXT);
+    END IF;
+END $drop$;
 CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
 RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN)
 LANGUAGE plpgsql STABLE
