@@ -174,22 +174,27 @@ fn systemd_watchdog_stops_while_a_sink_is_stalled() {
     assert!(body.contains("\"stalled\":true"), "{body}");
     // Read the pipe: progress resumes, and so do the pings and /health.
     let mut out = r.child.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = lines.clone();
     let reader = std::thread::spawn(move || {
-        let mut n = 0;
         let mut buf = [0u8; 65536];
         while let Ok(k) = out.read(&mut buf) {
             if k == 0 {
                 break;
             }
-            n += buf[..k].iter().filter(|b| **b == b'\n').count();
+            let n = buf[..k].iter().filter(|b| **b == b'\n').count();
+            counted.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
-        n
     });
     wait_until(20, "/health 200 after the stall", || {
         r.get("/health").0 == 200
     });
     let again = notifications(&sock, Instant::now() + Duration::from_secs(2));
     assert!(again.iter().any(|m| m.contains("WATCHDOG=1")), "{again:?}");
+    // SIGTERM ends the batch at hand, not the backlog: stop once all is out.
+    wait_until(60, "all 20,000 events on stdout", || {
+        lines.load(std::sync::atomic::Ordering::Relaxed) == 20_000
+    });
     r.signal(libc::SIGTERM);
     assert_eq!(r.wait_exit(6), Some(0));
     let stopping = notifications(&sock, Instant::now() + Duration::from_millis(300));
@@ -197,7 +202,8 @@ fn systemd_watchdog_stops_while_a_sink_is_stalled() {
         stopping.iter().any(|m| m.contains("STOPPING=1")),
         "{stopping:?}"
     );
-    assert_eq!(reader.join().unwrap(), 20_000);
+    reader.join().unwrap();
+    assert_eq!(lines.load(std::sync::atomic::Ordering::Relaxed), 20_000);
 }
 
 /// A relay running in its own directory: the pipeline's relative sink path

@@ -666,6 +666,15 @@ pub fn outbox_pipeline(db: &str, sink: &serde_json::Value) -> String {
     url
 }
 
+/// How many complete lines a file holds (missing file: 0); cheap enough
+/// to poll while a large file grows.
+#[allow(dead_code)]
+pub fn count_lines(path: &Path) -> usize {
+    std::fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
 /// Read JSON lines from a file (missing file: none).
 pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     let Ok(bytes) = std::fs::read(path) else {
