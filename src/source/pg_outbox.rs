@@ -44,7 +44,7 @@ use crate::retry::Error;
 use crate::source::{feed, Batch, Feed, Message, Source, SourceSpec};
 
 /// Outbox rows fetched per round trip.
-const FETCH_ROWS: i32 = 100;
+const FETCH_ROWS: i32 = 1000;
 /// Claim-check delta rows fetched per round trip, at most.
 const FETCH_DELTA: usize = 10_000;
 /// The longest wait before looking again at rows the horizon holds back.
