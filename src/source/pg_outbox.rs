@@ -299,17 +299,14 @@ impl PgOutboxSource {
     /// Read what follows the cursor into `batch`, up to `max` events (at
     /// least one row). False when there was nothing to read.
     fn read(&mut self, batch: &mut Batch<Receipt>, max: usize) -> Result<bool, Error> {
-        self.remote()?;
         let Self {
             remote,
             cursor,
             subject,
             pipeline,
-            shown,
             ..
         } = self;
-        let remote = remote.as_mut().expect("connected above");
-        let pg = |e: postgres::Error| remote_error(shown, e);
+        let remote = remote.as_mut().expect("connected by receive");
         let at = cursor.clone().expect("set on connecting");
         let decoder = Decoder {
             info: &remote.info,
@@ -328,19 +325,12 @@ impl PgOutboxSource {
             ),
             None => (at.row.clone(), None),
         };
-        let mut tx = remote
-            .client
-            .build_transaction()
-            .read_only(true)
-            .start()
-            .map_err(pg)?;
+        let mut tx = remote.client.build_transaction().read_only(true).start()?;
         let room = max.saturating_sub(batch.messages.len()).max(1) as i64;
-        let portal = tx
-            .bind(&remote.read, &[&from.txid_or_zero(), &from.id, &room])
-            .map_err(pg)?;
+        let portal = tx.bind(&remote.read, &[&from.txid_or_zero(), &from.id, &room])?;
         let mut any = false;
         'rows: loop {
-            let rows = tx.query_portal(&portal, FETCH_ROWS).map_err(pg)?;
+            let rows = tx.query_portal(&portal, FETCH_ROWS)?;
             if rows.is_empty() {
                 break;
             }
@@ -379,10 +369,6 @@ impl PgOutboxSource {
                         })?;
                         let (receipt, result) =
                             stream(&mut tx, delta, &decoder, &row, &cc, after, batch, max);
-                        let result = result.map_err(|e| match e {
-                            Fetch::Pg(e) => pg(e),
-                            Fetch::Row(e) => e,
-                        });
                         if let Some(receipt) = receipt {
                             *cursor = Some(receipt.at.clone());
                             batch.receipts.push(receipt);
@@ -398,7 +384,7 @@ impl PgOutboxSource {
             }
         }
         drop(portal);
-        tx.commit().map_err(pg)?;
+        tx.commit()?;
         Ok(any)
     }
 
@@ -406,14 +392,9 @@ impl PgOutboxSource {
     /// notification, or (`--once`) end.
     fn idle(&mut self, batch: &mut Batch<Receipt>) -> Result<(), Error> {
         let at = self.cursor.clone().unwrap_or_default();
-        let remote = self.remote.as_mut().expect("connected by read");
+        let remote = self.remote.as_mut().expect("connected by receive");
         let ctx = self.ctx.as_ref().expect("resumed before reading");
-        let within = |e: Error| e.context(format!("postgres source {}", self.shown));
-        if remote
-            .info
-            .held_back(&mut remote.client, &at.row)
-            .map_err(within)?
-        {
+        if remote.info.held_back(&mut remote.client, &at.row)? {
             // Committed rows wait for an older transaction to end: look
             // again soon rather than at the next notification.
             self.held_wait = (self.held_wait * 2).clamp(Duration::from_millis(5), HELD_WAIT_MAX);
@@ -430,23 +411,9 @@ impl PgOutboxSource {
             &mut remote.client,
             &remote.info.table,
             ctx.poll_interval,
-        )
-        .map_err(within)?;
+        )?;
         Ok(())
     }
-}
-
-/// A remote database error, naming the source.
-fn remote_error(shown: &str, e: postgres::Error) -> Error {
-    Error::from(e).context(format!("postgres source {shown}"))
-}
-
-/// Why streaming a claim-check stopped.
-enum Fetch {
-    /// The remote database failed.
-    Pg(postgres::Error),
-    /// A delta row cannot be decoded.
-    Row(Error),
 }
 
 /// Stream the delta rows of claim-check row `row` after row_num `after`
@@ -462,15 +429,15 @@ fn stream(
     after: i32,
     batch: &mut Batch<Receipt>,
     max: usize,
-) -> (Option<Receipt>, Result<bool, Fetch>) {
+) -> (Option<Receipt>, Result<bool, Error>) {
     let mut last = after;
-    let mut fetch = || -> Result<bool, Fetch> {
-        let portal = tx.bind(delta, &[&row.id, &after]).map_err(Fetch::Pg)?;
+    let mut fetch = || -> Result<bool, Error> {
+        let portal = tx.bind(delta, &[&row.id, &after])?;
         while batch.messages.len() < max {
             let want = (max - batch.messages.len()).min(FETCH_DELTA) as i32;
-            let rows = tx.query_portal(&portal, want).map_err(Fetch::Pg)?;
+            let rows = tx.query_portal(&portal, want)?;
             for d in &rows {
-                let e = decoder.delta_event(row, cc, d).map_err(Fetch::Row)?;
+                let e = decoder.delta_event(row, cc, d)?;
                 batch.messages.push(message(e, &decoder.info.table));
                 last = d.get(0);
             }
@@ -537,9 +504,13 @@ impl Source for PgOutboxSource {
         max: usize,
         _wait: Duration,
     ) -> Result<(), Error> {
-        let result = match self.read(batch, max) {
-            Ok(false) => self.idle(batch),
-            other => other.map(|_| ()),
+        let result = match self.remote() {
+            Err(e) => Err(e),
+            Ok(_) => match self.read(batch, max) {
+                Ok(false) => self.idle(batch),
+                other => other.map(|_| ()),
+            }
+            .map_err(|e| e.context(format!("postgres source {}", self.shown))),
         };
         if result.is_err() {
             // Connect again next time (the cursor is kept).
