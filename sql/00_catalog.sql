@@ -2,9 +2,10 @@
 --
 -- The relay catalog is where pipelines live: relay_outbox_config (forward:
 -- outbox -> broker), relay_inbox_config (reverse: broker -> inbox) and
--- relay_consumer_offsets (how far each forward pipeline got). The relay's
--- login role is granted pgtrickle_relay, which reads the catalog only through
--- the SECURITY DEFINER functions below, never the tables.
+-- relay_consumer_offsets (how far each forward pipeline, and each reverse
+-- pipeline reading another database's outbox, got). The relay's login role is
+-- granted pgtrickle_relay, which reads the catalog only through the SECURITY
+-- DEFINER functions below, never the tables.
 --
 -- Safe to run twice. Objects that belong to an installed extension (the
 -- pg_trickle extension ships most of them) are left exactly as they are:
@@ -695,4 +696,82 @@ AS $fn$
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle.relay_dead_letter(TEXT, TEXT[], TEXT[], TEXT[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION pgtrickle.relay_dead_letter(TEXT, TEXT[], TEXT[], TEXT[]) TO pgtrickle_relay;
+$ddl$);
+
+-- ---------------------------------------------------------------------------
+-- Positions of reverse pipelines that read another database's outbox
+-- ---------------------------------------------------------------------------
+
+-- A reverse pipeline with source "postgres" keeps its position in the remote
+-- outbox in its own relay_consumer_offsets row, written in the transaction
+-- that writes the events into the inbox. last_row_num: inside a claim-check
+-- row (last_change_id), the last delta row written (NULL: the row is done).
+-- source_id: what the position counts in, '<system identifier of the remote
+-- cluster>:<outbox table>'. Both NULL for forward pipelines.
+ALTER TABLE pgtrickle.relay_consumer_offsets
+    ADD COLUMN IF NOT EXISTS last_row_num INT,
+    ADD COLUMN IF NOT EXISTS source_id TEXT;
+
+-- The committed position of a reverse pipeline in a relay group; no row when
+-- it never committed.
+CALL pgtrickle._kit_define('function', 'relay_get_source_offset', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_get_source_offset(p_relay_group TEXT, p_pipeline TEXT)
+RETURNS TABLE(last_change_id BIGINT, last_txid TEXT, last_row_num INT, source_id TEXT)
+LANGUAGE sql STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+    SELECT o.last_change_id, o.last_txid::text, o.last_row_num, o.source_id
+      FROM pgtrickle.relay_consumer_offsets o
+     WHERE o.relay_group_id = p_relay_group AND o.pipeline_id = p_pipeline
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_get_source_offset(TEXT, TEXT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_get_source_offset(TEXT, TEXT) TO pgtrickle_relay;
+$ddl$);
+
+-- Record a reverse pipeline's position, in the transaction that writes what
+-- it read into the inbox: true when recorded. False, recording nothing, when
+-- the pipeline is no longer a reverse pipeline (it was deleted while a relay
+-- ran it: the caller rolls back).
+CALL pgtrickle._kit_define('function', 'relay_commit_source_offset', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_commit_source_offset(
+    p_relay_group TEXT, p_pipeline TEXT, p_last_change_id BIGINT, p_last_txid TEXT,
+    p_last_row_num INT, p_source_id TEXT, p_worker_id TEXT)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    IF p_relay_group IS NULL OR p_relay_group = '' OR p_pipeline IS NULL OR p_pipeline = '' THEN
+        RAISE EXCEPTION 'relay_commit_source_offset: p_relay_group and p_pipeline must be non-empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_last_change_id IS NULL OR p_source_id IS NULL THEN
+        RAISE EXCEPTION 'relay_commit_source_offset: p_last_change_id and p_source_id must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- FOR SHARE: a concurrent delete_relay either comes first (nothing is
+    -- recorded) or waits for this transaction (and then deletes the row).
+    PERFORM 1 FROM pgtrickle.relay_inbox_config c WHERE c.name = p_pipeline FOR SHARE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    INSERT INTO pgtrickle.relay_consumer_offsets AS o
+           (relay_group_id, pipeline_id, last_change_id, last_txid, last_row_num, source_id,
+            worker_id, updated_at)
+    VALUES (p_relay_group, p_pipeline, p_last_change_id, p_last_txid::xid8, p_last_row_num,
+            p_source_id, p_worker_id, now())
+    ON CONFLICT (relay_group_id, pipeline_id) DO UPDATE
+        SET last_change_id = EXCLUDED.last_change_id,
+            last_txid      = EXCLUDED.last_txid,
+            last_row_num   = EXCLUDED.last_row_num,
+            source_id      = EXCLUDED.source_id,
+            worker_id      = EXCLUDED.worker_id,
+            updated_at     = EXCLUDED.updated_at;
+    RETURN true;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_commit_source_offset(TEXT, TEXT, BIGINT, TEXT, INT, TEXT, TEXT) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_commit_source_offset(TEXT, TEXT, BIGINT, TEXT, INT, TEXT, TEXT) TO pgtrickle_relay;
 $ddl$);

@@ -3,7 +3,8 @@
 //! PostgreSQL refuses for good is found by halving the batch and written
 //! as a dead letter.
 
-use postgres::{Client, Statement};
+use postgres::types::ToSql;
+use postgres::{Client, Statement, Transaction};
 
 use crate::outbox::quote_ident;
 use crate::retry::Error;
@@ -69,7 +70,8 @@ impl Inbox {
     }
 
     /// Write a batch; returns how many rows were new. Normally one
-    /// statement (one transaction). When PostgreSQL refuses it because of
+    /// statement (its own transaction, or a savepoint in the caller's; see
+    /// [`Target`]). When PostgreSQL refuses it because of
     /// what a row holds (a constraint, a value, an index size limit), the
     /// batch is halved until the refused messages are found; each becomes a
     /// dead letter in `batch` (the reason in its `error`) and is written as
@@ -77,7 +79,7 @@ impl Inbox {
     /// refused even as a dead letter (a problem of the table, not of the
     /// message); part of the batch may be written, and writing it again
     /// adds nothing twice.
-    pub fn write(&self, client: &mut Client, batch: &mut [Message]) -> Result<u64, Error> {
+    pub fn write(&self, client: &mut impl Target, batch: &mut [Message]) -> Result<u64, Error> {
         match self.insert(client, batch) {
             Ok(n) => Ok(n),
             Err(e) if !about_the_rows(&e) => Err(e.into()),
@@ -93,7 +95,7 @@ impl Inbox {
     /// without its attributes if it is refused with them too.
     fn dead_letter(
         &self,
-        client: &mut Client,
+        client: &mut impl Target,
         m: &mut Message,
         refusal: postgres::Error,
     ) -> Result<u64, Error> {
@@ -147,7 +149,7 @@ impl Inbox {
     }
 
     /// One multi-row insert.
-    fn insert(&self, client: &mut Client, batch: &[Message]) -> Result<u64, postgres::Error> {
+    fn insert(&self, client: &mut impl Target, batch: &[Message]) -> Result<u64, postgres::Error> {
         let col = |f: fn(&Message) -> Option<&str>| -> Vec<Option<&str>> {
             batch.iter().map(f).collect()
         };
@@ -158,10 +160,45 @@ impl Inbox {
         let payloads = col(|m| Some(&m.payload));
         let traces = col(|m| m.trace_id.as_deref());
         let errors = col(|m| m.error.as_deref());
-        client.execute(
+        client.insert(
             &self.insert,
             &[&ids, &types, &sources, &aggs, &payloads, &traces, &errors],
         )
+    }
+}
+
+/// Where a batch is written: a session, each insert its own transaction,
+/// or an open transaction (the source records its position in it too),
+/// each insert under a savepoint, so a refused one leaves it usable.
+pub trait Target {
+    /// Run one insert; the number of rows it wrote.
+    fn insert(
+        &mut self,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error>;
+}
+
+impl Target for Client {
+    fn insert(
+        &mut self,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        self.execute(stmt, params)
+    }
+}
+
+impl Target for Transaction<'_> {
+    fn insert(
+        &mut self,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, postgres::Error> {
+        let mut savepoint = self.transaction()?;
+        let n = savepoint.execute(stmt, params)?;
+        savepoint.commit()?;
+        Ok(n)
     }
 }
 

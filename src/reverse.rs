@@ -6,6 +6,8 @@
 //! PostgreSQL is back (and a broker would redeliver). A message PostgreSQL
 //! refuses for good becomes a dead letter (see [`Inbox::write`]); a receive
 //! that fails half way writes what it received before reporting the error.
+//! A source that keeps its position in this database (it has no broker to
+//! acknowledge to) records it in the transaction that writes the batch.
 
 use crate::config::Reverse;
 use crate::health;
@@ -33,6 +35,7 @@ pub fn session(ctx: &Ctx, cfg: &Reverse, state: &mut State) -> Result<(), Error>
         state.source = Some(cfg.source.open(&ctx.name, ctx.once)?);
     }
     let source = state.source.as_mut().expect("opened above");
+    source.resume(&mut client, ctx)?;
     log::info!("receiving into inbox {}", inbox.name);
     health::set(&ctx.name, ctx.direction, health::State::Running);
     let consumed = metrics::get().consumed.with_label_values(&[&ctx.name]);
@@ -42,10 +45,22 @@ pub fn session(ctx: &Ctx, cfg: &Reverse, state: &mut State) -> Result<(), Error>
         }
         let next = source.next(cfg.batch_size, cfg.max_wait)?;
         let (n, end_of_input, error) = (next.messages.len(), next.end_of_input, next.error);
+        let context = |e: Error| e.context(format!("writing into inbox {}", inbox.name));
+        let new = if next.record {
+            let mut tx = client.transaction()?;
+            let new = match n {
+                0 => 0,
+                _ => inbox.write(&mut tx, next.messages).map_err(context)?,
+            };
+            source.record(&mut tx)?;
+            tx.commit()?;
+            new
+        } else if n > 0 {
+            inbox.write(&mut client, next.messages).map_err(context)?
+        } else {
+            0
+        };
         if n > 0 {
-            let new = inbox
-                .write(&mut client, next.messages)
-                .map_err(|e| e.context(format!("writing into inbox {}", inbox.name)))?;
             log::debug!(
                 "{n} messages into {} ({new} new, {} duplicates)",
                 inbox.name,

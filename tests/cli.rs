@@ -335,6 +335,10 @@ fn every_sink_and_source_key_is_documented() {
         &read("src/source/redis.rs"),
         "RedisSourceConfig",
     ));
+    source_keys.extend(struct_fields(
+        &read("src/source/pg_outbox.rs"),
+        "PgOutboxSourceConfig",
+    ));
     for k in [
         "type",
         "subject",
@@ -373,6 +377,7 @@ fn every_sink_and_source_key_is_documented() {
         "consumer",
         "claim_idle_ms",
         "start",
+        "outbox",
     ] {
         assert!(
             source_keys.contains(k),

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use postgres::{Client, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::ConfigError;
+use crate::pipeline::Ctx;
 use crate::retry::Error;
 
 #[cfg(feature = "http")]
@@ -15,6 +17,7 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod pg_outbox;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
@@ -221,9 +224,33 @@ impl<R> Default for Batch<R> {
 /// [`Batch`], which the reverse loop owns (see [`Feed`]); what a source
 /// put into it is written even when `receive` then fails, and only the
 /// receipts of a written batch are handed back to `ack`.
+///
+/// A source with no broker to acknowledge to (one that reads another
+/// database) keeps its position in the local database instead: it sets
+/// [`Source::RECORDS`], and [`Source::record`] writes the receipts of a
+/// batch in the very transaction that writes the batch into the inbox.
 pub trait Source {
     /// What acknowledges one received message (or a run of them).
     type Receipt;
+    /// Whether receipts are also recorded in the inbox transaction (see
+    /// [`Source::record`]).
+    const RECORDS: bool = false;
+    /// Called at the start of every session in which no received batch
+    /// waits to be written, with the local database: a source that keeps
+    /// its position there loads it.
+    fn resume(&mut self, _local: &mut Client, _ctx: &Ctx) -> Result<(), Error> {
+        Ok(())
+    }
+    /// Record `receipts`, those of the batch being written, in `tx`, the
+    /// transaction that writes it into the inbox; called only when
+    /// [`Source::RECORDS`] is set and `receipts` is not empty.
+    fn record(
+        &mut self,
+        _tx: &mut Transaction<'_>,
+        _receipts: &[Self::Receipt],
+    ) -> Result<(), Error> {
+        Ok(())
+    }
     /// Receive up to `max` messages into `batch` (empty when called),
     /// waiting at most `wait` for the first. On an error after some
     /// messages were received, those stay in `batch`: they are written,
@@ -249,6 +276,9 @@ pub struct Next<'a> {
     /// The error that ended receiving this batch early: reported once the
     /// batch is written and acknowledged.
     pub error: Option<Error>,
+    /// The batch has receipts to record in its inbox transaction
+    /// ([`Feed::record`]).
+    pub record: bool,
 }
 
 /// An open source with the batch received from it and not yet written:
@@ -262,6 +292,11 @@ pub trait Feed {
     fn written(&mut self) -> Result<(), Error>;
     /// Whether a batch received is waiting to be written.
     fn holds(&self) -> bool;
+    /// A session starts on the local database (see [`Source::resume`]).
+    fn resume(&mut self, local: &mut Client, ctx: &Ctx) -> Result<(), Error>;
+    /// Record the receipts of the batch handed out last in `tx`, its inbox
+    /// transaction (see [`Source::record`]).
+    fn record(&mut self, tx: &mut Transaction<'_>) -> Result<(), Error>;
 }
 
 /// A [`Source`] and the batch it is writing.
@@ -293,6 +328,7 @@ impl<S: Source> Feed for Open<S> {
             messages: &mut b.messages,
             end_of_input: b.end_of_input,
             error,
+            record: S::RECORDS && !b.receipts.is_empty(),
         })
     }
 
@@ -305,6 +341,20 @@ impl<S: Source> Feed for Open<S> {
 
     fn holds(&self) -> bool {
         self.batch.is_some()
+    }
+
+    fn resume(&mut self, local: &mut Client, ctx: &Ctx) -> Result<(), Error> {
+        match self.batch {
+            Some(_) => Ok(()),
+            None => self.source.resume(local, ctx),
+        }
+    }
+
+    fn record(&mut self, tx: &mut Transaction<'_>) -> Result<(), Error> {
+        match &self.batch {
+            Some(b) if S::RECORDS && !b.receipts.is_empty() => self.source.record(tx, &b.receipts),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -341,6 +391,8 @@ const REGISTRY: &[(&str, Parse)] = &[
     ("rabbitmq", rabbitmq::parse),
     #[cfg(feature = "sqs")]
     ("sqs", sqs::parse),
+    ("postgres", pg_outbox::parse),
+    ("pg-outbox", pg_outbox::parse),
 ];
 
 /// Parse the config of a source of type `kind`.
