@@ -4,7 +4,7 @@ CARGO  ?= cargo
 STATIC_TARGET_MUSL := x86_64-unknown-linux-musl
 STATIC_TARGET_GNU  := x86_64-unknown-linux-gnu
 
-.PHONY: all build release demo deps test lint bench static install clean
+.PHONY: all build release demo deps test soak lint bench static install clean
 
 all: build
 
@@ -24,6 +24,18 @@ deps:
 ## The whole test suite (installs what it needs first).
 test: deps
 	$(CARGO) test --no-fail-fast
+
+## The fault-injection suite (tests/faults.rs), longer than in `make test`:
+## SOAK_RUNS runs, each with a new seed (FAULTS_SEED=<seed> replays one).
+SOAK_RUNS     ?= 3
+FAULTS_ROUNDS ?= 30
+FAULTS_SCALE  ?= 3
+soak: deps
+	@for i in $$(seq $(SOAK_RUNS)); do \
+	  echo "soak run $$i of $(SOAK_RUNS)"; \
+	  FAULTS_ROUNDS=$(FAULTS_ROUNDS) FAULTS_SCALE=$(FAULTS_SCALE) \
+	    $(CARGO) test --test faults -- --nocapture || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --check

@@ -146,9 +146,10 @@ fn inbox_rows(url: &str) -> Vec<(String, i64)> {
 }
 
 /// How long the forward pipeline may take to commit past the last outbox
-/// row once the faults are over.
+/// row once the faults are over (times `FAULTS_SCALE`).
 const FORWARD_SECS: u64 = 90;
-/// How long the inbox may then take to hold everything.
+/// How long the inbox may then take to hold everything (times
+/// `FAULTS_SCALE`).
 const INBOX_SECS: u64 = 60;
 
 /// Run scenario `name` against `dest`.
@@ -221,6 +222,7 @@ fn run(name: &str, mut dest: impl Dest) {
                     // tests/forward_kafka.rs): stop it while no one
                     // produces, then let the writers go on at once.
                     writers.pause();
+                    timeline.note("writers paused for a quiet stop");
                     if !within(120, || forward_caught_up(&url)) {
                         panic!(
                             "the forward pipeline did not catch up before a quiet stop; log:\n{}",
@@ -296,17 +298,19 @@ fn run(name: &str, mut dest: impl Dest) {
     // pipeline commits past the last outbox row, then the inbox fills up.
     let mut problems = Vec::new();
     let mut summaries = Vec::new();
-    if within(FORWARD_SECS, || forward_caught_up(&url)) {
+    let secs = FORWARD_SECS * knobs.scale;
+    if within(secs, || forward_caught_up(&url)) {
         timeline.note("forward pipeline caught up");
     } else {
         problems.push(format!(
-            "stall: the forward pipeline did not commit past the last outbox row within {FORWARD_SECS} s"
+            "stall: the forward pipeline did not commit past the last outbox row within {secs} s"
         ));
     }
     let delivered = dest.delivered(forward.len());
     timeline.note("forward destination read");
     let cmp = compare(
         "forward destination",
+        &forward,
         &forward,
         &delivered,
         dest.repeats_allowed(),
@@ -326,9 +330,11 @@ fn run(name: &str, mut dest: impl Dest) {
                 want.insert(k.clone(), *n);
             }
         }
-        let complete = within(INBOX_SECS, || inbox_rows(&url).len() >= want.len());
+        let complete = within(INBOX_SECS * knobs.scale, || {
+            inbox_rows(&url).len() >= want.len()
+        });
         timeline.note(format!("inbox complete: {complete}"));
-        let cmp = compare("inbox", &want, &inbox_rows(&url), false);
+        let cmp = compare("inbox", &want, &written, &inbox_rows(&url), false);
         summaries.push(cmp.summary);
         problems.extend(cmp.problems);
         if !cmp.missing.is_empty() {
@@ -478,11 +484,13 @@ fn file_sink_under_faults() {
     );
 }
 
-/// An inbox in a database of another PostgreSQL server (the "broker").
+/// An inbox in a database of another PostgreSQL server (the "broker"),
+/// stopped with a fast shutdown and a crash in turn.
 #[cfg(feature = "pg-inbox")]
 struct PgInboxDest {
     pg: Pg,
     url: String,
+    stops: u32,
 }
 
 #[cfg(feature = "pg-inbox")]
@@ -491,7 +499,12 @@ impl Dest for PgInboxDest {
         json!({"type": "pg-inbox", "url": self.url, "inbox": "events", "batch_size": batch_size})
     }
     fn stop(&mut self) {
-        self.pg.stop();
+        self.stops += 1;
+        if self.stops.is_multiple_of(2) {
+            crash(&mut self.pg);
+        } else {
+            self.pg.stop();
+        }
     }
     fn start(&mut self) {
         self.pg.start_again();
@@ -512,7 +525,10 @@ fn pg_inbox_sink_under_faults() {
     pg.client(&url)
         .batch_execute("SELECT pgtrickle.create_inbox('events')")
         .unwrap();
-    run("pg_inbox_sink_under_faults", PgInboxDest { pg, url });
+    run(
+        "pg_inbox_sink_under_faults",
+        PgInboxDest { pg, url, stops: 0 },
+    );
 }
 
 #[cfg(feature = "nats")]
@@ -849,38 +865,59 @@ mod kafka_dest {
         }
     }
 
+    /// An idempotent producer, made anew after any failure (a restarted
+    /// Tansu fences the old producer id).
     struct KafkaProducer {
-        p: BaseProducer<Reports>,
-        reports: Reports,
+        brokers: String,
+        p: Option<(BaseProducer<Reports>, Reports)>,
+    }
+
+    impl KafkaProducer {
+        fn attempt(&mut self, batch: &[(String, i64)]) -> Result<(), String> {
+            if self.p.is_none() {
+                let reports = Reports::default();
+                let p = ClientConfig::new()
+                    .set("bootstrap.servers", &self.brokers)
+                    .set("linger.ms", "1")
+                    .set("message.timeout.ms", "10000")
+                    .set("enable.idempotence", "true")
+                    .create_with_context(reports.clone())
+                    .map_err(|e| e.to_string())?;
+                self.p = Some((p, reports));
+            }
+            let (p, reports) = self.p.as_ref().unwrap();
+            reports.0.lock().unwrap().clear();
+            for (key, n) in batch {
+                let value = json!({"n": n}).to_string();
+                p.send(
+                    BaseRecord::<String, String>::to("ext")
+                        .key(key)
+                        .payload(&value),
+                )
+                .map_err(|(e, _)| e.to_string())?;
+            }
+            // Every report, or the message timeout (10 s) passes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while reports.0.lock().unwrap().len() < batch.len() {
+                if std::time::Instant::now() > deadline {
+                    return Err("no delivery report".into());
+                }
+                p.poll(Duration::from_millis(20));
+            }
+            let all = reports.0.lock().unwrap().clone();
+            all.into_iter()
+                .collect::<Result<Vec<()>, String>>()
+                .map(|_| ())
+        }
     }
 
     impl Producer for KafkaProducer {
         fn send(&mut self, batch: &[(String, i64)]) -> Result<(), String> {
-            self.reports.0.lock().unwrap().clear();
-            for (key, n) in batch {
-                let value = json!({"n": n}).to_string();
-                self.p
-                    .send(
-                        BaseRecord::<String, String>::to("ext")
-                            .key(key)
-                            .payload(&value),
-                    )
-                    .map_err(|(e, _)| e.to_string())?;
+            let r = self.attempt(batch);
+            if r.is_err() {
+                self.p = None;
             }
-            // Every report, or the message timeout (10 s) passes.
-            let deadline = std::time::Instant::now() + Duration::from_secs(15);
-            while self.reports.0.lock().unwrap().len() < batch.len() {
-                if std::time::Instant::now() > deadline {
-                    return Err("no delivery report".into());
-                }
-                self.p.poll(Duration::from_millis(20));
-            }
-            let reports = self.reports.0.lock().unwrap();
-            reports
-                .iter()
-                .cloned()
-                .collect::<Result<Vec<()>, String>>()
-                .map(|_| ())
+            r
         }
     }
 
@@ -927,15 +964,10 @@ mod kafka_dest {
             Some((s("orders"), s("ext")))
         }
         fn producer(&self) -> Box<dyn Producer> {
-            let reports = Reports::default();
-            let p = ClientConfig::new()
-                .set("bootstrap.servers", self.k.brokers())
-                .set("linger.ms", "1")
-                .set("message.timeout.ms", "10000")
-                .set("enable.idempotence", "true")
-                .create_with_context(reports.clone())
-                .unwrap();
-            Box::new(KafkaProducer { p, reports })
+            Box::new(KafkaProducer {
+                brokers: self.k.brokers(),
+                p: None,
+            })
         }
         fn source_drained(&self, pipeline: &str) -> String {
             let topic = if pipeline == "rin" { "orders" } else { "ext" };

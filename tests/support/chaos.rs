@@ -664,13 +664,15 @@ pub struct Comparison {
     pub missing: Vec<String>,
 }
 
-/// Compare `found` (key, n) at destination `what` with `written` (key →
-/// n): every key written must be there with its n, nothing may be there
-/// under a key that was not written (an event under a second key, or a
-/// foreign one), and a key may repeat only if `repeats_allowed` (the
-/// destination can hold a replay under the same key).
+/// Compare `found` (key, n) at destination `what` with `want` and
+/// `written` (key → n): every key of `want` must be there with its n,
+/// nothing may be there under a key that was not written (an event under
+/// a second key, or a foreign one) or with another n, and a key may
+/// repeat only if `repeats_allowed` (the destination can hold a replay
+/// under the same key).
 pub fn compare(
     what: &str,
+    want: &HashMap<String, i64>,
     written: &HashMap<String, i64>,
     found: &[(String, i64)],
     repeats_allowed: bool,
@@ -687,19 +689,19 @@ pub fn compare(
             Some(_) => {}
         }
     }
-    let mut missing: Vec<String> = written
+    let mut missing: Vec<String> = want
         .keys()
         .filter(|k| !count.contains_key(k.as_str()))
         .cloned()
         .collect();
-    missing.sort_by_key(|k| written[k]);
+    missing.sort_by_key(|k| want[k]);
     let repeated: usize = count.values().map(|c| c - 1).sum();
     let sample = |v: &[String]| v.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
     if !missing.is_empty() {
         problems.push(format!(
             "{what}: {} of {} events missing, e.g. {}",
             missing.len(),
-            written.len(),
+            want.len(),
             sample(&missing)
         ));
     }
