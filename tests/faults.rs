@@ -15,7 +15,7 @@
 //! replay (file, stream, topic; never an inbox table). No dead letters.
 //!
 //! Knobs: `FAULTS_SEED` replays a run (every failure prints the line to
-//! replay it), `FAULTS_ROUNDS` (fault episodes per scenario, default 5)
+//! replay it), `FAULTS_ROUNDS` (fault episodes per scenario, default 8)
 //! and `FAULTS_SCALE` (events per transaction and rows per claim-check
 //! delta, as a multiple) run longer; `make soak` does.
 

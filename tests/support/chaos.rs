@@ -96,7 +96,7 @@ impl Knobs {
         });
         Knobs {
             seed,
-            rounds: env_num("FAULTS_ROUNDS").unwrap_or(5).max(1) as usize,
+            rounds: env_num("FAULTS_ROUNDS").unwrap_or(8).max(1) as usize,
             scale: env_num("FAULTS_SCALE").unwrap_or(1).max(1),
         }
     }
