@@ -7,7 +7,7 @@
 //! Included by tests/faults.rs with `#[path]`, so no other test binary
 //! compiles it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -188,8 +188,8 @@ impl Drop for SeedGuard {
 pub struct Ledger {
     /// Confirmed events: key → n.
     pub sure: HashMap<String, i64>,
-    /// Events of commits that failed without an answer: (outbox id, events).
-    pub unsure: Vec<(i64, Vec<(String, i64)>)>,
+    /// The events of each commit that failed without an answer.
+    pub unsure: Vec<Vec<(String, i64)>>,
 }
 
 /// The shared state of every writing thread.
@@ -387,8 +387,10 @@ impl Writers {
         self.shared.ledger.lock().unwrap().sure.len()
     }
 
-    /// Stop every writer and return what was written: the unsure commits
-    /// are decided by whether their outbox row exists.
+    /// Stop every writer and return what was written: an unsure commit
+    /// happened if the outbox holds its first event. (Its id alone does
+    /// not tell: after a crash, PostgreSQL hands out again the sequence
+    /// values of transactions that did not commit.)
     pub fn finish(mut self) -> HashMap<String, i64> {
         self.resume();
         self.shared.stop.store(true, Ordering::SeqCst);
@@ -397,19 +399,24 @@ impl Writers {
         }
         let mut ledger = std::mem::take(&mut *self.shared.ledger.lock().unwrap());
         if !ledger.unsure.is_empty() {
-            let ids: Vec<i64> = ledger.unsure.iter().map(|(id, _)| *id).collect();
             let mut c = connect_retrying(&self.url, Instant::now() + Duration::from_secs(60));
-            let present: HashSet<i64> = c
-                .query(
-                    "SELECT id FROM pgtrickle.outbox_orders WHERE id = ANY($1)",
-                    &[&ids],
-                )
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            for (id, events) in ledger.unsure {
-                if present.contains(&id) {
+            for events in std::mem::take(&mut ledger.unsure) {
+                // Row 0 of the transaction's first outbox row.
+                let (key, n) = &events[0];
+                let id: i64 = key.split(':').nth(1).unwrap().parse().unwrap();
+                let committed: bool = c
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pgtrickle.outbox_orders o WHERE o.id = $1 AND \
+                           CASE WHEN o.is_claim_check \
+                             THEN EXISTS (SELECT 1 FROM pgtrickle.outbox_delta_rows_orders d \
+                                           WHERE d.outbox_id = o.id AND d.row_num = 0 \
+                                             AND (d.payload->>'n')::bigint = $2) \
+                             ELSE (o.payload->'inserted'->0->>'n')::bigint = $2 END)",
+                        &[&id, n],
+                    )
+                    .unwrap()
+                    .get(0);
+                if committed {
                     ledger.sure.extend(events);
                 }
             }
@@ -429,7 +436,6 @@ fn write_tx(
 ) -> Result<(), postgres::Error> {
     let mut tx = c.transaction()?;
     let mut events = Vec::new();
-    let mut first_id = 0;
     for _ in 0..k {
         let n = shared.next_n.fetch_add(1, Ordering::SeqCst);
         let id: i64 = tx
@@ -438,7 +444,6 @@ fn write_tx(
                 &[&n, &w],
             )?
             .get(0);
-        first_id = id;
         events.push((format!("outbox_orders:{id}:0"), n));
     }
     std::thread::sleep(hold);
@@ -448,14 +453,9 @@ fn write_tx(
             Ok(())
         }
         Err(e) => {
-            // No answer to COMMIT: it may have happened. All ids of one
-            // transaction commit together, so one id decides.
-            shared
-                .ledger
-                .lock()
-                .unwrap()
-                .unsure
-                .push((first_id, events));
+            // No answer to COMMIT: it may have happened. All events of a
+            // transaction commit together, so one decides.
+            shared.ledger.lock().unwrap().unsure.push(events);
             Err(e)
         }
     }
@@ -495,7 +495,7 @@ fn claim_check_tx(
             Ok(())
         }
         Err(e) => {
-            shared.ledger.lock().unwrap().unsure.push((id, events));
+            shared.ledger.lock().unwrap().unsure.push(events);
             Err(e)
         }
     }
