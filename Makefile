@@ -5,7 +5,7 @@ STATIC_ARCH ?= x86_64
 STATIC_TARGET_MUSL := $(STATIC_ARCH)-unknown-linux-musl
 STATIC_TARGET_GNU  := $(STATIC_ARCH)-unknown-linux-gnu
 
-.PHONY: all build release demo deps test lint bench static image test-image install clean
+.PHONY: all build release demo deps test soak lint bench static image test-image install clean
 
 all: build
 
@@ -25,6 +25,18 @@ deps:
 ## The whole test suite (installs what it needs first).
 test: deps
 	$(CARGO) test --no-fail-fast
+
+## The fault-injection suite (tests/faults.rs), longer than in `make test`:
+## SOAK_RUNS runs, each with a new seed (FAULTS_SEED=<seed> replays one).
+SOAK_RUNS     ?= 3
+FAULTS_ROUNDS ?= 30
+FAULTS_SCALE  ?= 3
+soak: deps
+	@for i in $$(seq $(SOAK_RUNS)); do \
+	  echo "soak run $$i of $(SOAK_RUNS)"; \
+	  FAULTS_ROUNDS=$(FAULTS_ROUNDS) FAULTS_SCALE=$(FAULTS_SCALE) \
+	    $(CARGO) test --test faults -- --nocapture || exit 1; \
+	done
 
 lint:
 	$(CARGO) fmt --check
