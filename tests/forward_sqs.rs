@@ -305,7 +305,6 @@ struct EntryFaults {
 
 impl EntryFaults {
     fn start(endpoint: &str) -> EntryFaults {
-        use std::io::Read;
         let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let port = server.server_addr().to_ip().unwrap().port();
         let rule: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>> = Default::default();
