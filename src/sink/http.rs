@@ -306,7 +306,7 @@ impl HttpSink {
                 Ok(())
             }
             Outcome::Refused(why) => {
-                log::info!(
+                log::debug!(
                     "{why}: sending the {} events of the request again in two halves to find \
                      the refused ones",
                     events.len()

@@ -380,6 +380,10 @@ impl RedisSink {
         rejected: &mut Vec<Rejected>,
     ) -> Result<(), Error> {
         let mut sent = Vec::with_capacity(events.len());
+        // Indices into `sent` of the events whose id is not above their
+        // stream's top: a replay, or below the top.
+        let mut refused = Vec::new();
+        let mut tried = Vec::with_capacity(events.len());
         let mut pipe = Pipeline::with_capacity(events.len());
         pipe.ignore_errors();
         for (i, e) in events.iter().enumerate() {
@@ -391,28 +395,38 @@ impl RedisSink {
                 continue;
             }
             let (stream, id) = (self.stream_of(e), entry_id(e)?);
-            pipe.add_command(self.xadd(e, &stream, &id));
+            // Known to be below the top (another outbox writes the stream
+            // with larger ids): skip the XADD Redis would refuse.
+            let below = self
+                .top_ms
+                .get(&stream)
+                .is_some_and(|top| (e.outbox_id as u64) < *top);
+            if below {
+                refused.push(sent.len());
+            } else {
+                pipe.add_command(self.xadd(e, &stream, &id));
+                tried.push(sent.len());
+            }
             sent.push((i, stream, id));
         }
-        if sent.is_empty() {
-            return Ok(());
-        }
-        let results = self.run(&pipe, sent.len())?;
-        // Refused as not above the top: a replay, or below the top.
-        let mut refused = Vec::new();
-        for (k, v) in results.into_iter().enumerate() {
-            let Value::ServerError(err) = v else {
-                continue;
-            };
-            if err.details().unwrap_or("").contains(NOT_ABOVE_TOP) {
-                refused.push(k);
-            } else {
-                return Err(self.refused(&sent[k].1, &err));
+        if !tried.is_empty() {
+            let results = self.run(&pipe, tried.len())?;
+            for (&k, v) in tried.iter().zip(results) {
+                let Value::ServerError(err) = v else {
+                    continue;
+                };
+                if err.details().unwrap_or("").contains(NOT_ABOVE_TOP) {
+                    refused.push(k);
+                } else {
+                    return Err(self.refused(&sent[k].1, &err));
+                }
             }
         }
         if refused.is_empty() {
             return Ok(());
         }
+        // In read order: late events are appended in it.
+        refused.sort_unstable();
         let mut pipe = Pipeline::with_capacity(refused.len());
         for &k in &refused {
             let (_, stream, id) = &sent[k];
