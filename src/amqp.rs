@@ -22,6 +22,11 @@ use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
 use crate::pg::mask;
 use crate::retry::Error;
 
+/// The largest frame the relay agrees to (RabbitMQ's default): the
+/// negotiated `frame_max` is at most this. A message's content header
+/// (its properties and headers) must fit in one frame.
+pub const FRAME_MAX: u32 = 131_072;
+
 /// A parsed `amqp://` or `amqps://` URL.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AmqpUrl {
@@ -188,6 +193,7 @@ impl AmqpUrl {
             })
             .virtual_host(self.vhost.clone())
             .heartbeat(self.heartbeat)
+            .frame_max(FRAME_MAX)
             .connection_timeout(Some(self.timeout))
             .information(Some(name.to_string()));
         // A deeper queue into the I/O thread than the default 16: a publish

@@ -262,7 +262,8 @@ fn a_400_for_one_event_dead_letters_it_and_the_rest_are_delivered() {
     let error = the_one_dead_letter(&url, "outbox_orders:14:0", 13);
     assert!(error.contains("status 400"), "{error}");
 
-    // In batch mode the whole refused request is dead-lettered.
+    // In batch mode the refused request is split until the one event the
+    // receiver refuses alone is found; only that one is dead-lettered.
     let h2 = HttpReceiver::start();
     h2.respond_with(|r| {
         if events_of(r).iter().any(|e| n_of(e) == 13) {
@@ -283,16 +284,148 @@ fn a_400_for_one_event_dead_letters_it_and_the_rest_are_delivered() {
         String::from_utf8_lossy(&out.stderr)
     );
     let got: Vec<i64> = delivered(&h2).iter().map(n_of).collect();
-    assert_eq!(got, (0..10).chain(20..30).collect::<Vec<_>>());
-    let dead: i64 = Pg::shared()
-        .client(&url2)
-        .query_one(
-            "SELECT count(*) FROM pgtrickle.relay_dead_letters WHERE error LIKE '%status 422%'",
+    assert_eq!(got, (0..30).filter(|n| *n != 13).collect::<Vec<_>>());
+    let error = the_one_dead_letter(&url2, "outbox_orders:14:0", 13);
+    assert!(error.contains("status 422"), "{error}");
+    for req in h2.accepted() {
+        let evs = events_of(&req);
+        let key = format!(
+            "{}..{}",
+            evs[0]["dedup_key"].as_str().unwrap(),
+            evs[evs.len() - 1]["dedup_key"].as_str().unwrap()
+        );
+        assert_eq!(req.header("idempotency-key"), Some(key.as_str()));
+    }
+}
+
+#[test]
+fn a_413_splits_the_batch_and_dead_letters_only_the_event_too_large_alone() {
+    let h = HttpReceiver::start();
+    h.respond_with(|r| {
+        if r.body.len() > 20_000 {
+            (413, Vec::new())
+        } else {
+            (200, Vec::new())
+        }
+    });
+    let url = setup(
+        "http_413",
+        serde_json::json!({"type": "http", "url": h.url("/big"), "batch_size": 50}),
+    );
+    // 40 events of ~1 KB (several requests' worth), one of 30 KB among them.
+    let pg = Pg::shared();
+    pg.client(&url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g, 'pad', \
+               repeat('x', CASE WHEN g = 17 THEN 30000 ELSE 1000 END))) \
+             FROM generate_series(0, 39) g",
+        )
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<i64> = delivered(&h).iter().map(n_of).collect();
+    assert_eq!(got, (0..40).filter(|n| *n != 17).collect::<Vec<_>>());
+    let error = the_one_dead_letter(&url, "outbox_orders:18:0", 17);
+    assert!(error.contains("status 413"), "{error}");
+}
+
+/// The committed offset of pipeline `fwd` (0: none).
+fn offset(url: &str) -> i64 {
+    Pg::shared()
+        .client(url)
+        .query_opt(
+            "SELECT last_change_id FROM pgtrickle.relay_consumer_offsets WHERE pipeline_id = 'fwd'",
             &[],
         )
         .unwrap()
-        .get(0);
-    assert_eq!(dead, 10);
+        .map_or(0, |r| r.get(0))
+}
+
+fn dead_letters(url: &str) -> i64 {
+    Pg::shared()
+        .client(url)
+        .query_one("SELECT count(*) FROM pgtrickle.relay_dead_letters", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn endpoint_and_config_statuses_are_retried_and_never_dead_lettered() {
+    let h = HttpReceiver::start();
+    let url = setup(
+        "http_endpoint",
+        serde_json::json!({"type": "http", "url": h.url("/moved"), "batch_size": 10}),
+    );
+    publish(&url, 0, 3);
+    for status in [301, 302, 307, 308, 401, 403, 404, 405, 407, 410] {
+        h.respond_with(move |_| {
+            let location = ("Location".to_string(), "http://127.0.0.1:9/x".to_string());
+            (status, vec![location])
+        });
+        let out = run_once(&url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "status {status}: {stderr}");
+        assert!(stderr.contains(&format!("status {status}")), "{stderr}");
+        assert_eq!(dead_letters(&url), 0, "status {status}: dead letters");
+        assert_eq!(offset(&url), 0, "status {status}: the offset moved");
+    }
+    h.respond_with(|_| (200, Vec::new()));
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        delivered(&h).iter().map(n_of).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(dead_letters(&url), 0);
+}
+
+#[test]
+fn a_rotated_token_holds_the_pipeline_back_visibly_and_loses_nothing() {
+    let h = HttpReceiver::start();
+    h.respond_with(|_| (401, Vec::new()));
+    let url = setup(
+        "http_401",
+        serde_json::json!({"type": "http", "url": h.url("/auth")}),
+    );
+    publish(&url, 0, 3);
+    let r = Relay::spawn(&mut relay(&url));
+    let fwd_health = || {
+        let (code, body) = r.get("/health");
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        (code, v["pipelines"]["fwd"].clone())
+    };
+    wait_until(20, "/health 503, retrying after a 401", || {
+        let (code, p) = fwd_health();
+        code == 503
+            && p["state"] == "retrying"
+            && p["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("status 401")
+    });
+    // Retried, not dead-lettered: the same events are sent again.
+    wait_until(20, "a second attempt", || {
+        h.requests.lock().unwrap().len() >= 2
+    });
+    assert_eq!(dead_letters(&url), 0);
+    assert_eq!(offset(&url), 0);
+    h.respond_with(|_| (200, Vec::new()));
+    wait_until(20, "the 3 events", || delivered(&h).len() >= 3);
+    wait_until(20, "/health 200", || fwd_health().0 == 200);
+    assert_eq!(
+        delivered(&h).iter().map(n_of).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert_eq!(dead_letters(&url), 0);
+    wait_until(20, "the offset", || offset(&url) == 3);
 }
 
 #[test]

@@ -222,23 +222,76 @@ fn nats_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
     );
 }
 
+fn dead_letters(url: &str) -> i64 {
+    Pg::shared()
+        .client(url)
+        .query_one("SELECT count(*) FROM pgtrickle.relay_dead_letters", &[])
+        .unwrap()
+        .get(0)
+}
+
+/// Five inserts, a delete of n = 99 (outbox id 6), five more inserts.
+fn publish_with_a_delete(url: &str) {
+    publish(url, 0, 5);
+    Pg::shared()
+        .client(url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish_delta('orders', '[]', '[{\"n\": 99}]', false)",
+        )
+        .unwrap();
+    publish(url, 5, 5);
+}
+
 #[test]
-fn a_subject_no_stream_captures_is_dead_lettered_and_the_rest_delivered() {
+fn a_subject_no_stream_captures_is_retried_until_a_stream_does() {
+    let n = Nats::start();
+    create_stream(&n, "EV", &["ev.orders.insert"]);
+    let url = setup(
+        "nats_unroutable",
+        json!({"type": "nats", "url": n.url(), "stream": "EV",
+               "subject": "ev.{stream_table}.{op}"}),
+    );
+    publish_with_a_delete(&url);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no JetStream stream captures subject \"ev.orders.delete\"")
+            && stderr.contains("on_unroutable"),
+        "{stderr}"
+    );
+    assert_eq!(dead_letters(&url), 0);
+    // The stream is changed to capture deletes too: everything arrives.
+    let nc = nats::connect(n.url()).unwrap();
+    let r = api(
+        &nc,
+        "$JS.API.STREAM.UPDATE.EV",
+        &json!({"name": "EV", "subjects": ["ev.orders.*"], "storage": "file",
+                "num_replicas": 1}),
+    );
+    assert!(r.get("error").is_none(), "{r}");
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut got = ns(&read_all(&n, "EV"));
+    got.sort();
+    assert_eq!(got, (0..10).chain([99]).collect::<Vec<_>>());
+    assert_eq!(dead_letters(&url), 0);
+}
+
+#[test]
+fn a_subject_no_stream_captures_is_dead_lettered_when_configured() {
     let n = Nats::start();
     create_stream(&n, "EV", &["ev.orders.insert"]);
     let url = setup(
         "nats_dead",
         json!({"type": "nats", "url": n.url(), "stream": "EV",
-               "subject": "ev.{stream_table}.{op}"}),
+               "subject": "ev.{stream_table}.{op}", "on_unroutable": "dead_letter"}),
     );
-    publish(&url, 0, 5);
-    Pg::shared()
-        .client(&url)
-        .batch_execute(
-            "SELECT pgtrickle.outbox_publish_delta('orders', '[]', '[{\"n\": 99}]', false)",
-        )
-        .unwrap();
-    publish(&url, 5, 5);
+    publish_with_a_delete(&url);
     let out = run_once(&url);
     assert!(
         out.status.success(),
@@ -251,6 +304,81 @@ fn a_subject_no_stream_captures_is_dead_lettered_and_the_rest_delivered() {
         error.contains("no JetStream stream captures subject \"ev.orders.delete\""),
         "{error}"
     );
+}
+
+#[test]
+fn a_full_or_sealed_stream_is_retried_never_dead_lettered() {
+    let n = Nats::start();
+    let nc = nats::connect(n.url()).unwrap();
+    let full = |max: i64| {
+        json!({"name": "FULL", "subjects": ["pgtrickle.>"], "storage": "file",
+               "num_replicas": 1, "max_msgs": max, "discard": "new"})
+    };
+    let r = api(&nc, "$JS.API.STREAM.CREATE.FULL", &full(5));
+    assert!(r.get("error").is_none(), "{r}");
+    let url = setup(
+        "nats_full",
+        json!({"type": "nats", "url": n.url(), "stream": "FULL"}),
+    );
+    publish(&url, 0, 8);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(count(&n, "FULL"), 5);
+    assert_eq!(dead_letters(&url), 0);
+    let r = api(&nc, "$JS.API.STREAM.UPDATE.FULL", &full(100));
+    assert!(r.get("error").is_none(), "{r}");
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&read_all(&n, "FULL")), (0..8).collect::<Vec<_>>());
+    assert_eq!(dead_letters(&url), 0);
+    // A sealed stream refuses every message (400): the stream's problem,
+    // not the events'.
+    let mut sealed = full(100);
+    sealed["sealed"] = json!(true);
+    let r = api(&nc, "$JS.API.STREAM.UPDATE.FULL", &sealed);
+    assert!(r.get("error").is_none(), "{r}");
+    publish(&url, 8, 2);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("sealed"), "{stderr}");
+    assert_eq!(count(&n, "FULL"), 8);
+    assert_eq!(dead_letters(&url), 0);
+}
+
+#[test]
+fn headers_that_push_a_message_over_max_payload_dead_letter_only_that_event() {
+    let n = Nats::start_with_config("max_payload: 65536\n");
+    create_stream(&n, "BIG", &["pgtrickle.>"]);
+    let url = setup(
+        "nats_max_payload",
+        json!({"type": "nats", "url": n.url(), "stream": "BIG"}),
+    );
+    // A body of ~60 KB fits, but with 8 KB of outbox headers the message
+    // is over max_payload: the server would close the connection.
+    let c = &mut Pg::shared().client(&url);
+    publish(&url, 0, 2);
+    c.batch_execute(
+        "SELECT pgtrickle.outbox_publish('orders', \
+           jsonb_build_object('n', 99, 'pad', repeat('x', 60000)), \
+           jsonb_build_object('trace', repeat('t', 8000)))",
+    )
+    .unwrap();
+    publish(&url, 2, 2);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&read_all(&n, "BIG")), vec![0, 1, 2, 3]);
+    let error = the_one_dead_letter(&url, "outbox_orders:3:0", 99);
+    assert!(error.contains("max_payload (65536)"), "{error}");
 }
 
 #[test]

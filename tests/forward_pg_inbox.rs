@@ -209,6 +209,39 @@ fn an_event_the_inbox_refuses_is_dead_lettered_and_the_rest_delivered() {
 }
 
 #[test]
+fn an_inbox_column_the_sink_does_not_fill_is_retried_never_dead_lettered() {
+    let pg = Pg::shared();
+    let inbox = inbox_db(pg, "pginbox_notnull_in");
+    // A NOT NULL column without a default: every insert is refused alike;
+    // the inbox's definition is wrong, not the events.
+    pg.client(&inbox)
+        .batch_execute("ALTER TABLE pgtrickle.events ADD COLUMN tenant text NOT NULL")
+        .unwrap();
+    let url = setup("pginbox_notnull", &inbox, serde_json::json!({}));
+    publish(&url, 0, 5);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("tenant"), "{stderr}");
+    let dead: i64 = pg
+        .client(&url)
+        .query_one("SELECT count(*) FROM pgtrickle.relay_dead_letters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0);
+    pg.client(&inbox)
+        .batch_execute("ALTER TABLE pgtrickle.events ALTER COLUMN tenant SET DEFAULT 't1'")
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&inbox), (0..5).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_bad_pg_inbox_config_names_pipeline_and_key() {
     let pg = Pg::shared();
     let url = pg.new_db("pginbox_badcfg");

@@ -181,24 +181,63 @@ fn broker_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
     );
 }
 
-#[test]
-fn an_unroutable_event_is_dead_lettered_and_the_rest_delivered() {
-    let r = Rabbit::shared();
-    // Only inserts are routed: the delete comes back (312 NO_ROUTE).
-    r.declare("route_q", "route_x", "insert");
-    let url = outbox_pipeline(
-        "rmq_route",
-        &json!({"type": "rabbitmq", "url": r.url(), "exchange": "route_x",
-                "routing_key": "{op}"}),
-    );
-    publish(&url, 0, 5);
+/// Five inserts, a delete of n = 99 (outbox id 6), five more inserts.
+fn publish_with_a_delete(url: &str) {
+    publish(url, 0, 5);
     Pg::shared()
-        .client(&url)
+        .client(url)
         .batch_execute(
             "SELECT pgtrickle.outbox_publish_delta('orders', '[]', '[{\"n\": 99}]', false)",
         )
         .unwrap();
-    publish(&url, 5, 5);
+    publish(url, 5, 5);
+}
+
+#[test]
+fn an_unroutable_event_is_retried_until_a_queue_is_bound() {
+    let r = Rabbit::shared();
+    // Only inserts are routed: the delete comes back (312 NO_ROUTE), as
+    // while consumers rebind their queues.
+    r.declare("retry_ins_q", "retry_x", "insert");
+    let url = outbox_pipeline(
+        "rmq_route_retry",
+        &json!({"type": "rabbitmq", "url": r.url(), "exchange": "retry_x",
+                "routing_key": "{op}"}),
+    );
+    publish_with_a_delete(&url);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("NO_ROUTE") && stderr.contains("on_unroutable"),
+        "{stderr}"
+    );
+    assert!(dead_letters(&url).is_empty());
+    // The consumer binds its queue: the delete is delivered, nothing lost.
+    r.declare("retry_del_q", "retry_x", "delete");
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&r.take("retry_del_q", 1, 30)), vec![99]);
+    let total = r.count("retry_ins_q") as usize;
+    let inserts: BTreeSet<i64> = ns(&r.take("retry_ins_q", total, 30)).into_iter().collect();
+    assert_eq!(inserts, (0..10).collect::<BTreeSet<_>>());
+    assert!(dead_letters(&url).is_empty());
+}
+
+#[test]
+fn an_unroutable_event_is_dead_lettered_when_configured() {
+    let r = Rabbit::shared();
+    r.declare("route_q", "route_x", "insert");
+    let url = outbox_pipeline(
+        "rmq_route",
+        &json!({"type": "rabbitmq", "url": r.url(), "exchange": "route_x",
+                "routing_key": "{op}", "on_unroutable": "dead_letter"}),
+    );
+    publish_with_a_delete(&url);
     let out = run_once(&url);
     assert!(
         out.status.success(),
@@ -230,6 +269,37 @@ fn an_unroutable_event_is_dead_lettered_and_the_rest_delivered() {
     assert!(out.status.success());
     assert_eq!(ns(&r.take("route_q", 1, 30)), vec![1]);
     assert!(dead_letters(&url2).is_empty());
+}
+
+#[test]
+fn headers_over_the_frame_size_dead_letter_only_that_event() {
+    let r = Rabbit::shared();
+    r.declare("hdr_q", "hdr_x", "#");
+    let url = outbox_pipeline(
+        "rmq_headers",
+        &json!({"type": "rabbitmq", "url": r.url(), "exchange": "hdr_x"}),
+    );
+    publish(&url, 0, 3);
+    // A small body, but 200 KB of outbox headers: the content header frame
+    // would be over the connection's frame_max (128 KiB).
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', 99), \
+               jsonb_build_object('trace', repeat('t', 200000)))",
+        )
+        .unwrap();
+    publish(&url, 3, 3);
+    let out = run_once(&url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let total = r.count("hdr_q") as usize;
+    let got: BTreeSet<i64> = ns(&r.take("hdr_q", total, 30)).into_iter().collect();
+    assert_eq!(got, (0..6).collect::<BTreeSet<_>>());
+    let dead = dead_letters(&url);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "outbox_orders:4:0");
+    assert!(dead[0].1.contains("frame_max"), "{}", dead[0].1);
 }
 
 #[test]

@@ -172,15 +172,31 @@ fn redis_stopped_for_ten_seconds_loses_nothing_and_delivery_resumes_at_once() {
     eprintln!("delivery resumed {resumed:?} after Redis came back");
 }
 
+/// Pipeline `fwd`'s entry of the relay's `/health`: (status, entry).
+fn fwd_health(relay: &Relay) -> (u16, serde_json::Value) {
+    let (code, body) = relay.get("/health");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    (code, v["pipelines"]["fwd"].clone())
+}
+
+fn dead_letters(url: &str) -> i64 {
+    Pg::shared()
+        .client(url)
+        .query_one("SELECT count(*) FROM pgtrickle.relay_dead_letters", &[])
+        .unwrap()
+        .get(0)
+}
+
 #[test]
-fn an_event_redis_refuses_is_dead_lettered_and_the_rest_delivered() {
+fn a_key_that_is_not_a_stream_holds_the_pipeline_back_until_fixed_and_nothing_is_dead_lettered() {
     let r = Redis::start();
-    // Deletes go to a key that is not a stream: XADD fails with WRONGTYPE.
+    // Deletes go to a key that is not a stream: XADD fails with WRONGTYPE,
+    // a problem of the destination, not of the event.
     assert!(r
         .command(&["SET", "t.delete", "not a stream"])
         .contains("OK"));
     let url = setup(
-        "redis_dead",
+        "redis_wrongtype",
         serde_json::json!({"type": "redis", "url": r.url(), "stream": "t.{op}"}),
     );
     publish(&url, 0, 5);
@@ -191,15 +207,52 @@ fn an_event_redis_refuses_is_dead_lettered_and_the_rest_delivered() {
         )
         .unwrap();
     publish(&url, 5, 5);
+    let relay_proc = Relay::spawn(&mut relay(&url));
+    wait_until(30, "/health 503, retrying with WRONGTYPE", || {
+        let (code, h) = fwd_health(&relay_proc);
+        code == 503
+            && h["state"] == "retrying"
+            && h["last_error"].as_str().unwrap_or("").contains("WRONGTYPE")
+    });
+    assert_eq!(dead_letters(&url), 0);
+    assert!(r.command(&["DEL", "t.delete"]).contains(":1"));
+    wait_until(30, "every event after the fix", || {
+        xlen(&r, "t.insert") >= 10 && xlen(&r, "t.delete") >= 1
+    });
+    wait_until(30, "/health 200", || fwd_health(&relay_proc).0 == 200);
+    assert_eq!(ns(&r, "t.insert"), (0..10).collect::<Vec<_>>());
+    assert_eq!(ns(&r, "t.delete"), vec![99]);
+    assert_eq!(dead_letters(&url), 0);
+}
+
+#[test]
+fn an_event_over_proto_max_bulk_len_is_dead_lettered_and_the_next_delivered() {
+    let r = Redis::start();
+    assert!(r
+        .command(&["CONFIG", "SET", "proto-max-bulk-len", "1mb"])
+        .contains("OK"));
+    let url = setup(
+        "redis_oversize",
+        serde_json::json!({"type": "redis", "url": r.url(), "stream": "big"}),
+    );
+    publish(&url, 0, 2);
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish('orders', \
+             jsonb_build_object('n', 99, 'pad', repeat('x', 1100000)))",
+        )
+        .unwrap();
+    publish(&url, 2, 2);
     let out = run_once(&url);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(ns(&r, "t.insert"), (0..10).collect::<Vec<_>>());
-    let error = the_one_dead_letter(&url, "outbox_orders:6:0", 99);
-    assert!(error.contains("WRONGTYPE"), "{error}");
+    assert_eq!(ns(&r, "big"), vec![0, 1, 2, 3]);
+    let error = the_one_dead_letter(&url, "outbox_orders:3:0", 99);
+    assert!(error.contains("proto-max-bulk-len"), "{error}");
 }
 
 #[test]
@@ -271,4 +324,99 @@ fn a_bad_redis_config_names_pipeline_and_key() {
         stderr.contains("pipeline \"fwd\"") && stderr.contains("sink.url"),
         "{stderr}"
     );
+}
+
+/// `(dedup_key, n)` of every entry of `stream`, in stream order.
+fn keys_and_ns(r: &Redis, stream: &str) -> Vec<(String, i64)> {
+    entries(r, stream)
+        .iter()
+        .map(|(_, f)| {
+            let p: serde_json::Value = serde_json::from_str(&f["payload"]).unwrap();
+            (f["dedup_key"].clone(), p["n"].as_i64().unwrap())
+        })
+        .collect()
+}
+
+/// Publish `{"n": start..start+n}` into outbox `outbox`, one row each.
+fn publish_to(url: &str, outbox: &str, start: i64, n: i64) {
+    Pg::shared()
+        .client(url)
+        .execute(
+            "SELECT pgtrickle.outbox_publish($1, jsonb_build_object('n', g)) \
+             FROM generate_series($2::bigint, $3::bigint) g",
+            &[&outbox, &start, &(start + n - 1)],
+        )
+        .unwrap();
+}
+
+#[test]
+fn two_pipelines_into_one_stream_each_deliver_every_event_once() {
+    let r = Redis::start();
+    let sink = serde_json::json!({"type": "redis", "url": r.url(), "stream": "shared"});
+    let url = setup("redis_shared", sink.clone());
+    Pg::shared()
+        .client(&url)
+        .execute(
+            "SELECT pgtrickle.enable_outbox('payments'), \
+             pgtrickle.set_relay_outbox('fwd2', 'payments', 'default', $1::text::jsonb)",
+            &[&sink.to_string()],
+        )
+        .unwrap();
+    // Both outboxes number their rows 1, 2, 3, ...: the entry ids the two
+    // pipelines derive collide.
+    publish_to(&url, "orders", 0, 3);
+    publish_to(&url, "payments", 1000, 3);
+    let once = |what: &str| {
+        let out = relay(&url).arg("--once").output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    once("first run");
+    // Then interleaved, with a relay running both pipelines.
+    let mut relay_proc = Relay::spawn(&mut relay(&url));
+    for k in 0..20 {
+        publish_to(&url, "orders", 3 + k * 50, 50);
+        publish_to(&url, "payments", 1003 + k * 50, 50);
+    }
+    wait_until(60, "2,006 entries", || xlen(&r, "shared") >= 2_006);
+    relay_proc.signal(libc::SIGTERM);
+    assert_eq!(relay_proc.wait_exit(10), Some(0));
+    let check = |what: &str| {
+        let got = keys_and_ns(&r, "shared");
+        let mut by_key = BTreeMap::new();
+        for (k, n) in &got {
+            assert!(
+                by_key.insert(k.clone(), *n).is_none(),
+                "{what}: {k} twice in the stream"
+            );
+        }
+        let mut expected = BTreeMap::new();
+        for i in 0..1003 {
+            expected.insert(format!("outbox_orders:{}:0", i + 1), i);
+            expected.insert(format!("outbox_payments:{}:0", i + 1), 1000 + i);
+        }
+        let missing: Vec<&String> = expected
+            .keys()
+            .filter(|k| !by_key.contains_key(*k))
+            .collect();
+        assert!(missing.is_empty(), "{what}: missing {missing:?}");
+        assert_eq!(by_key, expected, "{what}");
+        let dead: i64 = Pg::shared()
+            .client(&url)
+            .query_one("SELECT count(*) FROM pgtrickle.relay_dead_letters", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(dead, 0, "{what}: dead letters");
+    };
+    check("delivered");
+    // A replay of both pipelines from the start adds nothing.
+    Pg::shared()
+        .client(&url)
+        .execute("DELETE FROM pgtrickle.relay_consumer_offsets", &[])
+        .unwrap();
+    once("replay");
+    check("replayed");
 }

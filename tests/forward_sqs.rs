@@ -221,7 +221,9 @@ fn an_oversize_event_is_dead_lettered_and_the_rest_delivered() {
     let mut c = Pg::shared().client(&url);
     c.batch_execute(
         "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g, 'pad',
-                CASE WHEN g = 2 THEN repeat('x', 270000) ELSE '' END))
+                CASE WHEN g = 2 THEN repeat('x', 270000)
+                     WHEN g = 3 THEN repeat('x', 200000) ELSE '' END),
+                CASE WHEN g = 3 THEN jsonb_build_object('trace', repeat('t', 70000)) END)
          FROM generate_series(0, 4) g",
     )
     .unwrap();
@@ -231,16 +233,20 @@ fn an_oversize_event_is_dead_lettered_and_the_rest_delivered() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let got = sqs.drain_until(&queue, 60, "four messages", |m| m.len() >= 4);
-    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![0, 1, 3, 4]);
+    let got = sqs.drain_until(&queue, 60, "three messages", |m| m.len() >= 3);
+    assert_eq!(got.iter().map(n_of).collect::<Vec<_>>(), vec![0, 1, 4]);
     let dead = c
         .query(
             "SELECT dedup_key, error, payload->'payload'->>'n' FROM pgtrickle.relay_dead_letters \
-             WHERE pipeline = 'fwd'",
+             WHERE pipeline = 'fwd' ORDER BY dedup_key",
             &[],
         )
         .unwrap();
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2);
+    // The body fits; with its headers attribute the message does not.
+    let (key, error): (String, String) = (dead[1].get(0), dead[1].get(1));
+    assert_eq!(key, "outbox_orders:4:0");
+    assert!(error.contains("over the limit of 262144 bytes"), "{error}");
     let (key, error, n): (String, String, Option<String>) =
         (dead[0].get(0), dead[0].get(1), dead[0].get(2));
     assert_eq!(key, "outbox_orders:3:0");
@@ -283,5 +289,172 @@ fn a_bad_sqs_config_names_pipeline_and_key() {
     assert!(
         e.contains("no AWS credentials") && e.contains("sink.access_key_id"),
         "{e}"
+    );
+}
+
+/// A proxy in front of moto that answers `SendMessageBatch` itself while a
+/// rule is set: every entry whose body contains the rule's marker (any
+/// entry for an empty marker) is failed with the rule's code, as SQS fails
+/// entries (`SenderFault: true`); the others are forwarded.
+struct EntryFaults {
+    port: u16,
+    rule: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
+    server: std::sync::Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EntryFaults {
+    fn start(endpoint: &str) -> EntryFaults {
+        let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let port = server.server_addr().to_ip().unwrap().port();
+        let rule: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>> = Default::default();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let (srv, r, target) = (server.clone(), rule.clone(), format!("{endpoint}/"));
+        let thread = std::thread::spawn(move || {
+            while let Ok(mut req) = srv.recv() {
+                let mut body = Vec::new();
+                let _ = req.as_reader().read_to_end(&mut body);
+                let header = |name: &str| {
+                    req.headers()
+                        .iter()
+                        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+                        .map(|h| h.value.as_str().to_string())
+                };
+                let batch = header("X-Amz-Target").as_deref() == Some("AmazonSQS.SendMessageBatch");
+                let rule = r.lock().unwrap().clone();
+                let mut failed = Vec::new();
+                if let (true, Some((marker, code))) = (batch, rule) {
+                    let mut v: Value = serde_json::from_slice(&body).unwrap();
+                    let entries = v["Entries"].as_array_mut().unwrap();
+                    entries.retain(|e| {
+                        let hit = e["MessageBody"].as_str().unwrap().contains(&marker);
+                        if hit {
+                            failed.push(json!({"Id": e["Id"], "Code": code,
+                                "Message": "injected by the test", "SenderFault": true}));
+                        }
+                        !hit
+                    });
+                    if entries.is_empty() {
+                        let answer = json!({"Successful": [], "Failed": failed});
+                        let _ = req.respond(tiny_http::Response::from_string(answer.to_string()));
+                        continue;
+                    }
+                    body = v.to_string().into_bytes();
+                }
+                // Forward (re-signed bodies are not checked by moto).
+                let mut out = agent.post(&target);
+                for name in [
+                    "Content-Type",
+                    "X-Amz-Target",
+                    "X-Amz-Date",
+                    "Authorization",
+                ] {
+                    if let Some(v) = header(name) {
+                        out = out.header(name, v);
+                    }
+                }
+                let (status, text) = match out.send(&body[..]) {
+                    Ok(mut r) => (
+                        r.status().as_u16(),
+                        r.body_mut().read_to_vec().unwrap_or_default(),
+                    ),
+                    Err(e) => (502, e.to_string().into_bytes()),
+                };
+                let mut text = text;
+                if !failed.is_empty() && status == 200 {
+                    let mut v: Value = serde_json::from_slice(&text).unwrap();
+                    v["Failed"] = Value::Array(failed);
+                    text = v.to_string().into_bytes();
+                }
+                let _ = req.respond(tiny_http::Response::from_data(text).with_status_code(status));
+            }
+        });
+        EntryFaults {
+            port,
+            rule,
+            server,
+            thread: Some(thread),
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Fail entries whose body contains `marker` with `code` (None: stop).
+    fn fail(&self, rule: Option<(&str, &str)>) {
+        *self.rule.lock().unwrap() = rule.map(|(m, c)| (m.to_string(), c.to_string()));
+    }
+}
+
+impl Drop for EntryFaults {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dead_letters(url: &str) -> Vec<(String, String)> {
+    Pg::shared()
+        .client(url)
+        .query(
+            "SELECT dedup_key, error FROM pgtrickle.relay_dead_letters ORDER BY dedup_key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[test]
+fn an_entry_refused_for_its_content_is_dead_lettered_and_a_queue_problem_is_retried() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("entry-faults", json!({}));
+    let faults = EntryFaults::start(&moto.endpoint());
+    let url = outbox_pipeline(
+        "sqs_entry_faults",
+        &sink(&queue, json!({"endpoint": faults.endpoint()})),
+    );
+    let run = || {
+        relay_cmd(&url)
+            .args(["--once", "--pipeline", "fwd"])
+            .output()
+            .unwrap()
+    };
+    // The queue's KMS key is disabled: every entry fails, SenderFault set.
+    publish(&url, 0, 3);
+    faults.fail(Some(("", "KMS.DisabledException")));
+    let out = run();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("KMS.DisabledException"), "{stderr}");
+    assert!(dead_letters(&url).is_empty());
+    assert_eq!(offset(&url), 0);
+    // The key is enabled again, but one event's content is refused.
+    faults.fail(Some(("\"n\": 1", "InvalidMessageContents")));
+    let out = run();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = sqs.drain_until(&queue, 60, "two messages", |m| m.len() >= 2);
+    let mut ns: Vec<i64> = got.iter().map(n_of).collect();
+    ns.sort();
+    assert_eq!(ns, vec![0, 2]);
+    let dead = dead_letters(&url);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "outbox_orders:2:0");
+    assert!(
+        dead[0].1.contains("InvalidMessageContents"),
+        "{}",
+        dead[0].1
     );
 }

@@ -18,13 +18,23 @@
 //! i.e. the signed string is the timestamp header's value, a dot, and the
 //! exact body bytes.
 //!
-//! Answers: 2xx is delivered. 408, 429, 5xx, timeouts and connection errors
-//! are transient: the batch is retried (after `Retry-After` seconds when
-//! the answer has that header, at most 4 s, so a stop request is not held
-//! up; the caller's backoff comes on top). Any other status is a
-//! permanent refusal: the event (mode `event`) or every event of the
-//! request (mode `batch`) is dead-lettered with the status and the start of
-//! the answer's body. Redirects are not followed.
+//! Answers, classified by what the status says about the request:
+//! - 2xx: delivered.
+//! - 400 and 422 (the receiver refuses the content): in mode `event` the
+//!   event is dead-lettered with the status and the start of the answer's
+//!   body; in mode `batch` the request is split in halves and each half
+//!   sent again (with its own `Idempotency-Key`), down to the events the
+//!   receiver refuses alone, which are dead-lettered. 413 (too large) is
+//!   split the same way; an event refused alone with 413 is dead-lettered.
+//! - 408, 409, 425, 429, 5xx, timeouts and connection errors: transient,
+//!   the batch is retried with backoff (after `Retry-After` seconds when
+//!   the answer has that header, at most 4 s, so a stop request is not held
+//!   up; the caller's backoff comes on top).
+//! - Anything else (3xx: redirects are not followed; 401, 403, 404, 405,
+//!   407, 410, ...): a problem of the endpoint or of the sink's config (a
+//!   rotated token, a moved endpoint): the batch is retried slowly until it
+//!   is fixed, and nothing is dead-lettered. The pipeline shows `retrying`
+//!   with the status in `/health` meanwhile.
 
 use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -163,7 +173,7 @@ struct HttpSink {
 /// What became of one request.
 enum Outcome {
     Delivered,
-    /// Refused for good: why.
+    /// The receiver refused the content (400, 422, 413): why.
     Refused(String),
 }
 
@@ -182,9 +192,27 @@ pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     hex
 }
 
-/// A transient status: timeout, rate limit, server error.
-fn transient_status(s: u16) -> bool {
-    s == 408 || s == 429 || s >= 500
+/// What an answer's status means.
+#[derive(Debug, PartialEq)]
+enum Status {
+    /// 2xx.
+    Delivered,
+    /// 400, 422, 413: something in the request's events.
+    Content,
+    /// Timeout, rate limit, conflict, server error: try again soon.
+    Transient,
+    /// Authentication, a moved or missing endpoint, a method not allowed:
+    /// the endpoint or the config needs fixing; try again slowly.
+    Endpoint,
+}
+
+fn classify(status: u16) -> Status {
+    match status {
+        200..=299 => Status::Delivered,
+        400 | 413 | 422 => Status::Content,
+        408 | 409 | 425 | 429 | 500..=599 => Status::Transient,
+        _ => Status::Endpoint,
+    }
 }
 
 impl HttpSink {
@@ -230,26 +258,76 @@ impl HttpSink {
         } else {
             format!("http POST {}: status {status}: {snippet}", self.shown)
         };
-        if (200..300).contains(&status) {
-            Ok(Outcome::Delivered)
-        } else if transient_status(status) {
-            if let Some(secs) = retry_after {
-                std::thread::sleep(Duration::from_secs(secs).min(RETRY_AFTER_CAP));
+        match classify(status) {
+            Status::Delivered => Ok(Outcome::Delivered),
+            Status::Content => Ok(Outcome::Refused(what)),
+            Status::Transient => {
+                if let Some(secs) = retry_after {
+                    std::thread::sleep(Duration::from_secs(secs).min(RETRY_AFTER_CAP));
+                }
+                Err(Error::transient(what))
             }
-            Err(Error::transient(what))
-        } else {
-            Ok(Outcome::Refused(what))
+            Status::Endpoint => Err(Error::permanent(format!(
+                "{what} (a problem of the endpoint or of sink.url/sink.headers, not of the \
+                 events: retrying, nothing is dead-lettered)"
+            ))),
         }
     }
+
+    /// POST `events` as one batch; a content refusal splits it in halves
+    /// until the events refused alone are found (`base` is the index of
+    /// `events[0]` in the published slice).
+    fn batch(
+        &mut self,
+        events: &[Event],
+        base: usize,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Error> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(());
+        };
+        self.body.clear();
+        self.body.push(b'[');
+        for (i, e) in events.iter().enumerate() {
+            if i > 0 {
+                self.body.push(b',');
+            }
+            encode(&mut self.body, e)?;
+        }
+        self.body.push(b']');
+        let key = format!("{}..{}", first.dedup_key, last.dedup_key);
+        match self.post(&key)? {
+            Outcome::Delivered => Ok(()),
+            Outcome::Refused(why) if events.len() == 1 => {
+                rejected.push(Rejected {
+                    index: base,
+                    reason: why,
+                });
+                Ok(())
+            }
+            Outcome::Refused(why) => {
+                log::debug!(
+                    "{why}: sending the {} events of the request again in two halves to find \
+                     the refused ones",
+                    events.len()
+                );
+                let mid = events.len() / 2;
+                self.batch(&events[..mid], base, rejected)?;
+                self.batch(&events[mid..], base + mid, rejected)
+            }
+        }
+    }
+}
+
+/// Append the envelope of `e` to `body`.
+fn encode(body: &mut Vec<u8>, e: &Event) -> Result<(), Error> {
+    serde_json::to_writer(body, e)
+        .map_err(|x| Error::permanent(format!("encoding {}: {x}", e.dedup_key)))
 }
 
 impl Sink for HttpSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
         let mut rejected = Vec::new();
-        let encode = |body: &mut Vec<u8>, e: &Event| -> Result<(), Error> {
-            serde_json::to_writer(body, e)
-                .map_err(|x| Error::permanent(format!("encoding {}: {x}", e.dedup_key)))
-        };
         match self.mode {
             Mode::Event => {
                 for (i, e) in events.iter().enumerate() {
@@ -263,27 +341,7 @@ impl Sink for HttpSink {
                     }
                 }
             }
-            Mode::Batch => {
-                let (Some(first), Some(last)) = (events.first(), events.last()) else {
-                    return Ok(rejected);
-                };
-                self.body.clear();
-                self.body.push(b'[');
-                for (i, e) in events.iter().enumerate() {
-                    if i > 0 {
-                        self.body.push(b',');
-                    }
-                    encode(&mut self.body, e)?;
-                }
-                self.body.push(b']');
-                let key = format!("{}..{}", first.dedup_key, last.dedup_key);
-                if let Outcome::Refused(why) = self.post(&key)? {
-                    rejected.extend((0..events.len()).map(|index| Rejected {
-                        index,
-                        reason: why.clone(),
-                    }));
-                }
-            }
+            Mode::Batch => self.batch(events, 0, &mut rejected)?,
         }
         Ok(rejected)
     }
@@ -320,6 +378,24 @@ mod tests {
             signature(b"s3cret", "1700000000", br#"[{"a":1}]"#),
             format!("v1={}", hex_hmac(b"s3cret", br#"1700000000.[{"a":1}]"#))
         );
+    }
+
+    #[test]
+    fn statuses_are_classified_by_what_they_say() {
+        for s in [200, 201, 204] {
+            assert_eq!(classify(s), Status::Delivered, "{s}");
+        }
+        for s in [400, 413, 422] {
+            assert_eq!(classify(s), Status::Content, "{s}");
+        }
+        for s in [408, 409, 425, 429, 500, 502, 503, 504] {
+            assert_eq!(classify(s), Status::Transient, "{s}");
+        }
+        for s in [
+            100, 301, 302, 307, 308, 401, 403, 404, 405, 407, 410, 415, 451,
+        ] {
+            assert_eq!(classify(s), Status::Endpoint, "{s}");
+        }
     }
 
     #[test]

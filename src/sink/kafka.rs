@@ -25,14 +25,17 @@
 //! move. Kafka cannot drop a replay of the same key across producer
 //! sessions, so a relay that restarts before its commit writes those
 //! events again (at-least-once; consumers dedup on the key, as the `kafka`
-//! source does). A record the producer or broker refuses for good (larger
-//! than `message.max.bytes`, an invalid topic name) is dead-lettered. A
+//! source does). A record the producer or broker refuses for what it is
+//! (larger than `message.max.bytes`, counted by librdkafka with key, value
+//! and headers; `INVALID_RECORD`; an invalid topic name) is dead-lettered. A
 //! broker refuses a whole produce batch for one bad record (or a batch
 //! over the topic's size limit): when it refused several records at once,
 //! each is sent again on its own, and only those refused alone are
 //! dead-lettered (the others then follow later events of their
-//! partition). A missing topic or refused authorization fails the batch
-//! (retried slowly); anything else (broker away, timeouts) is retried.
+//! partition). A missing topic, refused authorization, a message format
+//! that cannot hold headers or a policy violation fails the batch
+//! (retried slowly); anything else (broker away, timeouts, a corrupt
+//! transfer) is retried.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -260,23 +263,29 @@ enum Verdict {
     Transient,
 }
 
+/// What a refusal code says: only a problem of the record itself (its
+/// size, a broker-side validation of it, a topic name rendered from its
+/// values) dead-letters it. A problem of the topic or cluster (missing,
+/// not authorized, a message format too old for headers, a policy) fails
+/// the batch, retried slowly; anything else (a corrupt transfer, brokers
+/// away, timeouts) is retried.
 fn verdict(code: RDKafkaErrorCode) -> Verdict {
     use RDKafkaErrorCode as C;
     match code {
         C::MessageSizeTooLarge
         | C::InvalidMessageSize
-        | C::InvalidMessage
         | C::InvalidRecord
         | C::InvalidTopic
-        | C::MessageBatchTooLarge
-        | C::UnsupportedForMessageFormat
-        | C::PolicyViolation => Verdict::Reject,
+        | C::MessageBatchTooLarge => Verdict::Reject,
         C::UnknownTopic
         | C::UnknownTopicOrPartition
         | C::TopicAuthorizationFailed
         | C::ClusterAuthorizationFailed
         | C::Authentication
-        | C::SaslAuthenticationFailed => Verdict::Permanent,
+        | C::SaslAuthenticationFailed
+        | C::UnsupportedForMessageFormat
+        | C::PolicyViolation
+        | C::InvalidRequiredAcks => Verdict::Permanent,
         _ => Verdict::Transient,
     }
 }
@@ -599,5 +608,38 @@ mod tests {
             verdict(RDKafkaErrorCode::AllBrokersDown),
             Verdict::Transient
         ));
+        // A corrupt transfer is retried (Kafka's CORRUPT_MESSAGE is
+        // retriable), not dead-lettered.
+        assert!(matches!(
+            verdict(RDKafkaErrorCode::InvalidMessage),
+            Verdict::Transient
+        ));
+    }
+
+    #[test]
+    fn a_topic_whose_format_cannot_hold_headers_fails_the_batch_and_dead_letters_nothing() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let mock = MockCluster::new(1).unwrap();
+        mock.create_topic("t", 1, 1).unwrap();
+        let spec = parse(
+            json!({"brokers": mock.bootstrap_servers(), "topic": "t",
+                   "properties": {"message.timeout.ms": 20000}})
+            .as_object()
+            .unwrap()
+            .clone(),
+        )
+        .unwrap();
+        let mut sink = spec.open("p").unwrap();
+        assert!(sink.publish(&[event(0)]).unwrap().is_empty());
+        // Every record has headers: the topic refuses them all, whatever
+        // the batch.
+        mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNSUPPORTED_FOR_MESSAGE_FORMAT; 20],
+        );
+        let events: Vec<Event> = (1..=3).map(event).collect();
+        let e = sink.publish(&events).unwrap_err();
+        assert_eq!(e.class, crate::retry::Class::Permanent, "{e}");
     }
 }

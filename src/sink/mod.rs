@@ -1,6 +1,7 @@
 //! Sinks: where forward events go. One file per sink; a new sink is that
 //! file plus one line in [`REGISTRY`].
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::config::ConfigError;
@@ -31,6 +32,20 @@ pub struct Rejected {
     pub index: usize,
     /// Why, as the destination said it.
     pub reason: String,
+}
+
+/// What a broker sink does with an event no queue or stream takes (its
+/// `on_unroutable` key): by default the batch is retried, since routes
+/// come and go (consumers rebinding, a stream being edited); consumers
+/// that accept losing such events to the dead-letter table say so.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnroutable {
+    /// Fail the batch (retried slowly, shown in `/health`).
+    #[default]
+    Retry,
+    /// Dead-letter the event and go on.
+    DeadLetter,
 }
 
 /// An open connection to a destination.

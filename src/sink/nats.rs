@@ -2,7 +2,7 @@
 //!
 //! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"<name>",
 //! "subject":"<template>", "credentials":"<file.creds>",
-//! "create_stream":false, "subjects":["..."]}`. `url` (one server or a
+//! "create_stream":false, "subjects":["..."], "on_unroutable":"retry"}`. `url` (one server or a
 //! comma-separated list; `tls://` for TLS) and `credentials` may use
 //! `${ENV:NAME}`. The subject is the common `subject` template.
 //!
@@ -27,15 +27,21 @@
 //! `pgtrickle.{stream_table}.{op}` → `pgtrickle.*.*`).
 //!
 //! A message no stream captures gets a "no responders" answer. Then the
-//! stream's subjects are read: if none matches the event's subject, the
-//! event is dead-lettered; if one does (JetStream is still starting), the
-//! batch is retried. A JetStream error answer (e.g. a message over the
-//! stream's size limit) dead-letters the event, except codes 503
-//! (unavailable) and 408, which are retried. A message larger than the
-//! server's `max_payload` is dead-lettered without being sent. A lost
-//! connection is re-established in the background; the batch is published
-//! again as soon as it is back (or fails after a few seconds, and the
-//! caller retries it).
+//! stream's subjects are read: if one matches the event's subject
+//! (JetStream is still starting), the batch is published again soon; if
+//! none does, the batch fails and is retried slowly (the stream's subjects
+//! or the subject template need fixing), or, with `"on_unroutable":
+//! "dead_letter"`, the event is dead-lettered. A JetStream error answer
+//! dead-letters the event only when it is about the event itself (10054:
+//! over the stream's `max_msg_size`; a header block over 64 KiB); any
+//! other (503 unavailable, 408, a stream full with `discard: new`, a sealed
+//! stream, account limits, ...) fails the batch, which is retried. A
+//! message whose body and headers (as sent, `NATS/1.0` header block
+//! included) are over the server's `max_payload`, or whose header block is
+//! over JetStream's 64 KiB, is dead-lettered without being sent (the
+//! server would close the connection). A lost connection is re-established
+//! in the background; the batch is published again as soon as it is back
+//! (or fails after a few seconds, and the caller retries it).
 //!
 //! [`connect`] and [`api`] are shared with the `nats` source.
 
@@ -54,7 +60,7 @@ use crate::config::{from_value, ConfigError};
 use crate::event::Event;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
-use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
 /// Messages waiting for their ack at most.
 pub const WINDOW: usize = 4096;
@@ -65,6 +71,11 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 const OUTAGE_WAIT: Duration = Duration::from_secs(4);
 /// JetStream API requests.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest header block JetStream stores.
+const JS_MAX_HEADERS: usize = 65_535;
+/// JetStream's "message size exceeds maximum allowed" (the stream's
+/// `max_msg_size`).
+const JS_MSG_TOO_LARGE: u32 = 10054;
 
 /// The `nats` sink's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -78,6 +89,8 @@ pub struct NatsKeys {
     create_stream: bool,
     #[serde(default)]
     subjects: Option<Vec<String>>,
+    #[serde(default)]
+    on_unroutable: OnUnroutable,
 }
 
 /// Parse the sink's keys.
@@ -316,6 +329,45 @@ pub fn subject_matches(filter: &str, subject: &str) -> bool {
     }
 }
 
+/// Whether a JetStream error answer is about the message itself (so only
+/// that event is dead-lettered) rather than the stream or the account.
+fn about_the_event(err: &ApiError) -> bool {
+    err.err_code == JS_MSG_TOO_LARGE || err.description.contains("header size exceeds")
+}
+
+/// The bytes of a header block as the client sends it:
+/// `NATS/1.0\r\n`, `Name:value\r\n` per value (trimmed), `\r\n`.
+fn header_bytes(headers: &nats::HeaderMap) -> usize {
+    let lines: usize = headers
+        .iter()
+        .map(|(k, vs)| {
+            vs.iter()
+                .map(|v| k.trim().len() + 1 + v.trim().len() + 2)
+                .sum::<usize>()
+        })
+        .sum();
+    "NATS/1.0\r\n".len() + lines + 2
+}
+
+/// Why a message with `headers` and a body of `body` bytes cannot be sent
+/// to a server with `max_payload` (0: unknown), if so.
+fn oversize(headers: &nats::HeaderMap, body: usize, max_payload: usize) -> Option<String> {
+    let h = header_bytes(headers);
+    if max_payload > 0 && h + body > max_payload {
+        return Some(format!(
+            "nats: message of {} bytes (body {body}, headers {h}) is over the server's \
+             max_payload ({max_payload})",
+            h + body
+        ));
+    }
+    if h > JS_MAX_HEADERS {
+        return Some(format!(
+            "nats: header block of {h} bytes is over JetStream's limit ({JS_MAX_HEADERS})"
+        ));
+    }
+    None
+}
+
 /// The subject filter a created stream gets from an event: each token
 /// holding a template value becomes `*`.
 fn derived_subject(e: &Event) -> String {
@@ -443,14 +495,8 @@ impl NatsSink {
                 headers.insert("Pgtrickle-Headers", h.get());
             }
             let body = e.payload.get().as_bytes();
-            if max_payload > 0 && body.len() + 512 > max_payload {
-                rejected.push(Rejected {
-                    index: i,
-                    reason: format!(
-                        "nats: message of {} bytes is over the server's max_payload ({max_payload})",
-                        body.len()
-                    ),
-                });
+            if let Some(reason) = oversize(&headers, body.len(), max_payload) {
+                rejected.push(Rejected { index: i, reason });
                 done[i] = true;
                 continue;
             }
@@ -538,14 +584,20 @@ impl NatsSink {
                     self.shown, self.cfg.stream
                 ))));
             }
-            rejected.push(Rejected {
-                index: i,
-                reason: format!(
-                    "nats: no JetStream stream captures subject {subject:?} (stream {:?} \
-                     captures {subjects:?})",
-                    self.cfg.stream
-                ),
-            });
+            let reason = format!(
+                "nats: no JetStream stream captures subject {subject:?} (stream {:?} captures \
+                 {subjects:?})",
+                self.cfg.stream
+            );
+            match self.cfg.on_unroutable {
+                OnUnroutable::DeadLetter => rejected.push(Rejected { index: i, reason }),
+                OnUnroutable::Retry => {
+                    return Err(Stop::Fail(Error::permanent(format!(
+                        "{reason}: retrying until a stream captures it (or set \
+                         sink.on_unroutable to \"dead_letter\")"
+                    ))))
+                }
+            }
         }
         Ok(())
     }
@@ -615,11 +667,13 @@ impl NatsSink {
                     "nats JetStream: {} (code {}, err_code {})",
                     err.description, err.code, err.err_code
                 );
-                if err.code == 503 || err.code == 408 {
-                    return Err(Stop::Fail(Error::transient(format!(
-                        "nats {}: {why}",
-                        self.shown
-                    ))));
+                if !about_the_event(&err) {
+                    let msg = format!("nats {}: {why}", self.shown);
+                    return Err(Stop::Fail(if err.code == 503 || err.code == 408 {
+                        Error::transient(msg)
+                    } else {
+                        Error::permanent(msg)
+                    }));
                 }
                 rejected.push(Rejected {
                     index: i,
@@ -690,6 +744,23 @@ mod tests {
     }
 
     #[test]
+    fn the_header_block_is_measured_as_sent() {
+        let mut h = nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "o:1:0");
+        h.insert("Pgtrickle-Headers", " {\"a\": 1} ");
+        // NATS/1.0\r\n + Nats-Msg-Id:o:1:0\r\n + Pgtrickle-Headers:{"a": 1}\r\n + \r\n
+        assert_eq!(header_bytes(&h), 10 + 19 + 28 + 2);
+        assert!(oversize(&h, 1000, 1059).is_none());
+        let why = oversize(&h, 1000, 1058).unwrap();
+        assert!(
+            why.contains("1059 bytes") && why.contains("max_payload (1058)"),
+            "{why}"
+        );
+        h.insert("Pgtrickle-Headers", "x".repeat(70_000));
+        assert!(oversize(&h, 0, 0).unwrap().contains("limit (65535)"));
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         let p = |v: Value| parse(v.as_object().unwrap().clone()).unwrap_err().key;
         assert_eq!(p(json!({"stream": "S"})), "sink.url");
@@ -705,6 +776,10 @@ mod tests {
         assert_eq!(
             p(json!({"url": "nats://x", "stream": "S", "create_stream": "yes"})),
             "sink.create_stream"
+        );
+        assert_eq!(
+            p(json!({"url": "nats://x", "stream": "S", "on_unroutable": "drop"})),
+            "sink.on_unroutable"
         );
     }
 }

@@ -10,15 +10,18 @@
 //! JSONB, trace_id`.
 //!
 //! One multi-row `INSERT ... ON CONFLICT (event_id) DO NOTHING` (as in the
-//! reverse direction's inbox writer) per chunk
-//! of events, each its own transaction: `event_id` = the dedup key,
+//! reverse direction's inbox writer) per chunk of at most [`CHUNK`] events
+//! and [`CHUNK_BYTES`] bytes of payload (far below PostgreSQL's 1 GB
+//! message limit), each its own transaction: `event_id` = the dedup key,
 //! `event_type` = the event's subject, `source` = the outbox table (the
 //! dedup key's prefix), `payload` = the row. A replay inserts nothing new.
-//! When the database refuses a chunk's data (SQLSTATE class 22 or 23, or
-//! an exception raised by a trigger, P0001), the events of the chunk are
-//! inserted one by one and each one refused is dead-lettered. Any other
-//! error (a lost connection, a missing inbox, missing privileges) is
-//! retried with the whole batch.
+//! When the database refuses a chunk's data ([`refuses_the_data`]: SQLSTATE
+//! class 22 or 23 but for a NOT NULL violation, 54000, or an exception
+//! raised by a trigger, P0001), the events of the chunk are inserted one by
+//! one and each one refused is dead-lettered. Any other error (a lost
+//! connection, a missing inbox, missing privileges, a NOT NULL column the
+//! sink does not fill) is retried with the whole batch, and nothing is
+//! dead-lettered.
 
 use postgres::{Client, Statement};
 use serde::Deserialize;
@@ -31,8 +34,10 @@ use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
-/// Events per INSERT.
-const CHUNK: usize = 5000;
+/// Events per INSERT at most.
+pub const CHUNK: usize = 5000;
+/// Payload bytes per INSERT at most (one event may be larger alone).
+pub const CHUNK_BYTES: usize = 64 * 1024 * 1024;
 
 /// The `pg-inbox` sink's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +87,35 @@ struct PgInboxSink {
     conn: Option<(Client, Statement)>,
 }
 
+/// Whether SQLSTATE `code` says the inbox refuses an event's data (so the
+/// event is dead-lettered) rather than that the inbox or the connection is
+/// wrong. A NOT NULL violation (23502) can only come from a column the sink
+/// does not fill: the inbox's definition, refused for every event alike.
+fn refuses_the_data(code: &str) -> bool {
+    (code.starts_with("22") || code.starts_with("23") || code == "P0001" || code == "54000")
+        && code != "23502"
+}
+
+/// Split `events` into chunks of at most [`CHUNK`] events and
+/// [`CHUNK_BYTES`] of payload (at least one event each); returns each
+/// chunk's start index.
+fn chunks(events: &[Event]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in events.iter().enumerate() {
+        let len = e.payload.get().len() + e.dedup_key.len() + e.subject.len();
+        if i > start && (i - start >= CHUNK || bytes + len > CHUNK_BYTES) {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < events.len() {
+        out.push(start..events.len());
+    }
+    out
+}
+
 /// The outbox table of a dedup key `<outbox table>:<outbox id>:<row index>`.
 fn source_of(key: &str) -> &str {
     key.rsplitn(3, ':').nth(2).unwrap_or(key)
@@ -128,10 +162,7 @@ impl PgInboxSink {
         match client.execute(&*insert, &[&ids, &types, &sources, &payloads]) {
             Ok(_) => Ok(()),
             Err(e) => {
-                let refused = e.code().map(|c| {
-                    let c = c.code();
-                    c.starts_with("22") || c.starts_with("23") || c == "P0001"
-                });
+                let refused = e.code().map(|c| refuses_the_data(c.code()));
                 if client.is_closed() {
                     self.conn = None;
                 }
@@ -153,7 +184,8 @@ impl PgInboxSink {
 impl Sink for PgInboxSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
         let mut rejected = Vec::new();
-        for (n, chunk) in events.chunks(CHUNK).enumerate() {
+        for range in chunks(events) {
+            let chunk = &events[range.clone()];
             match self.write(chunk) {
                 Ok(()) => {}
                 Err(Err(e)) => return Err(e),
@@ -163,7 +195,7 @@ impl Sink for PgInboxSink {
                         match self.write(std::slice::from_ref(e)) {
                             Ok(()) => {}
                             Err(Ok(why)) => rejected.push(Rejected {
-                                index: n * CHUNK + i,
+                                index: range.start + i,
                                 reason: why.msg,
                             }),
                             Err(Err(e)) => return Err(e),
@@ -190,6 +222,40 @@ mod tests {
     fn source_is_the_dedup_key_prefix() {
         assert_eq!(source_of("outbox_orders:12:3"), "outbox_orders");
         assert_eq!(source_of("a:b:12:3"), "a:b");
+    }
+
+    #[test]
+    fn chunks_are_bounded_by_events_and_bytes() {
+        let event = |n: usize, size: usize| Event {
+            dedup_key: format!("o:{n}:0"),
+            subject: String::new(),
+            op: crate::event::Op::Insert,
+            payload: serde_json::value::RawValue::from_string(format!("\"{}\"", "x".repeat(size)))
+                .unwrap(),
+            is_full_refresh: false,
+            outbox_id: n as i64,
+            refresh_id: None,
+            headers: None,
+            stream_table: "o".into(),
+        };
+        let small: Vec<Event> = (0..12_001).map(|n| event(n, 1)).collect();
+        assert_eq!(chunks(&small), vec![0..5000, 5000..10_000, 10_000..12_001]);
+        // 30 MB each: two per chunk; one over the limit goes alone.
+        let big: Vec<Event> = (0..5).map(|n| event(n, 30 << 20)).collect();
+        assert_eq!(chunks(&big), vec![0..2, 2..4, 4..5]);
+        let huge = vec![event(0, 1), event(1, 70 << 20), event(2, 1)];
+        assert_eq!(chunks(&huge), vec![0..1, 1..2, 2..3]);
+        assert!(chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn only_data_errors_dead_letter() {
+        for c in ["23514", "23505", "22021", "22001", "P0001", "54000"] {
+            assert!(refuses_the_data(c), "{c}");
+        }
+        for c in ["23502", "42P01", "42501", "08006", "57P01", "40001"] {
+            assert!(!refuses_the_data(c), "{c}");
+        }
     }
 
     #[test]

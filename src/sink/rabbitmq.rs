@@ -3,7 +3,7 @@
 //!
 //! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
 //! "exchange":"<name>", "routing_key":"<template>", "declare":false,
-//! "exchange_type":"topic", "mandatory":true}`. `url` (see `src/amqp.rs`:
+//! "exchange_type":"topic", "mandatory":true, "on_unroutable":"retry"}`. `url` (see `src/amqp.rs`:
 //! `amqps://` for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `exchange`
 //! is required; `""` is the default exchange, which routes by queue name.
 //! `routing_key` is a template like `subject` (`{stream_table}`, `{op}`,
@@ -28,13 +28,19 @@
 //!
 //! **Messages that cannot be delivered.** With `mandatory` (the default) a
 //! message no queue is bound for comes back (`basic.return`, 312
-//! NO_ROUTE) before its confirm; it is dead-lettered with that reason
-//! rather than counted as delivered (set `"mandatory": false` to let the
-//! broker drop such messages silently, e.g. for a fan-out nobody listens
-//! to yet). A message over the broker's `max_message_size` makes RabbitMQ
-//! close the channel; the sink reads the limit from that error, opens a
-//! new channel, dead-letters every event over the limit without sending
-//! it, and publishes the rest. A routing key over 255 bytes is
+//! NO_ROUTE) before its confirm. By default that fails the batch, which is
+//! retried with backoff until a queue is bound (consumers rebinding their
+//! queues, or queues recovering after a broker restart, must not cost
+//! events); with `"on_unroutable": "dead_letter"` the event
+//! is dead-lettered instead (set `"mandatory": false` to let the broker
+//! drop such messages silently, e.g. for a fan-out nobody listens to yet).
+//! A message over the broker's `max_message_size` (which counts the body)
+//! makes RabbitMQ close the channel; the sink reads the limit from that
+//! error, opens a new channel, dead-letters every event over the limit
+//! without sending it, and publishes the rest. An event whose content
+//! header (properties and headers, as encoded) does not fit in one frame
+//! of [`amqp::FRAME_MAX`] bytes is dead-lettered without being sent (the
+//! broker would close the connection). A routing key over 255 bytes is
 //! dead-lettered too. A negative confirm (`basic.nack`, e.g. a queue full
 //! with `overflow: reject-publish`), a lost connection or missing confirms
 //! ([`CONFIRM_TIMEOUT`]) fail the batch, which the pipeline retries; a
@@ -56,7 +62,7 @@ use crate::config::{from_value, ConfigError};
 use crate::event::{Event, Template, Vars};
 use crate::pg::expand_env;
 use crate::retry::Error;
-use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
 /// Messages waiting for their confirm at most. Larger than a default
 /// batch (5,000 events): RabbitMQ confirms persistent messages after a
@@ -67,6 +73,13 @@ pub const WINDOW: usize = 16_384;
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(4);
 /// AMQP short strings (routing keys, message ids) hold at most this many bytes.
 const SHORT_STRING: usize = 255;
+/// The largest content header frame payload: a frame less its 8 bytes of
+/// framing.
+const HEADER_FRAME_MAX: usize = amqp::FRAME_MAX as usize - 8;
+/// Every message's `content-type`.
+const CONTENT_TYPE: &str = "application/json";
+/// Every message's `app-id`.
+const APP_ID: &str = "pgtrickle-relay";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +94,8 @@ struct RabbitKeys {
     declare: bool,
     #[serde(default)]
     mandatory: Option<bool>,
+    #[serde(default)]
+    on_unroutable: OnUnroutable,
 }
 
 /// The `rabbitmq` sink's config.
@@ -92,6 +107,7 @@ pub struct RabbitConfig {
     routing_key: Option<Template>,
     declare: bool,
     mandatory: bool,
+    on_unroutable: OnUnroutable,
 }
 
 /// Parse the sink's keys.
@@ -150,6 +166,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
         routing_key,
         declare: raw.declare,
         mandatory: raw.mandatory.unwrap_or(true),
+        on_unroutable: raw.on_unroutable,
     }))
 }
 
@@ -234,10 +251,12 @@ struct Progress<'a> {
     last_progress: Instant,
     /// Event index by dedup key (message id), built at the first return.
     by_key: Option<HashMap<&'a str, usize>>,
+    /// What a returned message means.
+    unroutable: OnUnroutable,
 }
 
 impl<'a> Progress<'a> {
-    fn new(events: &'a [Event]) -> Progress<'a> {
+    fn new(events: &'a [Event], unroutable: OnUnroutable) -> Progress<'a> {
         Progress {
             events,
             sent: Vec::new(),
@@ -250,6 +269,7 @@ impl<'a> Progress<'a> {
             rejected: Vec::new(),
             last_progress: Instant::now(),
             by_key: None,
+            unroutable,
         }
     }
 
@@ -333,9 +353,17 @@ impl<'a> Progress<'a> {
             }
             self.confirmed[k] = true;
             self.outstanding -= 1;
-            match self.returned[i].take() {
-                Some(reason) => self.reject(i, reason),
-                None => self.done[i] = true,
+            match (self.returned[i].take(), self.unroutable) {
+                (Some(reason), OnUnroutable::DeadLetter) => self.reject(i, reason),
+                (Some(reason), OnUnroutable::Retry) => {
+                    // Transient: queues come back after a broker restart,
+                    // consumers rebind; the batch is tried again soon.
+                    return Err(Error::transient(format!(
+                        "{reason}: retrying until a queue is bound for it (or set \
+                         sink.on_unroutable to \"dead_letter\")"
+                    )));
+                }
+                (None, _) => self.done[i] = true,
             }
         }
         while let Some(true) = self.confirmed.get((self.low - self.base) as usize) {
@@ -352,6 +380,32 @@ fn size_limit(message: &str) -> Option<usize> {
     let rest = message.split("larger than configured max size ").nth(1)?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
+}
+
+/// The payload of a message's content header frame as encoded (AMQP
+/// 0-9-1: class id, weight, body size and property flags, then the
+/// properties the sink sets: content-type, headers, delivery mode,
+/// message-id, app-id).
+fn header_frame_bytes(message_id: &str, headers: &FieldTable) -> usize {
+    let table: usize = headers
+        .iter()
+        .map(|(name, value)| {
+            let value = match value {
+                AmqpValue::LongString(s) => 4 + s.len(),
+                // 8 bytes or less for every other value the sink sets.
+                _ => 8,
+            };
+            1 + name.len() + 1 + value
+        })
+        .sum();
+    2 + 2
+        + 8
+        + 2
+        + (1 + CONTENT_TYPE.len())
+        + (4 + table)
+        + 1
+        + (1 + message_id.len())
+        + (1 + APP_ID.len())
 }
 
 /// The message headers of an event.
@@ -573,15 +627,28 @@ impl RabbitSink {
                 );
                 continue;
             }
+            let headers = headers(e);
+            let header_frame = header_frame_bytes(&e.dedup_key, &headers);
+            if header_frame > HEADER_FRAME_MAX {
+                p.reject(
+                    i,
+                    format!(
+                        "rabbitmq: the message's content header (properties and headers) is \
+                         {header_frame} bytes, over one frame of frame_max {} bytes",
+                        amqp::FRAME_MAX
+                    ),
+                );
+                continue;
+            }
             while p.outstanding >= WINDOW {
                 self.wait_confirm(p)?;
             }
             let properties = AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(e.dedup_key.clone())
-                .with_content_type("application/json".into())
-                .with_app_id("pgtrickle-relay".into())
-                .with_headers(headers(e));
+                .with_content_type(CONTENT_TYPE.into())
+                .with_app_id(APP_ID.into())
+                .with_headers(headers);
             let publish = Publish {
                 body,
                 routing_key,
@@ -658,7 +725,7 @@ impl RabbitSink {
 
 impl Sink for RabbitSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
-        let mut p = Progress::new(events);
+        let mut p = Progress::new(events, self.cfg.on_unroutable);
         // The broker closes the channel for an oversized message: reopened
         // once per limit learned, a few times at most.
         for _ in 0..4 {
@@ -708,6 +775,30 @@ mod tests {
     }
 
     #[test]
+    fn the_content_header_is_measured_as_encoded() {
+        // RabbitMQ refused this message's header frame as
+        // {frame_too_large,200254,131064}.
+        let e = Event {
+            dedup_key: "outbox_orders:4:0".into(),
+            subject: "pgtrickle.orders.insert".into(),
+            op: crate::event::Op::Insert,
+            payload: serde_json::value::RawValue::from_string("{\"n\": 99}".into()).unwrap(),
+            is_full_refresh: false,
+            outbox_id: 4,
+            refresh_id: Some("0".repeat(36)),
+            headers: Some(
+                serde_json::value::RawValue::from_string(format!(
+                    "{{\"trace\": \"{}\"}}",
+                    "t".repeat(200_000)
+                ))
+                .unwrap(),
+            ),
+            stream_table: "orders".into(),
+        };
+        assert_eq!(header_frame_bytes(&e.dedup_key, &headers(&e)), 200_254);
+    }
+
+    #[test]
     fn config_errors_name_the_key() {
         let p = |v: Value| parse(v.as_object().unwrap().clone()).unwrap_err().key;
         assert_eq!(p(json!({"exchange": "x"})), "sink.url");
@@ -738,6 +829,10 @@ mod tests {
         assert_eq!(
             p(json!({"url": "amqp://h", "exchange": "x", "queue": "q"})),
             "sink.queue"
+        );
+        assert_eq!(
+            p(json!({"url": "amqp://h", "exchange": "x", "on_unroutable": "drop"})),
+            "sink.on_unroutable"
         );
         assert!(parse(
             json!({"url": "${ENV:MQ}", "exchange": "x", "declare": true, "exchange_type": "fanout",

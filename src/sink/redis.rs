@@ -18,20 +18,37 @@
 //! so ids grow. A replayed `XADD` (the relay restarted before it committed
 //! its offset, or a batch retried after a lost connection) is refused by
 //! Redis ("equal or smaller than the target stream top item"); the sink
-//! then looks the id up (`XRANGE id id`) and, when the entry is there,
-//! counts the event as already delivered.
+//! then reads the entry at that id (`XRANGE id id`) and counts the event as
+//! already delivered only when that entry carries the event's own
+//! `dedup_key`.
 //!
-//! A kit outbox written by concurrent transactions is read in commit
-//! order, which can differ from id order: an event may come after one with
-//! a larger id. Its id is then refused although no entry has it. The sink
-//! looks for its dedup key among the entries above its id (`XREVRANGE`, up
-//! to 100,000 entries); if it is there (appended by an earlier attempt) it
-//! was delivered, else it is appended after the stream's top with the id
-//! `<top ms>-*` (Redis 7 or later; the next free sequence number). Only
-//! when that is impossible (the entries above were trimmed away, or an
-//! older Redis) is the event dead-lettered. Do not `XADD` other entries
-//! with larger ids into a relay's stream.
+//! **Events below the stream's top.** An event's id can be refused
+//! although its entry is not there: a kit outbox written by concurrent
+//! transactions is read in commit order, which can differ from id order;
+//! and when several pipelines (outboxes) write one stream, their ids
+//! collide and interleave (both number their rows 1, 2, 3, ...), so the
+//! one whose ids are lower is below the top all the time. Such an event is
+//! appended after the stream's top with the id `<top ms>-*` (Redis 7 or
+//! later; the next free sequence number), unless an earlier attempt put it
+//! there: the first time in a session that an event of a stream is below
+//! its top, the sink reads the dedup keys of the stream's last
+//! [`LATE_SCAN`] entries once (in pages, keeping only its own outbox's
+//! keys), and an event found among them is counted as delivered. A replay
+//! whose entry is more than that far below the top is appended again (a
+//! duplicate with the same `dedup_key`).
+//!
+//! **Errors.** A temporary server state (`LOADING`, `BUSY`, `OOM`,
+//! `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `READONLY`) or a lost connection
+//! fails the batch, which is retried with backoff. Any other refusal of an
+//! `XADD` (`WRONGTYPE`: the key is not a stream; `NOPERM`; ...) is a
+//! problem of the destination, not of the event: the batch fails too and
+//! is retried slowly until the destination is fixed; nothing is
+//! dead-lettered for it. Only an event too large for the server is
+//! dead-lettered, before it is sent: a field over `proto-max-bulk-len`, or
+//! a command over `client-query-buffer-limit` (both read with `CONFIG GET`
+//! when the sink connects; 512 MB and 1 GB when that is not allowed).
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use redis::{Cmd, Connection, Pipeline, Value};
@@ -46,10 +63,20 @@ use crate::sink::{Rejected, Sink, SinkSpec};
 
 /// XADDs per pipelined round trip.
 const CHUNK: usize = 1000;
-/// Entries above a late event's id searched for it.
-const LATE_SCAN: usize = 100_000;
+/// Entries below a stream's top searched for a late event's earlier append.
+pub const LATE_SCAN: usize = 100_000;
+/// Entries per page of that search.
+const SCAN_PAGE: usize = 1000;
+/// Rounds of appending after the top when other writers keep moving it.
+const APPEND_ROUNDS: usize = 10;
 /// Connect, read and write timeout.
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// Redis's default `proto-max-bulk-len` (largest argument).
+const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
+/// Redis's default `client-query-buffer-limit` (largest command).
+const DEFAULT_MAX_QUERY: u64 = 1024 * 1024 * 1024;
+/// Redis's refusal of an id that is not above the stream's last one.
+const NOT_ABOVE_TOP: &str = "equal or smaller than the target stream top item";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,10 +143,16 @@ impl SinkSpec for RedisConfig {
             client,
             conn: None,
             shown: mask(&url),
+            max_bulk: DEFAULT_MAX_BULK,
+            max_query: DEFAULT_MAX_QUERY,
+            seen: HashMap::new(),
+            top_ms: HashMap::new(),
         };
         // Fail early on a wrong address or password; a server that is down
         // is retried by the caller.
         sink.conn()?;
+        sink.max_bulk = sink.config_u64("proto-max-bulk-len", DEFAULT_MAX_BULK);
+        sink.max_query = sink.config_u64("client-query-buffer-limit", DEFAULT_MAX_QUERY);
         Ok(Box::new(sink))
     }
 }
@@ -130,6 +163,15 @@ struct RedisSink {
     conn: Option<Connection>,
     /// The URL with its password masked, for messages.
     shown: String,
+    /// The server's largest argument.
+    max_bulk: u64,
+    /// The server's largest command.
+    max_query: u64,
+    /// Per stream, once one of its events was below the top: the dedup
+    /// keys of this outbox among its last [`LATE_SCAN`] entries.
+    seen: HashMap<String, HashSet<String>>,
+    /// Per stream: the milliseconds part of its last id, as last read.
+    top_ms: HashMap<String, u64>,
 }
 
 /// The outbox table, outbox id and row index of a dedup key.
@@ -162,6 +204,49 @@ fn transient_code(code: &str) -> bool {
     )
 }
 
+/// The milliseconds part of a stream id.
+fn id_ms(id: &str) -> u64 {
+    id.split('-')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The text of a `dedup_key` field.
+fn field_text(v: Option<&Value>) -> Option<&[u8]> {
+    match v? {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Why an event cannot be sent to a server with these limits, if so.
+fn oversize(e: &Event, max_bulk: u64, max_query: u64) -> Option<String> {
+    let fields = [
+        ("payload", e.payload.get().len()),
+        ("headers", e.headers.as_ref().map_or(0, |h| h.get().len())),
+        ("subject", e.subject.len()),
+        ("dedup_key", e.dedup_key.len()),
+        ("refresh_id", e.refresh_id.as_ref().map_or(0, |r| r.len())),
+    ];
+    if let Some((name, len)) = fields.iter().find(|(_, len)| *len as u64 > max_bulk) {
+        return Some(format!(
+            "redis: the {name} field is {len} bytes, over the server's proto-max-bulk-len \
+             ({max_bulk} bytes)"
+        ));
+    }
+    // Every argument costs its bytes plus a `$<len>\r\n...\r\n` frame.
+    let total: u64 = fields.iter().map(|(_, l)| *l as u64 + 16).sum::<u64>() + 512;
+    if total > max_query {
+        return Some(format!(
+            "redis: the XADD command is about {total} bytes, over the server's \
+             client-query-buffer-limit ({max_query} bytes)"
+        ));
+    }
+    None
+}
+
 impl RedisSink {
     fn conn(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
@@ -178,28 +263,46 @@ impl RedisSink {
         Ok(self.conn.as_mut().expect("just connected"))
     }
 
+    /// A numeric server setting, or `default` when it cannot be read
+    /// (`CONFIG` renamed or not permitted).
+    fn config_u64(&mut self, name: &str, default: u64) -> u64 {
+        let got: Result<Vec<String>, Error> = self.query(redis::cmd("CONFIG").arg("GET").arg(name));
+        match got {
+            Ok(v) => v.get(1).and_then(|n| n.parse().ok()).unwrap_or(default),
+            Err(e) => {
+                log::debug!("{e}: assuming {name} {default}");
+                default
+            }
+        }
+    }
+
     /// Classify a failed round trip; a broken connection is dropped.
     fn error(&self, e: redis::RedisError) -> Error {
         let msg = format!("redis {}: {e}", self.shown);
         let server = e.code().map(transient_code);
         match server {
             Some(false) if !e.is_io_error() && !e.is_connection_dropped() => {
-                // Authentication and the like: retrying cannot help, but a
-                // daemon keeps retrying slowly.
+                // Authentication, a key of another type and the like:
+                // retrying cannot help until someone acts, so a daemon
+                // keeps retrying slowly.
                 Error::permanent(msg)
             }
             _ => Error::transient(msg),
         }
     }
 
-    fn xadd(&self, e: &Event, id: &str) -> Cmd {
+    fn stream_of(&self, e: &Event) -> String {
         let vars = Vars {
             stream_table: &e.stream_table,
             outbox_id: e.outbox_id,
             refresh_id: e.refresh_id.as_deref().unwrap_or(""),
         };
+        self.cfg.stream.render(&vars, e.op)
+    }
+
+    fn xadd(&self, e: &Event, stream: &str, id: &str) -> Cmd {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.cfg.stream.render(&vars, e.op));
+        cmd.arg(stream);
         if let Some(n) = self.cfg.maxlen {
             cmd.arg("MAXLEN").arg("~").arg(n);
         }
@@ -225,106 +328,6 @@ impl RedisSink {
         cmd
     }
 
-    /// Publish one chunk; rejected events are appended with their index
-    /// offset by `base`.
-    fn chunk(
-        &mut self,
-        events: &[Event],
-        base: usize,
-        rejected: &mut Vec<Rejected>,
-    ) -> Result<(), Error> {
-        let mut ids = Vec::with_capacity(events.len());
-        let mut pipe = Pipeline::with_capacity(events.len());
-        pipe.ignore_errors();
-        for e in events {
-            let id = entry_id(e)?;
-            pipe.add_command(self.xadd(e, &id));
-            ids.push(id);
-        }
-        let results: Vec<Value> = {
-            let r = pipe.query(self.conn()?);
-            r.map_err(|e| {
-                let err = self.error(e);
-                self.conn = None;
-                err
-            })?
-        };
-        if results.len() != events.len() {
-            self.conn = None;
-            return Err(Error::transient(format!(
-                "redis {}: {} replies to {} XADDs",
-                self.shown,
-                results.len(),
-                events.len()
-            )));
-        }
-        // Refused as not above the top: replayed, or out of order.
-        let mut refused = Vec::new();
-        for (i, v) in results.into_iter().enumerate() {
-            let Value::ServerError(err) = v else {
-                continue;
-            };
-            let text = format!("{} {}", err.code(), err.details().unwrap_or(""));
-            if text.contains("equal or smaller than the target stream top item") {
-                refused.push(i);
-            } else if transient_code(err.code()) {
-                return Err(Error::transient(format!("redis {}: {text}", self.shown)));
-            } else {
-                rejected.push(Rejected {
-                    index: base + i,
-                    reason: format!("redis XADD: {text}"),
-                });
-            }
-        }
-        if !refused.is_empty() {
-            let mut pipe = Pipeline::with_capacity(refused.len());
-            for &i in &refused {
-                let e = &events[i];
-                let vars = Vars {
-                    stream_table: &e.stream_table,
-                    outbox_id: e.outbox_id,
-                    refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-                };
-                pipe.cmd("XRANGE")
-                    .arg(self.cfg.stream.render(&vars, e.op))
-                    .arg(&ids[i])
-                    .arg(&ids[i])
-                    .arg("COUNT")
-                    .arg(1);
-            }
-            let found: Vec<Vec<Value>> = {
-                let r = pipe.query(self.conn()?);
-                r.map_err(|e| {
-                    let err = self.error(e);
-                    self.conn = None;
-                    err
-                })?
-            };
-            for (&i, entries) in refused.iter().zip(found) {
-                if entries.is_empty() {
-                    if let Some(reason) = self.late(&events[i], &ids[i])? {
-                        rejected.push(Rejected {
-                            index: base + i,
-                            reason,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl RedisSink {
-    fn stream_of(&self, e: &Event) -> String {
-        let vars = Vars {
-            stream_table: &e.stream_table,
-            outbox_id: e.outbox_id,
-            refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-        };
-        self.cfg.stream.render(&vars, e.op)
-    }
-
     fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, Error> {
         let r = cmd.query(self.conn()?);
         r.map_err(|e| {
@@ -336,55 +339,233 @@ impl RedisSink {
         })
     }
 
-    /// An event whose id is below the stream's top and not in the stream:
-    /// it was committed after later events (or relocated by an earlier
-    /// attempt). Look for it among the entries above its id; if it is not
-    /// there, append it after the top (`<top ms>-*`). Some(reason): it
-    /// cannot be delivered.
-    fn late(&mut self, e: &Event, id: &str) -> Result<Option<String>, Error> {
-        let stream = self.stream_of(e);
-        let mut above = redis::cmd("XREVRANGE");
-        above
-            .arg(&stream)
-            .arg("+")
-            .arg(id)
-            .arg("COUNT")
-            .arg(LATE_SCAN);
-        let reply: redis::streams::StreamRangeReply = self.query(&above)?;
-        let is_it = |v: &Value| match v {
-            Value::BulkString(b) => b.as_slice() == e.dedup_key.as_bytes(),
-            Value::SimpleString(s) => *s == e.dedup_key,
-            _ => false,
+    /// Run a pipeline whose replies are all wanted (errors included).
+    fn run(&mut self, pipe: &Pipeline, n: usize) -> Result<Vec<Value>, Error> {
+        let results: Vec<Value> = {
+            let r = pipe.query(self.conn()?);
+            r.map_err(|e| {
+                let err = self.error(e);
+                self.conn = None;
+                err
+            })?
         };
-        if reply
-            .ids
-            .iter()
-            .any(|entry| entry.map.get("dedup_key").is_some_and(is_it))
-        {
-            return Ok(None); // delivered before, after the top of its time
-        }
-        let Some(top) = reply.ids.first() else {
-            return Ok(Some(format!(
-                "redis: entry id {id} is below the last id of stream {stream}, which has no                  entries above it (trimmed or deleted): the event cannot be placed"
+        if results.len() != n {
+            self.conn = None;
+            return Err(Error::transient(format!(
+                "redis {}: {} replies to {n} commands",
+                self.shown,
+                results.len()
             )));
-        };
-        let top_ms = top.id.split('-').next().unwrap_or("0").to_string();
-        let cmd = self.xadd(e, &format!("{top_ms}-*"));
-        match self.query::<Value>(&cmd) {
-            Ok(_) => {
-                log::info!(
-                    "event {} was committed after later events: appended to {stream} after                      entry {} instead of at {id}",
-                    e.dedup_key,
-                    top.id
-                );
-                Ok(None)
-            }
-            Err(err) if err.class == crate::retry::Class::Transient => Err(err),
-            Err(err) => Ok(Some(format!(
-                "redis: entry id {id} is below the top of stream {stream} (the event was                  committed after later ones) and appending it after the top failed: {}",
-                err.msg
-            ))),
         }
+        Ok(results)
+    }
+
+    /// The error for an `XADD` refused for a reason other than its id.
+    fn refused(&self, stream: &str, err: &redis::ServerError) -> Error {
+        let text = format!("{} {}", err.code(), err.details().unwrap_or(""));
+        let msg = format!("redis {}: XADD to stream {stream}: {text}", self.shown);
+        if transient_code(err.code()) {
+            Error::transient(msg)
+        } else {
+            Error::permanent(msg)
+        }
+    }
+
+    /// Publish one chunk; events too large for the server are appended to
+    /// `rejected` with their index offset by `base`.
+    fn chunk(
+        &mut self,
+        events: &[Event],
+        base: usize,
+        rejected: &mut Vec<Rejected>,
+    ) -> Result<(), Error> {
+        let mut sent = Vec::with_capacity(events.len());
+        // Indices into `sent` of the events whose id is not above their
+        // stream's top: a replay, or below the top.
+        let mut refused = Vec::new();
+        let mut tried = Vec::with_capacity(events.len());
+        let mut pipe = Pipeline::with_capacity(events.len());
+        pipe.ignore_errors();
+        for (i, e) in events.iter().enumerate() {
+            if let Some(reason) = oversize(e, self.max_bulk, self.max_query) {
+                rejected.push(Rejected {
+                    index: base + i,
+                    reason,
+                });
+                continue;
+            }
+            let (stream, id) = (self.stream_of(e), entry_id(e)?);
+            // Known to be below the top (another outbox writes the stream
+            // with larger ids): skip the XADD Redis would refuse.
+            let below = self
+                .top_ms
+                .get(&stream)
+                .is_some_and(|top| (e.outbox_id as u64) < *top);
+            if below {
+                refused.push(sent.len());
+            } else {
+                pipe.add_command(self.xadd(e, &stream, &id));
+                tried.push(sent.len());
+            }
+            sent.push((i, stream, id));
+        }
+        if !tried.is_empty() {
+            let results = self.run(&pipe, tried.len())?;
+            for (&k, v) in tried.iter().zip(results) {
+                let Value::ServerError(err) = v else {
+                    continue;
+                };
+                if err.details().unwrap_or("").contains(NOT_ABOVE_TOP) {
+                    refused.push(k);
+                } else {
+                    return Err(self.refused(&sent[k].1, &err));
+                }
+            }
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        // In read order: late events are appended in it.
+        refused.sort_unstable();
+        let mut pipe = Pipeline::with_capacity(refused.len());
+        for &k in &refused {
+            let (_, stream, id) = &sent[k];
+            pipe.cmd("XRANGE").arg(stream).arg(id).arg(id);
+        }
+        let found = self.run(&pipe, refused.len())?;
+        let mut late = Vec::new();
+        for (&k, reply) in refused.iter().zip(found) {
+            let (i, stream, _) = &sent[k];
+            let e = &events[*i];
+            let reply: redis::streams::StreamRangeReply = redis::from_redis_value(reply)
+                .map_err(|x| Error::transient(format!("redis {}: XRANGE: {x}", self.shown)))?;
+            let ours = reply.ids.first().is_some_and(|entry| {
+                field_text(entry.map.get("dedup_key")) == Some(e.dedup_key.as_bytes())
+            });
+            if !ours {
+                late.push((e, stream.clone()));
+            }
+        }
+        self.place_late(late)
+    }
+
+    /// Events whose id is below their stream's top and not theirs: count
+    /// those an earlier attempt appended as delivered, and append the
+    /// others after the top (`<top ms>-*`), in order.
+    fn place_late(&mut self, late: Vec<(&Event, String)>) -> Result<(), Error> {
+        let mut todo = Vec::with_capacity(late.len());
+        for (e, stream) in late {
+            if !self.seen.contains_key(&stream) {
+                let table = split_key(&e.dedup_key).map_or("", |(t, _, _)| t);
+                let keys = self.scan(&stream, table)?;
+                self.seen.insert(stream.clone(), keys);
+            }
+            if !self.seen[&stream].contains(&e.dedup_key) {
+                todo.push((e, stream));
+            }
+        }
+        for _ in 0..APPEND_ROUNDS {
+            if todo.is_empty() {
+                return Ok(());
+            }
+            let mut pipe = Pipeline::with_capacity(todo.len());
+            pipe.ignore_errors();
+            for (e, stream) in &todo {
+                let ms = match self.top_ms.get(stream) {
+                    Some(ms) => *ms,
+                    None => {
+                        let ms = self.last_ms(stream)?;
+                        self.top_ms.insert(stream.clone(), ms);
+                        ms
+                    }
+                };
+                pipe.add_command(self.xadd(e, stream, &format!("{ms}-*")));
+            }
+            let results = self.run(&pipe, todo.len())?;
+            let mut again = Vec::new();
+            for ((e, stream), v) in todo.into_iter().zip(results) {
+                match v {
+                    Value::ServerError(err)
+                        if err.details().unwrap_or("").contains(NOT_ABOVE_TOP) =>
+                    {
+                        // Another writer moved the top on: read it again.
+                        self.top_ms.remove(&stream);
+                        again.push((e, stream));
+                    }
+                    Value::ServerError(err) => {
+                        let mut x = self.refused(&stream, &err);
+                        if err.details().unwrap_or("").contains("Invalid stream ID") {
+                            x.msg.push_str(
+                                " (an event below the stream's top is appended with the id \
+                                 <ms>-*, which needs Redis 7 or later)",
+                            );
+                        }
+                        return Err(x);
+                    }
+                    _ => log::debug!(
+                        "event {} was below the top of stream {stream}: appended after it",
+                        e.dedup_key
+                    ),
+                }
+            }
+            todo = again;
+        }
+        Err(Error::transient(format!(
+            "redis {}: other writers keep moving the top of the stream while events are \
+             appended after it",
+            self.shown
+        )))
+    }
+
+    /// The milliseconds part of `stream`'s last generated id.
+    fn last_ms(&mut self, stream: &str) -> Result<u64, Error> {
+        let info: HashMap<String, Value> =
+            self.query(redis::cmd("XINFO").arg("STREAM").arg(stream))?;
+        let id: String = info
+            .get("last-generated-id")
+            .and_then(|v| redis::from_redis_value_ref(v).ok())
+            .unwrap_or_default();
+        Ok(id_ms(&id))
+    }
+
+    /// The dedup keys of outbox `table` among the last [`LATE_SCAN`]
+    /// entries of `stream`.
+    fn scan(&mut self, stream: &str, table: &str) -> Result<HashSet<String>, Error> {
+        let mut keys = HashSet::new();
+        let mut end = "+".to_string();
+        let mut read = 0;
+        while read < LATE_SCAN {
+            let page: redis::streams::StreamRangeReply = self.query(
+                redis::cmd("XREVRANGE")
+                    .arg(stream)
+                    .arg(&end)
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(SCAN_PAGE.min(LATE_SCAN - read)),
+            )?;
+            let Some(last) = page.ids.last() else {
+                break;
+            };
+            end = format!("({}", last.id);
+            read += page.ids.len();
+            for entry in &page.ids {
+                if let Some(k) = field_text(entry.map.get("dedup_key")) {
+                    let same_outbox =
+                        split_key(&String::from_utf8_lossy(k)).is_some_and(|(t, _, _)| t == table);
+                    if same_outbox {
+                        keys.insert(String::from_utf8_lossy(k).into_owned());
+                    }
+                }
+            }
+            if page.ids.len() < SCAN_PAGE {
+                break;
+            }
+        }
+        log::debug!(
+            "stream {stream}: {} of the last {read} entries are of outbox {table}",
+            keys.len()
+        );
+        Ok(keys)
     }
 }
 

@@ -36,10 +36,15 @@
 //!
 //! Failures: a request that fails as a whole (connection, HTTP 5xx,
 //! throttling, a missing queue) is transient: the pipeline retries the
-//! batch and nothing is committed. An entry SQS refuses for a transient
-//! reason is sent again (up to 5 attempts, then the batch is retried); an
-//! entry refused as the sender's fault (invalid characters, too large) is
-//! dead-lettered with SQS's code and message, and the batch goes on.
+//! batch and nothing is committed; refused credentials or access are
+//! permanent (retried slowly). An entry SQS refuses for a transient reason
+//! is sent again (up to 5 attempts, then the batch is retried). An entry
+//! refused for its content ([`EVENT_CODES`]: invalid characters, an
+//! invalid attribute or parameter value, too long) is dead-lettered with
+//! SQS's code and message, and the batch goes on. Any other entry refusal
+//! is a problem of the queue (its KMS key disabled or not accessible, an
+//! unsupported operation): the batch fails and is retried slowly, and
+//! nothing is dead-lettered.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -68,6 +73,23 @@ const ENCODE_CHUNK: usize = 500;
 const ID_MAX: usize = 128;
 /// Characters of the original value kept before the hash of a mapped id.
 const ID_PREFIX: usize = 60;
+/// Entry error codes that are about the message itself: only these
+/// dead-letter it.
+pub const EVENT_CODES: &[&str] = &[
+    "InvalidMessageContents",
+    "InvalidParameterValue",
+    "InvalidAttributeName",
+    "InvalidAttributeValue",
+    "MessageTooLong",
+];
+
+/// Whether an entry's error code is about the message itself (the code
+/// with any `com.amazonaws.sqs#` or `AWS.SimpleQueueService.` prefix).
+fn about_the_message(code: &str) -> bool {
+    let code = code.rsplit('#').next().unwrap_or(code);
+    let code = code.strip_prefix("AWS.SimpleQueueService.").unwrap_or(code);
+    EVENT_CODES.contains(&code)
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -366,11 +388,16 @@ impl SqsSink {
                         if f.transient {
                             why = reason;
                             again.push(*e);
-                        } else {
+                        } else if about_the_message(&f.code) {
                             rejected.push(Rejected {
                                 index: e.index,
                                 reason,
                             });
+                        } else {
+                            return Err(Error::permanent(format!(
+                                "{reason} (a problem of the queue, not of the event: \
+                                 retrying, nothing is dead-lettered)"
+                            )));
                         }
                     } else if !ok.contains(&id.as_str()) {
                         why = "sqs SendMessageBatch: an entry is missing from the answer".into();
@@ -427,6 +454,25 @@ mod tests {
         assert_eq!(e.key, "sink.access_key_id");
         assert!(!e.to_string().contains("hunter2"), "{e}");
         assert!(parse(keys(json!({"queue_url": q, "message_group_id": "{op}"}))).is_ok());
+    }
+
+    #[test]
+    fn only_codes_about_the_message_dead_letter_it() {
+        for c in [
+            "InvalidMessageContents",
+            "AWS.SimpleQueueService.InvalidParameterValue",
+            "com.amazonaws.sqs#InvalidAttributeValue",
+        ] {
+            assert!(about_the_message(c), "{c}");
+        }
+        for c in [
+            "KMS.DisabledException",
+            "KmsAccessDenied",
+            "UnsupportedOperation",
+            "",
+        ] {
+            assert!(!about_the_message(c), "{c}");
+        }
     }
 
     #[test]

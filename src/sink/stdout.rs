@@ -5,15 +5,31 @@
 //! "path":"<file>", "rotate_bytes":N}`. A file is fsynced before the
 //! offset is committed; when it reaches `rotate_bytes` it is renamed to
 //! `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file is started.
-//! A closed stdout (`... | head`) ends the relay cleanly: events not
-//! written are not committed. A torn last line (the relay killed mid-write)
-//! is cut off when the file is opened again; its event is written again.
+//! The directory is fsynced after a file is created or renamed, so the
+//! names survive a power loss as the data does. A closed stdout (`... |
+//! head`) ends the relay cleanly: events not written are not committed.
+//!
+//! **Torn records.** A relay killed (or a disk that filled up) mid-write
+//! leaves a torn last record, whose event was not committed. When the file
+//! is opened again, everything after its last complete record is cut off
+//! (and the event written again, whole). Every format has a reliable record
+//! end: a record's JSON values (payload, headers) never hold a raw line
+//! break (PostgreSQL's jsonb text has none; any other is turned into a
+//! space, which JSON ignores), so in `jsonl` every line is one record, in
+//! `json_pretty` a record ends with a line holding only `}` (nested
+//! objects are indented), and in `csv` a record ends with a line break
+//! outside quotes (the file is read once, from its start, to find it). A
+//! file with no complete record is cut to nothing when what it holds is the
+//! start of one; a file that does not look like this sink's output in this
+//! format is refused with an error rather than cut.
 
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::{from_value, ConfigError};
@@ -32,6 +48,17 @@ pub enum Format {
     JsonPretty,
     /// CSV with a header row.
     Csv,
+}
+
+impl Format {
+    /// The name in the config.
+    fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::JsonPretty => "json_pretty",
+            Format::Csv => "csv",
+        }
+    }
 }
 
 /// The `stdout` sink's config.
@@ -66,7 +93,7 @@ impl SinkSpec for StdoutConfig {
         let out = match &self.path {
             None => Out::Stdout,
             Some(path) => {
-                let file = open_append(path)?;
+                let file = open_append(path, self.format)?;
                 let len = file.metadata()?.len();
                 Out::File {
                     next_rotation: next_rotation_index(path),
@@ -109,53 +136,135 @@ struct StdoutSink {
     needs_header: bool,
 }
 
-fn open_append(path: &Path) -> Result<File, Error> {
+fn open_append(path: &Path, format: Format) -> Result<File, Error> {
     let failed = |e: std::io::Error| Error::permanent(format!("opening {}: {e}", path.display()));
-    cut_torn_tail(path).map_err(failed)?;
-    OpenOptions::new()
+    let existed = path.exists();
+    cut_torn_tail(path, format).map_err(failed)?;
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(failed)
+        .map_err(failed)?;
+    if !existed {
+        sync_dir(path)?;
+    }
+    Ok(file)
 }
 
-/// Cut a torn last line off `path`: a relay killed mid-write leaves one
-/// without its newline. Its event was not committed (the file is fsynced
-/// before every offset commit), so it is written again, whole, after it.
-fn cut_torn_tail(path: &Path) -> std::io::Result<()> {
+/// Fsync the directory of `path`, so a file created or renamed in it is
+/// there after a crash of the machine.
+fn sync_dir(path: &Path) -> Result<(), Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::transient(format!("fsync of directory {}: {e}", dir.display())))
+}
+
+/// How a record of `format` starts (what a file of this sink starts with).
+fn record_start(format: Format) -> &'static [u8] {
+    match format {
+        Format::Jsonl => b"{\"dedup_key\":",
+        Format::JsonPretty => b"{\n  \"dedup_key\": ",
+        Format::Csv => CSV_HEADER_LINE.as_bytes(),
+    }
+}
+
+/// Cut a torn last record off `path` (see the module documentation). Its
+/// event was not committed (the file is fsynced before every offset
+/// commit), so it is written again, whole, after it.
+fn cut_torn_tail(path: &Path, format: Format) -> std::io::Result<()> {
     let mut f = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
-    let mut end = len;
-    let mut buf = vec![0u8; 64 * 1024];
-    while end > 0 {
-        let n = end.min(buf.len() as u64);
-        f.seek(SeekFrom::Start(end - n))?;
-        f.read_exact(&mut buf[..n as usize])?;
-        if let Some(i) = buf[..n as usize].iter().rposition(|b| *b == b'\n') {
-            let keep = end - n + i as u64 + 1;
-            if keep < len {
-                log::warn!(
-                    "{}: cutting a torn last line of {} bytes (left by a crash; its event is written again)",
-                    path.display(),
-                    len - keep
-                );
-                f.set_len(keep)?;
-                f.sync_all()?;
-            }
-            return Ok(());
-        }
-        end -= n;
+    if len == 0 {
+        return Ok(());
     }
-    if len > 0 {
+    let start = record_start(format);
+    let mut head = vec![0u8; start.len().min(len as usize)];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut head)?;
+    if !start.starts_with(&head) && format != Format::Jsonl {
+        return Err(std::io::Error::other(format!(
+            "it does not start like a {} file of this sink ({:?}): not an output file of \
+             this sink, or written in another format",
+            format.name(),
+            String::from_utf8_lossy(start)
+        )));
+    }
+    let keep = match format {
+        Format::Jsonl => last_end(&mut f, len, b"\n")?,
+        Format::JsonPretty => last_end(&mut f, len, b"\n}\n")?,
+        Format::Csv => csv_last_end(&mut f)?,
+    };
+    if keep == 0 && !start.starts_with(&head) {
         return Err(std::io::Error::other(
-            "it holds no complete line: not an output file of this sink?",
+            "it holds no complete record: not an output file of this sink?",
         ));
     }
+    if keep < len {
+        log::warn!(
+            "{}: cutting a torn last record of {} bytes (left by a crash; its event is written \
+             again)",
+            path.display(),
+            len - keep
+        );
+        f.set_len(keep)?;
+        f.sync_all()?;
+    }
     Ok(())
+}
+
+/// The offset just after the last `needle` in the first `len` bytes of
+/// `f` (0: none), reading backwards.
+fn last_end(f: &mut File, len: u64, needle: &[u8]) -> std::io::Result<u64> {
+    const BLOCK: u64 = 64 * 1024;
+    let overlap = needle.len() as u64 - 1;
+    let mut end = len;
+    let mut buf = Vec::new();
+    loop {
+        let begin = end.saturating_sub(BLOCK);
+        // Read [begin, end + overlap): a needle across blocks is seen.
+        let stop = (end + overlap).min(len);
+        buf.resize((stop - begin) as usize, 0);
+        f.seek(SeekFrom::Start(begin))?;
+        f.read_exact(&mut buf)?;
+        if let Some(i) = buf.windows(needle.len()).rposition(|w| w == needle) {
+            return Ok(begin + (i + needle.len()) as u64);
+        }
+        if begin == 0 {
+            return Ok(0);
+        }
+        end = begin;
+    }
+}
+
+/// The offset just after the last complete CSV record of `f`: a line
+/// break outside quotes, read from the start.
+fn csv_last_end(f: &mut File) -> std::io::Result<u64> {
+    f.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut pos, mut keep, mut quoted) = (0u64, 0u64, false);
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(keep);
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            match b {
+                // An escaped quote ("") toggles twice.
+                b'"' => quoted = !quoted,
+                b'\n' if !quoted => keep = pos + i as u64 + 1,
+                _ => {}
+            }
+        }
+        pos += n as u64;
+    }
 }
 
 /// 1 + the highest n of existing `<path>.<n>` files.
@@ -181,6 +290,10 @@ fn next_rotation_index(path: &Path) -> u64 {
     max + 1
 }
 
+/// The CSV header row as written.
+const CSV_HEADER_LINE: &str =
+    "dedup_key,subject,op,outbox_id,refresh_id,is_full_refresh,payload,headers\n";
+
 const CSV_HEADER: [&str; 8] = [
     "dedup_key",
     "subject",
@@ -192,9 +305,46 @@ const CSV_HEADER: [&str; 8] = [
     "headers",
 ];
 
+/// `raw` JSON text without raw line breaks: outside strings (the only
+/// place valid JSON has them) they are whitespace, and become spaces.
+fn one_line(raw: &str) -> Cow<'_, str> {
+    if raw.contains(['\n', '\r']) {
+        Cow::Owned(raw.replace(['\n', '\r'], " "))
+    } else {
+        Cow::Borrowed(raw)
+    }
+}
+
+/// A copy of `e` whose payload and headers have no raw line breaks, if
+/// they have any (PostgreSQL's jsonb text never has).
+fn without_line_breaks(e: &Event) -> Option<Event> {
+    let raw = |r: &RawValue| match one_line(r.get()) {
+        Cow::Borrowed(_) => None,
+        Cow::Owned(s) => RawValue::from_string(s).ok(),
+    };
+    let payload = raw(&e.payload);
+    let headers = e.headers.as_deref().and_then(raw);
+    if payload.is_none() && headers.is_none() {
+        return None;
+    }
+    Some(Event {
+        dedup_key: e.dedup_key.clone(),
+        subject: e.subject.clone(),
+        op: e.op,
+        payload: payload.unwrap_or_else(|| e.payload.clone()),
+        is_full_refresh: e.is_full_refresh,
+        outbox_id: e.outbox_id,
+        refresh_id: e.refresh_id.clone(),
+        headers: headers.or_else(|| e.headers.clone()),
+        stream_table: e.stream_table.clone(),
+    })
+}
+
 impl StdoutSink {
     fn encode(&mut self, e: &Event) -> Result<(), Error> {
         let err = |x: String| Error::permanent(format!("encoding {}: {x}", e.dedup_key));
+        let copy = without_line_breaks(e);
+        let e = copy.as_ref().unwrap_or(e);
         match self.cfg.format {
             Format::Jsonl => {
                 serde_json::to_writer(&mut self.buf, e).map_err(|x| err(x.to_string()))?;
@@ -278,7 +428,9 @@ impl StdoutSink {
             ))
         })?;
         *next_rotation += 1;
-        *file = open_append(path)?;
+        // Creating the new file fsyncs the directory: the rename and the
+        // new name are durable before anything in it is committed.
+        *file = open_append(path, self.cfg.format)?;
         *len = 0;
         self.needs_header = self.cfg.format == Format::Csv;
         Ok(())
@@ -315,26 +467,197 @@ impl Sink for StdoutSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Op;
+
+    /// A new empty directory.
+    fn temp(tag: &str) -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("pgtr-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn event(n: i64, subject: &str, payload: &str) -> Event {
+        Event {
+            dedup_key: format!("outbox_orders:{n}:0"),
+            subject: subject.into(),
+            op: Op::Insert,
+            payload: RawValue::from_string(payload.into()).unwrap(),
+            is_full_refresh: false,
+            outbox_id: n,
+            refresh_id: None,
+            headers: Some(RawValue::from_string("{\"h\": 1}".into()).unwrap()),
+            stream_table: "orders".into(),
+        }
+    }
+
+    fn open(path: &Path, format: Format) -> Result<Box<dyn Sink>, Error> {
+        let keys = serde_json::json!({"path": path, "format": format.name()});
+        parse(keys.as_object().unwrap().clone()).unwrap().open("p")
+    }
+
+    fn write(path: &Path, format: Format, events: &[Event]) {
+        let mut sink = open(path, format).unwrap();
+        assert!(sink.publish(events).unwrap().is_empty());
+        sink.flush().unwrap();
+    }
+
+    /// (n, subject) of every record of a file, parsed strictly.
+    fn records(path: &Path, format: Format) -> Vec<(i64, String)> {
+        let bytes = std::fs::read(path).unwrap();
+        let of = |v: &Value| {
+            let p = &v["payload"];
+            (
+                p["n"].as_i64().unwrap(),
+                v["subject"].as_str().unwrap().into(),
+            )
+        };
+        match format {
+            Format::Jsonl => String::from_utf8(bytes)
+                .unwrap()
+                .lines()
+                .map(|l| of(&serde_json::from_str::<Value>(l).unwrap()))
+                .collect(),
+            Format::JsonPretty => serde_json::Deserializer::from_slice(&bytes)
+                .into_iter::<Value>()
+                .map(|v| of(&v.unwrap()))
+                .collect(),
+            Format::Csv => {
+                let mut r = csv::Reader::from_reader(&bytes[..]);
+                assert_eq!(r.headers().unwrap(), CSV_HEADER.as_slice());
+                r.records()
+                    .map(|rec| {
+                        let rec = rec.unwrap();
+                        assert_eq!(rec.len(), 8, "{rec:?}");
+                        let p: Value = serde_json::from_str(&rec[6]).unwrap();
+                        (p["n"].as_i64().unwrap(), rec[1].to_string())
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// A crash at every point of writing the fourth record: each torn file
+    /// is cut back to its three complete records when opened, and the
+    /// fourth is written again, whole.
+    fn torn_fourth_record_is_cut(format: Format, subject: &str) {
+        let events: Vec<Event> = (0..4)
+            .map(|n| event(n, subject, &format!("{{\"n\": {n}}}")))
+            .collect();
+        // The bytes of the fourth record as the sink writes it.
+        let dir = temp("record");
+        let alone = dir.join("alone");
+        write(&alone, format, &events[..3]);
+        let before = std::fs::metadata(&alone).unwrap().len() as usize;
+        write(&alone, format, &events[3..]);
+        let record = std::fs::read(&alone).unwrap()[before..].to_vec();
+        for cut in 1..record.len() {
+            let path = dir.join(format!("torn{cut}"));
+            write(&path, format, &events[..3]);
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(&record[..cut]).unwrap();
+            drop(f);
+            write(&path, format, &events[3..]);
+            let got = records(&path, format);
+            let want: Vec<(i64, String)> = (0..4).map(|n| (n, subject.to_string())).collect();
+            assert_eq!(got, want, "{} cut after {cut} bytes", format.name());
+            std::fs::remove_file(&path).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
-    fn a_torn_last_line_is_cut_and_complete_lines_kept() {
-        let dir = std::env::temp_dir().join(format!("pgtr-torn-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("out.jsonl");
-        std::fs::write(&path, "{\"a\":1}\n{\"a\":2}\n{\"a\":").unwrap();
-        cut_torn_tail(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            "{\"a\":1}\n{\"a\":2}\n"
-        );
-        cut_torn_tail(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            "{\"a\":1}\n{\"a\":2}\n"
-        );
+    fn a_torn_jsonl_record_is_cut() {
+        torn_fourth_record_is_cut(Format::Jsonl, "pg.orders");
+    }
+
+    #[test]
+    fn a_torn_json_pretty_record_is_cut() {
+        torn_fourth_record_is_cut(Format::JsonPretty, "pg.orders");
+    }
+
+    #[test]
+    fn a_torn_csv_record_is_cut_even_inside_a_quoted_line_break() {
+        // The subject holds a line break and quotes: its field is quoted,
+        // and a line break in it is no record end.
+        torn_fourth_record_is_cut(Format::Csv, "pg\n\"orders\"\n");
+    }
+
+    #[test]
+    fn a_torn_first_record_of_a_new_file_is_cut_to_nothing() {
+        for format in [Format::Jsonl, Format::JsonPretty, Format::Csv] {
+            let dir = temp("first");
+            let whole = dir.join("whole");
+            write(&whole, format, &[event(0, "s", "{\"n\": 0}")]);
+            let first = std::fs::read(&whole).unwrap();
+            for cut in [1, 5, first.len() / 2, first.len() - 1] {
+                let path = dir.join(format!("f{cut}"));
+                std::fs::write(&path, &first[..cut]).unwrap();
+                write(&path, format, &[event(0, "s", "{\"n\": 0}")]);
+                assert_eq!(
+                    records(&path, format),
+                    vec![(0, "s".to_string())],
+                    "{} cut after {cut}",
+                    format.name()
+                );
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_this_sinks_output_is_refused_not_cut() {
+        let dir = temp("foreign");
+        let path = dir.join("f");
         std::fs::write(&path, "no newline at all").unwrap();
-        assert!(cut_torn_tail(&path).is_err());
-        cut_torn_tail(&dir.join("missing")).unwrap();
+        assert!(open(&path, Format::Jsonl).is_err());
+        // A JSON-lines file opened as CSV or pretty JSON.
+        let path = dir.join("g");
+        write(&path, Format::Jsonl, &[event(0, "s", "{\"n\": 0}")]);
+        let before = std::fs::read(&path).unwrap();
+        let e = open(&path, Format::Csv).err().unwrap();
+        assert!(
+            e.msg.contains("csv") && e.msg.contains(&path.display().to_string()),
+            "{e}"
+        );
+        assert!(open(&path, Format::JsonPretty).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before, "nothing cut");
+        assert!(cut_torn_tail(&dir.join("missing"), Format::Csv).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn raw_line_breaks_in_json_values_do_not_break_records() {
+        // A `json` (not jsonb) value may hold line breaks as whitespace.
+        let raw = "{\n\"n\": 7,\r\n \"s\": \"a\\nb\"\n}";
+        for format in [Format::Jsonl, Format::JsonPretty, Format::Csv] {
+            let dir = temp("raw");
+            let path = dir.join("f");
+            write(
+                &path,
+                format,
+                &[event(7, "s", raw), event(8, "s", "{\"n\": 8}")],
+            );
+            assert_eq!(
+                records(&path, format),
+                vec![(7, "s".to_string()), (8, "s".to_string())],
+                "{}",
+                format.name()
+            );
+            // The escaped line break inside the string is kept.
+            let text = std::fs::read_to_string(&path).unwrap();
+            let kept = match format {
+                Format::Csv => r#"""s"": ""a\nb"""#,
+                _ => r#""s": "a\nb""#,
+            };
+            assert!(text.contains(kept), "{text}");
+            if format == Format::Jsonl {
+                assert_eq!(text.lines().count(), 2);
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }
