@@ -23,7 +23,7 @@ use postgres::{Client, Statement, Transaction};
 
 use crate::config::Forward;
 use crate::event::Event;
-use crate::health::{self, State};
+use crate::health;
 use crate::metrics;
 use crate::outbox::{rows_consumed, Decoder, OutboxInfo, Position, Row};
 use crate::pipeline::{wait_notification, Ctx};
@@ -72,7 +72,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
         lost: None,
         slice: cfg.batch_size.min(64),
     };
-    health::set(&ctx.name, ctx.direction, State::Running);
+    health::started(&ctx.name, ctx.direction);
     match group {
         Some(g) => {
             log::info!(

@@ -74,6 +74,20 @@ pub fn set(pipeline: &str, direction: &'static str, state: State) {
         .set(matches!(e.state, State::Running | State::Retrying(_)) as i64);
 }
 
+/// A session of the pipeline is under way (it holds its lock and its
+/// connections): running, unless it is retrying after an error, which it
+/// stays until it makes progress ([`ok`]), so a failing pipeline does not
+/// look healthy for the moment each retry takes.
+pub fn started(pipeline: &str, direction: &'static str) {
+    let retrying = matches!(
+        table().get(pipeline).map(|e| &e.state),
+        Some(State::Retrying(_))
+    );
+    if !retrying {
+        set(pipeline, direction, State::Running);
+    }
+}
+
 /// The pipeline delivered a batch, or found nothing waiting: it is healthy.
 pub fn ok(pipeline: &str, lag_seconds: f64) {
     let now = unix_now();
@@ -84,6 +98,7 @@ pub fn ok(pipeline: &str, lag_seconds: f64) {
         e.lag_seconds = lag_seconds;
     }
     let m = metrics::get();
+    m.owned.with_label_values(&[pipeline]).set(1);
     m.last_success.with_label_values(&[pipeline]).set(now);
     m.lag.with_label_values(&[pipeline]).set(lag_seconds);
 }
@@ -187,4 +202,24 @@ pub fn summary() -> String {
         count(|s| matches!(s, State::BadConfig(_))),
         count(|s| matches!(s, State::Stopped)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_retrying_after_an_error_stays_unhealthy_until_it_makes_progress() {
+        let p = "health-test-retry";
+        set(p, "forward", State::WaitingForLock);
+        started(p, "forward");
+        assert_eq!(table()[p].state, State::Running);
+        set(p, "forward", State::Retrying("status 401".into()));
+        started(p, "forward");
+        assert_eq!(table()[p].state, State::Retrying("status 401".into()));
+        assert!(!report(Duration::from_secs(60)).0);
+        ok(p, 0.0);
+        assert_eq!(table()[p].state, State::Running);
+        remove(p);
+    }
 }

@@ -37,7 +37,7 @@ pub fn session(ctx: &Ctx, cfg: &Reverse, state: &mut State) -> Result<(), Error>
     let source = state.source.as_mut().expect("opened above");
     source.resume(&mut client, ctx)?;
     log::info!("receiving into inbox {}", inbox.name);
-    health::set(&ctx.name, ctx.direction, health::State::Running);
+    health::started(&ctx.name, ctx.direction);
     let consumed = metrics::get().consumed.with_label_values(&[&ctx.name]);
     loop {
         if !source.holds() && ctx.stopping() {
