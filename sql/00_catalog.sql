@@ -595,7 +595,7 @@ AS $fn$
 DECLARE
     o        pgtrickle.relay_consumer_offsets;
     v_sys    bigint := (SELECT s.system_identifier FROM pg_catalog.pg_control_system() s);
-    v_next   xid8 := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
+    v_next   xid8;
     v_stream text;
     v_fix    text;
     v_ahead  xid8;
@@ -626,8 +626,13 @@ BEGIN
     SELECT c.stream_table_name INTO v_stream FROM pgtrickle.pgt_outbox_config c
      WHERE c.outbox_table_name = p_outbox;
     v_fix := pg_catalog.format('SELECT pgtrickle.outbox_rebase(%L);', coalesce(v_stream, p_outbox));
-    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', p_outbox)
-       INTO v_ahead USING v_next;
+    -- The counter and the scan in one statement, so in one snapshot: a row
+    -- committed since an earlier statement is not "ahead" of an older count.
+    EXECUTE pg_catalog.format(
+        'SELECT n.xmax, (SELECT max(o.txid) FROM pgtrickle.%I o WHERE o.txid >= n.xmax)
+           FROM (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) AS xmax) n',
+        p_outbox)
+       INTO v_next, v_ahead;
     IF v_ahead IS NOT NULL THEN
         action := 'moved';
         detail := pg_catalog.format('pipeline %I: outbox %s holds rows with transaction ids ahead of this '

@@ -240,9 +240,13 @@ BEGIN
     -- A watermark or rows ahead of this cluster's transaction counter count
     -- another cluster's ids: new rows would sort before the watermark and be
     -- skipped, those rows would wait for years.
-    v_next := pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot());
-    EXECUTE pg_catalog.format('SELECT max(txid) FROM pgtrickle.%I WHERE txid >= $1', v.outbox_table)
-       INTO v_txid USING v_next;
+    -- The counter and the scan in one statement, so in one snapshot: a row
+    -- committed since an earlier statement is not "ahead" of an older count.
+    EXECUTE pg_catalog.format(
+        'SELECT n.xmax, (SELECT max(o.txid) FROM pgtrickle.%I o WHERE o.txid >= n.xmax)
+           FROM (SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) AS xmax) n',
+        v.outbox_table)
+       INTO v_next, v_txid;
     IF (v.grp).committed_txid >= v_next OR v_txid IS NOT NULL THEN
         RAISE EXCEPTION 'poll_outbox: %, ahead of this PostgreSQL cluster''s next transaction id %: the database was restored or moved from another cluster, or the position was set by hand. Nothing was skipped: the group waits. Check that rows written since the move have higher outbox ids than the rows before it (pg_dump carries the id sequence over; after a logical-replication cutover set it with setval), then run: SELECT pgtrickle.outbox_rebase(%); (README: "Moving a database")',
             CASE WHEN v_txid IS NOT NULL

@@ -403,3 +403,63 @@ fn a_rebase_never_moves_a_position_past_an_undelivered_row() {
         .collect();
     assert_eq!(txids, vec!["2", "2"]);
 }
+
+#[test]
+fn busy_writers_never_look_like_rows_of_another_cluster() {
+    // The "rows ahead of this cluster" check compares the outbox's txids
+    // with the transaction counter; writers committing meanwhile must not
+    // make their own rows look ahead of it (a false stop of the pipeline).
+    let pg = Pg::shared();
+    let url = pg.new_db("off_busy");
+    let mut c = pg.client(&url);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('orders'); \
+         SELECT pgtrickle.create_consumer_group('g', 'orders', 'earliest');",
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (url, stop) = (url.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = Pg::shared().client(&url);
+                let mut n = w * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    publish_each(&mut c, "orders", n..n + 1);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    let mut moved = Vec::new();
+    for i in 0..1_500 {
+        for r in c
+            .query(
+                "SELECT action, detail FROM pgtrickle.relay_check_offset('default', 'fwd', 'outbox_orders')",
+                &[],
+            )
+            .unwrap()
+        {
+            moved.push(format!("check {i}: {}: {}", r.get::<_, String>(0), r.get::<_, String>(1)));
+        }
+        if let Err(e) = c.query(
+            "SELECT count(*) FROM pgtrickle.poll_outbox('g', 'c1', 1, 1)",
+            &[],
+        ) {
+            moved.push(format!("poll {i}: {e}"));
+        }
+        if let Err(e) = c.execute("SELECT pgtrickle.seek_offset('g', 'c1', 0)", &[]) {
+            moved.push(format!("seek {i}: {e}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    assert!(
+        moved.is_empty(),
+        "{} false alarms, e.g. {:?}",
+        moved.len(),
+        &moved[..moved.len().min(3)]
+    );
+}
