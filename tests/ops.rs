@@ -579,3 +579,120 @@ fn readyz_is_503_while_postgres_is_unreachable() {
     assert_eq!(v["postgres"], false);
     assert_eq!(probe(&r.http_addr(), true), Some(1));
 }
+
+/// Metric names (`pgtrickle_relay_…`) in a text.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices("pgtrickle_relay_")
+        .map(|(i, _)| {
+            text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn every_metric_the_grafana_dashboard_queries_is_served() {
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/grafana/pgtrickle-relay.json"),
+        )
+        .unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let mut queried = std::collections::BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            queried.extend(metric_names(t["expr"].as_str().unwrap()));
+        }
+    }
+    queried.extend(metric_names(&dash["templating"].to_string()));
+    assert!(queried.len() >= 12, "{queried:?}");
+    // A private server: the prepared transaction below holds every
+    // database's horizon back.
+    let pg = Pg::start();
+    let url = pg.new_db("ops_dash");
+    let file = temp_dir("ops_dash").join("events.jsonl");
+    let input = temp_dir("ops_dash").join("in.jsonl");
+    std::fs::write(&input, "{\"event_id\":\"e1\",\"payload\":{}}\n").unwrap();
+    let mut c = pg.client(&url);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('orders'); \
+         SELECT pgtrickle.create_inbox('events'); \
+         CREATE TABLE held (x int);",
+    )
+    .unwrap();
+    for (f, args) in [
+        (
+            "set_relay_outbox",
+            json_args(
+                "fwd",
+                "orders",
+                serde_json::json!({"type": "stdout", "path": file}),
+            ),
+        ),
+        (
+            "set_relay_outbox",
+            json_args(
+                "broken_fwd",
+                "no_such_outbox",
+                serde_json::json!({"type": "stdout"}),
+            ),
+        ),
+        (
+            "set_relay_inbox",
+            json_args(
+                "rev",
+                "events",
+                serde_json::json!({"type": "stdin", "path": input}),
+            ),
+        ),
+        (
+            "set_relay_inbox",
+            json_args(
+                "broken_rev",
+                "events",
+                serde_json::json!({"type": "stdin", "path": input.with_extension("missing")}),
+            ),
+        ),
+    ] {
+        let sql = if f == "set_relay_outbox" {
+            "SELECT pgtrickle.set_relay_outbox($1, $2, 'default', $3::text::jsonb)"
+        } else {
+            "SELECT pgtrickle.set_relay_inbox($1, $2, $3::text::jsonb)"
+        };
+        c.execute(sql, &[&args.0, &args.1, &args.2]).unwrap();
+    }
+    c.execute(
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 1}')",
+        &[],
+    )
+    .unwrap();
+    let r = Relay::spawn(&mut relay(&url));
+    wait_until(20, "the first event", || lines(&file) == 1);
+    // A prepared transaction holds the horizon: the next event waits.
+    c.batch_execute("BEGIN; INSERT INTO held VALUES (1); PREPARE TRANSACTION 'ops-dash-gid';")
+        .unwrap();
+    c.execute(
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 2}')",
+        &[],
+    )
+    .unwrap();
+    let served = || metric_names(&r.get("/metrics").1);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(30, "every metric the dashboard queries", || {
+            queried.is_subset(&served())
+        })
+    }));
+    c.batch_execute("COMMIT PREPARED 'ops-dash-gid'").unwrap();
+    if result.is_err() {
+        let missing: Vec<_> = queried.difference(&served()).cloned().collect();
+        panic!("the dashboard queries metrics /metrics does not serve: {missing:?}");
+    }
+    wait_until(20, "the held event", || lines(&file) == 2);
+}
+
+fn json_args(name: &str, target: &str, cfg: serde_json::Value) -> (String, String, String) {
+    (name.to_string(), target.to_string(), cfg.to_string())
+}
