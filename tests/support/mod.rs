@@ -59,9 +59,35 @@ fn pg_command(bin: &str) -> Command {
     }
 }
 
+/// Remove the temporary directories of test processes that are gone: a
+/// server shared by a test binary (a `static`) is never dropped, and a
+/// killed test cleans up nothing, so each run would leave gigabytes behind.
+fn sweep_stale_temp_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("pgtr-") else {
+            continue;
+        };
+        // pgtr-<tag>-<pid>-<seq>: the pid is the second field from the end.
+        let mut fields = rest.rsplitn(3, '-');
+        let (_seq, pid) = (fields.next(), fields.next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A fresh, unique temporary directory (owned by `postgres` when root).
 pub fn temp_dir(tag: &str) -> PathBuf {
     let base = std::env::var("PGTRICKLE_TEST_TMP").unwrap_or_else(|_| "/tmp".into());
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    SWEPT.call_once(|| sweep_stale_temp_dirs(Path::new(&base)));
     let dir = PathBuf::from(base).join(format!(
         "pgtr-{tag}-{}-{}",
         std::process::id(),
