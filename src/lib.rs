@@ -103,3 +103,89 @@ pub fn worker_id() -> String {
         .unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", std::process::id())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The modules each module of src/ names (`crate::x`), by top-level
+    /// module; comments and `mod tests` left out.
+    fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+        fn walk(dir: &Path, root: &Path, graph: &mut BTreeMap<String, BTreeSet<String>>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, root, graph);
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_string();
+                let module = rel.split(['/', '.']).next().unwrap().to_string();
+                if !rel.ends_with(".rs") || module == "lib" || module == "main" {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+                let deps = graph.entry(module.clone()).or_default();
+                for line in code.lines().map(|l| l.split("//").next().unwrap()) {
+                    // `crate::a::b`, and `use crate::{a, b::c}`.
+                    let mut rest = line;
+                    while let Some(i) = rest.find("crate::") {
+                        rest = &rest[i + "crate::".len()..];
+                        let names = match rest.strip_prefix('{') {
+                            Some(group) => group.split('}').next().unwrap().split(',').collect(),
+                            None => vec![rest],
+                        };
+                        for n in names {
+                            let n: String = n
+                                .trim()
+                                .chars()
+                                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                                .collect();
+                            if !n.is_empty() && n != module {
+                                deps.insert(n);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut graph = BTreeMap::new();
+        walk(&root, &root, &mut graph);
+        graph
+    }
+
+    #[test]
+    fn no_module_depends_on_itself_through_others() {
+        let graph = module_graph();
+        assert!(graph["config"].contains("sink") && graph["forward"].contains("pipeline"));
+        // Depth-first, keeping the path: a module met again on it is a cycle.
+        fn visit<'a>(
+            m: &'a str,
+            graph: &'a BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<&'a str>,
+            done: &mut BTreeSet<&'a str>,
+        ) {
+            if let Some(i) = path.iter().position(|p| *p == m) {
+                panic!("module cycle: {} -> {m}", path[i..].join(" -> "));
+            }
+            if !done.insert(m) {
+                return;
+            }
+            path.push(m);
+            for d in graph.get(m).into_iter().flatten() {
+                visit(d, graph, path, done);
+            }
+            path.pop();
+        }
+        let mut done = BTreeSet::new();
+        for m in graph.keys() {
+            visit(m, &graph, &mut Vec::new(), &mut done);
+        }
+    }
+}
