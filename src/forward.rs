@@ -82,7 +82,8 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                 info.table,
                 ctx.worker_id
             );
-            GroupLoop::new(ctx, cfg, &g, client, reader, out)?.run()
+            let mut group_loop = GroupLoop::new(ctx, cfg, &g, &mut client, reader, out)?;
+            group_loop.run()
         }
         None => {
             // Said on every session: a misspelt group name shows here.
@@ -102,7 +103,8 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                     "id"
                 }
             );
-            OffsetLoop::new(ctx, cfg, client, reader, out)?.run()
+            let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out)?;
+            offset_loop.run()
         }
     }
 }
@@ -248,11 +250,12 @@ impl<'a> Delivery<'a> {
         if self.events.is_empty() {
             return Ok(());
         }
-        let Some(lost) = self.lease.as_ref().map(|l| l.lost.clone()) else {
+        let Some(lease) = &self.lease else {
             self.send(0, self.events.len())?;
             self.events.clear();
             return Ok(());
         };
+        let (lost, mut slice) = (lease.lost.clone(), lease.slice);
         let mut start = 0;
         while start < self.events.len() {
             if lost.load(Ordering::Relaxed) {
@@ -262,19 +265,19 @@ impl<'a> Delivery<'a> {
                     self.pipeline
                 )));
             }
-            let slice = self.lease.as_ref().map_or(self.batch_size, |l| l.slice);
             let end = (start + slice).min(self.events.len());
             let began = Instant::now();
             self.send(start, end)?;
             // About a second per slice: a holder that lost its lease stops
             // within about a second, a fast sink still gets whole batches.
             let took = began.elapsed();
+            if took < Duration::from_millis(250) {
+                slice = (slice * 2).min(self.batch_size);
+            } else if took > Duration::from_secs(1) {
+                slice = (slice / 2).max(1);
+            }
             if let Some(l) = &mut self.lease {
-                if took < Duration::from_millis(250) {
-                    l.slice = (l.slice * 2).min(self.batch_size);
-                } else if took > Duration::from_secs(1) {
-                    l.slice = (l.slice / 2).max(1);
-                }
+                l.slice = slice;
             }
             start = end;
         }
@@ -483,7 +486,7 @@ impl Reader<'_> {
 struct OffsetLoop<'a> {
     ctx: &'a Ctx,
     cfg: &'a Forward,
-    client: Client,
+    client: &'a mut Client,
     reader: Reader<'a>,
     out: Delivery<'a>,
     /// The read query.
@@ -501,12 +504,12 @@ impl<'a> OffsetLoop<'a> {
     fn new(
         ctx: &'a Ctx,
         cfg: &'a Forward,
-        mut client: Client,
+        client: &'a mut Client,
         reader: Reader<'a>,
         out: Delivery<'a>,
     ) -> Result<OffsetLoop<'a>, Error> {
         let read = client.prepare(&reader.decoder.info.read_sql())?;
-        let pos = Position::load(&mut client, &ctx.relay_group, &ctx.name)?;
+        let pos = Position::load(client, &ctx.relay_group, &ctx.name)?;
         Ok(OffsetLoop {
             ctx,
             cfg,
@@ -531,7 +534,7 @@ impl<'a> OffsetLoop<'a> {
             let mut last = None;
             self.batch_start.get_or_insert_with(Instant::now);
             let read = self.reader.batch(
-                &mut self.client,
+                self.client,
                 &self.read,
                 &self.pos,
                 self.cfg.batch_size,
@@ -540,7 +543,7 @@ impl<'a> OffsetLoop<'a> {
             );
             if let Some(last) = last {
                 self.commits.delivered(&mut self.out, last.clone())?;
-                drain_notifications(&mut self.client)?;
+                drain_notifications(self.client)?;
                 self.pos = last;
                 self.held.moved_on(&self.ctx.name);
                 if self.commits.due(Instant::now(), read.is_err()) {
@@ -560,13 +563,9 @@ impl<'a> OffsetLoop<'a> {
             // Nothing below the horizon. Committed rows above it wait for an
             // older transaction to end: look again soon rather than at the
             // next notification.
-            if info.held_back(&mut self.client, &self.pos)? {
-                self.held
-                    .report(&mut self.client, &self.ctx.name, &info.table)?;
-                health::ok(
-                    &self.ctx.name,
-                    info.lag_seconds(&mut self.client, &self.pos)?,
-                );
+            if info.held_back(self.client, &self.pos)? {
+                self.held.report(self.client, &self.ctx.name, &info.table)?;
+                health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
                 if !self.ctx.sleep(self.held.next_wait()) {
                     return Ok(());
                 }
@@ -579,7 +578,7 @@ impl<'a> OffsetLoop<'a> {
             }
             wait_notification(
                 self.ctx,
-                &mut self.client,
+                self.client,
                 &info.table,
                 idle_wait(self.ctx, info),
             )?;
@@ -604,11 +603,11 @@ impl<'a> OffsetLoop<'a> {
             return Ok(false);
         }
         tx.commit()?;
-        report_claim_checks(&mut self.client, info, self.out.take_claim_checks())?;
+        report_claim_checks(self.client, info, self.out.take_claim_checks())?;
         if let Some(t) = self.batch_start.take() {
             self.batch_seconds.observe(t.elapsed().as_secs_f64());
         }
-        health::ok(&self.ctx.name, info.lag_seconds(&mut self.client, &p)?);
+        health::ok(&self.ctx.name, info.lag_seconds(self.client, &p)?);
         Ok(true)
     }
 }
@@ -722,7 +721,7 @@ struct GroupLoop<'a> {
     ctx: &'a Ctx,
     cfg: &'a Forward,
     group: &'a str,
-    client: Client,
+    client: &'a mut Client,
     reader: Reader<'a>,
     out: Delivery<'a>,
     /// `poll_outbox`: the ids of the next leased batch.
@@ -737,7 +736,7 @@ impl<'a> GroupLoop<'a> {
         ctx: &'a Ctx,
         cfg: &'a Forward,
         group: &'a str,
-        mut client: Client,
+        client: &'a mut Client,
         reader: Reader<'a>,
         mut out: Delivery<'a>,
     ) -> Result<GroupLoop<'a>, Error> {
@@ -801,10 +800,10 @@ impl<'a> GroupLoop<'a> {
                 if ctx.once {
                     return Ok(());
                 }
-                wait_notification(ctx, &mut self.client, &info.table, idle_wait(ctx, info))?;
+                wait_notification(ctx, self.client, &info.table, idle_wait(ctx, info))?;
                 continue;
             };
-            drain_notifications(&mut self.client)?;
+            drain_notifications(self.client)?;
             self.keeper.begin(last_id);
             let published = self.publish(&ids);
             if self.keeper.lost.load(Ordering::Relaxed) {
@@ -830,7 +829,7 @@ impl<'a> GroupLoop<'a> {
                      (same dedup keys)"
                 );
             }
-            report_claim_checks(&mut self.client, info, self.out.take_claim_checks())?;
+            report_claim_checks(self.client, info, self.out.take_claim_checks())?;
         }
     }
 
