@@ -1015,17 +1015,7 @@ fn keep_leases(
 mod tests {
     use super::*;
     use crate::event::Template;
-    use crate::testkit::MemorySink;
-
-    fn info() -> OutboxInfo {
-        OutboxInfo {
-            stream_table: "orders".into(),
-            table: "outbox_orders".into(),
-            delta_table: None,
-            has_txid: true,
-            notifies: true,
-        }
-    }
+    use crate::testkit::{outbox_orders, MemorySink};
 
     /// Outbox row `id` with `n` inserted rows.
     fn row(id: i64, n: usize) -> Row {
@@ -1049,7 +1039,7 @@ mod tests {
 
     /// Hand `rows` to `out` with a decoder of outbox_orders.
     fn decode(out: &mut Delivery, rows: &[Row]) -> Result<(), Error> {
-        let (info, subject) = (info(), Template::parse("t").unwrap());
+        let (info, subject) = (outbox_orders(), Template::parse("t").unwrap());
         let decoder = Decoder {
             info: &info,
             subject: &subject,

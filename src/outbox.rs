@@ -452,13 +452,7 @@ mod tests {
 
     fn decoder_fixture() -> (OutboxInfo, Template) {
         (
-            OutboxInfo {
-                stream_table: "orders".into(),
-                table: "outbox_orders".into(),
-                delta_table: None,
-                has_txid: true,
-                notifies: true,
-            },
+            crate::testkit::outbox_orders(),
             Template::parse("t.{stream_table}.{op}").unwrap(),
         )
     }

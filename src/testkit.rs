@@ -10,9 +10,21 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::event::Event;
+use crate::outbox::OutboxInfo;
 use crate::reverse::{Writer, WriterTx};
 use crate::sink::{Rejected, Sink};
 use crate::source::{Batch, Feed, Message, Source};
+
+/// A kit outbox `outbox_orders` of stream table `orders`, without deltas.
+pub fn outbox_orders() -> OutboxInfo {
+    OutboxInfo {
+        stream_table: "orders".into(),
+        table: "outbox_orders".into(),
+        delta_table: None,
+        has_txid: true,
+        notifies: true,
+    }
+}
 
 /// What a [`MemorySink`] was given, and how it is to answer.
 #[derive(Debug, Default)]
