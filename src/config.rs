@@ -1,10 +1,11 @@
-//! Typed pipeline configuration, parsed from the catalog's JSONB.
+//! Typed pipeline configuration, parsed from the catalog's JSONB: the
+//! pipeline's own keys here, the sink's and the source's keys by the sink
+//! or source (see [`crate::keys`], which they share with this module).
 //!
 //! Every key is checked: a missing or wrong-typed key, an unknown key or an
 //! unknown sink/source type is a [`ConfigError`] naming the key, and the
 //! pipeline does not start.
 
-use std::fmt;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -12,94 +13,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::{Template, DEFAULT_SUBJECT};
+use crate::keys::{from_value, ConfigError};
+use crate::pipeline::Direction;
 use crate::{sink, source};
-
-/// A bad key in a pipeline's config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    /// Dotted path of the key, e.g. `sink.rotate_bytes`.
-    pub key: String,
-    /// What is wrong with it.
-    pub msg: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "key `{}`: {}", self.key, self.msg)
-    }
-}
-
-impl ConfigError {
-    /// An error about `key`.
-    pub fn new(key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
-        ConfigError {
-            key: key.into(),
-            msg: msg.into(),
-        }
-    }
-}
-
-/// The parser registered for `kind` in a sink or source registry (`what`
-/// is `"sink"` or `"source"`), or an error at `<what>.type` that lists the
-/// types this binary has.
-pub fn registered<P: Copy>(
-    what: &str,
-    kind: &str,
-    registry: &[(&str, P)],
-) -> Result<P, ConfigError> {
-    match registry.iter().find(|(name, _)| *name == kind) {
-        Some((_, parse)) => Ok(*parse),
-        None => Err(ConfigError::new(
-            format!("{what}.type"),
-            format!(
-                "unknown {what} type {kind:?} (this binary has: {})",
-                registry
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
-}
-
-/// Deserialize `v` into `T`, reporting the failing key as `prefix.path`.
-pub fn from_value<T: DeserializeOwned>(prefix: &str, v: Value) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let key = if path == "." || path.is_empty() {
-            prefix.to_string()
-        } else {
-            format!("{prefix}.{path}")
-        };
-        let msg = redact(&e.inner().to_string());
-        // serde reports a missing field at its parent: name the field.
-        let key = match msg.strip_prefix("missing field `") {
-            Some(rest) => format!("{key}.{}", rest.split('`').next().unwrap_or("")),
-            None => key,
-        };
-        ConfigError::new(key, msg)
-    })
-}
-
-/// serde quotes the offending value (`invalid type: string "..."`); it may
-/// be a password or token put under the wrong key, so drop it.
-fn redact(msg: &str) -> String {
-    let mut out = String::with_capacity(msg.len());
-    let mut rest = msg;
-    while let Some(i) = rest.find(" \"") {
-        out.push_str(&rest[..i]);
-        match rest[i + 2..].find('"') {
-            Some(j) => rest = &rest[i + 2 + j + 1..],
-            None => {
-                rest = "";
-                break;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
 
 /// Take an optional typed key out of a JSON object.
 fn take<T: DeserializeOwned>(
@@ -129,8 +45,8 @@ fn object(v: Option<Value>, key: &str) -> Result<Map<String, Value>, ConfigError
 pub struct CatalogEntry {
     /// Pipeline name.
     pub name: String,
-    /// `forward` or `reverse`.
-    pub direction: String,
+    /// Which way it moves events.
+    pub direction: Direction,
     /// Whether it should run.
     pub enabled: bool,
     /// The raw config JSONB.
@@ -218,8 +134,8 @@ pub fn parse(entry: &CatalogEntry, default_batch: usize) -> Result<Pipeline, Con
     if let Some(k) = top.keys().next() {
         return Err(ConfigError::new(k.clone(), "unknown key"));
     }
-    match entry.direction.as_str() {
-        "forward" => {
+    match entry.direction {
+        Direction::Forward => {
             if let Some(t) = source_type.as_deref().filter(|t| *t != "outbox") {
                 return Err(ConfigError::new(
                     "source_type",
@@ -254,7 +170,7 @@ pub fn parse(entry: &CatalogEntry, default_batch: usize) -> Result<Pipeline, Con
                 sink: sink::parse(&kind, sink)?,
             }))
         }
-        "reverse" => {
+        Direction::Reverse => {
             let mut src = object(source, "source")?;
             let kind: String = take(&mut src, "source", "type")?
                 .ok_or_else(|| ConfigError::new("source.type", "missing"))?;
@@ -276,10 +192,6 @@ pub fn parse(entry: &CatalogEntry, default_batch: usize) -> Result<Pipeline, Con
                 source: source::parse(&kind, src)?,
             }))
         }
-        other => Err(ConfigError::new(
-            "direction",
-            format!("unknown direction {other:?}"),
-        )),
     }
 }
 
@@ -307,7 +219,7 @@ mod tests {
     fn fwd(sink: Value) -> CatalogEntry {
         CatalogEntry {
             name: "p".into(),
-            direction: "forward".into(),
+            direction: Direction::Forward,
             enabled: true,
             config: json!({"source_type":"outbox","source":{"outbox":"orders","group":"g","retention_hours":24},"sink_type":"stdout","sink":sink}),
         }
@@ -376,7 +288,7 @@ mod tests {
     fn parses_a_stdin_pipeline() {
         let e = CatalogEntry {
             name: "in".into(),
-            direction: "reverse".into(),
+            direction: Direction::Reverse,
             enabled: true,
             config: json!({"source_type":"stdin","source":{"type":"stdin"},"sink_type":"pg-inbox","sink":{"inbox":"events","max_retries":3,"schedule":"1s","with_dead_letter":true,"retention_hours":24}}),
         };

@@ -1,7 +1,9 @@
 //! The coordinator: loads the relay catalog, runs one thread per enabled
 //! pipeline, and restarts exactly the pipeline a `pgtrickle_relay_config`
 //! notification names. A periodic re-read (and SIGHUP) catches anything a
-//! lost notification missed.
+//! lost notification missed. Each pipeline thread runs the sessions of its
+//! pipeline ([`crate::forward`] or [`crate::reverse`]) and retries them by
+//! the rules of [`Retries`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +14,23 @@ use std::time::{Duration, Instant};
 use fallible_iterator::FallibleIterator;
 use postgres::Client;
 
-use crate::config::{self, CatalogEntry};
+use crate::config::{self, CatalogEntry, Pipeline};
+use crate::error::{Class, Error};
 use crate::health::{self, State};
-use crate::pipeline::{self, Ctx};
-use crate::retry::{Backoff, Error};
+use crate::pipeline::{Ctx, Direction};
+use crate::retry::{Backoff, Retries, Verdict};
 use crate::shutdown::Signals;
-use crate::{logging, pg};
+use crate::{forward, logging, metrics, pg, reverse};
+
+/// How a run of the relay ended: the process's exit status (the codes are
+/// in src/main.rs and the man page).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by a signal, or (`--once`) every pipeline drained.
+    Success,
+    /// A `--once` run failed, or the relay could not start.
+    Failure,
+}
 
 /// Process settings from flags and environment.
 #[derive(Debug, Clone)]
@@ -40,6 +53,8 @@ pub struct Settings {
     pub discovery_interval: Duration,
     /// `--stall-timeout-secs`: no progress this long is unhealthy.
     pub stall_timeout: Duration,
+    /// `--metrics-addr`, unless the endpoints are not served (`off`, `--once`).
+    pub metrics_addr: Option<String>,
 }
 
 /// How long shutdown waits for pipelines to finish their batch.
@@ -75,13 +90,19 @@ fn load(client: &mut Client, name: Option<&str>) -> Result<Vec<CatalogEntry>, Er
     rows.iter()
         .map(|r| {
             let name: String = r.get(0);
+            let direction: String = r.get(1);
+            let direction = Direction::parse(&direction).ok_or_else(|| {
+                Error::permanent(format!(
+                    "pipeline {name:?}: unknown direction {direction:?} in the relay catalog"
+                ))
+            })?;
             let text: String = r.get(3);
             let config = serde_json::from_str(&text).map_err(|e| {
-                Error::permanent(format!("pipeline {name:?}: config is not JSON: {e}"))
+                Error::permanent(format!("pipeline {name:?}: config is not JSON: {e}")).caused_by(e)
             })?;
             Ok(CatalogEntry {
                 name,
-                direction: r.get(1),
+                direction,
                 enabled: r.get(2),
                 config,
             })
@@ -140,22 +161,18 @@ impl Coordinator<'_> {
 
     fn start(&mut self, entry: CatalogEntry) {
         let name = entry.name.clone();
-        let direction = if entry.direction == "reverse" {
-            "reverse"
-        } else {
-            "forward"
-        };
+        let direction = entry.direction;
         let p = match config::parse(&entry, self.settings.batch_size) {
             Ok(p) => p,
             Err(e) => {
                 log::error!("pipeline {name:?}: bad config, {e}; pipeline not started");
-                health::set(&name, direction, State::BadConfig(e.to_string()));
+                health::set(&name, direction.as_str(), State::BadConfig(e.to_string()));
                 self.failed = true;
                 self.idle.insert(name, entry);
                 return;
             }
         };
-        health::set(&name, direction, State::Running);
+        health::set(&name, direction.as_str(), State::Running);
         let stop = Arc::new(AtomicBool::new(false));
         let ctx = Ctx {
             name: name.clone(),
@@ -174,12 +191,12 @@ impl Coordinator<'_> {
             .spawn(move || {
                 logging::set_pipeline(&ctx.name);
                 log::info!("pipeline started");
-                let r = pipeline::run(&ctx, &p);
+                let r = run_pipeline(&ctx, &p);
                 match &r {
                     Ok(()) => log::info!("pipeline stopped"),
                     Err(e) => log::error!("pipeline failed: {e}"),
                 }
-                health::set(&ctx.name, ctx.direction, State::Stopped);
+                health::set(&ctx.name, ctx.direction.as_str(), State::Stopped);
                 r
             });
         match spawned {
@@ -284,9 +301,62 @@ fn connect(settings: &Settings, signals: &Signals) -> Option<Client> {
     }
 }
 
+/// A pipeline thread: run sessions of the pipeline until it is stopped, its
+/// input ends, or (`--once`) it is drained; after a failed session, do
+/// what [`Retries`] says. Err only for a `--once` run that could not finish.
+fn run_pipeline(ctx: &Ctx, p: &Pipeline) -> Result<(), Error> {
+    let mut retries = Retries::new(ctx.once);
+    let mut reverse_state = reverse::State::default();
+    loop {
+        if ctx.stopping() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = match p {
+            Pipeline::Forward(f) => forward::session(ctx, f),
+            Pipeline::Reverse(r) => reverse::session(ctx, r, &mut reverse_state),
+        };
+        let Err(e) = result else {
+            return Ok(());
+        };
+        let m = metrics::get();
+        match p {
+            Pipeline::Forward(_) => m.publish_errors.with_label_values(&[&ctx.name]).inc(),
+            Pipeline::Reverse(_) => m.source_errors.with_label_values(&[&ctx.name]).inc(),
+        }
+        let delay = match retries.after(e.class, started.elapsed()) {
+            Verdict::Stop => {
+                log::info!("output closed ({e}); stopping the relay");
+                ctx.shutdown.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
+            Verdict::GiveUp => return Err(e),
+            Verdict::RetryIn(d) => d,
+        };
+        if ctx.stopping() {
+            return Ok(());
+        }
+        let retry_ms = delay.as_millis() as u64;
+        match e.class {
+            Class::Permanent => {
+                log::error!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}")
+            }
+            _ => log::warn!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}"),
+        }
+        health::set(
+            &ctx.name,
+            ctx.direction.as_str(),
+            State::Retrying(e.msg.clone()),
+        );
+        m.retries.with_label_values(&[&ctx.name]).inc();
+        if !ctx.sleep(delay) {
+            return Ok(());
+        }
+    }
+}
+
 /// Run until shutdown (or, with `--once`, until every pipeline drained).
-/// Returns the process exit code.
-pub fn run(settings: &Settings, signals: &Signals) -> i32 {
+pub fn run(settings: &Settings, signals: &Signals) -> Exit {
     let mut co = Coordinator {
         settings,
         signals,
@@ -295,14 +365,18 @@ pub fn run(settings: &Settings, signals: &Signals) -> i32 {
         failed: false,
     };
     let Some(mut client) = connect(settings, signals) else {
-        return if signals.stopping() { 0 } else { 1 };
+        return if signals.stopping() {
+            Exit::Success
+        } else {
+            Exit::Failure
+        };
     };
     if let Err(e) = co.reconcile_all(&mut client) {
         log::error!(
             "reading the relay catalog: {e} (is the SQL installed? `pgtrickle-relay sql | psql`)"
         );
         if settings.once {
-            return 1;
+            return Exit::Failure;
         }
     }
     for name in &settings.only {
@@ -321,7 +395,11 @@ pub fn run(settings: &Settings, signals: &Signals) -> i32 {
         }
         co.shutdown();
         co.reap();
-        return if co.failed { 1 } else { 0 };
+        return if co.failed {
+            Exit::Failure
+        } else {
+            Exit::Success
+        };
     }
     log::info!(
         "relay running: {} pipelines, relay group {:?}, worker {}",
@@ -376,7 +454,7 @@ pub fn run(settings: &Settings, signals: &Signals) -> i32 {
     log::info!("shutting down");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     co.shutdown();
-    0
+    Exit::Success
 }
 
 /// systemd notifications (when started with `NOTIFY_SOCKET`): READY=1 once

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::error::Error;
+
 /// Whether a row was inserted into or deleted from the stream table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,8 +83,8 @@ pub struct Template {
 pub const DEFAULT_SUBJECT: &str = "pgtrickle.{stream_table}.{op}";
 
 impl Template {
-    /// Parse a template; unknown `{variables}` are an error.
-    pub fn parse(s: &str) -> Result<Template, String> {
+    /// Parse a template; unknown `{variables}` are a (permanent) error.
+    pub fn parse(s: &str) -> Result<Template, Error> {
         let mut parts = Vec::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
@@ -91,7 +93,7 @@ impl Template {
             }
             let close = rest[open..]
                 .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in template {s:?}"))?
+                .ok_or_else(|| Error::permanent(format!("unclosed '{{' in template {s:?}")))?
                 + open;
             parts.push(match &rest[open + 1..close] {
                 "stream_table" => Part::StreamTable,
@@ -99,10 +101,10 @@ impl Template {
                 "outbox_id" => Part::OutboxId,
                 "refresh_id" => Part::RefreshId,
                 other => {
-                    return Err(format!(
+                    return Err(Error::permanent(format!(
                         "unknown variable {{{other}}} in template {s:?} \
                          (known: {{stream_table}}, {{op}}, {{outbox_id}}, {{refresh_id}})"
-                    ))
+                    )))
                 }
             });
             rest = &rest[close + 1..];
@@ -156,8 +158,12 @@ mod tests {
     fn rejects_unknown_variables_and_unclosed_braces() {
         assert!(Template::parse("x.{table}")
             .unwrap_err()
+            .msg
             .contains("{table}"));
-        assert!(Template::parse("x.{op").unwrap_err().contains("unclosed"));
+        assert!(Template::parse("x.{op")
+            .unwrap_err()
+            .msg
+            .contains("unclosed"));
     }
 
     #[test]

@@ -9,10 +9,17 @@
 //!
 //! Two ways to keep the position: by default the pipeline owns its offset
 //! in `relay_consumer_offsets` and one relay instance runs it (advisory
-//! lock). When `source.group` names a consumer group made with
-//! `create_consumer_group`, every instance runs it and the group hands out
-//! leased batches (`poll_outbox`/`commit_offset`) instead; a thread of the
-//! pipeline's own keeps the lease of the batch out alive.
+//! lock; [`OffsetLoop`]). When `source.group` names a consumer group made
+//! with `create_consumer_group`, every instance runs it and the group hands
+//! out leased batches (`poll_outbox`/`commit_offset`) instead
+//! ([`GroupLoop`]); a thread of the pipeline's own keeps the lease of the
+//! batch out alive ([`LeaseKeeper`]).
+//!
+//! The rules are in plain structs that unit tests drive without a server:
+//! [`Delivery`] (rows into events, publishing, dead letters), [`Commits`]
+//! (how far and when the offset moves) and [`Held`] (rows held back by the
+//! commit horizon). The SQL stays at the edges: the two loops, [`Reader`]
+//! and [`write_dead_letters`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,14 +27,15 @@ use std::time::{Duration, Instant};
 
 use fallible_iterator::FallibleIterator;
 use postgres::{Client, Statement, Transaction};
+use prometheus::Histogram;
 
 use crate::config::Forward;
+use crate::error::Error;
 use crate::event::Event;
 use crate::health;
 use crate::metrics;
-use crate::outbox::{rows_consumed, Decoder, OutboxInfo, Position, Row};
+use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
 use crate::pipeline::{wait_notification, Ctx};
-use crate::retry::Error;
 use crate::sink::Sink;
 
 /// How often delivered events are made durable and their offset committed
@@ -37,6 +45,8 @@ const COMMIT_EVERY: Duration = Duration::from_millis(250);
 const FETCH_ROWS: i32 = 1000;
 /// How often an outbox without NOTIFY is read while idle.
 const UNNOTIFIED_POLL: Duration = Duration::from_millis(100);
+/// Rows held back by the horizon: how soon to look again at first, and at most.
+const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
 
 /// Run the pipeline on one connection until stopped, drained (`--once`) or
 /// an error ends the session.
@@ -52,27 +62,19 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
     }
     client.batch_execute("LISTEN pgtrickle_outbox_new")?;
     let mut sink = cfg.sink.open(&ctx.name)?;
-    let decoder = Decoder {
-        info: &info,
-        subject: &cfg.subject,
-        pipeline: &ctx.name,
-    };
-    let mut out = Output {
-        sink: sink.as_mut(),
-        events: Vec::with_capacity(cfg.batch_size.min(100_000)),
-        batch_size: cfg.batch_size,
-        decoder: &decoder,
+    let reader = Reader {
+        decoder: Decoder {
+            info: &info,
+            subject: &cfg.subject,
+            pipeline: &ctx.name,
+        },
         delta: match &info.delta_table {
             Some(_) => Some(client.prepare(&info.delta_sql()?)?),
             None => None,
         },
-        claim_checks: Vec::new(),
-        dead: Vec::new(),
-        pipeline: &ctx.name,
-        lost: None,
-        slice: cfg.batch_size.min(64),
     };
-    health::started(&ctx.name, ctx.direction);
+    let out = Delivery::new(sink.as_mut(), cfg.batch_size, &ctx.name);
+    health::started(&ctx.name, ctx.direction.as_str());
     match group {
         Some(g) => {
             log::info!(
@@ -80,7 +82,8 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                 info.table,
                 ctx.worker_id
             );
-            group_loop(ctx, cfg, &info, &g, &mut client, &mut out)
+            let mut group_loop = GroupLoop::new(ctx, cfg, &g, &mut client, reader, out)?;
+            group_loop.run()
         }
         None => {
             // Said on every session: a misspelt group name shows here.
@@ -100,7 +103,8 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                     "id"
                 }
             );
-            offset_loop(ctx, cfg, &info, &mut client, &mut out)
+            let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out)?;
+            offset_loop.run()
         }
     }
 }
@@ -150,38 +154,108 @@ fn consumer_group(
     }
 }
 
-/// Decoded events on their way to the sink.
-struct Output<'a> {
-    sink: &'a mut dyn Sink,
-    events: Vec<Event>,
-    batch_size: usize,
-    decoder: &'a Decoder<'a>,
-    delta: Option<Statement>,
-    /// Claim-check rows fully published, to report once committed.
-    claim_checks: Vec<i64>,
-    /// Events the sink rejected for good: (dedup key, envelope, reason),
-    /// written with the next offset commit.
-    dead: Vec<(String, String, String)>,
-    /// The pipeline, for the dead-letter table.
-    pipeline: &'a str,
-    /// Consumer-group mode: set when this instance lost the lease of the
-    /// batch out. Events then go to the sink in slices of about a second,
-    /// and none once it is set.
-    lost: Option<Arc<AtomicBool>>,
-    /// The current slice size (consumer-group mode).
+/// An event the sink refused for good, as it goes into
+/// `pgtrickle.relay_dead_letters` (see [`write_dead_letters`]).
+#[derive(Debug, Clone, PartialEq)]
+struct DeadLetter {
+    /// The event's dedup key.
+    dedup_key: String,
+    /// The event envelope as JSON, as the stdout sink would write it.
+    envelope: String,
+    /// Why, as the sink said it.
+    reason: String,
+}
+
+/// Consumer-group mode: events go to the sink in slices of about a second,
+/// and none once this instance lost the lease of the batch out.
+struct Lease {
+    /// Set by the [`LeaseKeeper`] when the batch out is no longer ours.
+    lost: Arc<AtomicBool>,
+    /// The current slice size.
     slice: usize,
 }
 
-impl Output<'_> {
+/// Decoded events on their way to the sink, and what their delivery owes
+/// the next commit: the dead letters to write and the claim-checks to
+/// report.
+struct Delivery<'a> {
+    sink: &'a mut dyn Sink,
+    /// Events decoded and not yet published.
+    events: Vec<Event>,
+    /// Publish once this many events are waiting.
+    batch_size: usize,
+    /// The pipeline, for metrics and the log.
+    pipeline: &'a str,
+    /// Events the sink rejected for good, written with the next commit.
+    dead: Vec<DeadLetter>,
+    /// Claim-check rows fully published, to report once committed.
+    claim_checks: Vec<i64>,
+    /// Consumer-group mode: the lease of the batch out.
+    lease: Option<Lease>,
+}
+
+impl<'a> Delivery<'a> {
+    fn new(sink: &'a mut dyn Sink, batch_size: usize, pipeline: &'a str) -> Delivery<'a> {
+        Delivery {
+            sink,
+            events: Vec::with_capacity(batch_size.min(100_000)),
+            batch_size,
+            pipeline,
+            dead: Vec::new(),
+            claim_checks: Vec::new(),
+            lease: None,
+        }
+    }
+
+    /// Publish in slices, and stop publishing once `lost` is set.
+    fn lease(&mut self, lost: Arc<AtomicBool>) {
+        self.lease = Some(Lease {
+            lost,
+            slice: self.batch_size.min(64),
+        });
+    }
+
+    /// Decode an outbox row into the batch, publishing once it is full. A
+    /// row that fails to decode leaves none of its events behind. For a
+    /// claim-check row, what is waiting is published and the claim-check is
+    /// returned: the caller streams its delta rows ([`Delivery::push`]).
+    fn row(&mut self, decoder: &Decoder, row: &Row) -> Result<Option<ClaimCheck>, Error> {
+        let before = self.events.len();
+        let decoded = decoder.decode(row, &mut self.events);
+        if decoded.is_err() {
+            self.events.truncate(before);
+        }
+        if let Some(cc) = decoded? {
+            self.publish()?;
+            return Ok(Some(cc));
+        }
+        if self.events.len() >= self.batch_size {
+            self.publish()?;
+        }
+        Ok(None)
+    }
+
+    /// Add an event of a claim-check delta.
+    fn push(&mut self, event: Event) {
+        self.events.push(event);
+    }
+
+    /// Claim-check row `id` was published whole.
+    fn claim_check_done(&mut self, id: i64) {
+        self.claim_checks.push(id);
+    }
+
+    /// Publish the waiting events; they stay waiting when the sink fails.
     fn publish(&mut self) -> Result<(), Error> {
         if self.events.is_empty() {
             return Ok(());
         }
-        let Some(lost) = self.lost.clone() else {
+        let Some(lease) = &self.lease else {
             self.send(0, self.events.len())?;
             self.events.clear();
             return Ok(());
         };
+        let (lost, mut slice) = (lease.lost.clone(), lease.slice);
         let mut start = 0;
         while start < self.events.len() {
             if lost.load(Ordering::Relaxed) {
@@ -191,16 +265,19 @@ impl Output<'_> {
                     self.pipeline
                 )));
             }
-            let end = (start + self.slice).min(self.events.len());
+            let end = (start + slice).min(self.events.len());
             let began = Instant::now();
             self.send(start, end)?;
             // About a second per slice: a holder that lost its lease stops
             // within about a second, a fast sink still gets whole batches.
             let took = began.elapsed();
             if took < Duration::from_millis(250) {
-                self.slice = (self.slice * 2).min(self.batch_size);
+                slice = (slice * 2).min(self.batch_size);
             } else if took > Duration::from_secs(1) {
-                self.slice = (self.slice / 2).max(1);
+                slice = (slice / 2).max(1);
+            }
+            if let Some(l) = &mut self.lease {
+                l.slice = slice;
             }
             start = end;
         }
@@ -208,7 +285,8 @@ impl Output<'_> {
         Ok(())
     }
 
-    /// Publish `events[start..end]`; collect what the sink rejects for good.
+    /// Publish `events[start..end]`; what the sink rejects for good becomes
+    /// a dead letter.
     fn send(&mut self, start: usize, end: usize) -> Result<(), Error> {
         let events = &self.events[start..end];
         let rejected = self.sink.publish(events)?;
@@ -227,10 +305,19 @@ impl Output<'_> {
                 e.dedup_key,
                 r.reason
             );
-            let envelope = serde_json::to_string(e).unwrap_or_else(|_| "null".into());
-            self.dead.push((e.dedup_key.clone(), envelope, r.reason));
+            self.dead.push(DeadLetter {
+                dedup_key: e.dedup_key.clone(),
+                envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
+                reason: r.reason,
+            });
         }
         Ok(())
+    }
+
+    /// Everything handed over is published and durable: flush the sink.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.publish()?;
+        self.sink.flush()
     }
 
     /// Forget a batch that will not be committed (it is read again).
@@ -240,103 +327,275 @@ impl Output<'_> {
         self.claim_checks.clear();
     }
 
-    /// Record the dead letters collected since the last commit, in the
-    /// transaction that commits the offset.
-    fn write_dead_letters(&mut self, tx: &mut Transaction) -> Result<(), Error> {
-        if self.dead.is_empty() {
+    /// The dead letters collected since the last commit, for the commit.
+    fn take_dead(&mut self) -> Vec<DeadLetter> {
+        std::mem::take(&mut self.dead)
+    }
+
+    /// The claim-checks published since the last commit, to report.
+    fn take_claim_checks(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.claim_checks)
+    }
+}
+
+/// Write `dead` letters of `pipeline` in `tx`, the transaction that
+/// commits the position past them.
+fn write_dead_letters(
+    tx: &mut Transaction,
+    pipeline: &str,
+    dead: &[DeadLetter],
+) -> Result<(), Error> {
+    if dead.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = dead.iter().map(|d| d.dedup_key.as_str()).collect();
+    let payloads: Vec<&str> = dead.iter().map(|d| d.envelope.as_str()).collect();
+    let errors: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    tx.execute(
+        "SELECT pgtrickle.relay_dead_letter($1, $2, $3, $4)",
+        &[&pipeline, &keys, &payloads, &errors],
+    )?;
+    Ok(())
+}
+
+/// Tell the outbox the claim-check rows `ids` were delivered (after the
+/// position past them is committed).
+fn report_claim_checks(client: &mut Client, info: &OutboxInfo, ids: Vec<i64>) -> Result<(), Error> {
+    for id in ids {
+        rows_consumed(client, info, id)?;
+    }
+    Ok(())
+}
+
+/// The commit rule of the offset mode: the position only moves to a row
+/// whose events, and every event before them, the sink acknowledged and
+/// made durable. While a backlog is worked off it is committed every
+/// [`COMMIT_EVERY`], at once when a read fails (what came before the
+/// failing row is delivered), and when caught up or stopping.
+struct Commits {
+    /// Delivered but not yet committed.
+    pending: Option<Position>,
+    /// When the last commit on schedule was made.
+    last: Instant,
+}
+
+impl Commits {
+    fn new(now: Instant) -> Commits {
+        Commits {
+            pending: None,
+            last: now,
+        }
+    }
+
+    /// A read handed the rows up to `last` to `out`: publish what of them
+    /// waits. Only once the sink acknowledged it do they count as delivered.
+    fn delivered(&mut self, out: &mut Delivery, last: Position) -> Result<(), Error> {
+        out.publish()?;
+        self.pending = Some(last);
+        Ok(())
+    }
+
+    /// Whether to commit now, while reading on.
+    fn due(&self, now: Instant, read_failed: bool) -> bool {
+        self.pending.is_some() && (read_failed || now.duration_since(self.last) >= COMMIT_EVERY)
+    }
+
+    /// A commit on schedule was made at `now`.
+    fn committed_on_schedule(&mut self, now: Instant) {
+        self.last = now;
+    }
+
+    /// The position to commit, once everything delivered up to it is
+    /// durable (`out` flushed); None when nothing was delivered since the
+    /// last commit.
+    fn take(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
+        if self.pending.is_none() {
+            return Ok(None);
+        }
+        out.finish()?;
+        Ok(self.pending.take())
+    }
+}
+
+/// Hands outbox rows to a [`Delivery`], streaming the delta rows of a
+/// claim-check from the read transaction chunk by chunk.
+struct Reader<'a> {
+    decoder: Decoder<'a>,
+    /// The delta-rows query, when the outbox has a delta-rows table.
+    delta: Option<Statement>,
+}
+
+impl Reader<'_> {
+    /// Hand one outbox row to `out`.
+    fn row(&self, tx: &mut Transaction, out: &mut Delivery, row: &Row) -> Result<(), Error> {
+        let Some(cc) = out.row(&self.decoder, row)? else {
             return Ok(());
-        }
-        let keys: Vec<&str> = self.dead.iter().map(|d| d.0.as_str()).collect();
-        let payloads: Vec<&str> = self.dead.iter().map(|d| d.1.as_str()).collect();
-        let errors: Vec<&str> = self.dead.iter().map(|d| d.2.as_str()).collect();
-        tx.execute(
-            "SELECT pgtrickle.relay_dead_letter($1, $2, $3, $4)",
-            &[&self.pipeline, &keys, &payloads, &errors],
-        )?;
-        self.dead.clear();
-        Ok(())
-    }
-
-    /// Decode one row; a claim-check is streamed from `tx` chunk by chunk.
-    fn row(&mut self, tx: &mut Transaction, row: &Row) -> Result<(), Error> {
-        let before = self.events.len();
-        let decoded = self.decoder.decode(row, &mut self.events);
-        if decoded.is_err() {
-            // No part of a row that fails to decode goes out.
-            self.events.truncate(before);
-        }
-        if let Some(cc) = decoded? {
-            self.publish()?;
-            let stmt = self.delta.as_ref().ok_or_else(|| {
-                Error::permanent(format!(
-                    "outbox {} id {}: claim-check row but no delta-rows table",
-                    self.decoder.info.table, row.id
-                ))
-            })?;
-            let portal = tx.bind(stmt, &[&row.id])?;
-            let chunk = self.batch_size.clamp(1, 10_000) as i32;
-            loop {
-                let rows = tx.query_portal(&portal, chunk)?;
-                if rows.is_empty() {
-                    break;
-                }
-                for d in &rows {
-                    self.events.push(self.decoder.delta_event(row, &cc, d)?);
-                }
-                self.publish()?;
+        };
+        let stmt = self.delta.as_ref().ok_or_else(|| {
+            Error::permanent(format!(
+                "outbox {} id {}: claim-check row but no delta-rows table",
+                self.decoder.info.table, row.id
+            ))
+        })?;
+        let portal = tx.bind(stmt, &[&row.id])?;
+        let chunk = out.batch_size.clamp(1, 10_000) as i32;
+        loop {
+            let rows = tx.query_portal(&portal, chunk)?;
+            if rows.is_empty() {
+                break;
             }
-            self.claim_checks.push(row.id);
-        } else if self.events.len() >= self.batch_size {
-            self.publish()?;
+            for d in &rows {
+                out.push(self.decoder.delta_event(row, &cc, d)?);
+            }
+            out.publish()?;
         }
+        out.claim_check_done(row.id);
         Ok(())
     }
 
-    /// Everything published is durable: flush the sink.
-    fn finish(&mut self) -> Result<(), Error> {
-        self.publish()?;
-        self.sink.flush()
-    }
-
-    /// Report delivered claim-checks (after the position is committed).
-    fn report_claim_checks(&mut self, client: &mut Client, info: &OutboxInfo) -> Result<(), Error> {
-        for id in self.claim_checks.drain(..) {
-            rows_consumed(client, info, id)?;
+    /// Read and hand to `out` the rows after `pos` in one read-only
+    /// transaction; `last` is the position of the last row fully handed over.
+    fn batch(
+        &self,
+        client: &mut Client,
+        read: &Statement,
+        pos: &Position,
+        batch_size: usize,
+        out: &mut Delivery,
+        last: &mut Option<Position>,
+    ) -> Result<(), Error> {
+        let mut tx = client.transaction()?;
+        let portal = tx.bind(read, &[&pos.txid_or_zero(), &pos.id, &(batch_size as i64)])?;
+        loop {
+            let rows = tx.query_portal(&portal, FETCH_ROWS)?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                let row = Row::from_pg(r);
+                self.row(&mut tx, out, &row)?;
+                *last = Some(row.position());
+            }
         }
+        tx.commit()?;
         Ok(())
     }
 }
 
 /// Default mode: this pipeline's own offset in `relay_consumer_offsets`.
-fn offset_loop(
-    ctx: &Ctx,
-    cfg: &Forward,
-    info: &OutboxInfo,
-    client: &mut Client,
-    out: &mut Output,
-) -> Result<(), Error> {
-    let read = client.prepare(&info.read_sql())?;
-    let mut pos = Position::load(client, &ctx.relay_group, &ctx.name)?;
-    // Delivered but not yet committed: committed every COMMIT_EVERY, when
-    // caught up, and before stopping.
-    let mut pending: Option<Position> = None;
-    let mut last_commit = Instant::now();
-    let batch_seconds = metrics::get().batch.with_label_values(&[&ctx.name]);
-    let mut batch_start: Option<Instant> = None;
-    // Ok(false): the catalog no longer has this pipeline as it runs
-    // (deleted or changed meanwhile): nothing was committed.
-    let commit = |client: &mut Client,
-                  out: &mut Output,
-                  pending: &mut Option<Position>,
-                  batch_start: &mut Option<Instant>|
-     -> Result<bool, Error> {
-        let Some(p) = pending.take() else {
+struct OffsetLoop<'a> {
+    ctx: &'a Ctx,
+    cfg: &'a Forward,
+    client: &'a mut Client,
+    reader: Reader<'a>,
+    out: Delivery<'a>,
+    /// The read query.
+    read: Statement,
+    /// The position read up to (delivered or not).
+    pos: Position,
+    commits: Commits,
+    held: Held,
+    /// When the first read not yet committed began (batch-time metric).
+    batch_start: Option<Instant>,
+    batch_seconds: Histogram,
+}
+
+impl<'a> OffsetLoop<'a> {
+    fn new(
+        ctx: &'a Ctx,
+        cfg: &'a Forward,
+        client: &'a mut Client,
+        reader: Reader<'a>,
+        out: Delivery<'a>,
+    ) -> Result<OffsetLoop<'a>, Error> {
+        let read = client.prepare(&reader.decoder.info.read_sql())?;
+        let pos = Position::load(client, &ctx.relay_group, &ctx.name)?;
+        Ok(OffsetLoop {
+            ctx,
+            cfg,
+            client,
+            reader,
+            out,
+            read,
+            pos,
+            commits: Commits::new(Instant::now()),
+            held: Held::new(),
+            batch_start: None,
+            batch_seconds: metrics::get().batch.with_label_values(&[&ctx.name]),
+        })
+    }
+
+    fn run(&mut self) -> Result<(), Error> {
+        let info = self.reader.decoder.info;
+        loop {
+            if self.ctx.stopping() {
+                return self.commit().map(|_| ());
+            }
+            let mut last = None;
+            self.batch_start.get_or_insert_with(Instant::now);
+            let read = self.reader.batch(
+                self.client,
+                &self.read,
+                &self.pos,
+                self.cfg.batch_size,
+                &mut self.out,
+                &mut last,
+            );
+            if let Some(last) = last {
+                self.commits.delivered(&mut self.out, last.clone())?;
+                drain_notifications(self.client)?;
+                self.pos = last;
+                self.held.moved_on(&self.ctx.name);
+                if self.commits.due(Instant::now(), read.is_err()) {
+                    if !self.commit()? {
+                        return Ok(());
+                    }
+                    self.commits.committed_on_schedule(Instant::now());
+                }
+                read?;
+                continue;
+            }
+            read?;
+            if !self.commit()? {
+                return Ok(());
+            }
+            self.batch_start = None;
+            // Nothing below the horizon. Committed rows above it wait for an
+            // older transaction to end: look again soon rather than at the
+            // next notification.
+            if info.held_back(self.client, &self.pos)? {
+                self.held.report(self.client, &self.ctx.name, &info.table)?;
+                health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
+                if !self.ctx.sleep(self.held.next_wait()) {
+                    return Ok(());
+                }
+                continue;
+            }
+            self.held.clear(&self.ctx.name);
+            health::ok(&self.ctx.name, 0.0);
+            if self.ctx.once {
+                return Ok(());
+            }
+            wait_notification(
+                self.ctx,
+                self.client,
+                &info.table,
+                idle_wait(self.ctx, info),
+            )?;
+        }
+    }
+
+    /// Commit the delivered position, with the dead letters collected, in
+    /// one transaction. Ok(false): the catalog no longer has this pipeline
+    /// as it runs (deleted or changed meanwhile): nothing was committed.
+    fn commit(&mut self) -> Result<bool, Error> {
+        let Some(p) = self.commits.take(&mut self.out)? else {
             return Ok(true);
         };
-        out.finish()?;
-        let mut tx = client.transaction()?;
-        out.write_dead_letters(&mut tx)?;
-        if !p.commit(&mut tx, ctx, &info.table)? {
+        let info = self.reader.decoder.info;
+        let mut tx = self.client.transaction()?;
+        write_dead_letters(&mut tx, &self.ctx.name, &self.out.take_dead())?;
+        if !p.commit(&mut tx, self.ctx, &info.table)? {
             log::info!(
                 "the pipeline was deleted or changed in the relay catalog: its position is not \
                  committed, and this session ends"
@@ -344,61 +603,12 @@ fn offset_loop(
             return Ok(false);
         }
         tx.commit()?;
-        out.report_claim_checks(client, info)?;
-        if let Some(t) = batch_start.take() {
-            batch_seconds.observe(t.elapsed().as_secs_f64());
+        report_claim_checks(self.client, info, self.out.take_claim_checks())?;
+        if let Some(t) = self.batch_start.take() {
+            self.batch_seconds.observe(t.elapsed().as_secs_f64());
         }
-        health::ok(&ctx.name, info.lag_seconds(client, &p)?);
+        health::ok(&self.ctx.name, info.lag_seconds(self.client, &p)?);
         Ok(true)
-    };
-    let mut held = Held::new();
-    loop {
-        if ctx.stopping() {
-            return commit(client, out, &mut pending, &mut batch_start).map(|_| ());
-        }
-        let mut last = None;
-        batch_start.get_or_insert_with(Instant::now);
-        let read = read_batch(client, &read, &pos, cfg.batch_size, out, &mut last);
-        if let Some(last) = last {
-            out.publish()?;
-            drain_notifications(client)?;
-            pos = last.clone();
-            pending = Some(last);
-            held.wait = Duration::from_millis(5);
-            held.clear(&ctx.name);
-            // Deliver and commit what came before a failing row, too.
-            if read.is_err() || last_commit.elapsed() >= COMMIT_EVERY {
-                if !commit(client, out, &mut pending, &mut batch_start)? {
-                    return Ok(());
-                }
-                last_commit = Instant::now();
-            }
-            read?;
-            continue;
-        }
-        read?;
-        if !commit(client, out, &mut pending, &mut batch_start)? {
-            return Ok(());
-        }
-        batch_start = None;
-        // Nothing below the horizon. Committed rows above it wait for an
-        // older transaction to end: look again soon rather than at the
-        // next notification.
-        if info.held_back(client, &pos)? {
-            held.report(client, &ctx.name, &info.table)?;
-            health::ok(&ctx.name, info.lag_seconds(client, &pos)?);
-            if !ctx.sleep(held.wait) {
-                return Ok(());
-            }
-            held.wait = (held.wait * 2).min(Duration::from_millis(200));
-            continue;
-        }
-        held.clear(&ctx.name);
-        health::ok(&ctx.name, 0.0);
-        if ctx.once {
-            return Ok(());
-        }
-        wait_notification(ctx, client, &info.table, idle_wait(ctx, info))?;
     }
 }
 
@@ -421,8 +631,21 @@ impl Held {
             since: None,
             warned: None,
             gid: None,
-            wait: Duration::from_millis(5),
+            wait: HELD_WAIT.0,
         }
+    }
+
+    /// How long to wait before looking again: soon at first, then longer.
+    fn next_wait(&mut self) -> Duration {
+        let d = self.wait;
+        self.wait = (self.wait * 2).min(HELD_WAIT.1);
+        d
+    }
+
+    /// The position moved: nothing is held back, and the next wait is short.
+    fn moved_on(&mut self, pipeline: &str) {
+        self.wait = HELD_WAIT.0;
+        self.clear(pipeline);
     }
 
     /// Rows are held back: export how long and which transaction holds
@@ -493,125 +716,147 @@ impl Held {
     }
 }
 
-/// Read and decode the rows after `pos` in one read-only transaction;
-/// `last` is the position of the last row fully handed to `out`.
-fn read_batch(
-    client: &mut Client,
-    read: &Statement,
-    pos: &Position,
-    batch_size: usize,
-    out: &mut Output,
-    last: &mut Option<Position>,
-) -> Result<(), Error> {
-    let mut tx = client.transaction()?;
-    let portal = tx.bind(read, &[&pos.txid_or_zero(), &pos.id, &(batch_size as i64)])?;
-    loop {
-        let rows = tx.query_portal(&portal, FETCH_ROWS)?;
-        if rows.is_empty() {
-            break;
-        }
-        for r in &rows {
-            let row = Row::from_pg(r);
-            out.row(&mut tx, &row)?;
-            *last = Some(row.position());
-        }
-    }
-    tx.commit()?;
-    Ok(())
+/// Consumer-group mode: leased batches from `poll_outbox`.
+struct GroupLoop<'a> {
+    ctx: &'a Ctx,
+    cfg: &'a Forward,
+    group: &'a str,
+    client: &'a mut Client,
+    reader: Reader<'a>,
+    out: Delivery<'a>,
+    /// `poll_outbox`: the ids of the next leased batch.
+    poll: Statement,
+    /// The rows of those ids, in that order.
+    fetch: Statement,
+    keeper: LeaseKeeper,
 }
 
-/// Consumer-group mode: leased batches from `poll_outbox`.
-fn group_loop(
-    ctx: &Ctx,
-    cfg: &Forward,
-    info: &OutboxInfo,
-    group: &str,
-    client: &mut Client,
-    out: &mut Output,
-) -> Result<(), Error> {
-    let consumer = ctx.worker_id.as_str();
-    let lease_seconds = cfg.lease.as_secs() as i32;
-    let poll = client.prepare(
-        "SELECT p.outbox_id FROM pgtrickle.poll_outbox($1, $2, $3, $4) WITH ORDINALITY AS p \
-         ORDER BY p.ordinality",
-    )?;
-    let extra_cols = if info.has_txid {
-        "txid::text, refresh_id::text, is_claim_check, payload::text, headers::text"
-    } else {
-        "NULL::text, refresh_id::text, is_claim_check, payload::text, NULL::text"
-    };
-    // poll_outbox returns rows in horizon order; fetch the full rows (with
-    // headers) in that same order.
-    let fetch = client.prepare(&format!(
-        "SELECT o.id, {extra_cols} FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
-         JOIN pgtrickle.{} o ON o.id = b.id ORDER BY b.n",
-        crate::outbox::quote_ident(&info.table)
-    ))?;
-    let keeper = LeaseKeeper::start(ctx, group, cfg.lease);
-    out.lost = Some(keeper.lost.clone());
-    loop {
-        if ctx.stopping() {
-            return Ok(());
-        }
-        let ids: Vec<i64> = client
-            .query(
-                &poll,
-                &[&group, &consumer, &(cfg.batch_size as i32), &lease_seconds],
-            )?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let Some(&last_id) = ids.last() else {
-            health::ok(&ctx.name, 0.0);
-            if ctx.once {
+impl<'a> GroupLoop<'a> {
+    fn new(
+        ctx: &'a Ctx,
+        cfg: &'a Forward,
+        group: &'a str,
+        client: &'a mut Client,
+        reader: Reader<'a>,
+        mut out: Delivery<'a>,
+    ) -> Result<GroupLoop<'a>, Error> {
+        let info = reader.decoder.info;
+        let poll = client.prepare(
+            "SELECT p.outbox_id FROM pgtrickle.poll_outbox($1, $2, $3, $4) WITH ORDINALITY AS p \
+             ORDER BY p.ordinality",
+        )?;
+        let extra_cols = if info.has_txid {
+            "txid::text, refresh_id::text, is_claim_check, payload::text, headers::text"
+        } else {
+            "NULL::text, refresh_id::text, is_claim_check, payload::text, NULL::text"
+        };
+        // poll_outbox returns rows in horizon order; fetch the full rows (with
+        // headers) in that same order.
+        let fetch = client.prepare(&format!(
+            "SELECT o.id, {extra_cols} FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
+             JOIN pgtrickle.{} o ON o.id = b.id ORDER BY b.n",
+            crate::outbox::quote_ident(&info.table)
+        ))?;
+        let keeper = LeaseKeeper::start(ctx, group, cfg.lease);
+        out.lease(keeper.lost.clone());
+        Ok(GroupLoop {
+            ctx,
+            cfg,
+            group,
+            client,
+            reader,
+            out,
+            poll,
+            fetch,
+            keeper,
+        })
+    }
+
+    fn run(&mut self) -> Result<(), Error> {
+        let (ctx, group) = (self.ctx, self.group);
+        let info = self.reader.decoder.info;
+        let consumer = ctx.worker_id.as_str();
+        let lease_seconds = self.cfg.lease.as_secs() as i32;
+        loop {
+            if ctx.stopping() {
                 return Ok(());
             }
-            wait_notification(ctx, client, &info.table, idle_wait(ctx, info))?;
-            continue;
-        };
-        drain_notifications(client)?;
-        keeper.begin(last_id);
-        let published = (|| {
-            let mut tx = client.transaction()?;
-            let rows = tx.query(&fetch, &[&ids])?;
-            for r in &rows {
-                out.row(&mut tx, &Row::from_pg(r))?;
+            let ids: Vec<i64> = self
+                .client
+                .query(
+                    &self.poll,
+                    &[
+                        &group,
+                        &consumer,
+                        &(self.cfg.batch_size as i32),
+                        &lease_seconds,
+                    ],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let Some(&last_id) = ids.last() else {
+                health::ok(&ctx.name, 0.0);
+                if ctx.once {
+                    return Ok(());
+                }
+                wait_notification(ctx, self.client, &info.table, idle_wait(ctx, info))?;
+                continue;
+            };
+            drain_notifications(self.client)?;
+            self.keeper.begin(last_id);
+            let published = self.publish(&ids);
+            if self.keeper.lost.load(Ordering::Relaxed) {
+                self.keeper.end();
+                self.out.discard();
+                log::warn!(
+                    "consumer group {group:?}: this instance lost its lease on the batch ending \
+                     at outbox id {last_id} (another consumer took it over); stopped publishing it"
+                );
+                continue;
             }
-            tx.commit()?;
-            out.finish()
-        })();
-        if keeper.lost.load(Ordering::Relaxed) {
-            keeper.end();
-            out.discard();
-            log::warn!(
-                "consumer group {group:?}: this instance lost its lease on the batch ending at \
-                 outbox id {last_id} (another consumer took it over); stopped publishing it"
-            );
-            continue;
+            if let Err(e) = published {
+                self.keeper.end();
+                return Err(e);
+            }
+            let kept = self.commit(last_id)?;
+            self.keeper.end();
+            health::ok(&ctx.name, 0.0);
+            if !kept {
+                log::warn!(
+                    "consumer group {group:?}: the lease on the batch ending at outbox id \
+                     {last_id} had passed to another consumer; its events may be delivered twice \
+                     (same dedup keys)"
+                );
+            }
+            report_claim_checks(self.client, info, self.out.take_claim_checks())?;
         }
-        if let Err(e) = published {
-            keeper.end();
-            return Err(e);
+    }
+
+    /// Read the leased rows `ids` and publish them, durably.
+    fn publish(&mut self, ids: &[i64]) -> Result<(), Error> {
+        let mut tx = self.client.transaction()?;
+        let rows = tx.query(&self.fetch, &[&ids])?;
+        for r in &rows {
+            self.reader.row(&mut tx, &mut self.out, &Row::from_pg(r))?;
         }
-        let mut tx = client.transaction()?;
-        out.write_dead_letters(&mut tx)?;
+        tx.commit()?;
+        self.out.finish()
+    }
+
+    /// Commit the batch ending at `last_id` with the dead letters collected;
+    /// false when its lease had passed to another consumer meanwhile.
+    fn commit(&mut self, last_id: i64) -> Result<bool, Error> {
+        let mut tx = self.client.transaction()?;
+        write_dead_letters(&mut tx, &self.ctx.name, &self.out.take_dead())?;
         let kept: bool = tx
             .query_one(
                 "SELECT pgtrickle.commit_offset($1, $2, $3)",
-                &[&group, &consumer, &last_id],
+                &[&self.group, &self.ctx.worker_id, &last_id],
             )?
             .get(0);
         tx.commit()?;
-        keeper.end();
-        health::ok(&ctx.name, 0.0);
-        if !kept {
-            log::warn!(
-                "consumer group {group:?}: the lease on the batch ending at outbox id {last_id} \
-                 had passed to another consumer; its events may be delivered twice (same dedup \
-                 keys)"
-            );
-        }
-        out.report_claim_checks(client, info)?;
+        Ok(kept)
     }
 }
 
@@ -763,5 +1008,192 @@ fn keep_leases(
                 lost.store(true, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Template;
+    use crate::testkit::{outbox_orders, MemorySink};
+
+    /// Outbox row `id` with `n` inserted rows.
+    fn row(id: i64, n: usize) -> Row {
+        let rows: Vec<String> = (0..n).map(|i| format!("{{\"n\":{i}}}")).collect();
+        Row {
+            id,
+            txid: Some("100".into()),
+            refresh_id: None,
+            claim_check: false,
+            payload: format!("{{\"v\":1,\"inserted\":[{}]}}", rows.join(",")),
+            headers: None,
+        }
+    }
+
+    fn position(id: i64) -> Position {
+        Position {
+            txid: Some("100".into()),
+            id,
+        }
+    }
+
+    /// Hand `rows` to `out` with a decoder of outbox_orders.
+    fn decode(out: &mut Delivery, rows: &[Row]) -> Result<(), Error> {
+        let (info, subject) = (outbox_orders(), Template::parse("t").unwrap());
+        let decoder = Decoder {
+            info: &info,
+            subject: &subject,
+            pipeline: "p",
+        };
+        for r in rows {
+            assert_eq!(out.row(&decoder, r)?, None);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_row_that_fails_to_decode_leaves_none_of_its_events_behind() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        decode(&mut out, &[row(1, 2)]).unwrap();
+        // Its deleted rows decode, then its inserted rows do not.
+        let mut bad = row(2, 0);
+        bad.payload = r#"{"v":1,"deleted":[{"n":0},{"n":1}],"inserted":"x"}"#.into();
+        let e = decode(&mut out, &[bad]).unwrap_err();
+        assert!(e.msg.contains("outbox_orders id 2"), "{e}");
+        out.finish().unwrap();
+        assert_eq!(
+            sink.0.borrow().acked,
+            ["outbox_orders:1:0", "outbox_orders:1:1"]
+        );
+    }
+
+    #[test]
+    fn events_the_sink_refuses_for_good_become_dead_letters_with_their_envelope() {
+        let sink = MemorySink::default();
+        sink.0
+            .borrow_mut()
+            .reject
+            .insert("outbox_orders:1:1".into(), "message too large".into());
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        decode(&mut out, &[row(1, 3)]).unwrap();
+        out.finish().unwrap();
+        assert_eq!(
+            sink.0.borrow().acked,
+            ["outbox_orders:1:0", "outbox_orders:1:2"]
+        );
+        let dead = out.take_dead();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].dedup_key, "outbox_orders:1:1");
+        assert_eq!(dead[0].reason, "message too large");
+        let envelope: serde_json::Value = serde_json::from_str(&dead[0].envelope).unwrap();
+        assert_eq!(envelope["dedup_key"], "outbox_orders:1:1");
+        assert_eq!(envelope["payload"], serde_json::json!({"n": 1}));
+        assert_eq!(envelope["outbox_id"], 1);
+        // Written once: the next commit has none.
+        assert!(out.take_dead().is_empty());
+        // A batch given up forgets its dead letters (it is read again).
+        decode(&mut out, &[row(1, 3)]).unwrap();
+        out.publish().unwrap();
+        out.discard();
+        assert!(out.take_dead().is_empty());
+    }
+
+    #[test]
+    fn a_full_batch_goes_out_at_once_and_a_failed_publish_keeps_its_events() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 3, "p");
+        decode(&mut out, &[row(1, 2)]).unwrap();
+        assert!(sink.0.borrow().calls.is_empty());
+        decode(&mut out, &[row(2, 1)]).unwrap();
+        assert_eq!(sink.0.borrow().calls, [3]);
+        sink.0.borrow_mut().fail_publishes = 1;
+        assert!(decode(&mut out, &[row(3, 3)]).is_err());
+        out.finish().unwrap();
+        assert_eq!(sink.0.borrow().calls, [3, 3, 3]);
+        assert_eq!(sink.0.borrow().acked.len(), 6);
+    }
+
+    #[test]
+    fn the_offset_moves_only_past_what_the_sink_acknowledged_and_made_durable() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut commits = Commits::new(Instant::now());
+        decode(&mut out, &[row(1, 2)]).unwrap();
+        // Not acknowledged: not delivered, nothing to commit.
+        sink.0.borrow_mut().fail_publishes = 1;
+        assert!(commits.delivered(&mut out, position(1)).is_err());
+        assert_eq!(commits.take(&mut out).unwrap(), None);
+        // Acknowledged, but the flush fails: not committed yet.
+        commits.delivered(&mut out, position(1)).unwrap();
+        sink.0.borrow_mut().fail_flush = true;
+        assert!(commits.take(&mut out).is_err());
+        assert_eq!(sink.0.borrow().flushed, 0);
+        // Flushed: committed up to row 1, once.
+        assert_eq!(commits.take(&mut out).unwrap(), Some(position(1)));
+        assert_eq!(sink.0.borrow().flushed, 2);
+        assert_eq!(commits.take(&mut out).unwrap(), None);
+    }
+
+    #[test]
+    fn a_backlog_is_committed_every_interval_and_at_once_after_a_failed_read() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        let t0 = Instant::now();
+        let mut commits = Commits::new(t0);
+        assert!(!commits.due(t0 + COMMIT_EVERY, true), "nothing delivered");
+        decode(&mut out, &[row(1, 1)]).unwrap();
+        commits.delivered(&mut out, position(1)).unwrap();
+        assert!(!commits.due(t0 + COMMIT_EVERY / 2, false));
+        assert!(commits.due(t0 + COMMIT_EVERY / 2, true));
+        assert!(commits.due(t0 + COMMIT_EVERY, false));
+        commits.take(&mut out).unwrap();
+        commits.committed_on_schedule(t0 + COMMIT_EVERY);
+        decode(&mut out, &[row(2, 1)]).unwrap();
+        commits.delivered(&mut out, position(2)).unwrap();
+        assert!(!commits.due(t0 + COMMIT_EVERY * 3 / 2, false));
+        assert!(commits.due(t0 + COMMIT_EVERY * 2, false));
+        // Caught up or stopping: committed whenever it is taken.
+        assert_eq!(commits.take(&mut out).unwrap(), Some(position(2)));
+    }
+
+    #[test]
+    fn a_leased_batch_goes_out_in_growing_slices_and_not_at_all_once_the_lease_is_lost() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 1000, "p");
+        let lost = Arc::new(AtomicBool::new(false));
+        out.lease(lost.clone());
+        decode(&mut out, &[row(1, 200)]).unwrap();
+        out.publish().unwrap();
+        // Slices of 64 events at first, growing while the sink is fast
+        // (doubling each time unless a slice took over 250 ms).
+        let calls = sink.0.borrow().calls.clone();
+        assert_eq!((calls[0], calls.iter().sum::<usize>()), (64, 200));
+        assert!(calls[1] >= 64, "{calls:?}");
+        decode(&mut out, &[row(2, 10)]).unwrap();
+        lost.store(true, Ordering::Relaxed);
+        let e = out.publish().unwrap_err();
+        assert!(e.msg.contains("lost the lease"), "{e}");
+        assert_eq!(e.class, crate::error::Class::Transient);
+        assert_eq!(sink.0.borrow().calls.len(), calls.len());
+        out.finish().unwrap();
+        assert_eq!(sink.0.borrow().acked.len(), 200);
+    }
+
+    #[test]
+    fn rows_held_back_are_looked_at_again_soon_then_less_often() {
+        let mut held = Held::new();
+        let waits: Vec<u64> = (0..8)
+            .map(|_| held.next_wait().as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 200, 200]);
+        held.moved_on("forward-test-held");
+        assert_eq!(held.next_wait(), Duration::from_millis(5));
     }
 }

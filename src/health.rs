@@ -26,6 +26,7 @@ pub enum State {
 }
 
 struct Entry {
+    /// `forward` or `reverse` ([`crate::pipeline::Direction`]).
     direction: &'static str,
     state: State,
     /// Last batch delivered, or last check that found nothing waiting.

@@ -139,13 +139,13 @@ impl Inbox {
             }
         }
         let last = Error::from(last);
-        Err(Error {
-            msg: format!(
+        Err(Error::new(
+            last.class,
+            format!(
                 "message {:?}: {}; refused as a dead letter too: {}",
                 m.event_id, refusal.msg, last.msg
             ),
-            class: last.class,
-        })
+        ))
     }
 
     /// One multi-row insert.

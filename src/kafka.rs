@@ -20,7 +20,7 @@ use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::keys::ConfigError;
 use crate::pg::expand_env;
 use crate::retry::Error;
 

@@ -1,43 +1,19 @@
 //! pgtrickle-relay: moves events between PostgreSQL outbox/inbox tables and
-//! message brokers. Flags are defined here, in one place; everything else
-//! is configured in SQL.
-
-#[cfg(feature = "rabbitmq")]
-mod amqp;
-mod config;
-mod coordinator;
-mod event;
-mod forward;
-mod health;
-mod http;
-mod inbox;
-#[cfg(feature = "kafka")]
-mod kafka;
-mod logging;
-mod metrics;
-mod outbox;
-mod pg;
-mod pipeline;
-mod redact;
-mod retry;
-mod reverse;
-mod shutdown;
-mod sink;
-mod source;
-mod sql;
-#[cfg(feature = "sqs")]
-mod sqs;
-mod status;
+//! message brokers. Flags are defined here, in one place (everything else
+//! is configured in SQL), and turned into one call of the library per mode:
+//! `run`, `status`, `sql` or `probe`.
 
 use std::io::Write;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use argh::FromArgs;
+use pgtrickle_relay::{Exit, LogFormat, Settings};
 
 /// Exit code: a `--once` run failed, or the relay could not start.
-const EXIT_FAILURE: i32 = 1;
+const EXIT_FAILURE: u8 = 1;
 /// Exit code: bad flags or settings.
-const EXIT_USAGE: i32 = 2;
+const EXIT_USAGE: u8 = 2;
 
 #[derive(FromArgs)]
 /// Relay events between PostgreSQL outbox/inbox tables and message brokers.
@@ -145,24 +121,24 @@ fn flag_or_env(flag: Option<String>, env: &str) -> Option<String> {
     flag.or_else(|| std::env::var(env).ok().filter(|v| !v.is_empty()))
 }
 
+/// Say what is wrong with the flags and exit with [`EXIT_USAGE`].
 fn usage_error(msg: &str) -> ! {
     eprintln!(
         "pgtrickle-relay: {}\nRun pgtrickle-relay --help for usage.",
-        redact::secrets(msg)
+        pgtrickle_relay::redact_secrets(msg)
     );
-    std::process::exit(EXIT_USAGE);
+    std::process::exit(EXIT_USAGE.into());
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
+/// The exit status of a run.
+fn exit_code(e: Exit) -> ExitCode {
+    match e {
+        Exit::Success => ExitCode::SUCCESS,
+        Exit::Failure => ExitCode::from(EXIT_FAILURE),
+    }
 }
 
-fn main() {
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let strs: Vec<&str> = args.iter().map(String::as_str).collect();
     let flags = match Flags::from_args(&strs[..1], &strs[1..]) {
@@ -170,37 +146,36 @@ fn main() {
         Err(early) => {
             if early.status.is_ok() {
                 println!("{}", early.output);
-                std::process::exit(0);
+                return ExitCode::SUCCESS;
             }
             eprintln!("{}", early.output.trim_end());
-            std::process::exit(EXIT_USAGE);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     if flags.version {
         println!("pgtrickle-relay {}", env!("CARGO_PKG_VERSION"));
-        return;
+        return ExitCode::SUCCESS;
     }
     if let Some(Command::Probe(cmd)) = &flags.command {
         let addr = flag_or_env(flags.metrics_addr.clone(), "PGTRICKLE_RELAY_METRICS_ADDR")
             .unwrap_or_else(|| "127.0.0.1:9090".into());
-        let path = if cmd.ready { "/readyz" } else { "/livez" };
-        match http::probe(&addr, path) {
-            Ok(()) => return,
+        return match pgtrickle_relay::probe(&addr, cmd.ready) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("pgtrickle-relay probe: {e}");
-                std::process::exit(EXIT_FAILURE);
+                ExitCode::from(EXIT_FAILURE)
             }
-        }
+        };
     }
     if let Some(Command::Sql(_)) = flags.command {
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(sql::script().as_bytes());
-        return;
+        let _ = out.write_all(pgtrickle_relay::sql().as_bytes());
+        return ExitCode::SUCCESS;
     }
 
     let format = match flag_or_env(flags.log_format, "PGTRICKLE_RELAY_LOG_FORMAT").as_deref() {
-        None | Some("text") => logging::Format::Text,
-        Some("json") => logging::Format::Json,
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
         Some(other) => usage_error(&format!("--log-format must be text or json, not {other:?}")),
     };
     let level = match flag_or_env(flags.log_level, "PGTRICKLE_RELAY_LOG_LEVEL") {
@@ -211,63 +186,43 @@ fn main() {
             ))
         }),
     };
-    logging::init(format, level);
+    pgtrickle_relay::init_logging(format, level);
 
     let Some(url) = flag_or_env(flags.postgres_url, "PGTRICKLE_RELAY_POSTGRES_URL") else {
         usage_error("--postgres-url (or PGTRICKLE_RELAY_POSTGRES_URL) is required");
     };
-    let postgres_url = pg::expand_env(&url).unwrap_or_else(|e| usage_error(&e));
+    let postgres_url =
+        pgtrickle_relay::expand_env(&url).unwrap_or_else(|e| usage_error(&e.to_string()));
     let relay_group = flag_or_env(flags.relay_group_id, "PGTRICKLE_RELAY_GROUP_ID")
         .unwrap_or_else(|| "default".into());
     if let Some(Command::Status(cmd)) = flags.command {
-        let result = pg::connect(&postgres_url, "pgtrickle-relay status")
-            .and_then(|mut c| status::collect(&mut c, &relay_group));
-        match result {
-            Ok(v) if cmd.json => println!("{v:#}"),
-            Ok(v) => print!("{}", status::table(&v)),
+        return match pgtrickle_relay::status(&postgres_url, &relay_group, cmd.json) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 log::error!("{e}");
-                std::process::exit(EXIT_FAILURE);
+                ExitCode::from(EXIT_FAILURE)
             }
-        }
-        return;
+        };
     }
     if flags.batch_size == 0 {
         usage_error("--batch-size must be at least 1");
     }
-    let settings = coordinator::Settings {
+    let metrics_addr = flag_or_env(flags.metrics_addr, "PGTRICKLE_RELAY_METRICS_ADDR")
+        .unwrap_or_else(|| "0.0.0.0:9090".into());
+    let settings = Settings {
         postgres_url,
         relay_group,
-        worker_id: format!("{}:{}", hostname(), std::process::id()),
+        worker_id: pgtrickle_relay::worker_id(),
         once: flags.once,
         only: flags.pipeline,
         batch_size: flags.batch_size,
         poll_interval: Duration::from_millis(flags.poll_interval_ms.max(10)),
         discovery_interval: Duration::from_secs(flags.discovery_interval_secs.max(1)),
         stall_timeout: Duration::from_secs(flags.stall_timeout_secs.max(1)),
+        metrics_addr: Some(metrics_addr).filter(|a| !flags.once && a != "off"),
     };
-    let signals = match shutdown::Signals::install() {
-        Ok(s) => s,
-        Err(e) => {
-            log::error!("installing signal handlers: {e}");
-            std::process::exit(EXIT_FAILURE);
-        }
-    };
-    log::info!(
-        "pgtrickle-relay {} connecting to {}",
-        env!("CARGO_PKG_VERSION"),
-        pg::mask(&settings.postgres_url)
-    );
-    let metrics_addr = flag_or_env(flags.metrics_addr, "PGTRICKLE_RELAY_METRICS_ADDR")
-        .unwrap_or_else(|| "0.0.0.0:9090".into());
-    if !settings.once && metrics_addr != "off" {
-        match http::serve(&metrics_addr, settings.stall_timeout) {
-            Ok(addr) => log::info!("serving /metrics and /health on http://{addr}"),
-            Err(e) => {
-                log::error!("{e} (--metrics-addr; \"off\" disables it)");
-                std::process::exit(EXIT_FAILURE);
-            }
-        }
-    }
-    std::process::exit(coordinator::run(&settings, &signals));
+    exit_code(pgtrickle_relay::run(&settings))
 }

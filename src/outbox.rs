@@ -13,9 +13,9 @@ use postgres::{Client, GenericClient};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::error::Error;
 use crate::event::{dedup_key, Event, Op, Template, Vars};
 use crate::pipeline::Ctx;
-use crate::retry::Error;
 
 /// Where an outbox lives.
 #[derive(Debug, Clone)]
@@ -310,20 +310,23 @@ pub struct Decoder<'a> {
     pub pipeline: &'a str,
 }
 
-fn bool_of(v: Option<&RawValue>) -> Result<bool, String> {
-    match v.map(|r| r.get()) {
-        None | Some("false") | Some("null") => Ok(false),
-        Some("true") => Ok(true),
-        Some(other) => Err(format!("expected true or false, found {other}")),
-    }
-}
-
 impl Decoder<'_> {
     fn fail(&self, row: &Row, why: impl std::fmt::Display) -> Error {
         Error::permanent(format!(
             "pipeline {:?}: outbox {} id {}: {why}",
             self.pipeline, self.info.table, row.id
         ))
+    }
+
+    /// The boolean payload field `key` of `row` (absent or null: false).
+    fn flag(&self, row: &Row, key: &str, v: Option<&RawValue>) -> Result<bool, Error> {
+        match v.map(|r| r.get()) {
+            None | Some("false") | Some("null") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => {
+                Err(self.fail(row, format!("{key}: expected true or false, found {other}")))
+            }
+        }
     }
 
     /// Append the events of an inline row to `out` (deleted rows first,
@@ -342,12 +345,9 @@ impl Decoder<'_> {
             }
             None => return Err(self.fail(row, "payload has no version field \"v\"")),
         }
-        let full_refresh =
-            bool_of(p.full_refresh).map_err(|e| self.fail(row, format!("full_refresh: {e}")))?;
+        let full_refresh = self.flag(row, "full_refresh", p.full_refresh)?;
         let refresh_id = p.refresh_id.or_else(|| row.refresh_id.clone());
-        if row.claim_check
-            || bool_of(p.claim_check).map_err(|e| self.fail(row, format!("claim_check: {e}")))?
-        {
+        if row.claim_check || self.flag(row, "claim_check", p.claim_check)? {
             return Ok(Some(ClaimCheck {
                 full_refresh,
                 refresh_id,
@@ -452,13 +452,7 @@ mod tests {
 
     fn decoder_fixture() -> (OutboxInfo, Template) {
         (
-            OutboxInfo {
-                stream_table: "orders".into(),
-                table: "outbox_orders".into(),
-                delta_table: None,
-                has_txid: true,
-                notifies: true,
-            },
+            crate::testkit::outbox_orders(),
             Template::parse("t.{stream_table}.{op}").unwrap(),
         )
     }

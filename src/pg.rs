@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use postgres::Client;
 
-use crate::retry::Error;
+use crate::error::Error;
 
 /// Replace every `${ENV:NAME}` in `s` with the environment variable NAME,
 /// and every `${CREDENTIAL:NAME}` with the systemd credential NAME (the file
-/// `$CREDENTIALS_DIRECTORY/NAME`, without its trailing newline).
-pub fn expand_env(s: &str) -> Result<String, String> {
+/// `$CREDENTIALS_DIRECTORY/NAME`, without its trailing newline). The
+/// error (permanent) names the reference, never a value.
+pub fn expand_env(s: &str) -> Result<String, Error> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
@@ -18,21 +19,26 @@ pub fn expand_env(s: &str) -> Result<String, String> {
         let after = &rest[start + 2..];
         let end = after
             .find('}')
-            .ok_or_else(|| format!("unterminated ${{...}} in {:?}", mask(s)))?;
+            .ok_or_else(|| Error::permanent(format!("unterminated ${{...}} in {:?}", mask(s))))?;
         let reference = &after[..end];
         let value = if let Some(name) = reference.strip_prefix("ENV:") {
-            std::env::var(name).map_err(|_| {
-                format!("environment variable {name} (used as ${{ENV:{name}}}) is not set")
+            std::env::var(name).map_err(|e| {
+                Error::permanent(format!(
+                    "environment variable {name} (used as ${{ENV:{name}}}) is not set"
+                ))
+                .caused_by(e)
             })?
         } else if let Some(name) = reference.strip_prefix("CREDENTIAL:") {
-            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|_| {
-                format!(
+            let dir = std::env::var("CREDENTIALS_DIRECTORY").map_err(|e| {
+                Error::permanent(format!(
                     "${{CREDENTIAL:{name}}} needs $CREDENTIALS_DIRECTORY (systemd LoadCredential=)"
-                )
+                ))
+                .caused_by(e)
             })?;
             let path = std::path::Path::new(&dir).join(name);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("reading credential {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::permanent(format!("reading credential {}: {e}", path.display())).caused_by(e)
+            })?;
             text.trim_end_matches(['\n', '\r']).to_string()
         } else {
             // Not ours: keep it as written.
@@ -135,14 +141,15 @@ fn tls_connector(tls: &TlsParams) -> Result<native_tls::TlsConnector, Error> {
         Some(_) => {}
     }
     if let Some(path) = &tls.root_cert {
-        let pem = std::fs::read(path)
-            .map_err(|e| Error::permanent(format!("reading sslrootcert {path}: {e}")))?;
+        let pem = std::fs::read(path).map_err(|e| {
+            Error::permanent(format!("reading sslrootcert {path}: {e}")).caused_by(e)
+        })?;
         let cert = native_tls::Certificate::from_pem(&pem)
-            .map_err(|e| Error::permanent(format!("sslrootcert {path}: {e}")))?;
+            .map_err(|e| Error::permanent(format!("sslrootcert {path}: {e}")).caused_by(e))?;
         b.add_root_certificate(cert);
     }
     b.build()
-        .map_err(|e| Error::permanent(format!("TLS setup: {e}")))
+        .map_err(|e| Error::permanent(format!("TLS setup: {e}")).caused_by(e))
 }
 
 /// TCP keepalives of every session, set on both ends: a peer gone silent
@@ -168,6 +175,7 @@ pub fn connect(url: &str, application_name: &str) -> Result<Client, Error> {
             "bad PostgreSQL connection string {}: {e}",
             mask(url)
         ))
+        .caused_by(e)
     })?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(Duration::from_secs(10));
@@ -245,6 +253,7 @@ mod tests {
         );
         assert!(expand_env("x${ENV:PGTR_NOT_SET_EVER}")
             .unwrap_err()
+            .msg
             .contains("PGTR_NOT_SET_EVER"));
         assert_eq!(expand_env("a${other}b").unwrap(), "a${other}b");
     }
@@ -261,6 +270,7 @@ mod tests {
         );
         assert!(expand_env("${CREDENTIAL:missing}")
             .unwrap_err()
+            .msg
             .contains("missing"));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1,5 +1,8 @@
-//! What every pipeline thread shares: its context, the advisory lock that
-//! makes one relay instance its owner, and the retry loop around a session.
+//! What every pipeline thread shares: its direction and context, the
+//! advisory lock that makes one relay instance its owner, and the wait for
+//! a notification.
+//! (The retry loop around a pipeline's sessions is in
+//! [`crate::coordinator`], which starts the thread.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,10 +11,45 @@ use std::time::{Duration, Instant};
 use fallible_iterator::FallibleIterator;
 use postgres::Client;
 
-use crate::config::Pipeline;
+use crate::error::Error;
 use crate::health::{self, State};
-use crate::retry::{sleep_unless, Backoff, Class, Error};
-use crate::{forward, metrics, pg, reverse};
+use crate::pg;
+use crate::retry::sleep_unless;
+
+/// Which way a pipeline moves events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Outbox → sink (`relay_outbox_config`).
+    Forward,
+    /// Source → inbox (`relay_inbox_config`).
+    Reverse,
+}
+
+impl Direction {
+    /// As the catalog and `/health` write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Forward => "forward",
+            Direction::Reverse => "reverse",
+        }
+    }
+
+    /// From the catalog's `forward` or `reverse`.
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "forward" => Some(Direction::Forward),
+            "reverse" => Some(Direction::Reverse),
+            _ => None,
+        }
+    }
+}
+
+/// The key of a pipeline's advisory lock, one per relay group and pipeline
+/// name; PostgreSQL hashes it (`hashtextextended(key, 0)`). Relays of one
+/// group must agree on it: it is what makes one of them the owner.
+pub fn lock_key(relay_group: &str, pipeline: &str) -> String {
+    format!("pgtrickle-relay/{relay_group}/{pipeline}")
+}
 
 /// Everything a pipeline thread needs besides its config.
 #[derive(Clone)]
@@ -32,8 +70,8 @@ pub struct Ctx {
     pub stop: Arc<AtomicBool>,
     /// Process-wide shutdown (a closed stdout sets it).
     pub shutdown: Arc<AtomicBool>,
-    /// `forward` or `reverse`.
-    pub direction: &'static str,
+    /// Which way it moves events.
+    pub direction: Direction,
     /// The pipeline's configuration as read from the catalog (JSON): an
     /// offset is committed only while the catalog still has exactly this.
     pub config: Arc<str>,
@@ -73,7 +111,7 @@ impl Ctx {
     /// Take the pipeline's advisory lock on `client`'s session, waiting
     /// while another relay instance holds it. Ok(false): stopped first.
     pub fn lock(&self, client: &mut Client) -> Result<bool, Error> {
-        let key = format!("pgtrickle-relay/{}/{}", self.relay_group, self.name);
+        let key = lock_key(&self.relay_group, &self.name);
         let mut logged = false;
         loop {
             let got: bool = client
@@ -99,73 +137,12 @@ impl Ctx {
                     "another relay instance of group {:?} owns this pipeline; waiting for its lock",
                     self.relay_group
                 );
-                health::set(&self.name, self.direction, State::WaitingForLock);
+                health::set(&self.name, self.direction.as_str(), State::WaitingForLock);
                 logged = true;
             }
             if !self.sleep(Duration::from_millis(500)) {
                 return Ok(false);
             }
-        }
-    }
-}
-
-/// Run a pipeline until it is stopped, its input ends, or (`--once`) it is
-/// drained. Err only for a `--once` run that could not finish.
-pub fn run(ctx: &Ctx, p: &Pipeline) -> Result<(), Error> {
-    // Capped at 1 s: a destination or PostgreSQL that comes back is used
-    // again within about a second.
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-    let mut failures = 0;
-    let mut reverse_state = reverse::State::default();
-    loop {
-        if ctx.stopping() {
-            return Ok(());
-        }
-        let started = Instant::now();
-        let result = match p {
-            Pipeline::Forward(f) => forward::session(ctx, f),
-            Pipeline::Reverse(r) => reverse::session(ctx, r, &mut reverse_state),
-        };
-        let e = match result {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let m = metrics::get();
-        match p {
-            Pipeline::Forward(_) => m.publish_errors.with_label_values(&[&ctx.name]).inc(),
-            Pipeline::Reverse(_) => m.source_errors.with_label_values(&[&ctx.name]).inc(),
-        }
-        if e.class == Class::Closed {
-            log::info!("output closed ({e}); stopping the relay");
-            ctx.shutdown.store(true, Ordering::Relaxed);
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff.reset();
-            failures = 0;
-        }
-        failures += 1;
-        if ctx.once && (e.class == Class::Permanent || failures > 5) {
-            return Err(e);
-        }
-        let delay = match e.class {
-            Class::Permanent => backoff.next_delay().max(Duration::from_secs(5)),
-            _ => backoff.next_delay(),
-        };
-        if ctx.stopping() {
-            return Ok(());
-        }
-        let retry_ms = delay.as_millis() as u64;
-        match e.class {
-            Class::Permanent => {
-                log::error!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}")
-            }
-            _ => log::warn!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}"),
-        }
-        health::set(&ctx.name, ctx.direction, State::Retrying(e.msg.clone()));
-        m.retries.with_label_values(&[&ctx.name]).inc();
-        if !ctx.sleep(delay) {
-            return Ok(());
         }
     }
 }
@@ -192,5 +169,18 @@ pub fn wait_notification(
             while client.notifications().iter().next()?.is_some() {}
             return Ok(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_lock_key_is_the_one_running_relays_take() {
+        // Relays of older versions hold locks under this key: changing it
+        // would let two instances own one pipeline during an upgrade.
+        assert_eq!(
+            super::lock_key("default", "orders"),
+            "pgtrickle-relay/default/orders"
+        );
     }
 }

@@ -1,113 +1,74 @@
-//! Errors of a pipeline, their class (retry or give up), and capped
-//! exponential backoff with jitter.
+//! Retrying: the retry rules of a pipeline ([`Retries`]), capped
+//! exponential backoff with jitter, and an interruptible sleep. The error
+//! type and its classes live in [`crate::error`]; they are re-exported here,
+//! where the sinks and sources have always found them.
 
-use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// What the pipeline loop should do about an error.
+pub use crate::error::{Class, Error};
+
+/// A session that ran this long before it failed starts the count of
+/// failures (and the backoff) afresh.
+const FRESH_AFTER: Duration = Duration::from_secs(30);
+/// `--once`: transient failures in a row before the run gives up.
+const ONCE_TRIES: u32 = 5;
+/// The shortest wait before retrying after a permanent error.
+const PERMANENT_PAUSE: Duration = Duration::from_secs(5);
+
+/// What a pipeline does after a session failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// Connection lost, server restarting, timeout: retry forever.
-    Transient,
-    /// Retrying the same thing gives the same error (missing outbox,
-    /// unsupported payload). A daemon retries slowly, `--once` gives up.
-    Permanent,
-    /// The destination went away for good (stdout closed): stop quietly.
-    Closed,
+pub enum Verdict {
+    /// The output closed for good: stop the relay, quietly.
+    Stop,
+    /// `--once`: give up; the run failed.
+    GiveUp,
+    /// Start a new session after this delay.
+    RetryIn(Duration),
 }
 
-/// A pipeline error: a message for the operator and its class.
-#[derive(Debug)]
-pub struct Error {
-    /// What went wrong, naming the object involved.
-    pub msg: String,
-    /// Whether and how to retry.
-    pub class: Class,
+/// The retry rules of a pipeline. A transient error is retried with capped
+/// exponential backoff and jitter: forever by a daemon, up to
+/// [`ONCE_TRIES`] times in a row with `--once`. A permanent error is
+/// retried slowly (at most every [`PERMANENT_PAUSE`]) by a daemon, and
+/// ends a `--once` run. A closed output stops the relay. A session that
+/// ran [`FRESH_AFTER`] before it failed starts the count afresh.
+pub struct Retries {
+    backoff: Backoff,
+    failures: u32,
+    once: bool,
 }
 
-impl Error {
-    /// A transient error.
-    pub fn transient(msg: impl Into<String>) -> Error {
-        Error {
-            msg: msg.into(),
-            class: Class::Transient,
+impl Retries {
+    /// The rules for a daemon, or for a `--once` run. Delays are capped at
+    /// 1 s: a destination or PostgreSQL that comes back is used again
+    /// within about a second.
+    pub fn new(once: bool) -> Retries {
+        Retries {
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
+            failures: 0,
+            once,
         }
     }
 
-    /// A permanent error.
-    pub fn permanent(msg: impl Into<String>) -> Error {
-        Error {
-            msg: msg.into(),
-            class: Class::Permanent,
+    /// A session failed with an error of `class` after running `ran`.
+    pub fn after(&mut self, class: Class, ran: Duration) -> Verdict {
+        if class == Class::Closed {
+            return Verdict::Stop;
         }
-    }
-
-    /// Prefix the message with context.
-    pub fn context(mut self, what: impl fmt::Display) -> Error {
-        self.msg = format!("{what}: {}", self.msg);
-        self
-    }
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.msg)
-    }
-}
-
-impl From<postgres::Error> for Error {
-    fn from(e: postgres::Error) -> Error {
-        let transient = e.is_closed()
-            || match e.code() {
-                Some(code) => transient_sqlstate(code.code()),
-                // No SQLSTATE: an I/O or protocol error on the socket.
-                None => true,
-            };
-        let msg = match e.as_db_error() {
-            Some(db) => db.message().to_string(),
-            None => {
-                // Name the cause too: "error performing TLS handshake: ...".
-                match std::error::Error::source(&e) {
-                    Some(c) if !e.to_string().contains(&c.to_string()) => format!("{e}: {c}"),
-                    _ => e.to_string(),
-                }
-            }
-        };
-        Error {
-            msg: format!("PostgreSQL: {msg}"),
-            class: if transient {
-                Class::Transient
-            } else {
-                Class::Permanent
-            },
+        if ran > FRESH_AFTER {
+            self.backoff.reset();
+            self.failures = 0;
         }
-    }
-}
-
-/// Whether an error with this SQLSTATE goes away by itself: 08 connection
-/// exceptions; 57P0x shutdown, crash recovery, cannot connect now; 57014 a
-/// statement timeout or cancel; 55P03 a lock timeout; 53 insufficient
-/// resources; 40 retryable rollbacks (serialization, deadlock); 25006 a
-/// read-only transaction (connected to a standby during a failover); 58
-/// system and I/O errors of the server.
-fn transient_sqlstate(c: &str) -> bool {
-    ["08", "57P", "53", "40", "58"]
-        .iter()
-        .any(|p| c.starts_with(p))
-        || matches!(c, "57014" | "55P03" | "25006")
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Error {
-        Error {
-            class: if e.kind() == std::io::ErrorKind::BrokenPipe {
-                Class::Closed
-            } else {
-                Class::Transient
-            },
-            msg: e.to_string(),
+        self.failures += 1;
+        if self.once && (class == Class::Permanent || self.failures > ONCE_TRIES) {
+            return Verdict::GiveUp;
         }
+        let delay = self.backoff.next_delay();
+        Verdict::RetryIn(match class {
+            Class::Permanent => delay.max(PERMANENT_PAUSE),
+            _ => delay,
+        })
     }
 }
 
@@ -119,20 +80,29 @@ pub struct Backoff {
     rng: u64,
 }
 
+/// A seed for the jitter that differs between processes, threads and
+/// calls: std's `RandomState` keys are random per thread and step on
+/// every call; the clock is mixed in as well.
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.finish()
+}
+
 impl Backoff {
     /// Delays start at `min` and double up to `max`.
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        let seed = Instant::now().elapsed().as_nanos() as u64
-            ^ std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-            ^ (std::process::id() as u64) << 32;
         Backoff {
             min,
             max,
             next: min,
-            rng: seed | 1,
+            // xorshift must not start at 0.
+            rng: seed() | 1,
         }
     }
 
@@ -184,14 +154,53 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_and_failovers_are_transient_and_bad_data_is_not() {
-        for c in [
-            "08006", "57P01", "57014", "55P03", "53300", "40001", "25006", "58030",
-        ] {
-            assert!(transient_sqlstate(c), "{c}");
+    fn backoffs_made_at_the_same_moment_jitter_apart() {
+        // Not the clock alone (`Instant::now().elapsed()` added nothing to
+        // it): pipelines started within one tick of a coarse clock would
+        // jitter in step. Every call, and every thread, seeds anew.
+        let seeds: std::collections::BTreeSet<u64> = (0..100).map(|_| seed()).collect();
+        assert_eq!(seeds.len(), 100);
+        let other_thread = std::thread::spawn(seed).join().unwrap();
+        assert!(!seeds.contains(&other_thread));
+    }
+
+    fn retry_in(v: Verdict) -> Duration {
+        match v {
+            Verdict::RetryIn(d) => d,
+            other => panic!("expected a retry, got {other:?}"),
         }
-        for c in ["23505", "22P02", "42P01", "42501", "54000", "P0001"] {
-            assert!(!transient_sqlstate(c), "{c}");
+    }
+
+    #[test]
+    fn a_daemon_retries_transient_errors_forever_and_permanent_ones_slowly() {
+        let mut r = Retries::new(false);
+        let quick = Duration::from_millis(10);
+        let first = retry_in(r.after(Class::Transient, quick));
+        assert!(first <= Duration::from_millis(100), "{first:?}");
+        for _ in 0..50 {
+            assert!(retry_in(r.after(Class::Transient, quick)) <= Duration::from_secs(1));
         }
+        assert!(retry_in(r.after(Class::Permanent, quick)) >= Duration::from_secs(5));
+        assert_eq!(r.after(Class::Closed, quick), Verdict::Stop);
+    }
+
+    #[test]
+    fn once_gives_up_on_a_permanent_error_or_the_sixth_transient_one_in_a_row() {
+        let quick = Duration::from_millis(10);
+        let mut r = Retries::new(true);
+        assert_eq!(r.after(Class::Permanent, quick), Verdict::GiveUp);
+        let mut r = Retries::new(true);
+        for _ in 0..5 {
+            retry_in(r.after(Class::Transient, quick));
+        }
+        assert_eq!(r.after(Class::Transient, quick), Verdict::GiveUp);
+        // A session that ran a while before failing counts as a fresh start.
+        let mut r = Retries::new(true);
+        for _ in 0..5 {
+            retry_in(r.after(Class::Transient, quick));
+        }
+        let d = retry_in(r.after(Class::Transient, Duration::from_secs(31)));
+        assert!(d <= Duration::from_millis(100), "backoff reset: {d:?}");
+        assert_eq!(r.after(Class::Closed, quick), Verdict::Stop);
     }
 }

@@ -35,7 +35,7 @@ use aws_sigv4::sign::v4;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 
@@ -237,10 +237,10 @@ impl Client {
         };
         let expand = |k: &str, v: &Option<String>| -> Result<Option<String>, Error> {
             v.as_deref()
-                .map(|v| expand_env(v).map_err(|e| bad(k, e)))
+                .map(|v| expand_env(v).map_err(|e| bad(k, e.msg)))
                 .transpose()
         };
-        let queue_url = expand_env(&keys.queue_url).map_err(|e| bad("queue_url", e))?;
+        let queue_url = expand_env(&keys.queue_url).map_err(|e| bad("queue_url", e.msg))?;
         let Some(queue_host) = authority(&queue_url) else {
             return Err(bad(
                 "queue_url",

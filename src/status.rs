@@ -5,13 +5,14 @@
 use postgres::Client;
 use serde_json::{json, Value};
 
+use crate::error::Error;
 use crate::outbox::{quote_ident, OutboxInfo, Position};
-use crate::retry::Error;
+use crate::pipeline::{lock_key, Direction};
 
 /// The owner of a pipeline: the `application_name` of the session holding
 /// its advisory lock (`pgtrickle-relay <host>:<pid>`).
 fn owner(client: &mut Client, relay_group: &str, name: &str) -> Result<Option<String>, Error> {
-    let key = format!("pgtrickle-relay/{relay_group}/{name}");
+    let key = lock_key(relay_group, name);
     Ok(client
         .query_opt(
             "SELECT coalesce(a.application_name, 'pid ' || l.pid) FROM pg_locks l \
@@ -69,7 +70,7 @@ pub fn collect(client: &mut Client, relay_group: &str) -> Result<Value, Error> {
             "owner": owner(client, relay_group, &name)?,
             "dead_letters": dead,
         });
-        if direction == "forward" {
+        if Direction::parse(&direction) == Some(Direction::Forward) {
             let outbox = config["source"]["outbox"]
                 .as_str()
                 .unwrap_or("")

@@ -44,8 +44,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
-use crate::config::{from_value, ConfigError};
 use crate::event::Event;
+use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};

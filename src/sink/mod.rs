@@ -4,8 +4,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::ConfigError;
 use crate::event::Event;
+use crate::keys::ConfigError;
 use crate::retry::Error;
 
 #[cfg(feature = "http")]
@@ -90,5 +90,5 @@ const REGISTRY: &[(&str, Parse)] = &[
 
 /// Parse the config of a sink of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    crate::config::registered("sink", kind, REGISTRY)?(keys)
+    crate::keys::registered("sink", kind, REGISTRY)?(keys)
 }

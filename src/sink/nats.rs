@@ -56,8 +56,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::Event;
+use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};

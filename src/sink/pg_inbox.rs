@@ -27,8 +27,8 @@ use postgres::{Client, Statement};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::Event;
+use crate::keys::{from_value, ConfigError};
 use crate::outbox::quote_ident;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;

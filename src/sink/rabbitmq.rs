@@ -58,8 +58,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::amqp::{self, AmqpUrl};
-use crate::config::{from_value, ConfigError};
 use crate::event::{Event, Template, Vars};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};

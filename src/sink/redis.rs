@@ -55,8 +55,8 @@ use redis::{Cmd, Connection, Pipeline, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::{Event, Template, Vars};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};

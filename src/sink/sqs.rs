@@ -54,8 +54,8 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::{Event, Template, Vars};
+use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};

@@ -32,8 +32,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::Event;
+use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 

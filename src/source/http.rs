@@ -42,7 +42,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 pub use crate::source::Origin;

@@ -7,7 +7,7 @@ use postgres::{Client, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::ConfigError;
+use crate::keys::ConfigError;
 use crate::pipeline::Ctx;
 use crate::retry::Error;
 
@@ -397,7 +397,7 @@ const REGISTRY: &[(&str, Parse)] = &[
 
 /// Parse the config of a source of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    crate::config::registered("source", kind, REGISTRY)?(keys)
+    crate::keys::registered("source", kind, REGISTRY)?(keys)
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::nats::{api, connect, ApiError, Client, Link};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};

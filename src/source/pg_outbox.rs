@@ -35,8 +35,8 @@ use postgres::{Client, Statement, Transaction};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
 use crate::event::{Event, Template, DEFAULT_SUBJECT};
+use crate::keys::{from_value, ConfigError};
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
 use crate::pg::{expand_env, mask};
 use crate::pipeline::{wait_notification, Ctx};

@@ -76,7 +76,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::amqp::{self, AmqpUrl};
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};

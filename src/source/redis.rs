@@ -29,7 +29,7 @@ use redis::{Connection, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};

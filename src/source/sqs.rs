@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 

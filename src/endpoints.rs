@@ -5,16 +5,18 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
 use crate::{health, metrics};
 
 /// Serve the endpoints on `addr` from a thread of its own;
 /// returns the bound address (`addr` may use port 0).
-pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, String> {
-    let server = tiny_http::Server::http(addr).map_err(|e| format!("listening on {addr}: {e}"))?;
+pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, Error> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| Error::permanent(format!("listening on {addr}: {e}")))?;
     let bound = server
         .server_addr()
         .to_ip()
-        .ok_or_else(|| format!("listening on {addr}: not an IP address"))?;
+        .ok_or_else(|| Error::permanent(format!("listening on {addr}: not an IP address")))?;
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {
@@ -59,20 +61,20 @@ pub fn serve(addr: &str, stall: Duration) -> Result<std::net::SocketAddr, String
                 );
             }
         })
-        .map_err(|e| format!("starting the http thread: {e}"))?;
+        .map_err(|e| Error::from(e).context("starting the http thread"))?;
     Ok(bound)
 }
 
 /// `pgtrickle-relay probe`: GET `path` from the relay serving on `addr`
 /// (an unspecified address means this host); Ok when it answers 200.
-pub fn probe(addr: &str, path: &str) -> Result<(), String> {
+pub fn probe(addr: &str, path: &str) -> Result<(), Error> {
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
     let mut target: SocketAddr = addr
         .to_socket_addrs()
-        .map_err(|e| format!("--metrics-addr {addr}: {e}"))?
+        .map_err(|e| Error::from(e).context(format!("--metrics-addr {addr}")))?
         .next()
-        .ok_or_else(|| format!("--metrics-addr {addr}: no address"))?;
+        .ok_or_else(|| Error::permanent(format!("--metrics-addr {addr}: no address")))?;
     if target.ip().is_unspecified() {
         target.set_ip(if target.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -82,17 +84,18 @@ pub fn probe(addr: &str, path: &str) -> Result<(), String> {
     }
     let timeout = Duration::from_secs(3);
     let mut s = TcpStream::connect_timeout(&target, timeout)
-        .map_err(|e| format!("connecting to {target}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::from(e).context(format!("connecting to {target}")))?;
+    s.set_read_timeout(Some(timeout))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {target}\r\n\r\n")
-        .map_err(|e| format!("asking {target}{path}: {e}"))?;
+        .map_err(|e| Error::from(e).context(format!("asking {target}{path}")))?;
     let mut answer = String::new();
     s.read_to_string(&mut answer)
-        .map_err(|e| format!("reading {target}{path}: {e}"))?;
+        .map_err(|e| Error::from(e).context(format!("reading {target}{path}")))?;
     let status = answer.lines().next().unwrap_or("");
     match status.split_whitespace().nth(1) {
         Some("200") => Ok(()),
-        _ => Err(format!("{target}{path} answered {status:?}")),
+        _ => Err(Error::transient(format!(
+            "{target}{path} answered {status:?}"
+        ))),
     }
 }

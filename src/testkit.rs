@@ -1,0 +1,211 @@
+//! Test-only doubles for the loops' unit tests: a sink, a source and an
+//! inbox in memory, each with a handle the test keeps to look inside and
+//! to make the next call fail. (Tests of the sinks and sources themselves
+//! run against real servers: see tests/.)
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::event::Event;
+use crate::outbox::OutboxInfo;
+use crate::reverse::{Writer, WriterTx};
+use crate::sink::{Rejected, Sink};
+use crate::source::{Batch, Feed, Message, Source};
+
+/// A kit outbox `outbox_orders` of stream table `orders`, without deltas.
+pub fn outbox_orders() -> OutboxInfo {
+    OutboxInfo {
+        stream_table: "orders".into(),
+        table: "outbox_orders".into(),
+        delta_table: None,
+        has_txid: true,
+        notifies: true,
+    }
+}
+
+/// What a [`MemorySink`] was given, and how it is to answer.
+#[derive(Debug, Default)]
+pub struct Destination {
+    /// Dedup keys of the events acknowledged, in order.
+    pub acked: Vec<String>,
+    /// How many of them a flush made durable.
+    pub flushed: usize,
+    /// The size of every publish call.
+    pub calls: Vec<usize>,
+    /// Fail this many publish calls from now on (transiently).
+    pub fail_publishes: usize,
+    /// Fail the next flush.
+    pub fail_flush: bool,
+    /// Reject the events with these dedup keys for good, for this reason.
+    pub reject: BTreeMap<String, String>,
+}
+
+/// A sink in memory; clones share one [`Destination`].
+#[derive(Debug, Default, Clone)]
+pub struct MemorySink(pub Rc<RefCell<Destination>>);
+
+impl Sink for MemorySink {
+    fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
+        let mut d = self.0.borrow_mut();
+        d.calls.push(events.len());
+        if d.fail_publishes > 0 {
+            d.fail_publishes -= 1;
+            return Err(Error::transient("memory sink: publish failed"));
+        }
+        let mut rejected = Vec::new();
+        for (index, e) in events.iter().enumerate() {
+            match d.reject.get(&e.dedup_key) {
+                Some(reason) => rejected.push(Rejected {
+                    index,
+                    reason: reason.clone(),
+                }),
+                None => d.acked.push(e.dedup_key.clone()),
+            }
+        }
+        Ok(rejected)
+    }
+
+    fn flush(&mut self) -> Result<(), Error> {
+        let mut d = self.0.borrow_mut();
+        if std::mem::take(&mut d.fail_flush) {
+            return Err(Error::transient("memory sink: flush failed"));
+        }
+        d.flushed = d.acked.len();
+        Ok(())
+    }
+}
+
+/// A message with `id`, an empty JSON object as its payload.
+pub fn message(id: &str) -> Message {
+    Message {
+        event_id: id.into(),
+        event_type: None,
+        source: None,
+        aggregate_id: None,
+        trace_id: None,
+        payload: "{}".into(),
+        error: None,
+    }
+}
+
+/// What a [`MemorySource`] hands out, and what it was told.
+#[derive(Debug, Default)]
+pub struct Broker {
+    /// Messages not yet received.
+    pub queue: VecDeque<Message>,
+    /// Event ids acknowledged, in order.
+    pub acked: Vec<String>,
+    /// How many times `receive` was called.
+    pub receives: usize,
+    /// Fail the next receive after it received this many messages.
+    pub fail_after: Option<usize>,
+    /// Report the end of input once the queue is empty.
+    pub ends: bool,
+}
+
+/// A source in memory (receipts: the event ids); clones share one [`Broker`].
+#[derive(Debug, Default, Clone)]
+pub struct MemorySource(pub Rc<RefCell<Broker>>);
+
+impl MemorySource {
+    /// A source holding messages with `ids`, open as the reverse loop sees it.
+    pub fn feed(&self, ids: &[&str]) -> Box<dyn Feed> {
+        self.0
+            .borrow_mut()
+            .queue
+            .extend(ids.iter().map(|id| message(id)));
+        crate::source::feed(self.clone())
+    }
+}
+
+impl Source for MemorySource {
+    type Receipt = String;
+
+    fn receive(
+        &mut self,
+        batch: &mut Batch<String>,
+        max: usize,
+        _wait: Duration,
+    ) -> Result<(), Error> {
+        let mut b = self.0.borrow_mut();
+        b.receives += 1;
+        while batch.messages.len() < max {
+            if b.fail_after == Some(batch.messages.len()) {
+                b.fail_after = None;
+                return Err(Error::transient("memory source: receive failed"));
+            }
+            let Some(m) = b.queue.pop_front() else {
+                batch.end_of_input = b.ends;
+                break;
+            };
+            batch.receipts.push(m.event_id.clone());
+            batch.messages.push(m);
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, receipts: Vec<String>) -> Result<(), Error> {
+        self.0.borrow_mut().acked.extend(receipts);
+        Ok(())
+    }
+}
+
+/// An inbox in memory: rows by `event_id`, written at most once each.
+#[derive(Debug, Default)]
+pub struct MemoryInbox {
+    /// Payloads by event id.
+    pub rows: BTreeMap<String, String>,
+    /// Fail this many writes from now on (transiently).
+    pub fail_writes: usize,
+}
+
+impl MemoryInbox {
+    fn insert(&mut self, messages: &[Message]) -> Result<u64, Error> {
+        if self.fail_writes > 0 {
+            self.fail_writes -= 1;
+            return Err(Error::transient("memory inbox: write failed"));
+        }
+        let mut new = 0;
+        for m in messages {
+            if !self.rows.contains_key(&m.event_id) {
+                self.rows.insert(m.event_id.clone(), m.payload.clone());
+                new += 1;
+            }
+        }
+        Ok(new)
+    }
+}
+
+impl Writer for MemoryInbox {
+    type Tx<'w> = NoTx;
+
+    fn write(&mut self, messages: &mut [Message]) -> Result<u64, Error> {
+        self.insert(messages)
+    }
+
+    fn begin(&mut self) -> Result<NoTx, Error> {
+        // Only a source that records its receipts in the inbox transaction
+        // (pg-outbox) needs one: those are tested against PostgreSQL.
+        Err(Error::permanent("a memory inbox has no transactions"))
+    }
+}
+
+/// The transaction a [`MemoryInbox`] never opens.
+pub enum NoTx {}
+
+impl WriterTx for NoTx {
+    fn write(&mut self, _: &mut [Message]) -> Result<u64, Error> {
+        match *self {}
+    }
+
+    fn record(&mut self, _: &mut dyn Feed) -> Result<(), Error> {
+        match *self {}
+    }
+
+    fn commit(self) -> Result<(), Error> {
+        match self {}
+    }
+}
