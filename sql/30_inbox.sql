@@ -14,7 +14,7 @@
 --
 -- This file also holds the inbox catalog of the kit's processing features
 -- (pgt_inbox_ordering, pgt_inbox_priority) and the helpers every inbox
--- function uses; the features themselves are in 40_inbox_processing.sql.
+-- function uses; the features themselves are in 40_inbox_workers.sql to 44_inbox_retention.sql.
 
 CREATE TABLE IF NOT EXISTS pgtrickle.pgt_inbox_config (
     inbox_name          TEXT PRIMARY KEY,
@@ -578,7 +578,7 @@ BEGIN
             USING ERRCODE = 'no_data_found';
     END IF;
 
-    -- Ordered processing (40_inbox_processing.sql): views, trigger, positions.
+    -- Ordered processing (41_inbox_ordering.sql): views, trigger, positions.
     IF EXISTS (SELECT 1 FROM pgtrickle.pgt_inbox_ordering o WHERE o.inbox_name = p_name) THEN
         PERFORM pgtrickle._inbox_ord_drop(v_cfg, v_mode);
     END IF;

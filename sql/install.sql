@@ -6,5 +6,9 @@
 \ir 10_outbox.sql
 \ir 20_consumer_groups.sql
 \ir 30_inbox.sql
-\ir 40_inbox_processing.sql
+\ir 40_inbox_workers.sql
+\ir 41_inbox_ordering.sql
+\ir 42_inbox_priority.sql
+\ir 43_inbox_monitoring.sql
+\ir 44_inbox_retention.sql
 \ir 50_maintenance.sql

@@ -10,8 +10,24 @@ pub const INSTALL: &[(&str, &str)] = &[
     ),
     ("30_inbox.sql", include_str!("../sql/30_inbox.sql")),
     (
-        "40_inbox_processing.sql",
-        include_str!("../sql/40_inbox_processing.sql"),
+        "40_inbox_workers.sql",
+        include_str!("../sql/40_inbox_workers.sql"),
+    ),
+    (
+        "41_inbox_ordering.sql",
+        include_str!("../sql/41_inbox_ordering.sql"),
+    ),
+    (
+        "42_inbox_priority.sql",
+        include_str!("../sql/42_inbox_priority.sql"),
+    ),
+    (
+        "43_inbox_monitoring.sql",
+        include_str!("../sql/43_inbox_monitoring.sql"),
+    ),
+    (
+        "44_inbox_retention.sql",
+        include_str!("../sql/44_inbox_retention.sql"),
     ),
     (
         "50_maintenance.sql",

@@ -1,5 +1,5 @@
-//! The inbox and maintenance SQL (sql/30_inbox.sql, 40_inbox_processing.sql,
-//! 50_maintenance.sql) against a real PostgreSQL: adoption, replay, health,
+//! The inbox and maintenance SQL (sql/30_inbox.sql, 40_inbox_workers.sql to
+//! 44_inbox_retention.sql, 50_maintenance.sql) against a real PostgreSQL: adoption, replay, health,
 //! ordered processing with gaps, priority tiers, partitions, parallel
 //! workers, retention, dead-consumer reaping.
 //!
