@@ -25,6 +25,19 @@ pub enum State {
     Stopped,
 }
 
+impl State {
+    /// Its name in `/health` and in `pgtrickle_relay_pipeline_state`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Retrying(_) => "retrying",
+            State::WaitingForLock => "waiting_for_lock",
+            State::BadConfig(_) => "bad_config",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
 struct Entry {
     /// `forward` or `reverse` ([`crate::pipeline::Direction`]).
     direction: &'static str,
@@ -69,10 +82,11 @@ pub fn set(pipeline: &str, direction: &'static str, state: State) {
         e.state = state;
     }
     e.direction = direction;
-    metrics::get()
-        .owned
+    let m = metrics::get();
+    m.owned
         .with_label_values(&[pipeline])
         .set(matches!(e.state, State::Running | State::Retrying(_)) as i64);
+    m.set_state(pipeline, e.state.name());
 }
 
 /// A session of the pipeline is under way (it holds its lock and its
@@ -93,6 +107,9 @@ pub fn started(pipeline: &str, direction: &'static str) {
 pub fn ok(pipeline: &str, lag_seconds: f64) {
     let now = unix_now();
     if let Some(e) = table().get_mut(pipeline) {
+        if e.state != State::Running {
+            metrics::get().set_state(pipeline, "running");
+        }
         e.state = State::Running;
         e.last_ok = Instant::now();
         e.last_success_unix = Some(now);
@@ -119,12 +136,11 @@ pub fn report(stall: Duration) -> (bool, Value) {
     for (name, e) in t.iter() {
         let since_ok = e.last_ok.elapsed();
         let stalled = matches!(e.state, State::Running | State::Retrying(_)) && since_ok > stall;
-        let (state, detail) = match &e.state {
-            State::Running => ("running", None),
-            State::Retrying(err) => ("retrying", Some(redact::secrets(err))),
-            State::WaitingForLock => ("waiting_for_lock", None),
-            State::BadConfig(why) => ("bad_config", Some(redact::secrets(why))),
-            State::Stopped => ("stopped", None),
+        let state = e.state.name();
+        let detail = match &e.state {
+            State::Retrying(err) => Some(redact::secrets(err)),
+            State::BadConfig(why) => Some(redact::secrets(why)),
+            _ => None,
         };
         let good = !stalled && matches!(e.state, State::Running | State::WaitingForLock);
         healthy &= good;
@@ -208,6 +224,19 @@ pub fn summary() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_state_is_one_the_state_metric_exports() {
+        for s in [
+            State::Running,
+            State::Retrying(String::new()),
+            State::WaitingForLock,
+            State::BadConfig(String::new()),
+            State::Stopped,
+        ] {
+            assert!(metrics::STATES.contains(&s.name()), "{s:?}");
+        }
+    }
 
     #[test]
     fn a_session_retrying_after_an_error_stays_unhealthy_until_it_makes_progress() {

@@ -40,7 +40,19 @@ pub struct Metrics {
     pub horizon_xact_age: GaugeVec,
     /// 1 for the prepared transaction (`gid`) holding the horizon back.
     pub horizon_prepared: IntGaugeVec,
+    /// 1 for the pipeline's current state, 0 for the others.
+    pub state: IntGaugeVec,
 }
+
+/// The states a pipeline can be in, as `pgtrickle_relay_pipeline_state`
+/// labels them.
+pub const STATES: [&str; 5] = [
+    "running",
+    "retrying",
+    "waiting_for_lock",
+    "bad_config",
+    "stopped",
+];
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), &["pipeline"]).expect("valid metric");
@@ -150,6 +162,19 @@ pub fn get() -> &'static Metrics {
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            state: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "pgtrickle_relay_pipeline_state",
+                        "1 for the pipeline's current state (running, retrying, \
+                         waiting_for_lock, bad_config, stopped), 0 for the others",
+                    ),
+                    &["pipeline", "state"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry: r,
         }
     })
@@ -171,7 +196,19 @@ impl Metrics {
         let _ = self.horizon_held.remove_label_values(l);
         let _ = self.horizon_pid.remove_label_values(l);
         let _ = self.horizon_xact_age.remove_label_values(l);
+        for state in STATES {
+            let _ = self.state.remove_label_values(&[pipeline, state]);
+        }
         self.forget_prepared(pipeline, None);
+    }
+
+    /// Export `current` as the pipeline's state.
+    pub fn set_state(&self, pipeline: &str, current: &str) {
+        for state in STATES {
+            self.state
+                .with_label_values(&[pipeline, state])
+                .set((state == current) as i64);
+        }
     }
 
     /// Remove the pipeline's prepared-transaction samples, but for `keep`.

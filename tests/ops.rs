@@ -685,7 +685,18 @@ fn every_metric_the_grafana_dashboard_queries_is_served() {
             queried.is_subset(&served())
         })
     }));
+    let m = parse_metrics(&r.get("/metrics").1);
     c.batch_execute("COMMIT PREPARED 'ops-dash-gid'").unwrap();
+    if result.is_ok() {
+        // The state metric names each pipeline's state, once.
+        let state = |p: &str, s: &str| {
+            m[&format!("pgtrickle_relay_pipeline_state{{pipeline=\"{p}\",state=\"{s}\"}}")]
+        };
+        assert_eq!(state("fwd", "running"), 1.0);
+        assert_eq!(state("fwd", "retrying"), 0.0);
+        assert_eq!(state("broken_fwd", "retrying"), 1.0);
+        assert_eq!(state("broken_fwd", "running"), 0.0);
+    }
     if result.is_err() {
         let missing: Vec<_> = queried.difference(&served()).cloned().collect();
         panic!("the dashboard queries metrics /metrics does not serve: {missing:?}");
