@@ -60,5 +60,10 @@ if [ ! -x "$TOOLS/bin/moto_server" ] || [ ! -x "$TOOLS/bin/tansu" ]; then
   ln -sf "$tansu" "$TOOLS/bin/tansu"
 fi
 
+# scripts/bench-plots.py draws the benchmark's figures with matplotlib.
+if ! "$TOOLS/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check 'matplotlib==3.11.2'
+fi
+
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
 exit 0
