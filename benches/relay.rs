@@ -47,8 +47,13 @@ use support::{relay, temp_dir, Pg};
 const ROW: &str = "jsonb_build_object('id', g, 'customer', 'customer-' || (g % 9973), \
      'sku', md5(g::text), 'qty', g % 10, 'price', 12.34, 'note', repeat('x', 60))";
 
-/// Events of the one-event outbox every sink scenario reads.
-const SINGLE: u64 = 200_000;
+/// Rows of the one-event outbox every sink scenario reads: `BENCH_EVENTS`
+/// (default 200,000). The batched outbox has a thousandth as many rows of
+/// 1,000 events each, the claim-check outbox five times as many events
+/// (at least 20,000).
+fn single() -> u64 {
+    common::env_or("BENCH_EVENTS", 200_000)
+}
 
 fn pg() -> &'static Pg {
     Pg::shared_durable()
@@ -292,7 +297,7 @@ fn messages(url: &str, dir: &std::path::Path) -> Vec<Msg> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(msgs.len() as u64, SINGLE);
+    assert_eq!(msgs.len() as u64, single());
     msgs
 }
 
@@ -304,32 +309,40 @@ fn main() {
     let url = pg().new_db("bench");
     let dir = temp_dir("bench");
     let mut c = pg().client(&url);
+    let n = single();
+    // Over outbox_inline_threshold (10,000): a claim-check row.
+    let claim = (5 * n).max(20_000);
     let file_cases = [
-        ("forward_file_200000_rows_x1_event", "single", SINGLE),
-        ("forward_file_200_rows_x1000_events", "batched", 200_000),
+        (format!("forward_file_{n}_rows_x1_event"), "single", n),
         (
-            "forward_file_claim_check_1000000_events",
+            format!("forward_file_{}_rows_x1000_events", n / 1000),
+            "batched",
+            n / 1000 * 1000,
+        ),
+        (
+            format!("forward_file_claim_check_{claim}_events"),
             "claim",
-            1_000_000,
+            claim,
         ),
     ];
     let sink_names = [
-        "forward_redis_",
-        "forward_pg_inbox_",
-        "forward_http_",
-        "forward_nats_",
-        "forward_kafka_",
-        "forward_rabbitmq_",
-    ];
+        "redis",
+        "pg_inbox",
+        "http_batch",
+        "nats",
+        "kafka",
+        "rabbitmq",
+    ]
+    .map(|s| format!("forward_{s}_{n}_rows_x1_event"));
     let any_sink = sink_names.iter().any(|s| selected(s));
     let t = Instant::now();
     let load = [
-        ("single", format!("SELECT count(pgtrickle.outbox_publish('single', {ROW})) FROM generate_series(1, {SINGLE}) g")),
+        ("single", format!("SELECT count(pgtrickle.outbox_publish('single', {ROW})) FROM generate_series(1, {n}) g")),
         ("batched", format!("SELECT count(pgtrickle.outbox_publish_delta('batched', \
                   (SELECT jsonb_agg({ROW}) FROM generate_series(b * 1000, b * 1000 + 999) g))) \
-           FROM generate_series(1, 200) b")),
+           FROM generate_series(1, {}) b", n / 1000)),
         ("claim", format!("SELECT pgtrickle.outbox_publish_delta('claim', \
-                  (SELECT jsonb_agg({ROW}) FROM generate_series(1, 1000000) g))")),
+                  (SELECT jsonb_agg({ROW}) FROM generate_series(1, {claim}) g))")),
     ];
     for (outbox, sql) in &load {
         let needed = file_cases
@@ -355,7 +368,8 @@ fn main() {
         sink
     };
     let mut single_read = None;
-    for (name, outbox, events) in file_cases {
+    for (name, outbox, events) in &file_cases {
+        let (name, outbox, events) = (name.as_str(), *outbox, *events);
         if !selected(name) {
             continue;
         }
@@ -387,8 +401,9 @@ fn main() {
         .run(&url, runs);
     }
     if any_sink {
-        let read = single_read
-            .unwrap_or_else(|| pg_read_limit(&url, "single", "200000_rows_x1_event", SINGLE, runs));
+        let read = single_read.unwrap_or_else(|| {
+            pg_read_limit(&url, "single", &format!("{n}_rows_x1_event"), n, runs)
+        });
         let sinks = Sinks {
             url: &url,
             runs,
@@ -470,7 +485,7 @@ impl Sinks<'_> {
         Scenario {
             name,
             pipeline,
-            events: SINGLE,
+            events: single(),
             reset,
             delivered,
             pg_read: Some(self.read),
@@ -482,7 +497,7 @@ impl Sinks<'_> {
     /// ids, same fields), pipelined 1,000 per round trip.
     #[cfg(feature = "redis")]
     fn redis(&self) {
-        let name = "forward_redis_200000_rows_x1_event";
+        let name = &format!("forward_redis_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }
@@ -541,7 +556,7 @@ impl Sinks<'_> {
     /// the read limit.
     #[cfg(feature = "pg-inbox")]
     fn pg_inbox(&self) {
-        let name = "forward_pg_inbox_200000_rows_x1_event";
+        let name = &format!("forward_pg_inbox_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }
@@ -575,7 +590,7 @@ impl Sinks<'_> {
     /// To a local HTTP receiver, batch mode; limit: the read limit.
     #[cfg(feature = "http")]
     fn http(&self) {
-        let name = "forward_http_batch_200000_rows_x1_event";
+        let name = &format!("forward_http_batch_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }
@@ -600,7 +615,7 @@ impl Sinks<'_> {
     #[cfg(feature = "nats")]
     #[allow(deprecated)]
     fn nats(&self) {
-        let name = "forward_nats_200000_rows_x1_event";
+        let name = &format!("forward_nats_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }
@@ -700,7 +715,7 @@ impl Sinks<'_> {
         use rdkafka::config::ClientConfig;
         use rdkafka::message::{Header, OwnedHeaders};
         use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-        let name = "forward_kafka_200000_rows_x1_event";
+        let name = &format!("forward_kafka_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }
@@ -715,7 +730,7 @@ impl Sinks<'_> {
                 json!({"type": "kafka", "brokers": k.brokers(), "topic": topic(run.get())}),
             );
         };
-        let count = || k.read(&topic(run.get()), SINGLE as usize, 120).len() as u64;
+        let count = || k.read(&topic(run.get()), single() as usize, 120).len() as u64;
         let publish = || {
             let ctx = Reports::default();
             let p: BaseProducer<Reports> = ClientConfig::new()
@@ -773,7 +788,7 @@ impl Sinks<'_> {
             let ctx = p.context();
             use std::sync::atomic::Ordering::SeqCst;
             assert_eq!(ctx.failed.load(SeqCst), 0, "delivery failures");
-            assert_eq!(ctx.ok.load(SeqCst), SINGLE, "delivery reports");
+            assert_eq!(ctx.ok.load(SeqCst), single(), "delivery reports");
             secs
         };
         self.scenario(
@@ -796,7 +811,7 @@ impl Sinks<'_> {
             AmqpProperties, AmqpValue, Auth, Confirm, Connection, ConnectionOptions,
             ConnectionTuning, FieldTable, Publish,
         };
-        let name = "forward_rabbitmq_200000_rows_x1_event";
+        let name = &format!("forward_rabbitmq_{}_rows_x1_event", single());
         if !selected(name) {
             return;
         }

@@ -33,7 +33,11 @@ use common::{emit, median, selected, Limit};
 use serde_json::json;
 use support::{relay, temp_dir, Pg};
 
-const N: usize = 200_000;
+/// Messages per scenario: `BENCH_EVENTS` (default 200,000).
+fn events() -> usize {
+    common::env_or("BENCH_EVENTS", 200_000)
+}
+
 /// Rows per transaction of the insert limit: the relay's default batch.
 const INSERT_BATCH: usize = 5_000;
 
@@ -89,7 +93,9 @@ fn scenario(url: &str, name: &str, pipeline: &str, n: usize, runs: usize, reset:
     }
     let params = json!({"events": n, "runs": runs, "pipeline": pipeline,
         "min": rates.iter().cloned().fold(f64::MAX, f64::min).round()});
-    emit(name, median(&rates), "events/s", LIMIT.get(), params);
+    // moto, not PostgreSQL, bounds the SQS source: no limit beside it.
+    let limit = LIMIT.get().filter(|_| !name.contains("_sqs_"));
+    emit(name, median(&rates), "events/s", limit, params);
     emit(
         &format!("{name}_peak_rss"),
         peak,
@@ -117,8 +123,8 @@ fn copy_field(out: &mut String, s: &str) {
 /// emits both and returns the faster as `pg_insert`.
 fn insert_limit(url: &str, runs: usize) -> Limit {
     let mut c = Pg::shared_durable().client(url);
-    let ids: Vec<String> = (0..N).map(|i| format!("e{i}")).collect();
-    let bodies: Vec<String> = (0..N).map(body).collect();
+    let ids: Vec<String> = (0..events()).map(|i| format!("e{i}")).collect();
+    let bodies: Vec<String> = (0..events()).map(body).collect();
     let types = vec!["order"; INSERT_BATCH];
     let unnest = c
         .prepare(
@@ -145,8 +151,8 @@ fn insert_limit(url: &str, runs: usize) -> Limit {
         for (id, b) in ids.chunks(INSERT_BATCH).zip(bodies.chunks(INSERT_BATCH)) {
             c.execute(&unnest, &[&id, &&types[..id.len()], &b]).unwrap();
         }
-        by_unnest.push(N as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(count(&mut c), N);
+        by_unnest.push(events() as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(count(&mut c), events());
 
         c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
         let t = Instant::now();
@@ -172,8 +178,8 @@ fn insert_limit(url: &str, runs: usize) -> Limit {
             .unwrap();
             tx.commit().unwrap();
         }
-        by_copy.push(N as f64 / t.elapsed().as_secs_f64());
-        assert_eq!(count(&mut c), N);
+        by_copy.push(events() as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(count(&mut c), events());
         eprintln!(
             "pg insert limit run {}: unnest {:.0} rows/s, COPY+INSERT {:.0} rows/s",
             run + 1,
@@ -182,16 +188,22 @@ fn insert_limit(url: &str, runs: usize) -> Limit {
         );
     }
     c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
-    let params = json!({"events": N, "runs": runs, "batch": INSERT_BATCH});
+    let params = json!({"events": events(), "runs": runs, "batch": INSERT_BATCH});
     let (u, k) = (median(&by_unnest), median(&by_copy));
     emit(
-        "limit_pg_insert_unnest_200000",
+        &format!("limit_pg_insert_unnest_{}", events()),
         u,
         "events/s",
         None,
         params.clone(),
     );
-    emit("limit_pg_insert_copy_200000", k, "events/s", None, params);
+    emit(
+        &format!("limit_pg_insert_copy_{}", events()),
+        k,
+        "events/s",
+        None,
+        params,
+    );
     Limit::new(u.max(k), "pg_insert")
 }
 
@@ -205,21 +217,15 @@ fn main() {
         .client(&url)
         .batch_execute("SELECT pgtrickle.create_inbox('events')")
         .unwrap();
-    let names = [
-        "reverse_file_to_inbox_200000",
-        "reverse_redis_to_inbox_200000",
-        "reverse_nats_to_inbox_200000",
-        "reverse_kafka_to_inbox_200000",
-        "reverse_rabbitmq_to_inbox_200000",
-        "limit_pg_insert_",
-    ];
-    if names.iter().any(|n| selected(n)) {
+    let names = ["file", "redis", "nats", "kafka", "rabbitmq"]
+        .map(|s| format!("reverse_{s}_to_inbox_{}", events()));
+    if names.iter().any(|n| selected(n)) || selected("limit_pg_insert_") {
         LIMIT.set(insert_limit(&url, runs)).unwrap();
     }
     let dir = temp_dir("bench_reverse");
     let file = dir.join("in.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
-    for i in 0..N {
+    for i in 0..events() {
         writeln!(
             f,
             r#"{{"event_id":"e{i}","event_type":"order","payload":{}}}"#,
@@ -236,20 +242,20 @@ fn main() {
     .unwrap();
     scenario(
         &url,
-        "reverse_file_to_inbox_200000",
+        &format!("reverse_file_to_inbox_{}", events()),
         "file-in",
-        N,
+        events(),
         runs,
         &|| {},
     );
     c.batch_execute("SELECT pgtrickle.disable_relay('file-in')")
         .unwrap();
     #[cfg(feature = "redis")]
-    if selected("reverse_redis_to_inbox_200000") {
+    if selected(&format!("reverse_redis_to_inbox_{}", events())) {
         let r = support::brokers::Redis::start();
         let client = redis::Client::open(r.url()).unwrap();
         let mut con = client.get_connection().unwrap();
-        for chunk in (0..N).collect::<Vec<_>>().chunks(1000) {
+        for chunk in (0..events()).collect::<Vec<_>>().chunks(1000) {
             let mut p = redis::pipe();
             for i in chunk {
                 p.cmd("XADD")
@@ -274,9 +280,9 @@ fn main() {
         .unwrap();
         scenario(
             &url,
-            "reverse_redis_to_inbox_200000",
+            &format!("reverse_redis_to_inbox_{}", events()),
             "redis-in",
-            N,
+            events(),
             runs,
             &|| {
                 // Read everything again: drop the group, the relay recreates it
@@ -290,7 +296,7 @@ fn main() {
         );
     }
     #[cfg(feature = "nats")]
-    if selected("reverse_nats_to_inbox_200000") {
+    if selected(&format!("reverse_nats_to_inbox_{}", events())) {
         let n = support::brokers::Nats::start();
         nats_fill(&n);
         c.execute(
@@ -304,18 +310,18 @@ fn main() {
         .unwrap();
         scenario(
             &url,
-            "reverse_nats_to_inbox_200000",
+            &format!("reverse_nats_to_inbox_{}", events()),
             "nats-in",
-            N,
+            events(),
             runs,
             &|| nats_reset(&n),
         );
     }
     #[cfg(feature = "kafka")]
-    if selected("reverse_kafka_to_inbox_200000") {
+    if selected(&format!("reverse_kafka_to_inbox_{}", events())) {
         let k = support::kafka::Kafka::start();
         k.create_topic("bench", 3);
-        let records: Vec<support::kafka::Produce> = (0..N)
+        let records: Vec<support::kafka::Produce> = (0..events())
             .map(|i| (Some(format!("k{i}")), body(i).into_bytes(), Vec::new()))
             .collect();
         k.produce("bench", &records);
@@ -325,9 +331,9 @@ fn main() {
         let run = std::cell::Cell::new(0);
         scenario(
             &url,
-            "reverse_kafka_to_inbox_200000",
+            &format!("reverse_kafka_to_inbox_{}", events()),
             "kafka-in",
-            N,
+            events(),
             runs,
             &|| {
                 run.set(run.get() + 1);
@@ -342,7 +348,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Stream `BENCH` on `bench.>` with the N messages, each with a
+/// Stream `BENCH` on `bench.>` with the `events()` messages, each with a
 /// `Nats-Msg-Id`, published in windows of 10,000 awaited PubAcks.
 #[cfg(feature = "nats")]
 #[allow(deprecated)]
@@ -361,7 +367,7 @@ fn nats_fill(n: &support::brokers::Nats) {
     assert!(!String::from_utf8_lossy(&created.data).contains("\"error\""));
     let inbox = nc.new_inbox();
     let acks = nc.subscribe(&format!("{inbox}.*")).unwrap();
-    for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {
+    for chunk in (0..events()).collect::<Vec<_>>().chunks(10_000) {
         for i in chunk {
             let mut h = nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("n{i}"));
@@ -413,12 +419,12 @@ fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
 /// node (prefetch 500), filled anew before each run.
 #[cfg(feature = "rabbitmq")]
 fn bench_rabbitmq(url: &str, runs: usize) {
-    if !selected("reverse_rabbitmq_to_inbox_200000") {
+    if !selected(&format!("reverse_rabbitmq_to_inbox_{}", events())) {
         return;
     }
     let r = support::rabbitmq::Rabbit::start();
     r.declare("bench", "", "");
-    let messages: Vec<(Option<String>, Option<String>, Vec<u8>)> = (0..N)
+    let messages: Vec<(Option<String>, Option<String>, Vec<u8>)> = (0..events())
         .map(|i| (Some(format!("q{i}")), None, body(i).into_bytes()))
         .collect();
     Pg::shared_durable()
@@ -434,9 +440,9 @@ fn bench_rabbitmq(url: &str, runs: usize) {
         .unwrap();
     scenario(
         url,
-        "reverse_rabbitmq_to_inbox_200000",
+        &format!("reverse_rabbitmq_to_inbox_{}", events()),
         "rabbitmq-in",
-        N,
+        events(),
         runs,
         &|| {
             let (_conn, ch) = r.open();
