@@ -36,7 +36,7 @@ mod support;
 mod common;
 
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -64,10 +64,15 @@ impl Dest {
 /// and when.
 type Arrival = (usize, i64, Instant);
 
-/// The ~200-byte payload of event `k` of writer `w`.
+/// The current run: events carry it, and events of an earlier run (a
+/// replay after the relay stopped) are not counted.
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// The ~200-byte payload of event `k` of writer `w` in the current run.
 fn payload(w: usize, k: i64) -> String {
+    let r = RUN.load(Ordering::SeqCst);
     format!(
-        r#"{{"w":{w},"k":{k},"customer":"customer-{}","sku":"{:032x}","qty":{},"price":12.34,"note":"{}"}}"#,
+        r#"{{"r":{r},"w":{w},"k":{k},"customer":"customer-{}","sku":"{:032x}","qty":{},"price":12.34,"note":"{}"}}"#,
         k.rem_euclid(9973),
         (k as u64).wrapping_mul(2654435761),
         k.rem_euclid(10),
@@ -75,8 +80,12 @@ fn payload(w: usize, k: i64) -> String {
     )
 }
 
-/// The writer and sequence number of an event's row JSON.
+/// The writer and sequence number of an event's row JSON, if it is of
+/// the current run.
 fn ids(row: &Value) -> Option<(usize, i64)> {
+    if row.get("r")?.as_u64()? != RUN.load(Ordering::SeqCst) {
+        return None;
+    }
     Some((row.get("w")?.as_u64()? as usize, row.get("k")?.as_i64()?))
 }
 
@@ -182,6 +191,7 @@ fn run_once(case: &Case) -> Run {
         ..
     } = case;
     let nats_url = case.nats_url.as_deref();
+    RUN.fetch_add(1, Ordering::SeqCst);
     let stop = AtomicBool::new(false);
     let arrivals = Mutex::new(Vec::<Arrival>::new());
     // The destination, ready before the relay starts.
@@ -214,7 +224,7 @@ fn run_once(case: &Case) -> Run {
     };
     let per_writer = ((rate * secs) / writers as f64).ceil() as i64;
     let interval = Duration::from_secs_f64(writers as f64 / rate);
-    let relay = Relay::spawn(relay(url).args(["--pipeline", outbox]));
+    let mut relay = Relay::spawn(relay(url).args(["--pipeline", outbox]));
     let result = std::thread::scope(|s| {
         let collector = s.spawn(|| match &sub {
             None => tail_file(file, &stop, &arrivals),
@@ -313,7 +323,9 @@ fn run_once(case: &Case) -> Run {
             tx,
         }
     });
-    drop(relay);
+    // Stopped as a service manager stops it: its offset is committed.
+    relay.signal(libc::SIGTERM);
+    relay.wait_exit(30);
     result
 }
 
