@@ -948,8 +948,9 @@ impl rdkafka::producer::ProducerContext for Reports {
     }
 }
 
-/// One-event rows (`BENCH_SQS_EVENTS`, default 20,000: moto manages a few
-/// hundred a second, so 200,000 would take a quarter of an hour a run) to a standard queue
+/// One-event rows (`BENCH_SQS_EVENTS`, default 5,000: moto manages a few
+/// hundred a second on a busy machine, so 200,000 would take a quarter of
+/// an hour a run) to a standard queue
 /// of a private moto_server, while 4 consumers receive and delete them:
 /// moto does work proportional to the queue's length for every message
 /// sent, so a queue left to grow would measure moto's quadratic slowdown.
@@ -959,7 +960,7 @@ impl rdkafka::producer::ProducerContext for Reports {
 #[cfg(feature = "sqs")]
 fn bench_sqs(url: &str, runs: usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let events: u64 = common::env_or("BENCH_SQS_EVENTS", 20_000);
+    let events: u64 = common::env_or("BENCH_SQS_EVENTS", 5_000);
     let name = format!("forward_sqs_{events}_rows_x1_event");
     if !selected(&name) {
         return;
@@ -1017,11 +1018,14 @@ fn bench_sqs(url: &str, runs: usize) {
         let reset = || drained.lock().unwrap().clear();
         let delivered = || {
             // The relay has exited: everything sent is queued, in flight
-            // to a consumer, or drained.
-            while sqs.counts(&queue) != (0, 0) {
+            // to a consumer, or drained. A consumer records what it
+            // received after deleting it: wait for that too.
+            let deadline = Instant::now() + std::time::Duration::from_secs(60);
+            while (sqs.counts(&queue) != (0, 0) || (drained.lock().unwrap().len() as u64) < events)
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            std::thread::sleep(std::time::Duration::from_millis(200));
             drained.lock().unwrap().len() as u64
         };
         Scenario {
