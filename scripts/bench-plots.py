@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Plot `make bench` output: scripts/bench-plots.py BENCH.jsonl [OUTDIR]
+                      or print it as a Markdown table: --table BENCH.jsonl
 
 Reads the benchmark's JSON lines (one figure per line: name, value, unit,
 limit, ratio, ...; other lines are skipped) and writes PNG files to OUTDIR
@@ -161,9 +162,29 @@ def app_cost(figs, out):
     return path
 
 
+def table(figs):
+    """Every figure as a Markdown table row, in the order of the file."""
+    print("| figure | value | limit | ratio |")
+    print("|---|---:|---:|---:|")
+    for f in figs.values():
+        if f["name"].endswith("_distribution"):
+            continue
+        unit = f.get("unit", "")
+        fmt = "{:,.0f}" if abs(f["value"]) >= 100 else "{:.2f}"
+        value = (fmt.format(f["value"]) + " " + unit).strip()
+        limit = ratio = ""
+        if f.get("limit") is not None:
+            limit = "{} ({})".format(fmt.format(f["limit"]), f.get("limit_of", ""))
+            ratio = "{:.0f} %".format(100 * f["ratio"])
+        print("| {} | {} | {} | {} |".format(f["name"], value, limit, ratio))
+
+
 def main():
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         sys.exit(__doc__)
+    if sys.argv[1] == "--table" and len(sys.argv) > 2:
+        table(load(sys.argv[2]))
+        return
     figs = load(sys.argv[1])
     out = sys.argv[2] if len(sys.argv) > 2 else "docs/img"
     os.makedirs(out, exist_ok=True)
