@@ -42,11 +42,16 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-## The benchmark: release build, JSON lines on stdout.
+## The benchmark: release build, PostgreSQL with its default durability,
+## every figure beside its limit; JSON lines on stdout, progress on stderr.
+## BENCH_RUNS, BENCH_ONLY and the rest: docs/benchmarks.md. Plots:
+## `make bench | tee bench.jsonl && scripts/bench-plots.py bench.jsonl docs/img`.
 bench: deps
 	@$(CARGO) bench --bench relay
-	@$(CARGO) bench --bench ops
 	@$(CARGO) bench --bench reverse
+	@$(CARGO) bench --bench latency
+	@$(CARGO) bench --bench app_cost
+	@$(CARGO) bench --bench ops
 	@$(CARGO) bench --bench inbox
 
 ## A fully static binary for STATIC_ARCH (default x86_64): musl (with OpenSSL

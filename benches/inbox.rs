@@ -8,22 +8,22 @@
 //! fetched by the client) several times. One JSON line goes to stdout with
 //! the median (`median_ms`, client round trip with every row transferred;
 //! `server_median_ms`, the server's execution time from EXPLAIN ANALYZE);
-//! progress goes to stderr. Target: under 50 ms.
+//! progress goes to stderr. Target: under 50 ms. PostgreSQL runs with the
+//! default durability settings; `BENCH_INBOX_RUNS` (default 15) sets the
+//! number of timed queries.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::median;
 use support::Pg;
 
 const AGGREGATES: i64 = 10_000;
 const PROCESSED_PER_AGGREGATE: i64 = 100;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
@@ -68,15 +68,17 @@ fn execution_times(c: &mut postgres::Client, sql: &str, runs: usize) -> Vec<f64>
 }
 
 fn main() {
-    // `cargo test --benches` runs this without --bench: do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
+    let name = format!(
+        "inbox_next_query_{}_processed_{}_aggregates",
+        AGGREGATES * PROCESSED_PER_AGGREGATE,
+        AGGREGATES
+    );
+    if !common::benching() || !common::selected(&name) {
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
-    let pg = Pg::shared();
+    // Many quick runs: BENCH_INBOX_RUNS (default 15).
+    let runs: usize = common::env_or("BENCH_INBOX_RUNS", 15);
+    let pg = Pg::shared_durable();
     let url = pg.new_db("bench_inbox");
     let mut c = pg.client(&url);
 
@@ -99,8 +101,8 @@ fn main() {
         p3 = PROCESSED_PER_AGGREGATE + 3,
     ))
     .unwrap();
-    // Steady state: the processed rows are all-visible. The test server
-    // commits asynchronously, so VACUUM may need a second round for that.
+    // Steady state: the processed rows are all-visible; VACUUM may need
+    // a second round (a concurrent transaction can hold the horizon back).
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         c.batch_execute("VACUUM pgtrickle.bench").unwrap();
@@ -146,24 +148,24 @@ fn main() {
     assert_eq!(gap_rows as i64, AGGREGATES / 10);
     eprintln!(
         "next_bench: {next_rows} rows, median {:.1} ms; gaps_bench: {gap_rows} rows, median {:.1} ms",
-        median(next.clone()),
-        median(gaps.clone())
+        median(&next),
+        median(&gaps)
     );
-    println!(
-        "{}",
+    common::emit(
+        &name,
+        median(&next),
+        "ms",
+        None,
         serde_json::json!({
-            "bench": format!("inbox_next_query_{}_processed_{}_aggregates",
-                             AGGREGATES * PROCESSED_PER_AGGREGATE, AGGREGATES),
-            "median_ms": round1(median(next.clone())),
             "min_ms": round1(next.iter().cloned().fold(f64::MAX, f64::min)),
             "max_ms": round1(next.iter().cloned().fold(0.0, f64::max)),
             "runs": runs,
             "rows": next_rows,
             "pending_rows": pending,
-            "server_median_ms": round1(median(server)),
+            "server_median_ms": round1(median(&server)),
             "uses_partial_index": uses_index,
-            "gaps_median_ms": round1(median(gaps)),
+            "gaps_median_ms": round1(median(&gaps)),
             "target_ms": 50,
-        })
+        }),
     );
 }

@@ -1,10 +1,15 @@
 //! Operational numbers, part of `make bench` (`cargo bench --bench ops`):
 //! the relay's idle CPU and RSS with 10 pipelines, SIGTERM-to-exit time
 //! under load, and HA takeover time after SIGKILL of the owner. One JSON
-//! object per measurement on stdout; progress on stderr.
+//! object per measurement on stdout (see benches/common/mod.rs); progress
+//! on stderr. PostgreSQL runs with the default durability settings;
+//! `BENCH_ONLY` selects measurements, `BENCH_IDLE_SECS` (default 60) sets
+//! the idle measurement's length.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +39,7 @@ fn rss_mb(pid: u32) -> f64 {
 }
 
 fn publish(url: &str, outbox: &str, n: i64) {
-    Pg::shared()
+    Pg::shared_durable()
         .client(url)
         .execute(
             "SELECT count(pgtrickle.outbox_publish($1, jsonb_build_object('n', g))) \
@@ -51,7 +56,7 @@ fn lines(path: &std::path::Path) -> usize {
 }
 
 fn idle(url: &str, dir: &std::path::Path, secs: u64) {
-    let mut c = Pg::shared().client(url);
+    let mut c = Pg::shared_durable().client(url);
     for i in 0..10 {
         c.execute("SELECT pgtrickle.enable_outbox($1)", &[&format!("idle{i}")])
             .unwrap();
@@ -74,17 +79,15 @@ fn idle(url: &str, dir: &std::path::Path, secs: u64) {
     let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let rss = rss_mb(pid);
     eprintln!("idle with 10 pipelines: {cpu:.2}% CPU, {rss:.1} MB RSS over {secs}s");
-    println!(
-        "{}",
-        serde_json::json!({"bench": "idle_10_pipelines", "seconds": secs,
-            "cpu_percent": (cpu * 100.0).round() / 100.0, "rss_mb": (rss * 10.0).round() / 10.0})
-    );
+    let params = serde_json::json!({"seconds": secs, "pipelines": 10});
+    common::emit("idle_10_pipelines_cpu", cpu, "%", None, params.clone());
+    common::emit("idle_10_pipelines_rss", rss, "MB", None, params);
     c.batch_execute("DELETE FROM pgtrickle.relay_outbox_config WHERE name LIKE 'idle%'")
         .unwrap();
 }
 
 fn sigterm_under_load(url: &str, dir: &std::path::Path) {
-    let mut c = Pg::shared().client(url);
+    let mut c = Pg::shared_durable().client(url);
     let file = dir.join("load.jsonl");
     c.execute("SELECT pgtrickle.enable_outbox('load')", &[])
         .unwrap();
@@ -106,16 +109,19 @@ fn sigterm_under_load(url: &str, dir: &std::path::Path) {
         "SIGTERM to exit under load: {ms:.0} ms ({} events written)",
         lines(&file)
     );
-    println!(
-        "{}",
-        serde_json::json!({"bench": "sigterm_to_exit_under_load", "ms": ms.round()})
+    common::emit(
+        "sigterm_to_exit_under_load",
+        ms,
+        "ms",
+        None,
+        serde_json::json!({"backlog_events": 300_000}),
     );
     c.batch_execute("SELECT pgtrickle.delete_relay('load')")
         .unwrap();
 }
 
 fn ha_takeover(url: &str, dir: &std::path::Path) {
-    let mut c = Pg::shared().client(url);
+    let mut c = Pg::shared_durable().client(url);
     c.execute("SELECT pgtrickle.enable_outbox('ha')", &[])
         .unwrap();
     c.execute(
@@ -140,25 +146,31 @@ fn ha_takeover(url: &str, dir: &std::path::Path) {
     }
     let ms = t.elapsed().as_secs_f64() * 1000.0;
     eprintln!("HA takeover (SIGKILL to first event from the new owner): {ms:.0} ms");
-    println!(
-        "{}",
-        serde_json::json!({"bench": "ha_takeover_after_sigkill", "ms": ms.round()})
+    common::emit(
+        "ha_takeover_after_sigkill",
+        ms,
+        "ms",
+        None,
+        serde_json::json!({}),
     );
     drop(b);
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !common::benching() {
         return;
     }
-    let idle_secs: u64 = std::env::var("BENCH_IDLE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
-    let url = Pg::shared().new_db("bench_ops");
+    let idle_secs: u64 = common::env_or("BENCH_IDLE_SECS", 60);
+    let url = Pg::shared_durable().new_db("bench_ops");
     let dir = temp_dir("bench_ops");
-    idle(&url, &dir, idle_secs);
-    sigterm_under_load(&url, &dir);
-    ha_takeover(&url, &dir);
+    if common::selected("idle_10_pipelines") {
+        idle(&url, &dir, idle_secs);
+    }
+    if common::selected("sigterm_to_exit_under_load") {
+        sigterm_under_load(&url, &dir);
+    }
+    if common::selected("ha_takeover_after_sigkill") {
+        ha_takeover(&url, &dir);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

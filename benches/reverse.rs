@@ -4,21 +4,42 @@
 //! nats-server with JetStream (`nats` source), from a private Tansu broker
 //! (`kafka` source) and from a private RabbitMQ node (`rabbitmq` source),
 //! and `BENCH_SQS_MESSAGES` (default 1,000) from a private moto_server's
-//! SQS queue (`sqs` source), with the release relay run `--once`.
-//! `BENCH_ONLY` (comma-separated substrings) selects scenarios. One JSON
-//! object per scenario on stdout, with the median events/s and the largest
-//! peak RSS (VmHWM) of the relay process.
+//! SQS queue (`sqs` source), with the release relay run `--once`, into a
+//! private PostgreSQL with the default durability settings.
+//!
+//! Beside them, in the same run and on the same rows, PostgreSQL's own
+//! insert limit: the 200,000 rows (event_id, event_type, payload) inserted
+//! by a bare client into the same inbox in transactions of 5,000 (the
+//! relay's default batch), once as one multi-row
+//! `INSERT ... SELECT FROM unnest($1::text[], ...) ON CONFLICT (event_id) DO
+//! NOTHING` per transaction, once as `COPY` into a temporary staging table
+//! then `INSERT ... SELECT ... ON CONFLICT` from it; both are reported and
+//! the faster is every reverse figure's limit.
+//!
+//! `BENCH_ONLY` (comma-separated substrings) selects scenarios;
+//! `BENCH_RUNS` (default 3) runs each, the median is reported. JSON lines
+//! on stdout (see benches/common/mod.rs), progress on stderr.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+
+mod common;
 
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Instant;
 
+use common::{emit, median, selected, Limit};
+use serde_json::json;
 use support::{relay, temp_dir, Pg};
 
-const N: usize = 200_000;
+/// Messages per scenario: `BENCH_EVENTS` (default 200,000).
+fn events() -> usize {
+    common::env_or("BENCH_EVENTS", 200_000)
+}
+
+/// Rows per transaction of the insert limit: the relay's default batch.
+const INSERT_BATCH: usize = 5_000;
 
 fn body(i: usize) -> String {
     format!(
@@ -30,19 +51,8 @@ fn body(i: usize) -> String {
     )
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Whether `BENCH_ONLY` (a comma-separated list of substrings) selects
-/// scenario `name`; all run when it is unset.
-fn selected(name: &str) -> bool {
-    match std::env::var("BENCH_ONLY") {
-        Ok(only) if !only.is_empty() => only.split(',').any(|p| name.contains(p.trim())),
-        _ => true,
-    }
-}
+/// Every reverse figure's limit, set once measured.
+static LIMIT: std::sync::OnceLock<Limit> = std::sync::OnceLock::new();
 
 /// Run `pipeline` `runs` times (`reset` before each) and report; `n`
 /// messages must arrive each time.
@@ -50,9 +60,9 @@ fn scenario(url: &str, name: &str, pipeline: &str, n: usize, runs: usize, reset:
     if !selected(name) {
         return;
     }
-    let mut c = Pg::shared().client(url);
+    let mut c = Pg::shared_durable().client(url);
     let mut rates = Vec::new();
-    let mut peak_kb = 0u64;
+    let mut peak = 0f64;
     for i in 0..runs {
         c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
         reset();
@@ -64,61 +74,158 @@ fn scenario(url: &str, name: &str, pipeline: &str, n: usize, runs: usize, reset:
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Peak RSS of the relay from /proc (VmHWM), read until it exits.
-        let status_file = format!("/proc/{}/status", child.id());
-        let mut kb = 0u64;
-        while child.try_wait().unwrap().is_none() {
-            if let Some(v) = std::fs::read_to_string(&status_file).ok().and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmHWM:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            }) {
-                kb = kb.max(v);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        let out = child.wait_with_output().unwrap();
+        let (status, mb) = common::wait_peak_rss(&mut child);
         let secs = t.elapsed().as_secs_f64();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        peak_kb = peak_kb.max(kb);
+        let out = child.wait_with_output().unwrap();
+        assert!(status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        peak = peak.max(mb);
         let rows: i64 = c
             .query_one("SELECT count(*) FROM pgtrickle.events", &[])
             .unwrap()
             .get(0);
         assert_eq!(rows as usize, n, "{name}: every message must arrive");
         eprintln!(
-            "{name} run {}: {secs:.2}s, {:.0} events/s, peak RSS {:.1} MB",
+            "{name} run {}: {secs:.2}s, {:.0} events/s, peak RSS {mb:.1} MB",
             i + 1,
-            n as f64 / secs,
-            kb as f64 / 1024.0
+            n as f64 / secs
         );
         rates.push(n as f64 / secs);
     }
-    println!(
-        "{}",
-        serde_json::json!({"bench": name, "events": n, "runs": runs,
-            "median_events_per_sec": median(rates).round(),
-            "max_peak_rss_mb": (peak_kb as f64 / 102.4).round() / 10.0})
+    let params = json!({"events": n, "runs": runs, "pipeline": pipeline,
+        "min": rates.iter().cloned().fold(f64::MAX, f64::min).round()});
+    // moto, not PostgreSQL, bounds the SQS source: no limit beside it.
+    let limit = LIMIT.get().filter(|_| !name.contains("_sqs_"));
+    emit(name, median(&rates), "events/s", limit, params);
+    emit(
+        &format!("{name}_peak_rss"),
+        peak,
+        "MB",
+        None,
+        json!({"events": n, "runs": runs, "pipeline": pipeline, "of": "max over runs"}),
     );
 }
 
+/// One COPY text field: backslash, tab, newline and carriage return escaped.
+fn copy_field(out: &mut String, s: &str) {
+    for ch in s.chars() {
+        match ch {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// PostgreSQL's insert limit for the reverse rows (see the module doc):
+/// `runs` times each way into inbox `events` (emptied before each);
+/// emits both and returns the faster as `pg_insert`.
+fn insert_limit(url: &str, runs: usize) -> Limit {
+    let mut c = Pg::shared_durable().client(url);
+    let ids: Vec<String> = (0..events()).map(|i| format!("e{i}")).collect();
+    let bodies: Vec<String> = (0..events()).map(body).collect();
+    let types = vec!["order"; INSERT_BATCH];
+    let unnest = c
+        .prepare(
+            "INSERT INTO pgtrickle.events (event_id, event_type, payload) \
+             SELECT id, et, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) AS m(id, et, p) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .unwrap();
+    c.batch_execute(
+        "CREATE TEMP TABLE stage (event_id text, event_type text, payload text) ON COMMIT DELETE ROWS",
+    )
+    .unwrap();
+    let count = |c: &mut postgres::Client| -> usize {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pgtrickle.events", &[])
+            .unwrap()
+            .get(0);
+        n as usize
+    };
+    let (mut by_unnest, mut by_copy) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
+        let t = Instant::now();
+        for (id, b) in ids.chunks(INSERT_BATCH).zip(bodies.chunks(INSERT_BATCH)) {
+            c.execute(&unnest, &[&id, &&types[..id.len()], &b]).unwrap();
+        }
+        by_unnest.push(events() as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(count(&mut c), events());
+
+        c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
+        let t = Instant::now();
+        let mut text = String::new();
+        for (id, b) in ids.chunks(INSERT_BATCH).zip(bodies.chunks(INSERT_BATCH)) {
+            text.clear();
+            for (i, p) in id.iter().zip(b) {
+                copy_field(&mut text, i);
+                text.push_str("\torder\t");
+                copy_field(&mut text, p);
+                text.push('\n');
+            }
+            let mut tx = c.transaction().unwrap();
+            let mut w = tx.copy_in("COPY stage FROM STDIN").unwrap();
+            w.write_all(text.as_bytes()).unwrap();
+            w.finish().unwrap();
+            tx.execute(
+                "INSERT INTO pgtrickle.events (event_id, event_type, payload) \
+                 SELECT event_id, event_type, payload::jsonb FROM stage \
+                 ON CONFLICT (event_id) DO NOTHING",
+                &[],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        by_copy.push(events() as f64 / t.elapsed().as_secs_f64());
+        assert_eq!(count(&mut c), events());
+        eprintln!(
+            "pg insert limit run {}: unnest {:.0} rows/s, COPY+INSERT {:.0} rows/s",
+            run + 1,
+            by_unnest[run],
+            by_copy[run]
+        );
+    }
+    c.batch_execute("TRUNCATE pgtrickle.events").unwrap();
+    let params = json!({"events": events(), "runs": runs, "batch": INSERT_BATCH});
+    let (u, k) = (median(&by_unnest), median(&by_copy));
+    emit(
+        &format!("limit_pg_insert_unnest_{}", events()),
+        u,
+        "events/s",
+        None,
+        params.clone(),
+    );
+    emit(
+        &format!("limit_pg_insert_copy_{}", events()),
+        k,
+        "events/s",
+        None,
+        params,
+    );
+    Limit::new(u.max(k), "pg_insert")
+}
+
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !common::benching() {
         return;
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let url = Pg::shared().new_db("bench_reverse");
+    let runs = common::runs();
+    let url = Pg::shared_durable().new_db("bench_reverse");
+    Pg::shared_durable()
+        .client(&url)
+        .batch_execute("SELECT pgtrickle.create_inbox('events')")
+        .unwrap();
+    let names = ["file", "redis", "nats", "kafka", "rabbitmq"]
+        .map(|s| format!("reverse_{s}_to_inbox_{}", events()));
+    if names.iter().any(|n| selected(n)) || selected("limit_pg_insert_") {
+        LIMIT.set(insert_limit(&url, runs)).unwrap();
+    }
     let dir = temp_dir("bench_reverse");
     let file = dir.join("in.jsonl");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&file).unwrap());
-    for i in 0..N {
+    for i in 0..events() {
         writeln!(
             f,
             r#"{{"event_id":"e{i}","event_type":"order","payload":{}}}"#,
@@ -127,7 +234,7 @@ fn main() {
         .unwrap();
     }
     drop(f);
-    let mut c = Pg::shared().client(&url);
+    let mut c = Pg::shared_durable().client(&url);
     c.execute(
         "SELECT pgtrickle.set_relay_inbox('file-in', 'events', $1::text::jsonb)",
         &[&serde_json::json!({"type": "stdin", "path": file}).to_string()],
@@ -135,20 +242,20 @@ fn main() {
     .unwrap();
     scenario(
         &url,
-        "reverse_file_to_inbox_200000",
+        &format!("reverse_file_to_inbox_{}", events()),
         "file-in",
-        N,
+        events(),
         runs,
         &|| {},
     );
     c.batch_execute("SELECT pgtrickle.disable_relay('file-in')")
         .unwrap();
     #[cfg(feature = "redis")]
-    {
+    if selected(&format!("reverse_redis_to_inbox_{}", events())) {
         let r = support::brokers::Redis::start();
         let client = redis::Client::open(r.url()).unwrap();
         let mut con = client.get_connection().unwrap();
-        for chunk in (0..N).collect::<Vec<_>>().chunks(1000) {
+        for chunk in (0..events()).collect::<Vec<_>>().chunks(1000) {
             let mut p = redis::pipe();
             for i in chunk {
                 p.cmd("XADD")
@@ -173,9 +280,9 @@ fn main() {
         .unwrap();
         scenario(
             &url,
-            "reverse_redis_to_inbox_200000",
+            &format!("reverse_redis_to_inbox_{}", events()),
             "redis-in",
-            N,
+            events(),
             runs,
             &|| {
                 // Read everything again: drop the group, the relay recreates it
@@ -189,7 +296,7 @@ fn main() {
         );
     }
     #[cfg(feature = "nats")]
-    {
+    if selected(&format!("reverse_nats_to_inbox_{}", events())) {
         let n = support::brokers::Nats::start();
         nats_fill(&n);
         c.execute(
@@ -203,18 +310,18 @@ fn main() {
         .unwrap();
         scenario(
             &url,
-            "reverse_nats_to_inbox_200000",
+            &format!("reverse_nats_to_inbox_{}", events()),
             "nats-in",
-            N,
+            events(),
             runs,
             &|| nats_reset(&n),
         );
     }
     #[cfg(feature = "kafka")]
-    {
+    if selected(&format!("reverse_kafka_to_inbox_{}", events())) {
         let k = support::kafka::Kafka::start();
         k.create_topic("bench", 3);
-        let records: Vec<support::kafka::Produce> = (0..N)
+        let records: Vec<support::kafka::Produce> = (0..events())
             .map(|i| (Some(format!("k{i}")), body(i).into_bytes(), Vec::new()))
             .collect();
         k.produce("bench", &records);
@@ -224,9 +331,9 @@ fn main() {
         let run = std::cell::Cell::new(0);
         scenario(
             &url,
-            "reverse_kafka_to_inbox_200000",
+            &format!("reverse_kafka_to_inbox_{}", events()),
             "kafka-in",
-            N,
+            events(),
             runs,
             &|| {
                 run.set(run.get() + 1);
@@ -241,7 +348,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Stream `BENCH` on `bench.>` with the N messages, each with a
+/// Stream `BENCH` on `bench.>` with the `events()` messages, each with a
 /// `Nats-Msg-Id`, published in windows of 10,000 awaited PubAcks.
 #[cfg(feature = "nats")]
 #[allow(deprecated)]
@@ -260,7 +367,7 @@ fn nats_fill(n: &support::brokers::Nats) {
     assert!(!String::from_utf8_lossy(&created.data).contains("\"error\""));
     let inbox = nc.new_inbox();
     let acks = nc.subscribe(&format!("{inbox}.*")).unwrap();
-    for chunk in (0..N).collect::<Vec<_>>().chunks(10_000) {
+    for chunk in (0..events()).collect::<Vec<_>>().chunks(10_000) {
         for i in chunk {
             let mut h = nats::HeaderMap::new();
             h.insert("Nats-Msg-Id", format!("n{i}"));
@@ -295,7 +402,7 @@ fn nats_reset(n: &support::brokers::Nats) {
 /// Point pipeline `kafka-in` at topic `bench` as consumer group `group`.
 #[cfg(feature = "kafka")]
 fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
-    Pg::shared()
+    Pg::shared_durable()
         .client(url)
         .execute(
             "SELECT pgtrickle.set_relay_inbox('kafka-in', 'events', $1::text::jsonb)",
@@ -312,12 +419,15 @@ fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
 /// node (prefetch 500), filled anew before each run.
 #[cfg(feature = "rabbitmq")]
 fn bench_rabbitmq(url: &str, runs: usize) {
+    if !selected(&format!("reverse_rabbitmq_to_inbox_{}", events())) {
+        return;
+    }
     let r = support::rabbitmq::Rabbit::start();
     r.declare("bench", "", "");
-    let messages: Vec<(Option<String>, Option<String>, Vec<u8>)> = (0..N)
+    let messages: Vec<(Option<String>, Option<String>, Vec<u8>)> = (0..events())
         .map(|i| (Some(format!("q{i}")), None, body(i).into_bytes()))
         .collect();
-    Pg::shared()
+    Pg::shared_durable()
         .client(url)
         .execute(
             "SELECT pgtrickle.set_relay_inbox('rabbitmq-in', 'events', $1::text::jsonb)",
@@ -330,9 +440,9 @@ fn bench_rabbitmq(url: &str, runs: usize) {
         .unwrap();
     scenario(
         url,
-        "reverse_rabbitmq_to_inbox_200000",
+        &format!("reverse_rabbitmq_to_inbox_{}", events()),
         "rabbitmq-in",
-        N,
+        events(),
         runs,
         &|| {
             let (_conn, ch) = r.open();
@@ -349,17 +459,14 @@ fn bench_rabbitmq(url: &str, runs: usize) {
 /// keep the count small.
 #[cfg(feature = "sqs")]
 fn bench_sqs(url: &str, runs: usize) {
-    let n: usize = std::env::var("BENCH_SQS_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000);
+    let n: usize = common::env_or("BENCH_SQS_MESSAGES", 1_000);
     let name = format!("reverse_sqs_to_inbox_{n}");
     if !selected(&name) {
         return;
     }
     let moto = support::sqs::Moto::start();
     let queue = moto.client().create_queue("bench", serde_json::json!({}));
-    Pg::shared()
+    Pg::shared_durable()
         .client(url)
         .execute(
             "SELECT pgtrickle.set_relay_inbox('sqs-in', 'events', $1::text::jsonb)",

