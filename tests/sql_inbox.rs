@@ -1921,3 +1921,224 @@ fn workers_and_the_relay_cannot_run_code_as_the_owner() {
         1
     );
 }
+#[test]
+fn inbox_objects_dedup_views_and_drop() {
+    let (pg, _url, mut c) = setup("sqlt_inbox");
+    c.batch_execute("SELECT pgtrickle.create_inbox('payments', p_max_retries => 2)")
+        .unwrap();
+    for rel in [
+        "payments",
+        "payments_pending",
+        "payments_dlq",
+        "payments_stats",
+    ] {
+        assert!(
+            bool_of(
+                &mut c,
+                &format!("SELECT to_regclass('pgtrickle.{rel}') IS NOT NULL")
+            ),
+            "{rel} missing"
+        );
+    }
+    let cols: Vec<String> = c
+        .query(
+            "SELECT attname || ' ' || format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = 'pgtrickle.payments'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        cols,
+        [
+            "event_id text",
+            "event_type text",
+            "source text",
+            "aggregate_id text",
+            "payload jsonb",
+            "received_at timestamp with time zone",
+            "processed_at timestamp with time zone",
+            "error text",
+            "retry_count integer",
+            "trace_id text"
+        ]
+    );
+    assert_eq!(
+        text_of(&mut c, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'pgtrickle.payments'::regclass AND contype = 'p'").as_deref(),
+        Some("PRIMARY KEY (event_id)")
+    );
+    assert!(bool_of(
+        &mut c,
+        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = 'pgtrickle' AND tablename = 'payments'
+                          AND indexdef LIKE '%WHERE (processed_at IS NULL)')"
+    ));
+    let cfg = c
+        .query_one(
+            "SELECT inbox_schema, max_retries, is_managed, id_column FROM pgtrickle.pgt_inbox_config WHERE inbox_name = 'payments'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(cfg.get::<_, String>(0), "pgtrickle");
+    assert_eq!(cfg.get::<_, i32>(1), 2);
+    assert!(cfg.get::<_, bool>(2));
+    assert_eq!(cfg.get::<_, String>(3), "event_id");
+
+    // A second call is fine and changes nothing.
+    c.batch_execute("SELECT pgtrickle.create_inbox('payments', p_max_retries => 9)")
+        .unwrap();
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT max_retries::bigint FROM pgtrickle.pgt_inbox_config"
+        ),
+        2
+    );
+
+    // The relay inserts with ON CONFLICT DO NOTHING: one row per event.
+    let mut r = relay_login(pg, &mut c, "sqlt_inbox", "sqlt_inbox_relay");
+    for _ in 0..2 {
+        r.batch_execute(
+            "INSERT INTO pgtrickle.payments (event_id, event_type, payload) VALUES
+                 ('e1', 'paid', '{}'), ('e2', 'paid', '{}'), ('e3', 'refund', '{}'), ('e4', 'paid', '{}')
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .unwrap();
+    }
+    assert_eq!(i64_of(&mut c, "SELECT count(*) FROM pgtrickle.payments"), 4);
+    c.batch_execute(
+        "UPDATE pgtrickle.payments SET processed_at = now() WHERE event_id = 'e1';
+         UPDATE pgtrickle.payments SET retry_count = 2, error = 'boom' WHERE event_id = 'e2';
+         UPDATE pgtrickle.payments SET retry_count = 1 WHERE event_id = 'e3';",
+    )
+    .unwrap();
+    assert_eq!(
+        ids(
+            &mut c,
+            "SELECT substr(event_id, 2)::bigint FROM pgtrickle.payments_pending ORDER BY 1",
+            &[]
+        ),
+        vec![3, 4]
+    );
+    assert_eq!(
+        ids(
+            &mut c,
+            "SELECT substr(event_id, 2)::bigint FROM pgtrickle.payments_dlq",
+            &[]
+        ),
+        vec![2]
+    );
+    let stats: Vec<(String, i64, i64, i64, i64)> = c
+        .query("SELECT event_type, total, pending, processed, dlq FROM pgtrickle.payments_stats ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect();
+    assert_eq!(
+        stats,
+        vec![("paid".into(), 3, 1, 1, 1), ("refund".into(), 1, 1, 0, 0)]
+    );
+
+    // Optional views, another schema.
+    c.batch_execute(
+        "CREATE SCHEMA app;
+         SELECT pgtrickle.create_inbox('orders_in', 'app', 3, '1s', false, false);",
+    )
+    .unwrap();
+    assert!(bool_of(
+        &mut c,
+        "SELECT to_regclass('app.orders_in_pending') IS NOT NULL"
+    ));
+    assert!(bool_of(&mut c, "SELECT to_regclass('app.orders_in_dlq') IS NULL AND to_regclass('app.orders_in_stats') IS NULL"));
+    r.batch_execute(
+        "INSERT INTO app.orders_in (event_id) VALUES ('x') ON CONFLICT (event_id) DO NOTHING",
+    )
+    .unwrap();
+
+    // Validation.
+    assert_err(
+        &mut c,
+        "SELECT pgtrickle.create_inbox('')",
+        "22023",
+        "create_inbox: p_name must be a non-empty inbox name",
+    );
+    assert_err(
+        &mut c,
+        &format!("SELECT pgtrickle.create_inbox('{}')", "x".repeat(56)),
+        "22023",
+        "is too long",
+    );
+    assert_err(
+        &mut c,
+        "SELECT pgtrickle.create_inbox('i', 'no_such_schema')",
+        "3F000",
+        "schema \"no_such_schema\" does not exist",
+    );
+    assert_err(
+        &mut c,
+        "SELECT pgtrickle.create_inbox('i', p_max_retries => -1)",
+        "22023",
+        "p_max_retries",
+    );
+    c.batch_execute("CREATE TABLE pgtrickle.plain (x int)")
+        .unwrap();
+    assert_err(
+        &mut c,
+        "SELECT pgtrickle.create_inbox('plain')",
+        "42P07",
+        "already exists and is not an inbox",
+    );
+
+    // drop_inbox: a dependent view needs p_cascade.
+    c.batch_execute(
+        "CREATE VIEW public.paid AS SELECT * FROM pgtrickle.payments WHERE event_type = 'paid'",
+    )
+    .unwrap();
+    let (code, _) = db_err(&mut c, "SELECT pgtrickle.drop_inbox('payments')");
+    assert_eq!(code, "2BP01");
+    assert!(
+        bool_of(
+            &mut c,
+            "SELECT to_regclass('pgtrickle.payments_pending') IS NOT NULL"
+        ),
+        "a failed drop changes nothing"
+    );
+    c.batch_execute("SELECT pgtrickle.drop_inbox('payments', p_cascade => true)")
+        .unwrap();
+    for rel in [
+        "pgtrickle.payments",
+        "pgtrickle.payments_pending",
+        "pgtrickle.payments_dlq",
+        "pgtrickle.payments_stats",
+        "public.paid",
+    ] {
+        assert!(
+            bool_of(&mut c, &format!("SELECT to_regclass('{rel}') IS NULL")),
+            "{rel} still there"
+        );
+    }
+    assert_eq!(
+        i64_of(
+            &mut c,
+            "SELECT count(*) FROM pgtrickle.pgt_inbox_config WHERE inbox_name = 'payments'"
+        ),
+        0
+    );
+    assert_err(
+        &mut c,
+        "SELECT pgtrickle.drop_inbox('payments')",
+        "P0002",
+        "drop_inbox: inbox \"payments\" does not exist",
+    );
+    c.batch_execute("SELECT pgtrickle.drop_inbox('payments', true)")
+        .unwrap();
+
+    // An adopted (unmanaged) table keeps its table; only the views and row go.
+    c.batch_execute(
+        "UPDATE pgtrickle.pgt_inbox_config SET is_managed = false WHERE inbox_name = 'orders_in';
+                     SELECT pgtrickle.drop_inbox('orders_in');",
+    )
+    .unwrap();
+    assert!(bool_of(&mut c, "SELECT to_regclass('app.orders_in') IS NOT NULL AND to_regclass('app.orders_in_pending') IS NULL"));
+}

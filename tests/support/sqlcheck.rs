@@ -1,9 +1,16 @@
-//! Helpers for the SQL tests (tests/sql.rs, tests/sql_inbox.rs): fresh
-//! databases with sql/install.sql, expected errors, one-value queries.
+//! Helpers for the SQL tests (tests/sql_*.rs): fresh databases with
+//! sql/install.sql, expected errors, one-value queries, consumer-group
+//! calls, notifications, the SQL files piped through psql.
 
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::Client;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::Pg;
 
@@ -198,4 +205,133 @@ pub fn attack(pg: &Pg, admin: &mut Client, db: &str, role: &str, sql: &str) -> O
         )),
         (false, Ok(())) => None,
     }
+}
+
+/// `poll_outbox(group, consumer, n)`: the outbox ids leased.
+pub fn poll(c: &mut Client, group: &str, consumer: &str, n: i32) -> Vec<i64> {
+    ids(
+        c,
+        "SELECT outbox_id FROM pgtrickle.poll_outbox($1, $2, $3)",
+        &[&group, &consumer, &n],
+    )
+}
+
+/// `commit_offset(group, consumer, last)`: whether the commit was taken.
+pub fn commit(c: &mut Client, group: &str, consumer: &str, last: i64) -> bool {
+    c.query_one(
+        "SELECT pgtrickle.commit_offset($1, $2, $3)",
+        &[&group, &consumer, &last],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The group's committed watermark.
+pub fn watermark(c: &mut Client, group: &str) -> i64 {
+    c.query_one(
+        "SELECT committed_id FROM pgtrickle.pgt_consumer_groups WHERE group_name = $1",
+        &[&group],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// `n` one-row events `{"n": i}` published into `outbox`; their ids.
+pub fn publish(c: &mut Client, outbox: &str, n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|i| {
+            let payload = json!({ "n": i }).to_string();
+            c.query_one(
+                "SELECT pgtrickle.outbox_publish($1, $2::text::jsonb)",
+                &[&outbox, &payload],
+            )
+            .unwrap()
+            .get(0)
+        })
+        .collect()
+}
+
+/// Wait until every row of `pgtrickle.<table>` is below the commit horizon
+/// (other tests' transactions on this server may hold it back briefly).
+pub fn wait_horizon(c: &mut Client, table: &str) {
+    let sql = format!(
+        "SELECT coalesce((SELECT max(txid) FROM pgtrickle.{table}) < pg_snapshot_xmin(pg_current_snapshot()), true)"
+    );
+    super::wait_until(30, "the commit horizon", || bool_of(c, &sql));
+}
+
+/// Notifications on `c`: wait for `want` of them, then make sure no more come.
+pub fn notifications(c: &mut Client, want: usize) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.len() < want && Instant::now() < deadline {
+        let mut notes = c.notifications();
+        let next = notes
+            .timeout_iter(Duration::from_millis(100))
+            .next()
+            .unwrap();
+        if let Some(n) = next {
+            got.push((n.channel().to_string(), n.payload().to_string()));
+        }
+    }
+    let mut notes = c.notifications();
+    let extra = notes
+        .timeout_iter(Duration::from_millis(200))
+        .next()
+        .unwrap();
+    if let Some(n) = extra {
+        panic!(
+            "unexpected extra notification {} {} after {got:?}",
+            n.channel(),
+            n.payload()
+        );
+    }
+    assert_eq!(got.len(), want, "notifications: {got:?}");
+    got
+}
+
+/// A config notification's JSON payload.
+pub fn config_note(payload: &str) -> Value {
+    serde_json::from_str(payload).unwrap()
+}
+
+/// The project's sql/ directory.
+pub fn sql_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+}
+
+/// 00..30 concatenated, as `pgtrickle-relay sql` prints them.
+pub fn concatenated_sql() -> String {
+    [
+        "00_catalog.sql",
+        "10_outbox.sql",
+        "20_consumer_groups.sql",
+        "30_inbox.sql",
+    ]
+    .iter()
+    .map(|f| std::fs::read_to_string(sql_dir().join(f)).unwrap())
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// Pipe SQL text into psql, like `pgtrickle-relay sql | psql`.
+pub fn psql_stdin(url: &str, sql: &str) -> (bool, String) {
+    let mut child = Command::new(super::pg_bindir().join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
