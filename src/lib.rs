@@ -25,6 +25,8 @@ mod redact;
 mod retry;
 mod reverse;
 mod shutdown;
+#[cfg(feature = "http")]
+mod signing;
 mod sink;
 mod source;
 mod sql;

@@ -333,6 +333,113 @@ fn signatures_are_checked_and_our_http_sink_feeds_our_source() {
     assert!(!r.stderr().contains("status 401"), "{}", r.stderr());
 }
 
+/// The Standard Webhooks specification's example secret.
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// `webhook-signature` for `id` and `body` at `ts`, computed here from the
+/// specification (base64 key after `whsec_`, "<id>.<ts>.<body>").
+fn standard_sign(secret: &str, id: &str, ts: &str, body: &str) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.decode(secret.trim_start_matches("whsec_")).unwrap();
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.{body}").as_bytes());
+    format!("v1,{}", b64.encode(mac.finalize().into_bytes()))
+}
+
+#[test]
+fn standard_webhooks_signatures_are_checked_and_our_http_sink_feeds_our_source() {
+    let pg = Pg::shared();
+    let url = pg.new_db("rev_http_standard");
+    let port = free_port();
+    set_inbox(
+        pg,
+        &url,
+        json!({"type": "http", "listen": format!("127.0.0.1:{port}"), "path": "/in",
+               "signing_scheme": "standard_webhooks", "signing_secret": "${ENV:HOOK_SECRET}"}),
+    );
+    pg.client(&url)
+        .execute(
+            "SELECT pgtrickle.enable_outbox('orders'), \
+             pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb)",
+            &[
+                &json!({"type": "http", "url": format!("http://127.0.0.1:{port}/in"),
+                        "mode": "event", "signing_scheme": "standard_webhooks",
+                        "signing_secret": "${ENV:HOOK_SECRET}"})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+    let r = Relay::spawn(relay(&url).env("HOOK_SECRET", STANDARD_SECRET));
+    let addr = webhook_addr(&r);
+    let mut c = pg.client(&url);
+
+    // No id of its own: the webhook-id (the same on every retry) is its id.
+    let body = r#"{"kind":"ping"}"#;
+    let ts = now().to_string();
+    let good = standard_sign(STANDARD_SECRET, "msg_1", &ts, body);
+    let headers = |ts: &str, sig: &str| {
+        vec![
+            ("webhook-id", "msg_1".to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig.to_string()),
+        ]
+    };
+    let send = |h: Vec<(&str, String)>| {
+        let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        post(&addr, "/in", &h, body)
+    };
+    assert_eq!(post(&addr, "/in", &[], body).0, 401, "unsigned");
+    let other = "whsec_c2VjcmV0LW9mLWFub3RoZXItc2VuZGVy";
+    let wrong = standard_sign(other, "msg_1", &ts, body);
+    assert_eq!(send(headers(&ts, &wrong)).0, 401, "another sender's key");
+    let tampered = standard_sign(STANDARD_SECRET, "msg_2", &ts, body);
+    assert_eq!(
+        send(headers(&ts, &tampered)).0,
+        401,
+        "signed for another id"
+    );
+    let old = (now() - 600).to_string();
+    let old_sig = standard_sign(STANDARD_SECRET, "msg_1", &old, body);
+    assert_eq!(
+        send(headers(&old, &old_sig)).0,
+        401,
+        "a replayed old request"
+    );
+    // The Pgtrickle scheme's headers are not accepted instead.
+    let pgtrickle = sign(STANDARD_SECRET.as_bytes(), &ts, body);
+    assert_eq!(
+        post(
+            &addr,
+            "/in",
+            &[
+                ("Pgtrickle-Timestamp", &ts),
+                ("Pgtrickle-Signature", &pgtrickle)
+            ],
+            body
+        )
+        .0,
+        401
+    );
+    // Several signatures (a sender rotating its secret): one valid is enough.
+    let (s, b) = send(headers(&ts, &format!("{wrong} {good}")));
+    assert_eq!(s, 200, "{b}");
+    assert!(has_row(&mut c, "msg_1"));
+
+    // The relay's own http sink, signing the Standard Webhooks way, into
+    // its own source.
+    c.execute(
+        "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g)) \
+         FROM generate_series(1, 20) g",
+        &[],
+    )
+    .unwrap();
+    wait_until(30, "the sink's 20 events in the inbox", || {
+        count(&mut c, "events") == 21
+    });
+    assert!(!r.stderr().contains("status 401"), "{}", r.stderr());
+}
+
 #[test]
 fn postgres_down_no_200_before_the_inbox_has_it() {
     let mut pg = Pg::start();

@@ -12,11 +12,14 @@
 //! - `mode: "event"`: one request per event, the body the event envelope,
 //!   and `Idempotency-Key: <dedup key>`.
 //!
-//! Signing: with `signing_secret`, every request also carries
-//! `Pgtrickle-Timestamp: <unix seconds>` and
-//! `Pgtrickle-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`,
-//! i.e. the signed string is the timestamp header's value, a dot, and the
-//! exact body bytes.
+//! Signing: with `signing_secret`, every request also carries a signature
+//! of its exact body, by `signing_scheme` (see [`crate::signing`]):
+//! - `pgtrickle` (default): `Pgtrickle-Timestamp: <unix seconds>` and
+//!   `Pgtrickle-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>`.
+//! - `standard_webhooks`: `webhook-id` (the request's `Idempotency-Key`,
+//!   the same on every retry), `webhook-timestamp` and `webhook-signature:
+//!   v1,<base64 HMAC-SHA256>` as the Standard Webhooks specification says;
+//!   the secret is base64, optionally after `whsec_`.
 //!
 //! Answers, classified by what the status says about the request:
 //! - 2xx: delivered.
@@ -39,15 +42,14 @@
 use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use sha2::Sha256;
 
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
+use crate::signing::{self, Scheme};
 use crate::sink::{Rejected, Sink, SinkSpec};
 
 /// The longest `Retry-After` honoured by sleeping (below the relay's
@@ -80,6 +82,8 @@ pub struct HttpKeys {
     timeout_ms: Option<u64>,
     #[serde(default)]
     signing_secret: Option<String>,
+    #[serde(default)]
+    signing_scheme: Option<Scheme>,
 }
 
 /// Parse the sink's keys.
@@ -111,8 +115,21 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
     if cfg.timeout_ms == Some(0) {
         return Err(ConfigError::new("sink.timeout_ms", "must be at least 1"));
     }
-    if cfg.signing_secret.as_deref() == Some("") {
-        return Err(ConfigError::new("sink.signing_secret", "must not be empty"));
+    match (&cfg.signing_secret, cfg.signing_scheme) {
+        (Some(s), _) if s.is_empty() => {
+            return Err(ConfigError::new("sink.signing_secret", "must not be empty"));
+        }
+        (Some(s), scheme) if !s.contains("${") => {
+            signing::key(scheme.unwrap_or_default(), s)
+                .map_err(|why| ConfigError::new("sink.signing_secret", why))?;
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "sink.signing_scheme",
+                "needs sink.signing_secret",
+            ));
+        }
+        _ => {}
     }
     Ok(Box::new(cfg))
 }
@@ -129,8 +146,14 @@ impl SinkSpec for HttpKeys {
             let v = env(&format!("sink.headers.{k}"), v.as_str().unwrap_or(""))?;
             headers.push((k.clone(), v));
         }
-        let secret = match &self.signing_secret {
-            Some(s) => Some(env("sink.signing_secret", s)?.into_bytes()),
+        let signer = match &self.signing_secret {
+            Some(s) => {
+                let scheme = self.signing_scheme.unwrap_or_default();
+                let key = signing::key(scheme, &env("sink.signing_secret", s)?).map_err(|why| {
+                    Error::permanent(format!("pipeline {pipeline:?}: sink.signing_secret: {why}"))
+                })?;
+                Some((scheme, key))
+            }
             None => None,
         };
         let tls = ureq::tls::TlsConfig::builder()
@@ -152,7 +175,7 @@ impl SinkSpec for HttpKeys {
             shown: mask(&url),
             url,
             headers,
-            secret,
+            signer,
             agent,
             body: Vec::with_capacity(64 * 1024),
         }))
@@ -165,7 +188,8 @@ struct HttpSink {
     /// `url` with a password masked, for messages.
     shown: String,
     headers: Vec<(String, String)>,
-    secret: Option<Vec<u8>>,
+    /// The signature scheme and its HMAC key.
+    signer: Option<(Scheme, Vec<u8>)>,
     agent: ureq::Agent,
     body: Vec<u8>,
 }
@@ -175,21 +199,6 @@ enum Outcome {
     Delivered,
     /// The receiver refused the content (400, 422, 413): why.
     Refused(String),
-}
-
-/// `Pgtrickle-Signature` for `body` signed at `timestamp`.
-pub fn signature(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("any key length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let bytes = mac.finalize().into_bytes();
-    let mut hex = String::with_capacity(3 + bytes.len() * 2);
-    hex.push_str("v1=");
-    for b in bytes {
-        hex.push_str(&format!("{b:02x}"));
-    }
-    hex
 }
 
 /// What an answer's status means.
@@ -226,15 +235,27 @@ impl HttpSink {
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
         }
-        if let Some(secret) = &self.secret {
+        if let Some((scheme, key_bytes)) = &self.signer {
             let ts = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
                 .to_string();
-            req = req
-                .header("Pgtrickle-Signature", signature(secret, &ts, &self.body))
-                .header("Pgtrickle-Timestamp", ts);
+            req = match scheme {
+                Scheme::Pgtrickle => req
+                    .header(
+                        "Pgtrickle-Signature",
+                        signing::pgtrickle(key_bytes, &ts, &self.body),
+                    )
+                    .header("Pgtrickle-Timestamp", ts),
+                Scheme::StandardWebhooks => req
+                    .header(
+                        "webhook-signature",
+                        signing::standard(key_bytes, key, &ts, &self.body),
+                    )
+                    .header("webhook-id", key)
+                    .header("webhook-timestamp", ts),
+            };
         }
         let mut resp = match req.send(&self.body[..]) {
             Ok(r) => r,
@@ -357,29 +378,6 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn hex_hmac(key: &[u8], msg: &[u8]) -> String {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap();
-        mac.update(msg);
-        mac.finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
-    #[test]
-    fn signature_is_hmac_sha256_of_timestamp_dot_body() {
-        // RFC 4231, test case 2.
-        assert_eq!(
-            hex_hmac(b"Jefe", b"what do ya want for nothing?"),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        assert_eq!(
-            signature(b"s3cret", "1700000000", br#"[{"a":1}]"#),
-            format!("v1={}", hex_hmac(b"s3cret", br#"1700000000.[{"a":1}]"#))
-        );
-    }
-
     #[test]
     fn statuses_are_classified_by_what_they_say() {
         for s in [200, 201, 204] {
@@ -413,5 +411,18 @@ mod tests {
             "sink.timeout_ms"
         );
         assert_eq!(p(json!({"url": "http://x", "secret": "s"})), "sink.secret");
+        assert_eq!(
+            p(json!({"url": "http://x", "signing_scheme": "standard_webhooks"})),
+            "sink.signing_scheme"
+        );
+        assert_eq!(
+            p(json!({"url": "http://x", "signing_scheme": "hmac"})),
+            "sink.signing_scheme"
+        );
+        let not_base64 = json!({"url": "http://x", "signing_scheme": "standard_webhooks",
+                                "signing_secret": "whsec_not base64"});
+        let err = parse(not_base64.as_object().unwrap().clone()).unwrap_err();
+        assert_eq!(err.key, "sink.signing_secret");
+        assert!(!err.to_string().contains("not base64"), "{err}");
     }
 }

@@ -11,16 +11,20 @@
 //! Requests: `POST <path>` with one JSON object or a JSON array of objects.
 //! Answers, in the order checked: 405 for another method, 404 for another
 //! path, 401 without `Authorization: Bearer <token>` (when `token` is set),
-//! 413 for a body above `max_body_bytes`, 401 without a valid
-//! `Pgtrickle-Signature` (when `signing_secret` is set; the scheme of the
-//! `http` sink, timestamps at most 5 minutes off), 400 with a reason for a
-//! body that is not JSON or an event without an id.
+//! 413 for a body above `max_body_bytes`, 401 without a valid signature
+//! (when `signing_secret` is set: `signing_scheme` `pgtrickle`, the
+//! default, checks `Pgtrickle-Signature` as the `http` sink signs;
+//! `standard_webhooks` checks `webhook-signature` of the Standard Webhooks
+//! specification, see [`crate::signing`]; timestamps at most 5 minutes
+//! off), 400 with a reason for a body that is not JSON or an event without
+//! an id.
 //!
 //! The inbox `event_id` is the id the event carries itself: the
 //! `dedup_key` of our envelope (what the `http` sink sends), else a
 //! CloudEvents `id` (an object with `specversion`), else the `id_field`
-//! field. Only an event without one gets the `Idempotency-Key` header
-//! (for an array, `<key>:<index>`): that key names a request, and a
+//! field. Only an event without one gets the `Idempotency-Key` header,
+//! else the `webhook-id` header (Standard Webhooks: the same on every
+//! retry) (for an array, `<key>:<index>`): that key names a request, and a
 //! sender that retries with other batch boundaries sends other keys. An
 //! event with no id at all is refused with 400, because a webhook without
 //! an id cannot be deduplicated. The payload is the object's `payload`
@@ -45,6 +49,7 @@ use tiny_http::{Header, Method, Request, Response, Server};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
+use crate::signing::{self, Scheme};
 pub use crate::source::Origin;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
@@ -67,6 +72,8 @@ pub struct HttpSourceConfig {
     token: Option<String>,
     #[serde(default)]
     signing_secret: Option<String>,
+    #[serde(default)]
+    signing_scheme: Option<Scheme>,
     #[serde(default)]
     max_body_bytes: Option<u64>,
     #[serde(default)]
@@ -120,6 +127,19 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
             return Err(ConfigError::new(format!("source.{k}"), "must not be empty"));
         }
     }
+    match (&cfg.signing_secret, cfg.signing_scheme) {
+        (Some(s), scheme) if !s.contains("${") => {
+            signing::key(scheme.unwrap_or_default(), s)
+                .map_err(|why| ConfigError::new("source.signing_secret", why))?;
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "source.signing_scheme",
+                "needs source.signing_secret",
+            ));
+        }
+        _ => {}
+    }
     Ok(Box::new(cfg))
 }
 
@@ -127,7 +147,8 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
 struct Rules {
     path: String,
     token: Option<String>,
-    secret: Option<Vec<u8>>,
+    /// The signature scheme and its HMAC key.
+    signer: Option<(Scheme, Vec<u8>)>,
     max_body: u64,
     id_field: String,
     event_type: Origin,
@@ -160,7 +181,18 @@ impl SourceSpec for HttpSourceConfig {
         let rules = Arc::new(Rules {
             path: self.path.clone().unwrap_or_else(|| "/".into()),
             token: env("token", &self.token)?,
-            secret: env("signing_secret", &self.signing_secret)?.map(String::into_bytes),
+            signer: match env("signing_secret", &self.signing_secret)? {
+                None => None,
+                Some(secret) => {
+                    let scheme = self.signing_scheme.unwrap_or_default();
+                    let key = signing::key(scheme, &secret).map_err(|why| {
+                        Error::permanent(format!(
+                            "pipeline {pipeline:?}: source.signing_secret: {why}"
+                        ))
+                    })?;
+                    Some((scheme, key))
+                }
+            },
             max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
             event_type: field(&self.event_type, "event_type"),
@@ -369,8 +401,8 @@ fn handle(mut req: Request, rules: &Rules, stop: &AtomicBool, tx: &SyncSender<Pe
             return refuse(req, 400, "body shorter than its Content-Length");
         }
     }
-    if let Some(secret) = &rules.secret {
-        if let Err(why) = check_signature(&req, secret, &body) {
+    if let Some((scheme, key)) = &rules.signer {
+        if let Err(why) = check_signature(&req, *scheme, key, &body) {
             return refuse(req, 401, &why);
         }
     }
@@ -396,23 +428,39 @@ fn handle(mut req: Request, rules: &Rules, stop: &AtomicBool, tx: &SyncSender<Pe
     }
 }
 
-fn check_signature(req: &Request, secret: &[u8], body: &[u8]) -> Result<(), String> {
-    let ts = header(req, "Pgtrickle-Timestamp").ok_or("missing Pgtrickle-Timestamp header")?;
-    let sig = header(req, "Pgtrickle-Signature").ok_or("missing Pgtrickle-Signature header")?;
+/// Whether the request carries a valid, recent signature of `body`.
+fn check_signature(req: &Request, scheme: Scheme, key: &[u8], body: &[u8]) -> Result<(), String> {
+    let (ts_header, sig_header) = match scheme {
+        Scheme::Pgtrickle => ("Pgtrickle-Timestamp", "Pgtrickle-Signature"),
+        Scheme::StandardWebhooks => ("webhook-timestamp", "webhook-signature"),
+    };
+    let missing = |h: &str| format!("missing {h} header");
+    let ts = header(req, ts_header)
+        .ok_or_else(|| missing(ts_header))?
+        .trim();
+    let sig = header(req, sig_header).ok_or_else(|| missing(sig_header))?;
     let secs: u64 = ts
-        .trim()
         .parse()
-        .map_err(|_| "Pgtrickle-Timestamp is not a number of seconds")?;
+        .map_err(|_| format!("{ts_header} is not a number of seconds"))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     if now.abs_diff(secs) > MAX_SKEW_SECS {
-        return Err("Pgtrickle-Timestamp is more than 5 minutes off".into());
+        return Err(format!("{ts_header} is more than 5 minutes off"));
     }
-    let expected = crate::sink::http::signature(secret, ts, body);
-    if !same(sig.trim().as_bytes(), expected.as_bytes()) {
-        return Err("bad Pgtrickle-Signature".into());
+    let valid = match scheme {
+        Scheme::Pgtrickle => same(
+            sig.trim().as_bytes(),
+            signing::pgtrickle(key, ts, body).as_bytes(),
+        ),
+        Scheme::StandardWebhooks => {
+            let id = header(req, "webhook-id").ok_or_else(|| missing("webhook-id"))?;
+            signing::standard_matches(key, id, ts, body, sig)
+        }
+    };
+    if !valid {
+        return Err(format!("bad {sig_header}"));
     }
     Ok(())
 }
@@ -442,9 +490,9 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
         obj @ Value::Object(_) => (vec![obj], false),
         _ => return Err("body must be a JSON object or an array of objects".into()),
     };
-    let key = header(req, "Idempotency-Key")
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
+    let key = ["Idempotency-Key", "webhook-id"]
+        .into_iter()
+        .find_map(|h| header(req, h).map(str::trim).filter(|k| !k.is_empty()));
     let mut out = Vec::with_capacity(objects.len());
     for (i, v) in objects.into_iter().enumerate() {
         let Value::Object(obj) = v else {
@@ -482,4 +530,30 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn signing_config_errors_name_the_key() {
+        let p = |v: Value| parse(v.as_object().unwrap().clone()).unwrap_err().key;
+        let listen = "127.0.0.1:1";
+        assert_eq!(
+            p(json!({"listen": listen, "signing_scheme": "standard_webhooks"})),
+            "source.signing_scheme"
+        );
+        assert_eq!(
+            p(
+                json!({"listen": listen, "signing_secret": "whsec_!!", "signing_scheme": "standard_webhooks"})
+            ),
+            "source.signing_secret"
+        );
+        assert_eq!(
+            p(json!({"listen": listen, "signing_secret": "s", "signing_scheme": "svix"})),
+            "source.signing_scheme"
+        );
+    }
 }
