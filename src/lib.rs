@@ -5,6 +5,8 @@
 
 #[cfg(feature = "rabbitmq")]
 mod amqp;
+#[cfg(feature = "sqs")]
+mod aws_credentials;
 mod config;
 mod coordinator;
 mod endpoints;

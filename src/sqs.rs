@@ -14,8 +14,9 @@
 //! - `endpoint`: where requests go (a VPC endpoint, an SQS-compatible test
 //!   server). Default: the scheme and host of `queue_url`.
 //! - `access_key_id`, `secret_access_key` (both or neither) and
-//!   `session_token`. Default: the environment's `AWS_ACCESS_KEY_ID`,
-//!   `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+//!   `session_token`. Default: the AWS SDKs' credential chain (the
+//!   environment, the shared files' profile, web identity, ECS container
+//!   credentials, EC2 instance metadata; see [`crate::aws_credentials`]).
 //! - `timeout_ms`: per request (default 30000; a long poll adds its wait).
 //!
 //! Every value may use `${ENV:NAME}` or `${CREDENTIAL:NAME}`. The secret key
@@ -35,6 +36,7 @@ use aws_sigv4::sign::v4;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::aws_credentials::{describe, CredentialError, Provider};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
@@ -214,7 +216,7 @@ pub struct Client {
     url: String,
     queue_url: String,
     region: String,
-    creds: Credentials,
+    creds: Provider,
     timeout: Duration,
     fifo: bool,
 }
@@ -277,20 +279,14 @@ impl Client {
                     "not set, and neither AWS_REGION nor AWS_DEFAULT_REGION is".into(),
                 )
             })?;
-        let (id, secret, token) = match (
+        let own = match (
             expand("access_key_id", &keys.access_key_id)?,
             expand("secret_access_key", &keys.secret_access_key)?,
         ) {
-            (Some(id), Some(secret)) => (id, secret, expand("session_token", &keys.session_token)?),
-            _ => match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-                (Some(id), Some(secret)) => (id, secret, env("AWS_SESSION_TOKEN")),
-                _ => {
-                    return Err(Error::permanent(format!(
-                        "pipeline {pipeline:?}: no AWS credentials: set {prefix}.access_key_id and \
-                         {prefix}.secret_access_key, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                    )))
-                }
-            },
+            (Some(id), Some(secret)) => {
+                Some((id, secret, expand("session_token", &keys.session_token)?))
+            }
+            _ => None,
         };
         let tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::NativeTls)
@@ -303,13 +299,25 @@ impl Client {
             .user_agent(concat!("pgtrickle-relay/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        let creds = Provider::find(own, &region, agent.clone()).map_err(|e| match e {
+            CredentialError::Missing(why) => Error::permanent(format!(
+                "pipeline {pipeline:?}: {why}; or set {prefix}.access_key_id and {prefix}.secret_access_key"
+            )),
+            CredentialError::Failed(why) => {
+                Error::transient(format!("pipeline {pipeline:?}: AWS credentials: {why}"))
+            }
+        })?;
+        log::info!(
+            "pipeline {pipeline:?}: AWS credentials from {}",
+            creds.origin
+        );
         let fifo = queue_url.trim_end_matches('/').ends_with(".fifo");
         Ok(Client {
             agent,
             url: format!("{}/", endpoint.trim_end_matches('/')),
             queue_url,
             region,
-            creds: Credentials::new(id, secret, token, None, "pgtrickle-relay"),
+            creds,
             timeout: keys
                 .timeout_ms
                 .map(Duration::from_millis)
@@ -340,8 +348,14 @@ impl Client {
             .map_err(|e| fail("encoding", Error::permanent(format!("{what}: {e}"))))?;
         let target = format!("AmazonSQS.{action}");
         let content_type = "application/x-amz-json-1.0";
+        let creds = self.creds.get().map_err(|e| {
+            fail(
+                "credentials",
+                Error::transient(format!("{what}: AWS credentials: {}", describe(&e))),
+            )
+        })?;
         let signed = self
-            .sign(&target, content_type, &body)
+            .sign(creds, &target, content_type, &body)
             .map_err(|e| fail("signing", Error::permanent(format!("{what}: signing: {e}"))))?;
         let mut req = self
             .agent
@@ -424,11 +438,12 @@ impl Client {
     /// The SigV4 headers for a POST of `body`.
     fn sign(
         &self,
+        creds: Credentials,
         target: &str,
         content_type: &str,
         body: &[u8],
     ) -> Result<Vec<(String, String)>, String> {
-        let identity = self.creds.clone().into();
+        let identity = creds.into();
         let params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
@@ -595,7 +610,12 @@ mod tests {
         assert_eq!(c.url, "http://127.0.0.1:9/");
         assert!(c.is_fifo());
         let headers = c
-            .sign("AmazonSQS.SendMessage", "application/x-amz-json-1.0", b"{}")
+            .sign(
+                c.creds.get().unwrap(),
+                "AmazonSQS.SendMessage",
+                "application/x-amz-json-1.0",
+                b"{}",
+            )
             .unwrap();
         let auth = &headers
             .iter()

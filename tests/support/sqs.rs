@@ -344,6 +344,8 @@ pub struct Proxy {
     nth: Arc<Mutex<Option<(String, usize)>>>,
     refused: Arc<Mutex<u64>>,
     forwarded: Arc<Mutex<Vec<String>>>,
+    /// The access key id of every forwarded request's signature.
+    access_keys: Arc<Mutex<Vec<String>>>,
     server: Arc<tiny_http::Server>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -356,6 +358,7 @@ impl Proxy {
         let refuse: Arc<Mutex<Vec<String>>> = Arc::default();
         let refused: Arc<Mutex<u64>> = Arc::default();
         let forwarded: Arc<Mutex<Vec<String>>> = Arc::default();
+        let access_keys: Arc<Mutex<Vec<String>>> = Arc::default();
         let nth: Arc<Mutex<Option<(String, usize)>>> = Arc::default();
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -372,7 +375,7 @@ impl Proxy {
                     forwarded.clone(),
                     agent.clone(),
                 );
-                let (nth, seen) = (nth.clone(), seen.clone());
+                let (nth, seen, access_keys) = (nth.clone(), seen.clone(), access_keys.clone());
                 let target = format!("{endpoint}/");
                 std::thread::spawn(move || {
                     while let Ok(mut req) = server.recv() {
@@ -405,6 +408,14 @@ impl Proxy {
                             continue;
                         }
                         forwarded.lock().unwrap().push(action.clone());
+                        if let Some(auth) = header("Authorization") {
+                            let key = auth
+                                .split("Credential=")
+                                .nth(1)
+                                .and_then(|c| c.split('/').next())
+                                .unwrap_or_default();
+                            access_keys.lock().unwrap().push(key.to_string());
+                        }
                         let mut out = agent.post(&target);
                         for name in [
                             "Content-Type",
@@ -448,6 +459,7 @@ impl Proxy {
             nth,
             refused,
             forwarded,
+            access_keys,
             server,
             threads,
         }
@@ -467,6 +479,11 @@ impl Proxy {
     /// request of it since the proxy started), once.
     pub fn refuse_nth(&self, action: &str, n: usize) {
         *self.nth.lock().unwrap() = Some((action.to_string(), n));
+    }
+
+    /// The access key ids that signed the forwarded requests, in order.
+    pub fn access_keys(&self) -> Vec<String> {
+        self.access_keys.lock().unwrap().clone()
     }
 
     /// How many requests were refused so far.
