@@ -15,6 +15,9 @@
 //! ([`GroupLoop`]); a thread of the pipeline's own keeps the lease of the
 //! batch out alive ([`LeaseKeeper`]).
 //!
+//! [`replay`] (`pgtrickle-relay replay`) re-publishes a range of the outbox
+//! with the same reading and publishing code, moving no position.
+//!
 //! The rules are in plain structs that unit tests drive without a server:
 //! [`Delivery`] (rows into events, publishing, dead letters), [`Commits`]
 //! (how far and when the offset moves) and [`Held`] (rows held back by the

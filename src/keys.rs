@@ -116,3 +116,25 @@ fn redact(msg: &str) -> String {
     out.push_str(rest);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blame_takes_the_key_an_error_names_else_the_one_given() {
+        let named = Error::permanent("pipeline \"p\": sink.exchange: exchange \"x\" is missing");
+        assert_eq!(
+            blame("sink.url", named),
+            ConfigError::new("sink.exchange", "exchange \"x\" is missing")
+        );
+        let plain = Error::transient("redis 127.0.0.1:1: connection refused");
+        assert_eq!(
+            blame("sink.url", plain),
+            ConfigError::new("sink.url", "redis 127.0.0.1:1: connection refused")
+        );
+        // A message that merely has a colon is not a key.
+        let prose = Error::transient("pipeline \"p\": nats a.b: timed out");
+        assert_eq!(blame("sink.url", prose).key, "sink.url");
+    }
+}

@@ -1,7 +1,8 @@
 //! The `replay` and `check` commands against real servers: replay
 //! re-publishes a range of an outbox through the pipeline's sink with the
 //! original dedup keys and moves no position; check validates configs and,
-//! with `--connect`, reaches what each pipeline uses.
+//! with `--connect`, reaches what each pipeline uses (NATS, RabbitMQ and
+//! moto servers; a Redis on a port nothing listens on).
 
 mod support;
 
@@ -380,6 +381,47 @@ fn check_connect_names_the_key_of_what_is_missing_or_down() {
         json!({"type": "rabbitmq", "url": rabbit.url(), "exchange": "amq.topic"}),
     );
 
+    // Reverse pipelines: the source, and the inbox in this database.
+    let inbox = |name: &str, inbox: &str, source: Value| {
+        Pg::shared()
+            .client(&url)
+            .execute(
+                "SELECT pgtrickle.set_relay_inbox($1, $2, $3::text::jsonb)",
+                &[&name, &inbox, &source.to_string()],
+            )
+            .unwrap();
+    };
+    inbox(
+        "rin_redis_down",
+        "events",
+        json!({"type": "redis", "url": format!("redis://127.0.0.1:{dead_port}"), "stream": "s"}),
+    );
+    inbox(
+        "rin_nats_missing",
+        "events",
+        json!({"type": "nats", "url": nats.url(), "stream": "NOPE"}),
+    );
+    inbox(
+        "rin_rabbit_missing",
+        "events",
+        json!({"type": "rabbitmq", "url": rabbit.url(), "queue": "no-such-queue"}),
+    );
+    inbox(
+        "rin_sqs_missing",
+        "events",
+        sqs(&queue.replace("check-there", "check-missing")),
+    );
+    inbox(
+        "rin_pg_missing",
+        "events",
+        json!({"type": "postgres", "url": url, "outbox": "no_such_outbox"}),
+    );
+    inbox("rin_no_inbox", "gone", json!({"type": "stdin"}));
+    Pg::shared()
+        .client(&url)
+        .batch_execute("DROP TABLE pgtrickle.gone CASCADE")
+        .unwrap();
+
     // Without --connect every config is fine.
     let out = command(&url, &["check"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
@@ -418,6 +460,17 @@ fn check_connect_names_the_key_of_what_is_missing_or_down() {
         "{text}"
     );
     assert!(!text.contains("s3cr3t"), "{text}");
+    for (name, key) in [
+        ("rin_redis_down", "source.url"),
+        ("rin_nats_missing", "source.stream"),
+        ("rin_rabbit_missing", "source.queue"),
+        ("rin_sqs_missing", "source.queue_url"),
+        ("rin_pg_missing", "source.outbox"),
+        ("rin_no_inbox", "sink.inbox"),
+    ] {
+        let want = format!("pipeline {name}: {key}: ");
+        assert!(line(name).starts_with(&want), "{want}\n{text}");
+    }
 
     // Each broken one alone exits 1; the fine ones alone exit 0.
     for name in [

@@ -374,7 +374,8 @@ pub trait SourceSpec: Send + std::fmt::Debug {
     /// `pgtrickle-relay check --connect`: reach the source and check what
     /// can be checked without receiving a message (opening a source may
     /// join a consumer group or take messages, so it is not opened); the
-    /// error names the key at fault. By default, nothing beyond the config.
+    /// error names the key at fault. By default (stdin, http), nothing
+    /// beyond the config.
     fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
         Ok(())
     }
