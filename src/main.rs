@@ -334,7 +334,8 @@ fn replay(postgres_url: &str, cmd: ReplayCommand, batch_size: usize) -> ExitCode
     };
     match pgtrickle_relay::replay(postgres_url, &req) {
         Ok(report) => {
-            print!("{report}");
+            // On stderr: stdout may be the pipeline's sink.
+            eprint!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -82,9 +82,9 @@ fn replay_sends_exactly_the_range_with_the_original_dedup_keys_and_moves_no_offs
     let out = command(&url, &["replay", "fwd", "--from-id", "3", "--to-id", "5"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("replayed 3 events (3 outbox rows"),
+        stderr(&out).contains("replayed 3 events (3 outbox rows"),
         "{}",
-        stdout(&out)
+        stderr(&out)
     );
     assert_eq!(ids_and_keys(&file, 10), first[2..5].to_vec());
     assert_eq!(offset(&url), 10, "the pipeline's offset moved");
@@ -98,9 +98,9 @@ fn replay_sends_exactly_the_range_with_the_original_dedup_keys_and_moves_no_offs
     let out = command(&url, &["replay", "fwd", "--from-id", "2", "--dry-run"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("would replay 9 events (9 outbox rows, ids 2..10)"),
+        stderr(&out).contains("would replay 9 events (9 outbox rows, ids 2..10)"),
         "{}",
-        stdout(&out)
+        stderr(&out)
     );
     assert_eq!(read_jsonl(&file).len(), 15);
 
@@ -218,17 +218,70 @@ fn replay_streams_a_claim_check_row_whole() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("replayed 253 events (1 outbox rows"),
+        stderr(&out).contains("replayed 253 events (1 outbox rows"),
         "{}",
-        stdout(&out)
+        stderr(&out)
     );
     assert_eq!(ids_and_keys(&file, 255), first[1..254].to_vec());
     // Dry run counts the claim-check's rows as events.
     let out = command(&url, &["replay", "fwd", "--from-id", "1", "--dry-run"]);
     assert!(
-        stdout(&out).contains("would replay 255 events (3 outbox rows, ids 1..3)"),
+        stderr(&out).contains("would replay 255 events (3 outbox rows, ids 1..3)"),
         "{}",
-        stdout(&out)
+        stderr(&out)
+    );
+}
+
+#[test]
+fn replay_reads_a_pg_trickle_outbox_without_txid_by_id() {
+    let (url, file) = setup("cmd_replay_trickle");
+    // pg_trickle's own shape: no txid, no headers.
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            "ALTER TABLE pgtrickle.outbox_orders DROP COLUMN txid CASCADE, DROP COLUMN headers;
+             INSERT INTO pgtrickle.outbox_orders (inserted_count, deleted_count, payload)
+               SELECT 1, 0, jsonb_build_object('v', 1, 'inserted', jsonb_build_array(jsonb_build_object('n', g)))
+               FROM generate_series(1, 8) g;",
+        )
+        .unwrap();
+    deliver(&url);
+    let first = ids_and_keys(&file, 0);
+    assert_eq!(first.len(), 8);
+    let out = command(
+        &url,
+        &[
+            "--batch-size",
+            "2",
+            "replay",
+            "fwd",
+            "--from-id",
+            "3",
+            "--to-id",
+            "7",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(ids_and_keys(&file, 8), first[2..7].to_vec());
+    assert_eq!(offset(&url), 8);
+}
+
+#[test]
+fn replay_to_stdout_keeps_the_report_off_stdout() {
+    let (url, _) = setup("cmd_replay_stdout");
+    add(&url, "out", json!({"type": "stdout"}));
+    publish(&url, 1, 3);
+    let out = command(&url, &["replay", "out", "--from-id", "2"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let keys: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["dedup_key"].to_string())
+        .collect();
+    assert_eq!(keys, ["\"outbox_orders:2:0\"", "\"outbox_orders:3:0\""]);
+    assert!(
+        stderr(&out).contains("replayed 2 events"),
+        "{}",
+        stderr(&out)
     );
 }
 
@@ -329,6 +382,46 @@ fn check_passes_good_configs_and_names_pipeline_and_key_of_bad_ones() {
         stdout(&out).starts_with("pipeline nodir: sink.path: directory /nonexistent/dir"),
         "{}",
         stdout(&out)
+    );
+    // An http endpoint nothing listens on; an inbox that is not there; an
+    // outbox that is not there.
+    let port = free_port();
+    add(
+        &url,
+        "http_down",
+        json!({"type": "http", "url": format!("http://127.0.0.1:{port}/hook")}),
+    );
+    add(
+        &url,
+        "no_inbox",
+        json!({"type": "pg-inbox", "url": url, "inbox": "nope"}),
+    );
+    Pg::shared()
+        .client(&url)
+        .execute(
+            "SELECT pgtrickle.set_relay_outbox('no_outbox', 'missing', 'default', '{\"type\": \"stdout\"}')",
+            &[],
+        )
+        .unwrap();
+    let out = command(
+        &url,
+        &["check", "--connect", "http_down", "no_inbox", "no_outbox"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("pipeline http_down: sink.url: "),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("pipeline no_inbox: sink.inbox: "),
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("pipeline no_outbox: source.outbox: "),
+        "{text}"
     );
 }
 
