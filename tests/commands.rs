@@ -582,3 +582,76 @@ fn check_connect_names_the_key_of_what_is_missing_or_down() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 }
+
+#[cfg(feature = "kafka")]
+#[test]
+fn check_connect_asks_kafka_for_the_topics() {
+    use support::kafka::Kafka;
+
+    let (url, _) = setup("cmd_check_kafka");
+    let k = Kafka::start();
+    k.create_topic("there", 1);
+    let dead = format!("127.0.0.1:{}", free_port());
+    add(
+        &url,
+        "k_there",
+        json!({"type": "kafka", "brokers": k.brokers(), "topic": "there"}),
+    );
+    // A topic from the template: only the brokers can be checked.
+    add(
+        &url,
+        "k_template",
+        json!({"type": "kafka", "brokers": k.brokers(), "topic": "t.{stream_table}"}),
+    );
+    add(
+        &url,
+        "k_missing",
+        json!({"type": "kafka", "brokers": k.brokers(), "topic": "missing"}),
+    );
+    add(
+        &url,
+        "k_down",
+        json!({"type": "kafka", "brokers": dead, "topic": "there"}),
+    );
+    Pg::shared()
+        .client(&url)
+        .execute(
+            "SELECT pgtrickle.set_relay_inbox('rin_k_missing', 'events', $1::text::jsonb)",
+            &[
+                &json!({"type": "kafka", "brokers": k.brokers(), "group_id": "g",
+                      "topics": ["there", "missing"]})
+                .to_string(),
+            ],
+        )
+        .unwrap();
+    let out = command(
+        &url,
+        &[
+            "check",
+            "--connect",
+            "k_there",
+            "k_template",
+            "k_missing",
+            "k_down",
+            "rin_k_missing",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines[0].starts_with("pipeline k_down: sink.brokers: "),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("pipeline k_missing: sink.topic: "),
+        "{text}"
+    );
+    assert_eq!(lines[2], "pipeline k_template: ok", "{text}");
+    assert_eq!(lines[3], "pipeline k_there: ok", "{text}");
+    assert!(
+        lines[4].starts_with("pipeline rin_k_missing: source.topics: topics [\"missing\"]"),
+        "{text}"
+    );
+}
