@@ -76,7 +76,8 @@ struct Coordinator<'a> {
     failed: bool,
 }
 
-fn load(client: &mut Client, name: Option<&str>) -> Result<Vec<CatalogEntry>, Error> {
+/// The catalog entries: the one named `name`, or all of them.
+pub fn load(client: &mut Client, name: Option<&str>) -> Result<Vec<CatalogEntry>, Error> {
     let rows = match name {
         Some(n) => client.query(
             "SELECT name, direction, enabled, config::text FROM pgtrickle.get_relay_config($1)",

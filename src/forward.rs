@@ -15,6 +15,9 @@
 //! ([`GroupLoop`]); a thread of the pipeline's own keeps the lease of the
 //! batch out alive ([`LeaseKeeper`]).
 //!
+//! [`replay`] (`pgtrickle-relay replay`) re-publishes a range of the outbox
+//! with the same reading and publishing code, moving no position.
+//!
 //! The rules are in plain structs that unit tests drive without a server:
 //! [`Delivery`] (rows into events, publishing, dead letters), [`Commits`]
 //! (how far and when the offset moves) and [`Held`] (rows held back by the
@@ -23,9 +26,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 use prometheus::Histogram;
 
@@ -192,6 +196,8 @@ struct Delivery<'a> {
     claim_checks: Vec<i64>,
     /// Consumer-group mode: the lease of the batch out.
     lease: Option<Lease>,
+    /// Events the sink took (acknowledged, not rejected), for replay's report.
+    sent: u64,
 }
 
 impl<'a> Delivery<'a> {
@@ -204,6 +210,7 @@ impl<'a> Delivery<'a> {
             dead: Vec::new(),
             claim_checks: Vec::new(),
             lease: None,
+            sent: 0,
         }
     }
 
@@ -290,6 +297,7 @@ impl<'a> Delivery<'a> {
     fn send(&mut self, start: usize, end: usize) -> Result<(), Error> {
         let events = &self.events[start..end];
         let rejected = self.sink.publish(events)?;
+        self.sent += (events.len() - rejected.len()) as u64;
         let m = metrics::get();
         m.published
             .with_label_values(&[self.pipeline])
@@ -417,6 +425,94 @@ impl Commits {
     }
 }
 
+/// Outbox rows to re-publish (`pgtrickle-relay replay`).
+#[derive(Debug, Clone)]
+pub struct Range {
+    /// The first outbox id.
+    pub from: i64,
+    /// The last outbox id.
+    pub to: i64,
+    /// Only rows created at or after this time.
+    pub since: Option<SystemTime>,
+}
+
+/// What [`replay`] re-published.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Replayed {
+    /// Outbox rows read.
+    pub rows: u64,
+    /// Events the sink took.
+    pub events: u64,
+    /// Events it refused for good (written to the dead letters).
+    pub dead: u64,
+}
+
+/// Re-publish the rows of `range` of outbox `info` to `sink`, read, decoded
+/// and published as the forward loop does (same events, same dedup keys,
+/// claim-check rows streamed), in the loop's order. No position moves: not
+/// the pipeline's offset, not a consumer group's, and claim-checks are not
+/// reported again. Events the sink refuses for good are written to the
+/// dead letters, as the loop writes them.
+pub fn replay(
+    client: &mut Client,
+    info: &OutboxInfo,
+    cfg: &Forward,
+    pipeline: &str,
+    sink: &mut dyn Sink,
+    range: &Range,
+) -> Result<Replayed, Error> {
+    let reader = Reader {
+        decoder: Decoder {
+            info,
+            subject: &cfg.subject,
+            pipeline,
+        },
+        delta: match &info.delta_table {
+            Some(_) => Some(client.prepare(&info.delta_sql()?)?),
+            None => None,
+        },
+    };
+    let read = client.prepare(&info.range_sql())?;
+    let mut out = Delivery::new(sink, cfg.batch_size, pipeline);
+    let mut pos = Position {
+        txid: None,
+        id: range.from.saturating_sub(1),
+    };
+    let mut done = Replayed::default();
+    loop {
+        let mut last = None;
+        done.rows += reader.batch(
+            client,
+            &read,
+            &[
+                &pos.txid_or_zero(),
+                &pos.id,
+                &(cfg.batch_size as i64),
+                &range.from,
+                &range.to,
+                &range.since,
+            ],
+            &mut out,
+            &mut last,
+        )?;
+        out.finish()?;
+        let dead = out.take_dead();
+        done.dead += dead.len() as u64;
+        if !dead.is_empty() {
+            let mut tx = client.transaction()?;
+            write_dead_letters(&mut tx, pipeline, &dead)?;
+            tx.commit()?;
+        }
+        out.take_claim_checks();
+        match last {
+            Some(p) => pos = p,
+            None => break,
+        }
+    }
+    done.events = out.sent;
+    Ok(done)
+}
+
 /// Hands outbox rows to a [`Delivery`], streaming the delta rows of a
 /// claim-check from the read transaction chunk by chunk.
 struct Reader<'a> {
@@ -453,19 +549,20 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// Read and hand to `out` the rows after `pos` in one read-only
-    /// transaction; `last` is the position of the last row fully handed over.
+    /// Read and hand to `out` the rows of `read` (the read query, or the
+    /// range query) with `params` in one read-only transaction; `last` is
+    /// the position of the last row fully handed over.
     fn batch(
         &self,
         client: &mut Client,
         read: &Statement,
-        pos: &Position,
-        batch_size: usize,
+        params: &[&(dyn ToSql + Sync)],
         out: &mut Delivery,
         last: &mut Option<Position>,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let mut tx = client.transaction()?;
-        let portal = tx.bind(read, &[&pos.txid_or_zero(), &pos.id, &(batch_size as i64)])?;
+        let portal = tx.bind(read, params)?;
+        let mut n = 0;
         loop {
             let rows = tx.query_portal(&portal, FETCH_ROWS)?;
             if rows.is_empty() {
@@ -475,10 +572,11 @@ impl Reader<'_> {
                 let row = Row::from_pg(r);
                 self.row(&mut tx, out, &row)?;
                 *last = Some(row.position());
+                n += 1;
             }
         }
         tx.commit()?;
-        Ok(())
+        Ok(n)
     }
 }
 
@@ -536,8 +634,11 @@ impl<'a> OffsetLoop<'a> {
             let read = self.reader.batch(
                 self.client,
                 &self.read,
-                &self.pos,
-                self.cfg.batch_size,
+                &[
+                    &self.pos.txid_or_zero(),
+                    &self.pos.id,
+                    &(self.cfg.batch_size as i64),
+                ],
                 &mut self.out,
                 &mut last,
             );

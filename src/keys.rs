@@ -8,6 +8,8 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::error::Error;
+
 /// A bad key in a pipeline's config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigError {
@@ -33,6 +35,23 @@ impl ConfigError {
             key: key.into(),
             msg: msg.to_string(),
         }
+    }
+}
+
+/// An error met while checking a pipeline's connection (`check
+/// --connect`), as a [`ConfigError`] about the key at fault: the key the
+/// message names (`pipeline "p": sink.exchange: ...`), else `key`.
+pub fn blame(key: &str, e: Error) -> ConfigError {
+    let msg = match e.msg.strip_prefix("pipeline \"") {
+        Some(rest) => rest.split_once("\": ").map_or(e.msg.as_str(), |(_, m)| m),
+        None => e.msg.as_str(),
+    };
+    let named = msg.split_once(": ").filter(|(k, _)| {
+        (k.starts_with("sink.") || k.starts_with("source.")) && !k.contains(char::is_whitespace)
+    });
+    match named {
+        Some((k, m)) => ConfigError::new(k, m),
+        None => ConfigError::new(key, msg),
     }
 }
 
@@ -96,4 +115,26 @@ fn redact(msg: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blame_takes_the_key_an_error_names_else_the_one_given() {
+        let named = Error::permanent("pipeline \"p\": sink.exchange: exchange \"x\" is missing");
+        assert_eq!(
+            blame("sink.url", named),
+            ConfigError::new("sink.exchange", "exchange \"x\" is missing")
+        );
+        let plain = Error::transient("redis 127.0.0.1:1: connection refused");
+        assert_eq!(
+            blame("sink.url", plain),
+            ConfigError::new("sink.url", "redis 127.0.0.1:1: connection refused")
+        );
+        // A message that merely has a colon is not a key.
+        let prose = Error::transient("pipeline \"p\": nats a.b: timed out");
+        assert_eq!(blame("sink.url", prose).key, "sink.url");
+    }
 }

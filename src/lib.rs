@@ -1,12 +1,14 @@
 //! pgtrickle-relay: moves events between PostgreSQL outbox/inbox tables and
 //! message brokers, reliably. The binary (src/main.rs) turns flags into one
-//! call per mode: [`run`], [`status`], [`sql`] and [`probe`]. How the parts
+//! call per mode: [`run`], [`status`], [`replay`], [`check`], [`sql`] and
+//! [`probe`]. How the parts
 //! fit together, and where each rule lives: docs/ARCHITECTURE.md.
 
 #[cfg(feature = "rabbitmq")]
 mod amqp;
 #[cfg(feature = "sqs")]
 mod aws_credentials;
+mod check;
 mod config;
 mod coordinator;
 mod endpoints;
@@ -24,6 +26,7 @@ mod outbox;
 mod pg;
 mod pipeline;
 mod redact;
+mod replay;
 mod retry;
 mod reverse;
 mod shutdown;
@@ -43,6 +46,7 @@ pub use error::Error;
 pub use logging::{init as init_logging, Format as LogFormat};
 pub use pg::expand_env;
 pub use redact::secrets as redact_secrets;
+pub use replay::Request as ReplayRequest;
 
 /// `pgtrickle-relay`: run every wanted pipeline until SIGTERM or SIGINT
 /// (SIGHUP re-reads the catalog), or with `--once` until each drained;
@@ -83,6 +87,37 @@ pub fn status(postgres_url: &str, relay_group: &str, json: bool) -> Result<Strin
     } else {
         status::table(&v)
     })
+}
+
+/// `pgtrickle-relay replay`: re-publish a range of a forward pipeline's
+/// outbox through its sink with the original dedup keys, leaving every
+/// position unchanged (or, with `dry_run`, count what would be sent); the
+/// report to print.
+pub fn replay(postgres_url: &str, req: &ReplayRequest) -> Result<String, Error> {
+    let mut client = pg::connect(postgres_url, "pgtrickle-relay replay")?;
+    replay::run(&mut client, req)
+}
+
+/// `pgtrickle-relay check`: validate the config of the pipelines named in
+/// `only` (all when empty) and, with `connect`, reach what each uses. The
+/// report to print (one line per problem and per fine pipeline, or JSON)
+/// and whether everything was fine.
+pub fn check(
+    postgres_url: &str,
+    only: &[String],
+    connect: bool,
+    json: bool,
+    default_batch: usize,
+) -> Result<(String, bool), Error> {
+    let mut client = pg::connect(postgres_url, "pgtrickle-relay check")?;
+    let reports = check::run(&mut client, only, connect, default_batch)?;
+    let ok = reports.iter().all(|r| r.problems.is_empty());
+    let text = if json {
+        format!("{:#}\n", check::json(&reports))
+    } else {
+        check::text(&reports)
+    };
+    Ok((text, ok))
 }
 
 /// `pgtrickle-relay sql`: the SQL that installs the relay catalog and the

@@ -1,16 +1,17 @@
 //! pgtrickle-relay: moves events between PostgreSQL outbox/inbox tables and
 //! message brokers. Flags are defined here, in one place (everything else
 //! is configured in SQL), and turned into one call of the library per mode:
-//! `run`, `status`, `sql` or `probe`.
+//! `run`, `status`, `replay`, `check`, `sql` or `probe`.
 
 use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use argh::FromArgs;
-use pgtrickle_relay::{Exit, LogFormat, Settings};
+use pgtrickle_relay::{Exit, LogFormat, ReplayRequest, Settings};
 
-/// Exit code: a `--once` run failed, or the relay could not start.
+/// Exit code: a `--once` run failed, the relay could not start, or a
+/// command (`status`, `replay`, `check`, `probe`) failed or found problems.
 const EXIT_FAILURE: u8 = 1;
 /// Exit code: bad flags or settings.
 const EXIT_USAGE: u8 = 2;
@@ -86,7 +87,55 @@ struct Flags {
 enum Command {
     Sql(SqlCommand),
     Status(StatusCommand),
+    Replay(ReplayCommand),
+    Check(CheckCommand),
     Probe(ProbeCommand),
+}
+
+#[derive(FromArgs)]
+/// Re-publish a range of a forward pipeline's outbox through its sink,
+/// with the original dedup keys; the pipeline's position does not move.
+#[argh(subcommand, name = "replay")]
+struct ReplayCommand {
+    /// the forward pipeline
+    #[argh(positional)]
+    pipeline: String,
+
+    /// first outbox id to replay (refused when retention deleted it)
+    #[argh(option)]
+    from_id: Option<i64>,
+
+    /// last outbox id to replay (default: the newest row now)
+    #[argh(option)]
+    to_id: Option<i64>,
+
+    /// only rows created at or after this UTC time, e.g.
+    /// 2026-12-01T08:00:00Z or "2026-12-01 08:00:00"
+    #[argh(option)]
+    since: Option<String>,
+
+    /// print how many events and rows would be sent; send nothing
+    #[argh(switch)]
+    dry_run: bool,
+}
+
+#[derive(FromArgs)]
+/// Validate the config of every pipeline (or those named) without running
+/// them; exit 0 when all are fine, 1 otherwise.
+#[argh(subcommand, name = "check")]
+struct CheckCommand {
+    /// pipelines to check (default: all in the catalog)
+    #[argh(positional)]
+    pipelines: Vec<String>,
+
+    /// also reach each pipeline's outbox or inbox and its sink or source
+    /// (nothing is sent or received)
+    #[argh(switch)]
+    connect: bool,
+
+    /// print JSON instead of lines
+    #[argh(switch)]
+    json: bool,
 }
 
 #[derive(FromArgs)]
@@ -210,6 +259,34 @@ fn main() -> ExitCode {
     if flags.batch_size == 0 {
         usage_error("--batch-size must be at least 1");
     }
+    match flags.command {
+        Some(Command::Replay(cmd)) => {
+            return replay(&postgres_url, cmd, flags.batch_size);
+        }
+        Some(Command::Check(cmd)) => {
+            return match pgtrickle_relay::check(
+                &postgres_url,
+                &cmd.pipelines,
+                cmd.connect,
+                cmd.json,
+                flags.batch_size,
+            ) {
+                Ok((text, ok)) => {
+                    print!("{text}");
+                    if ok {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+        _ => {}
+    }
     let metrics_addr = flag_or_env(flags.metrics_addr, "PGTRICKLE_RELAY_METRICS_ADDR")
         .unwrap_or_else(|| "0.0.0.0:9090".into());
     let settings = Settings {
@@ -225,4 +302,45 @@ fn main() -> ExitCode {
         metrics_addr: Some(metrics_addr).filter(|a| !flags.once && a != "off"),
     };
     exit_code(pgtrickle_relay::run(&settings))
+}
+
+/// `pgtrickle-relay replay`: check the range flags, then replay.
+fn replay(postgres_url: &str, cmd: ReplayCommand, batch_size: usize) -> ExitCode {
+    if cmd.from_id.is_none() && cmd.since.is_none() {
+        usage_error("replay needs --from-id or --since (where the range starts)");
+    }
+    if cmd.from_id.is_some_and(|id| id < 1) {
+        usage_error("--from-id must be at least 1");
+    }
+    if let (Some(from), Some(to)) = (cmd.from_id, cmd.to_id) {
+        if to < from {
+            usage_error(&format!("--to-id {to} is before --from-id {from}"));
+        }
+    }
+    let since = cmd.since.as_deref().map(|s| {
+        humantime::parse_rfc3339_weak(s).unwrap_or_else(|e| {
+            usage_error(&format!(
+                "--since must be a UTC time like 2026-12-01T08:00:00Z, not {s:?}: {e}"
+            ))
+        })
+    });
+    let req = ReplayRequest {
+        pipeline: cmd.pipeline,
+        from_id: cmd.from_id,
+        to_id: cmd.to_id,
+        since,
+        dry_run: cmd.dry_run,
+        default_batch: batch_size,
+    };
+    match pgtrickle_relay::replay(postgres_url, &req) {
+        Ok(report) => {
+            // On stderr: stdout may be the pipeline's sink.
+            eprint!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
 }

@@ -60,6 +60,21 @@ impl OutboxInfo {
     /// by the batch size, not by how many events each row holds. At most
     /// `$3` rows are scanned.
     pub fn read_sql(&self) -> String {
+        self.rows_sql("")
+    }
+
+    /// [`OutboxInfo::read_sql`] kept to a range: also `$4` the first id,
+    /// `$5` the last id, `$6` the earliest `created_at` (a timestamptz, or
+    /// NULL for any); for `pgtrickle-relay replay`.
+    pub fn range_sql(&self) -> String {
+        self.rows_sql(
+            " AND o.id BETWEEN $4::bigint AND $5::bigint \
+             AND ($6::timestamptz IS NULL OR o.created_at >= $6::timestamptz)",
+        )
+    }
+
+    /// The read query, with `range` added to its filter.
+    fn rows_sql(&self, range: &str) -> String {
         let t = quote_ident(&self.table);
         // Qualified names throughout: an output column `txid::text` is also
         // named txid, and ORDER BY txid would sort that text.
@@ -94,7 +109,7 @@ impl OutboxInfo {
                     LATERAL (SELECT CASE WHEN o.is_claim_check THEN 1 \
                                  ELSE greatest(coalesce(o.inserted_count, 0) \
                                              + coalesce(o.deleted_count, 0), 1) END AS events) n \
-               WHERE {filter} ORDER BY {order} LIMIT $3) b \
+               WHERE {filter}{range} ORDER BY {order} LIMIT $3) b \
              WHERE before < $3 ORDER BY before"
         )
     }
@@ -150,6 +165,12 @@ impl OutboxInfo {
         ))
     }
 }
+
+/// The events an outbox row holds, as SQL over its columns (a claim-check
+/// row's are in its delta rows).
+pub const EVENTS_OF_ROW: &str = "CASE WHEN is_claim_check \
+     THEN coalesce(inserted_count, 0) + coalesce(deleted_count, 0) \
+     ELSE greatest(coalesce(inserted_count, 0) + coalesce(deleted_count, 0), 1) END";
 
 /// Double-quote an identifier.
 pub fn quote_ident(s: &str) -> String {

@@ -6,7 +6,7 @@ use postgres::Client;
 use serde_json::{json, Value};
 
 use crate::error::Error;
-use crate::outbox::{quote_ident, OutboxInfo, Position};
+use crate::outbox::{quote_ident, OutboxInfo, Position, EVENTS_OF_ROW};
 use crate::pipeline::{lock_key, Direction};
 
 /// The owner of a pipeline: the `application_name` of the session holding
@@ -36,8 +36,7 @@ fn pending(client: &mut Client, info: &OutboxInfo, pos: &Position) -> Result<(i6
     };
     let row = client.query_one(
         &format!(
-            "SELECT coalesce(sum(CASE WHEN is_claim_check THEN coalesce(inserted_count, 0) + coalesce(deleted_count, 0) \
-                    ELSE greatest(coalesce(inserted_count, 0) + coalesce(deleted_count, 0), 1) END), 0)::bigint, \
+            "SELECT coalesce(sum({EVENTS_OF_ROW}), 0)::bigint, \
                     coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
              FROM (SELECT * FROM pgtrickle.{t} WHERE {filter} LIMIT 1000000) s"
         ),

@@ -180,6 +180,40 @@ impl SinkSpec for HttpKeys {
             body: Vec::with_capacity(64 * 1024),
         }))
     }
+
+    /// The URL's host resolves and accepts a connection (no request is
+    /// sent).
+    fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("sink.url", e))?;
+        let fail = |m: String| ConfigError::new("sink.url", format!("{}: {m}", mask(&url)));
+        let (https, rest) = match url.split_once("://") {
+            Some(("https", r)) => (true, r),
+            Some(("http", r)) => (false, r),
+            _ => return Err(fail("expected an http:// or https:// URL".into())),
+        };
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host_port = authority.rsplit('@').next().unwrap_or("");
+        let addr = match host_port.rsplit_once(':') {
+            Some((_, p)) if p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty() => {
+                host_port.to_string()
+            }
+            _ => format!("{host_port}:{}", if https { 443 } else { 80 }),
+        };
+        let addrs: Vec<_> = addr
+            .to_socket_addrs()
+            .map_err(|e| fail(format!("resolving {addr}: {e}")))?
+            .collect();
+        let timeout = Duration::from_millis(self.timeout_ms.unwrap_or(10_000));
+        let mut last = String::from("no address");
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, timeout) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(fail(format!("connecting to {addr}: {last}")))
+    }
 }
 
 struct HttpSink {

@@ -185,6 +185,40 @@ impl SinkSpec for KafkaConfig {
             generation: 0,
         }))
     }
+
+    /// The brokers answer a metadata request, and a fixed topic (one the
+    /// template renders alike for every event) is among their topics.
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let cfg = self
+            .client
+            .client_config(pipeline, &[], &[])
+            .map_err(|e| crate::keys::blame("sink.brokers", e))?;
+        let producer: BaseProducer = cfg.create().map_err(|e| {
+            ConfigError::new("sink.properties", format!("creating a Kafka client: {e}"))
+        })?;
+        let shown = self.client.shown();
+        let metadata = producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| ConfigError::new("sink.brokers", format!("kafka {shown}: {e}")))?;
+        let render = |v: &str, op| {
+            let vars = Vars {
+                stream_table: v,
+                outbox_id: v.len() as i64,
+                refresh_id: v,
+            };
+            self.topic.render(&vars, op)
+        };
+        let topic = render("a", Op::Insert);
+        let fixed = topic == render("bb", Op::Delete);
+        if fixed && !metadata.topics().iter().any(|t| t.name() == topic) {
+            return Err(ConfigError::new(
+                "sink.topic",
+                format!("topic {topic:?} does not exist on kafka {shown}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A delivery failure: librdkafka's code and text.

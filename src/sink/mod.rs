@@ -64,6 +64,14 @@ pub trait Sink {
 pub trait SinkSpec: Send + std::fmt::Debug {
     /// Open the sink for `pipeline`.
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error>;
+    /// `pgtrickle-relay check --connect`: reach the destination and check
+    /// what can be checked without sending an event; the error names the
+    /// key at fault. By default, what opening the sink proves.
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        self.open(pipeline)
+            .map(drop)
+            .map_err(|e| crate::keys::blame("sink", e))
+    }
 }
 
 /// Parses a sink's own keys (everything but `type`, `subject`, `batch_size`).

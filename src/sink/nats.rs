@@ -250,6 +250,40 @@ impl SinkSpec for NatsKeys {
         }
         Ok(Box::new(sink))
     }
+
+    /// Connect, and ask JetStream for the stream (unless the sink creates
+    /// it).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let blame = |e| crate::keys::blame("sink.url", e);
+        let c = connect(pipeline, "sink", &self.url, self.credentials.as_deref()).map_err(blame)?;
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.stream);
+        let data = api(&c.nc, &c.shown, &subject, b"").map_err(blame)?;
+        let info: StreamInfoReply = serde_json::from_slice(&data)
+            .map_err(|e| ConfigError::new("sink.url", format!("nats {}: {e}", c.shown)))?;
+        match info.error {
+            Some(e) if e.code == 404 || e.err_code == 10059 => {
+                if self.create_stream {
+                    return Ok(());
+                }
+                Err(ConfigError::new(
+                    "sink.stream",
+                    format!(
+                        "JetStream stream {:?} does not exist on {}: create it, or set \
+                         sink.create_stream to true",
+                        self.stream, c.shown
+                    ),
+                ))
+            }
+            Some(e) => Err(ConfigError::new(
+                "sink.stream",
+                format!(
+                    "nats {}: stream {:?}: {} (code {}, err_code {})",
+                    c.shown, self.stream, e.description, e.code, e.err_code
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 struct NatsSink {

@@ -77,6 +77,33 @@ impl SinkSpec for PgInboxKeys {
         sink.conn()?;
         Ok(Box::new(sink))
     }
+
+    /// The database answers and the inbox table exists there.
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("sink.url", e))?;
+        let mut client =
+            crate::pg::connect(&url, &format!("pgtrickle-relay {pipeline} (check)"))
+                .map_err(|e| ConfigError::new("sink.url", format!("{}: {e}", mask(&url))))?;
+        let schema = self.schema.as_deref().unwrap_or("pgtrickle");
+        let name = format!("{}.{}", quote_ident(schema), quote_ident(&self.inbox));
+        let found: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .map_err(|e| ConfigError::new("sink.url", Error::from(e)))?
+            .get(0);
+        if !found {
+            return Err(ConfigError::new(
+                "sink.inbox",
+                format!(
+                    "inbox {schema}.{} does not exist in {} (create it there with \
+                     pgtrickle.create_inbox('{}'))",
+                    self.inbox,
+                    mask(&url),
+                    self.inbox
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct PgInboxSink {

@@ -191,6 +191,40 @@ impl SinkSpec for RabbitConfig {
         );
         Ok(Box::new(sink))
     }
+
+    /// Connect, and check that the exchange exists (a passive declare;
+    /// one the sink declares itself is not declared here).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let blame = |e| crate::keys::blame("sink.url", e);
+        let url = expand_env(&self.url).map_err(blame)?;
+        let url = AmqpUrl::parse(&url).map_err(|m| ConfigError::new("sink.url", m))?;
+        let mut conn = url
+            .connect(&format!("pgtrickle-relay {pipeline} (check)"))
+            .map_err(blame)?;
+        if !self.declare && !self.exchange.is_empty() {
+            let channel = conn
+                .open_channel(None)
+                .map_err(|e| blame(amqp::error(&url.shown, &e)))?;
+            if let Err(e) = channel.exchange_declare_passive(self.exchange.as_str()) {
+                let why = match amqp::channel_code(&e) {
+                    Some((404, _)) => {
+                        "does not exist: declare it, or set sink.declare to true".to_string()
+                    }
+                    Some((code, text)) => format!("cannot be used ({code} {text})"),
+                    None => e.to_string(),
+                };
+                return Err(ConfigError::new(
+                    "sink.exchange",
+                    format!(
+                        "exchange {:?} on rabbitmq {} {why}",
+                        self.exchange, url.shown
+                    ),
+                ));
+            }
+        }
+        let _ = conn.close();
+        Ok(())
+    }
 }
 
 /// An open connection with its confirm-mode channel.

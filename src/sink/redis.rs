@@ -155,6 +155,21 @@ impl SinkSpec for RedisConfig {
         sink.max_query = sink.config_u64("client-query-buffer-limit", DEFAULT_MAX_QUERY);
         Ok(Box::new(sink))
     }
+
+    /// Connect (with the password, if any) and PING.
+    fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
+        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("sink.url", e))?;
+        let fail = |e: redis::RedisError| {
+            ConfigError::new("sink.url", format!("redis {}: {e}", mask(&url)))
+        };
+        let client = redis::Client::open(url.as_str()).map_err(fail)?;
+        let mut conn = client.get_connection_with_timeout(TIMEOUT).map_err(fail)?;
+        conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map_err(fail)?;
+        Ok(())
+    }
 }
 
 struct RedisSink {

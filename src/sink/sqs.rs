@@ -171,6 +171,22 @@ impl SinkSpec for SqsConfig {
             in_flight: if fifo { 1 } else { self.in_flight },
         }))
     }
+
+    /// The queue answers GetQueueAttributes (it exists, and the
+    /// credentials may use it).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let client = Client::open(&self.conn, pipeline, "sink")
+            .map_err(|e| crate::keys::blame("sink.queue_url", e))?;
+        let body = json!({"QueueUrl": client.queue_url(), "AttributeNames": ["QueueArn"]});
+        match client.call("GetQueueAttributes", &body, Duration::ZERO) {
+            Ok(_) => Ok(()),
+            Err(r) if sqs::missing_queue(&r.code) => Err(ConfigError::new(
+                "sink.queue_url",
+                format!("queue {} does not exist", client.queue_url()),
+            )),
+            Err(r) => Err(crate::keys::blame("sink.queue_url", r.error)),
+        }
+    }
 }
 
 struct SqsSink {

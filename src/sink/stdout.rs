@@ -114,6 +114,28 @@ impl SinkSpec for StdoutConfig {
             needs_header: needs_header && self.format == Format::Csv,
         }))
     }
+
+    /// With a path: its directory exists and a file can be made in it.
+    fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let probe = dir.join(format!(".pgtrickle-relay-check.{}", std::process::id()));
+        match File::create(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => Err(ConfigError::new(
+                "sink.path",
+                format!("directory {} is not writable: {e}", dir.display()),
+            )),
+        }
+    }
 }
 
 const BUF_LIMIT: usize = 256 * 1024;

@@ -218,6 +218,34 @@ impl SourceSpec for KafkaSourceConfig {
             unsaved: HashMap::new(),
         }))
     }
+
+    /// The brokers answer a metadata request and have every topic (no
+    /// group is joined).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let cfg = self
+            .client
+            .client_config(pipeline, &[], &[])
+            .map_err(|e| crate::keys::blame("source.brokers", e))?;
+        let consumer: BaseConsumer = cfg.create().map_err(|e| {
+            ConfigError::new("source.properties", format!("creating a Kafka client: {e}"))
+        })?;
+        let shown = self.client.shown();
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| ConfigError::new("source.brokers", format!("kafka {shown}: {e}")))?;
+        let missing: Vec<&String> = self
+            .topics
+            .iter()
+            .filter(|t| !metadata.topics().iter().any(|m| m.name() == t.as_str()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError::new(
+                "source.topics",
+                format!("topics {missing:?} do not exist on kafka {shown}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A topic and partition.

@@ -371,6 +371,14 @@ pub trait SourceSpec: Send + std::fmt::Debug {
     /// Open the source for `pipeline` (see [`feed`]); `once` means read
     /// what is there and end.
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error>;
+    /// `pgtrickle-relay check --connect`: reach the source and check what
+    /// can be checked without receiving a message (opening a source may
+    /// join a consumer group or take messages, so it is not opened); the
+    /// error names the key at fault. By default (stdin, http), nothing
+    /// beyond the config.
+    fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
+        Ok(())
+    }
 }
 
 /// Parses a source's own keys (all but `type`, `batch_size`, `max_wait_ms`).

@@ -229,6 +229,29 @@ impl SourceSpec for NatsSourceConfig {
         );
         Ok(feed(src))
     }
+
+    /// Connect, and ask JetStream for the stream.
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let blame = |e| crate::keys::blame("source.url", e);
+        let c =
+            connect(pipeline, "source", &self.url, self.credentials.as_deref()).map_err(blame)?;
+        let subject = format!("$JS.API.STREAM.INFO.{}", self.stream);
+        let data = api(&c.nc, &c.shown, &subject, b"").map_err(blame)?;
+        let answer: Value = serde_json::from_slice(&data)
+            .map_err(|e| ConfigError::new("source.url", format!("nats {}: {e}", c.shown)))?;
+        match answer.get("error") {
+            Some(e) => Err(ConfigError::new(
+                "source.stream",
+                format!(
+                    "JetStream stream {:?} on {}: {}",
+                    self.stream,
+                    c.shown,
+                    e["description"].as_str().unwrap_or("not available")
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 struct NatsSource {

@@ -101,6 +101,21 @@ impl SourceSpec for Spec {
             held_wait: Duration::ZERO,
         }))
     }
+
+    /// The remote database answers and has the outbox.
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let url = expand_env(&self.cfg.url).map_err(|e| crate::keys::blame("source.url", e))?;
+        let app = format!("pgtrickle-relay {pipeline} (check)");
+        let mut client = crate::pg::connect(&url, &app)
+            .map_err(|e| ConfigError::new("source.url", format!("{}: {e}", mask(&url))))?;
+        OutboxInfo::resolve(&mut client, &self.cfg.outbox).map_err(|e| {
+            ConfigError::new(
+                "source.outbox",
+                format!("postgres source {}: {e}", mask(&url)),
+            )
+        })?;
+        Ok(())
+    }
 }
 
 /// How far the source got: past outbox row `row` (all its events), or,

@@ -202,6 +202,37 @@ impl SourceSpec for RabbitSourceConfig {
         );
         Ok(feed(src))
     }
+
+    /// Connect, and check that the queue exists (a passive declare; one
+    /// the source declares itself is not declared here).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let blame = |e| crate::keys::blame("source.url", e);
+        let url = expand_env(&self.url).map_err(blame)?;
+        let url = AmqpUrl::parse(&url).map_err(|m| ConfigError::new("source.url", m))?;
+        let mut conn = url
+            .connect(&format!("pgtrickle-relay {pipeline} (check)"))
+            .map_err(blame)?;
+        if !self.declare {
+            let channel = conn
+                .open_channel(None)
+                .map_err(|e| blame(amqp::error(&url.shown, &e)))?;
+            if let Err(e) = channel.queue_declare_passive(self.queue.as_str()) {
+                let why = match amqp::channel_code(&e) {
+                    Some((404, _)) => {
+                        "does not exist: declare it, or set source.declare to true".to_string()
+                    }
+                    Some((code, text)) => format!("cannot be used ({code} {text})"),
+                    None => e.to_string(),
+                };
+                return Err(ConfigError::new(
+                    "source.queue",
+                    format!("queue {:?} on rabbitmq {} {why}", self.queue, url.shown),
+                ));
+            }
+        }
+        let _ = conn.close();
+        Ok(())
+    }
 }
 
 /// What the consumer thread hands over.

@@ -178,6 +178,21 @@ impl SourceSpec for RedisSourceConfig {
         );
         Ok(feed(src))
     }
+
+    /// Connect (with the password, if any) and PING.
+    fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
+        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("source.url", e))?;
+        let fail = |e: redis::RedisError| {
+            ConfigError::new("source.url", format!("redis {}: {e}", mask(&url)))
+        };
+        let client = redis::Client::open(url.as_str()).map_err(fail)?;
+        let mut conn = client.get_connection_with_timeout(TIMEOUT).map_err(fail)?;
+        conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map_err(fail)?;
+        Ok(())
+    }
 }
 
 struct RedisSource {

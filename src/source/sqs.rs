@@ -123,6 +123,22 @@ impl SourceSpec for SqsSourceConfig {
             once,
         }))
     }
+
+    /// The queue answers GetQueueAttributes (it exists, and the
+    /// credentials may use it).
+    fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
+        let client = Client::open(&self.conn, pipeline, "source")
+            .map_err(|e| crate::keys::blame("source.queue_url", e))?;
+        let body = json!({"QueueUrl": client.queue_url(), "AttributeNames": ["QueueArn"]});
+        match client.call("GetQueueAttributes", &body, Duration::ZERO) {
+            Ok(_) => Ok(()),
+            Err(r) if sqs::missing_queue(&r.code) => Err(ConfigError::new(
+                "source.queue_url",
+                format!("queue {} does not exist", client.queue_url()),
+            )),
+            Err(r) => Err(crate::keys::blame("source.queue_url", r.error)),
+        }
+    }
 }
 
 /// The queue's visibility timeout, seconds; the default when the
