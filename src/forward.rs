@@ -35,7 +35,7 @@ use prometheus::Histogram;
 
 use crate::config::Forward;
 use crate::error::Error;
-use crate::event::Event;
+use crate::event::{Event, Template, Vars};
 use crate::health;
 use crate::metrics;
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
@@ -77,7 +77,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
             None => None,
         },
     };
-    let out = Delivery::new(sink.as_mut(), cfg.batch_size, &ctx.name);
+    let out = Delivery::new(sink.as_mut(), cfg.batch_size, &ctx.name).routing(&cfg.subject);
     health::started(&ctx.name, ctx.direction.as_str());
     match group {
         Some(g) => {
@@ -198,6 +198,9 @@ struct Delivery<'a> {
     lease: Option<Lease>,
     /// Events the sink took (acknowledged, not rejected), for replay's report.
     sent: u64,
+    /// The pipeline's subject template, when it routes by content (an
+    /// event it cannot route is a dead letter).
+    subject: Option<&'a Template>,
 }
 
 impl<'a> Delivery<'a> {
@@ -211,7 +214,22 @@ impl<'a> Delivery<'a> {
             claim_checks: Vec::new(),
             lease: None,
             sent: 0,
+            subject: None,
         }
+    }
+
+    /// Events the `subject` template cannot route (it reads a field they
+    /// lack) become dead letters instead of being published.
+    fn routing(mut self, subject: &'a Template) -> Delivery<'a> {
+        self.subject = Some(subject).filter(|t| t.has_fields());
+        self
+    }
+
+    /// Why no template can route `e` (the subject's or the sink's own).
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.subject
+            .and_then(|t| t.missing(&Vars::of(e)))
+            .or_else(|| self.sink.unroutable(e))
     }
 
     /// Publish in slices, and stop publishing once `lost` is set.
@@ -292,32 +310,55 @@ impl<'a> Delivery<'a> {
         Ok(())
     }
 
-    /// Publish `events[start..end]`; what the sink rejects for good becomes
-    /// a dead letter.
+    /// Publish `events[start..end]`; what no template can route, and what
+    /// the sink rejects for good, becomes a dead letter.
     fn send(&mut self, start: usize, end: usize) -> Result<(), Error> {
-        let events = &self.events[start..end];
-        let rejected = self.sink.publish(events)?;
-        self.sent += (events.len() - rejected.len()) as u64;
-        let m = metrics::get();
-        m.published
+        let mut run = start;
+        for i in start..end {
+            if let Some(why) = self.unroutable(&self.events[i]) {
+                self.publish_run(run, i)?;
+                self.dead_letter(i, why);
+                run = i + 1;
+            }
+        }
+        self.publish_run(run, end)
+    }
+
+    /// Dead-letter `self.events[i]` for `reason`.
+    fn dead_letter(&mut self, i: usize, reason: String) {
+        let e = &self.events[i];
+        log::warn!(
+            dedup_key = e.dedup_key.as_str(), reason = reason.as_str();
+            "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
+            e.dedup_key,
+            reason
+        );
+        metrics::get()
+            .dead_letters
             .with_label_values(&[self.pipeline])
-            .inc_by((events.len() - rejected.len()) as u64);
-        m.dead_letters
+            .inc();
+        self.dead.push(DeadLetter {
+            dedup_key: e.dedup_key.clone(),
+            envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
+            reason,
+        });
+    }
+
+    /// Publish `events[start..end]` (all routable); what the sink rejects
+    /// for good becomes a dead letter.
+    fn publish_run(&mut self, start: usize, end: usize) -> Result<(), Error> {
+        if start == end {
+            return Ok(());
+        }
+        let rejected = self.sink.publish(&self.events[start..end])?;
+        let took = (end - start - rejected.len()) as u64;
+        self.sent += took;
+        metrics::get()
+            .published
             .with_label_values(&[self.pipeline])
-            .inc_by(rejected.len() as u64);
+            .inc_by(took);
         for r in rejected {
-            let e = &events[r.index];
-            log::warn!(
-                dedup_key = e.dedup_key.as_str(), reason = r.reason.as_str();
-                "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
-                e.dedup_key,
-                r.reason
-            );
-            self.dead.push(DeadLetter {
-                dedup_key: e.dedup_key.clone(),
-                envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
-                reason: r.reason,
-            });
+            self.dead_letter(start + r.index, r.reason);
         }
         Ok(())
     }
@@ -473,7 +514,7 @@ pub fn replay(
         },
     };
     let read = client.prepare(&info.range_sql())?;
-    let mut out = Delivery::new(sink, cfg.batch_size, pipeline);
+    let mut out = Delivery::new(sink, cfg.batch_size, pipeline).routing(&cfg.subject);
     let mut pos = Position {
         txid: None,
         id: range.from.saturating_sub(1),
@@ -1200,6 +1241,43 @@ mod tests {
         out.publish().unwrap();
         out.discard();
         assert!(out.take_dead().is_empty());
+    }
+
+    #[test]
+    fn events_the_subject_cannot_route_become_dead_letters_and_the_rest_go_out_in_order() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let (info, subject) = (
+            outbox_orders(),
+            Template::parse("t.{payload.tenant}").unwrap(),
+        );
+        let mut out = Delivery::new(&mut s, 100, "p").routing(&subject);
+        let decoder = Decoder {
+            info: &info,
+            subject: &subject,
+            pipeline: "p",
+        };
+        let mut r = row(1, 0);
+        r.payload =
+            r#"{"v":1,"inserted":[{"tenant":"a"},{"n":1},{"tenant":"b"},{"tenant":null}]}"#.into();
+        assert_eq!(out.row(&decoder, &r).unwrap(), None);
+        assert_eq!(out.events[0].subject, "t.a");
+        out.finish().unwrap();
+        assert_eq!(
+            sink.0.borrow().acked,
+            ["outbox_orders:1:0", "outbox_orders:1:2"]
+        );
+        let dead = out.take_dead();
+        let keys: Vec<&str> = dead.iter().map(|d| d.dedup_key.as_str()).collect();
+        assert_eq!(keys, ["outbox_orders:1:1", "outbox_orders:1:3"]);
+        assert!(
+            dead[0].reason.contains("payload.tenant")
+                && dead[0].reason.contains("t.{payload.tenant}"),
+            "{}",
+            dead[0].reason
+        );
+        // Two publish calls: around the unroutable event, in order.
+        assert_eq!(sink.0.borrow().calls, [1, 1]);
     }
 
     #[test]

@@ -381,11 +381,12 @@ impl Decoder<'_> {
             ),
             None => None,
         };
-        let vars = Vars {
-            stream_table: &self.info.stream_table,
-            outbox_id: row.id,
-            refresh_id: refresh_id.as_deref().unwrap_or(""),
-        };
+        let mut vars = Vars::bare(
+            &self.info.stream_table,
+            row.id,
+            refresh_id.as_deref().unwrap_or(""),
+        );
+        vars.headers = headers.as_deref();
         let mut index = 0;
         for (op, list) in [(Op::Delete, p.deleted), (Op::Insert, p.inserted)] {
             let rows: Vec<&RawValue> = match list {
@@ -399,6 +400,7 @@ impl Decoder<'_> {
                 })?,
             };
             for r in rows {
+                vars.payload = Some(r);
                 out.push(Event {
                     stream_table: self.info.stream_table.clone(),
                     dedup_key: dedup_key(&self.info.table, row.id, index),
@@ -432,11 +434,12 @@ impl Decoder<'_> {
         let payload: Option<String> = d.get(2);
         let payload = RawValue::from_string(payload.unwrap_or_else(|| "null".into()))
             .map_err(|e| self.fail(row, format!("delta row {row_num}: {e}")))?;
-        let vars = Vars {
-            stream_table: &self.info.stream_table,
-            outbox_id: row.id,
-            refresh_id: cc.refresh_id.as_deref().unwrap_or(""),
-        };
+        let mut vars = Vars::bare(
+            &self.info.stream_table,
+            row.id,
+            cc.refresh_id.as_deref().unwrap_or(""),
+        );
+        vars.payload = Some(&payload);
         Ok(Event {
             stream_table: self.info.stream_table.clone(),
             dedup_key: dedup_key(&self.info.table, row.id, row_num as i64),

@@ -814,3 +814,45 @@ fn csv_sigkill_and_a_torn_first_write_after_rotation_lose_nothing() {
     );
     assert_complete(&csv_records(&file), 20_100);
 }
+
+#[test]
+fn subjects_route_by_payload_content_and_an_event_without_the_field_is_a_dead_letter() {
+    let (url, file) = setup("fwd_route", r#","subject":"t.{payload.tenant}.{op}""#);
+    publish_tenants(&url, 10);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = read_jsonl(&file);
+    assert_eq!(lines.len(), 10, "the event without a tenant is not written");
+    for l in &lines {
+        let tenant = if l["payload"]["n"].as_i64().unwrap() % 2 == 0 {
+            "a"
+        } else {
+            "b"
+        };
+        assert_eq!(l["subject"], format!("t.{tenant}.insert"), "{l}");
+    }
+    let dead = dead_letter_reasons(&url);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "outbox_orders:11:0");
+    assert!(
+        dead[0].1.contains("payload.tenant") && dead[0].1.contains("t.{payload.tenant}.{op}"),
+        "{dead:?}"
+    );
+    // A default routes it instead.
+    let (url, file) = setup(
+        "fwd_route_default",
+        r#","subject":"t.{payload.tenant|shared}""#,
+    );
+    publish_tenants(&url, 2);
+    assert!(run_once(&url).status.success());
+    let subjects: Vec<String> = read_jsonl(&file)
+        .iter()
+        .map(|l| l["subject"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(subjects, ["t.a", "t.b", "t.shared"]);
+    assert!(dead_letter_reasons(&url).is_empty());
+}

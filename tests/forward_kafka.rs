@@ -280,3 +280,51 @@ fn a_bad_kafka_config_names_pipeline_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_key_template_keeps_each_aggregates_events_in_order_on_one_partition() {
+    let k = Kafka::start();
+    k.create_topic("k.keyed", 6);
+    let url = outbox_pipeline(
+        "kafka_keyed",
+        &json!({"type": "kafka", "brokers": k.brokers(), "topic": "k.keyed",
+                "key": "{payload.agg}"}),
+    );
+    // 3 aggregates x 1,000 events over 6 partitions.
+    publish_tenants(&url, 3_000);
+    let mut relay = Relay::spawn(&mut relay(&url));
+    wait_until(120, "every event committed", || committed(&url) >= 3_001);
+    let records = k.read("k.keyed", 3_000, 60);
+    assert_eq!(records.len(), 3_000, "{}", relay.stderr());
+    // Per aggregate: one partition, the events in publish order; the dedup
+    // key travels in its own header.
+    let mut by_key: BTreeMap<String, Vec<(i32, i64, i64)>> = BTreeMap::new();
+    for r in &records {
+        let n = r.json()["n"].as_i64().unwrap();
+        let agg = r.key.clone().unwrap();
+        assert_eq!(agg, format!("agg-{}", n % 3));
+        let dedup = r.header("Pgtrickle-Dedup-Key").unwrap();
+        assert_eq!(dedup, format!("outbox_orders:{}:0", n + 1));
+        by_key
+            .entry(agg)
+            .or_default()
+            .push((r.partition, r.offset, n));
+    }
+    assert_eq!(by_key.len(), 3);
+    for (key, mut list) in by_key {
+        let partitions: HashSet<i32> = list.iter().map(|x| x.0).collect();
+        assert_eq!(partitions.len(), 1, "{key} spread over {partitions:?}");
+        list.sort();
+        assert!(
+            list.windows(2).all(|w| w[0].2 < w[1].2),
+            "{key} out of order"
+        );
+        assert_eq!(list.len(), 1_000);
+    }
+    // The event without an aggregate: a dead letter naming the key template.
+    let dead = dead_letter_reasons(&url);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].1.contains("payload.agg"), "{dead:?}");
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(10), Some(0), "{}", relay.stderr());
+}

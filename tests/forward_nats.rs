@@ -432,3 +432,31 @@ fn a_bad_nats_config_names_pipeline_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn subjects_route_by_payload_content_per_tenant() {
+    let n = Nats::start();
+    create_stream(&n, "TENANTS", &["ten.>"]);
+    let url = setup(
+        "nats_route",
+        json!({"type": "nats", "url": n.url(), "stream": "TENANTS",
+               "subject": "ten.{payload.tenant}.{op}"}),
+    );
+    publish_tenants(&url, 100);
+    let mut r = Relay::spawn(&mut relay(&url));
+    wait_until(60, "100 messages", || count(&n, "TENANTS") >= 100);
+    wait_until(30, "the dead letter", || dead_letters(&url) == 1);
+    let msgs = read_all(&n, "TENANTS");
+    assert_eq!(msgs.len(), 100);
+    for m in &msgs {
+        let tenant = if m.body["n"].as_i64().unwrap() % 2 == 0 {
+            "a"
+        } else {
+            "b"
+        };
+        assert_eq!(m.subject, format!("ten.{tenant}.insert"));
+    }
+    assert!(dead_letter_reasons(&url)[0].1.contains("payload.tenant"));
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(10), Some(0));
+}

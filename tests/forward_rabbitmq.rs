@@ -365,3 +365,27 @@ fn a_bad_rabbitmq_config_names_pipeline_and_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn routing_keys_route_by_payload_content_per_tenant() {
+    let r = Rabbit::shared();
+    r.declare("route_a", "route_x", "t.a");
+    r.declare("route_b", "route_x", "t.b");
+    let url = outbox_pipeline(
+        "rmq_route",
+        &json!({"type": "rabbitmq", "url": r.url(), "exchange": "route_x",
+                "routing_key": "t.{payload.tenant}"}),
+    );
+    publish_tenants(&url, 100);
+    let relay = Relay::spawn(&mut relay(&url));
+    let a = r.take("route_a", 50, 60);
+    let b = r.take("route_b", 50, 60);
+    assert_eq!(ns(&a), (0..100).step_by(2).collect::<Vec<_>>());
+    assert_eq!(ns(&b), (1..100).step_by(2).collect::<Vec<_>>());
+    wait_until(30, "the dead letter", || dead_letters(&url).len() == 1);
+    assert!(
+        dead_letters(&url)[0].1.contains("payload.tenant"),
+        "{}",
+        relay.stderr()
+    );
+}

@@ -420,3 +420,23 @@ fn two_pipelines_into_one_stream_each_deliver_every_event_once() {
     once("replay");
     check("replayed");
 }
+
+#[test]
+fn streams_route_by_payload_content_per_tenant() {
+    let r = Redis::start();
+    let url = setup(
+        "redis_route",
+        serde_json::json!({"type": "redis", "url": r.url(), "stream": "s.{payload.tenant}"}),
+    );
+    publish_tenants(&url, 100);
+    let mut relay = Relay::spawn(&mut relay(&url));
+    wait_until(60, "50 entries in each stream", || {
+        xlen(&r, "s.a") >= 50 && xlen(&r, "s.b") >= 50
+    });
+    wait_until(30, "the dead letter", || dead_letters(&url) == 1);
+    assert_eq!(ns(&r, "s.a"), (0..100).step_by(2).collect::<Vec<_>>());
+    assert_eq!(ns(&r, "s.b"), (1..100).step_by(2).collect::<Vec<_>>());
+    assert!(dead_letter_reasons(&url)[0].1.contains("payload.tenant"));
+    relay.signal(libc::SIGTERM);
+    assert_eq!(relay.wait_exit(10), Some(0));
+}

@@ -458,3 +458,30 @@ fn an_entry_refused_for_its_content_is_dead_lettered_and_a_queue_problem_is_retr
         dead[0].1
     );
 }
+
+#[test]
+fn message_groups_route_by_payload_content_per_tenant() {
+    let moto = Moto::shared();
+    let sqs = moto.client();
+    let queue = sqs.create_queue("route.fifo", json!({}));
+    let url = outbox_pipeline(
+        "sqs_route",
+        &sink(
+            &queue,
+            json!({"message_group_id": "tenant-{payload.tenant}"}),
+        ),
+    );
+    publish_tenants(&url, 20);
+    let _r = Relay::spawn(&mut relay_cmd(&url));
+    let got = sqs.drain_until(&queue, 120, "20 messages", |m| m.len() >= 20);
+    assert_eq!(got.len(), 20);
+    for m in &got {
+        let tenant = if n_of(m) % 2 == 0 { "a" } else { "b" };
+        assert_eq!(
+            m["Attributes"]["MessageGroupId"],
+            format!("tenant-{tenant}")
+        );
+    }
+    wait_until(30, "the dead letter", || dead_letters(&url).len() == 1);
+    assert!(dead_letters(&url)[0].1.contains("payload.tenant"));
+}

@@ -3,8 +3,9 @@
 //!
 //! Config: `{"type":"kafka", "brokers":"host:9092,host2:9092",
 //! "topic":"<template>", "properties":{...}}`. `topic` is a template like
-//! `subject` (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`;
-//! default `pgtrickle.{stream_table}`). `brokers` and `properties` (passed
+//! `subject` (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`,
+//! `{payload.<field>}`, `{headers.<name>}`; default
+//! `pgtrickle.{stream_table}`). `brokers` and `properties` (passed
 //! to librdkafka: SASL, SSL, compression, batching...) are described in
 //! the shared Kafka module. The relay sets `enable.idempotence=true` and
 //! `acks=all`, which a config may repeat but not change, and refuses
@@ -12,9 +13,11 @@
 //! `linger.ms=1`, `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`
 //! (a broker that comes back is used again within a second).
 //!
-//! Each record: key = the event's dedup key
-//! (`<outbox table>:<outbox id>:<row index>`), value = the row as JSON,
-//! headers `Pgtrickle-Op` (`insert`/`delete`), `Pgtrickle-Full-Refresh`
+//! Each record: key = the `key` template rendered (per-key ordering: e.g.
+//! `{payload.order_id}` puts one aggregate's events on one partition, in
+//! order), by default the event's dedup key
+//! (`<outbox table>:<outbox id>:<row index>`); value = the row as JSON;
+//! headers `Pgtrickle-Dedup-Key`, `Pgtrickle-Op` (`insert`/`delete`), `Pgtrickle-Full-Refresh`
 //! (`true`/`false`), `Pgtrickle-Outbox-Id`, `Pgtrickle-Subject` (the
 //! rendered `subject`), and `Pgtrickle-Refresh-Id` / `Pgtrickle-Headers`
 //! when present. The default partitioner hashes the key, so the events of
@@ -93,6 +96,8 @@ struct KafkaKeys {
     #[serde(default)]
     topic: Option<String>,
     #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
     properties: Option<BTreeMap<String, Property>>,
 }
 
@@ -101,6 +106,8 @@ struct KafkaKeys {
 pub struct KafkaConfig {
     client: ClientKeys,
     topic: Template,
+    /// The record key template (none: the dedup key).
+    key: Option<Template>,
     /// `message.timeout.ms` in effect (bounds the wait for reports).
     message_timeout: Duration,
 }
@@ -120,14 +127,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
     let raw: KafkaKeys = from_value("sink", Json::Object(keys))?;
     let topic = raw.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_string());
     let template = Template::parse(&topic).map_err(|m| ConfigError::new("sink.topic", m))?;
-    let sample = template.render(
-        &Vars {
-            stream_table: "t",
-            outbox_id: 1,
-            refresh_id: "r",
-        },
-        Op::Insert,
-    );
+    let sample = template.sample(&Vars::bare("t", 1, "r"), Op::Insert);
     if !valid_topic(&sample) {
         return Err(ConfigError::new(
             "sink.topic",
@@ -148,10 +148,15 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
     }
     .filter(|ms| *ms > 0)
     .unwrap_or(MESSAGE_TIMEOUT_MS);
+    let key = match &raw.key {
+        Some(k) => Some(Template::parse(k).map_err(|m| ConfigError::new("sink.key", m))?),
+        None => None,
+    };
     let client = ClientKeys::parse("sink", raw.brokers, raw.properties, RESERVED)?;
     Ok(Box::new(KafkaConfig {
         client,
         topic: template,
+        key,
         message_timeout: Duration::from_millis(message_timeout),
     }))
 }
@@ -180,6 +185,7 @@ impl SinkSpec for KafkaConfig {
         Ok(Box::new(KafkaSink {
             producer,
             topic: self.topic.clone(),
+            key: self.key.clone(),
             shown: self.client.shown().to_string(),
             wait: self.message_timeout + REPORT_GRACE,
             generation: 0,
@@ -201,16 +207,9 @@ impl SinkSpec for KafkaConfig {
             .client()
             .fetch_metadata(None, Duration::from_secs(10))
             .map_err(|e| ConfigError::new("sink.brokers", format!("kafka {shown}: {e}")))?;
-        let render = |v: &str, op| {
-            let vars = Vars {
-                stream_table: v,
-                outbox_id: v.len() as i64,
-                refresh_id: v,
-            };
-            self.topic.render(&vars, op)
-        };
+        let render = |v: &str, op| self.topic.render(&Vars::bare(v, v.len() as i64, v), op);
         let topic = render("a", Op::Insert);
-        let fixed = topic == render("bb", Op::Delete);
+        let fixed = !self.topic.has_fields() && topic == render("bb", Op::Delete);
         if fixed && !metadata.topics().iter().any(|t| t.name() == topic) {
             return Err(ConfigError::new(
                 "sink.topic",
@@ -280,6 +279,8 @@ impl ProducerContext for Reports {
 struct KafkaSink {
     producer: BaseProducer<Reports>,
     topic: Template,
+    /// The record key template (none: the dedup key).
+    key: Option<Template>,
     /// The brokers, for messages.
     shown: String,
     /// How long to wait for a batch's delivery reports.
@@ -327,7 +328,11 @@ fn verdict(code: RDKafkaErrorCode) -> Verdict {
 impl KafkaSink {
     fn record_headers(e: &Event) -> OwnedHeaders {
         let outbox_id = e.outbox_id.to_string();
-        let mut h = OwnedHeaders::new_with_capacity(6)
+        let mut h = OwnedHeaders::new_with_capacity(7)
+            .insert(Header {
+                key: "Pgtrickle-Dedup-Key",
+                value: Some(e.dedup_key.as_str()),
+            })
             .insert(Header {
                 key: "Pgtrickle-Op",
                 value: Some(e.op.as_str()),
@@ -400,17 +405,12 @@ impl KafkaSink {
         let mut sent = 0usize;
         for &i in indices {
             let e = &events[i];
-            let topic = self.topic.render(
-                &Vars {
-                    stream_table: &e.stream_table,
-                    outbox_id: e.outbox_id,
-                    refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-                },
-                e.op,
-            );
+            let vars = Vars::of(e);
+            let topic = self.topic.render(&vars, e.op);
+            let key = self.key.as_ref().map(|k| k.render(&vars, e.op));
             let opaque = ((generation as usize) << 32) | i;
             let mut record = BaseRecord::with_opaque_to(&topic, opaque)
-                .key(e.dedup_key.as_str())
+                .key(key.as_deref().unwrap_or(e.dedup_key.as_str()))
                 .payload(e.payload.get())
                 .headers(Self::record_headers(e));
             loop {
@@ -544,6 +544,12 @@ impl Sink for KafkaSink {
     fn flush(&mut self) -> Result<(), Error> {
         // publish waited for every delivery report.
         Ok(())
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        let vars = Vars::of(e);
+        let key = self.key.as_ref().and_then(|k| k.missing(&vars));
+        self.topic.missing(&vars).or(key)
     }
 }
 

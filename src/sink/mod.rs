@@ -1,7 +1,6 @@
 //! Sinks: where forward events go. One file per sink; a new sink is that
 //! file plus one line in [`REGISTRY`].
 
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
@@ -38,7 +37,8 @@ pub struct Rejected {
 /// `on_unroutable` key): by default the batch is retried, since routes
 /// come and go (consumers rebinding, a stream being edited); consumers
 /// that accept losing such events to the dead-letter table say so.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[cfg(any(feature = "nats", feature = "rabbitmq"))]
+#[derive(Debug, Clone, Copy, serde::Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnUnroutable {
     /// Fail the batch (retried slowly, shown in `/health`).
@@ -58,6 +58,12 @@ pub trait Sink {
     /// Make everything published so far durable; called before the offset
     /// is committed.
     fn flush(&mut self) -> Result<(), Error>;
+    /// Why the sink's own templates cannot route `e` (they read a field the
+    /// event lacks and give no default): the event becomes a dead letter
+    /// and is not published. By default every event is routable.
+    fn unroutable(&self, _e: &Event) -> Option<String> {
+        None
+    }
 }
 
 /// A validated sink config that can open a [`Sink`].

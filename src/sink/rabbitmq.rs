@@ -609,14 +609,7 @@ impl RabbitSink {
     fn routing_key(&self, e: &Event) -> String {
         match &self.cfg.routing_key {
             None => e.subject.clone(),
-            Some(t) => {
-                let vars = Vars {
-                    stream_table: &e.stream_table,
-                    outbox_id: e.outbox_id,
-                    refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-                };
-                t.render(&vars, e.op)
-            }
+            Some(t) => t.render(&Vars::of(e), e.op),
         }
     }
 
@@ -786,6 +779,10 @@ impl Sink for RabbitSink {
         // Every message was confirmed in publish: a persistent message
         // routed to a durable queue is on disk when it is confirmed.
         Ok(())
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.cfg.routing_key.as_ref()?.missing(&Vars::of(e))
     }
 }
 

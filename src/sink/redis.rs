@@ -307,12 +307,7 @@ impl RedisSink {
     }
 
     fn stream_of(&self, e: &Event) -> String {
-        let vars = Vars {
-            stream_table: &e.stream_table,
-            outbox_id: e.outbox_id,
-            refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-        };
-        self.cfg.stream.render(&vars, e.op)
+        self.cfg.stream.render(&Vars::of(e), e.op)
     }
 
     fn xadd(&self, e: &Event, stream: &str, id: &str) -> Cmd {
@@ -598,6 +593,10 @@ impl Sink for RedisSink {
         // An XADD reply means the entry is in the server's memory; how it
         // is persisted is the server's configuration (appendonly).
         Ok(())
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.cfg.stream.missing(&Vars::of(e))
     }
 }
 

@@ -262,12 +262,8 @@ impl SqsSink {
             "MessageAttributes": attrs,
         });
         if let Some(t) = &self.group {
-            let vars = Vars {
-                stream_table: &e.stream_table,
-                outbox_id: e.outbox_id,
-                refresh_id: e.refresh_id.as_deref().unwrap_or(""),
-            };
-            json["MessageGroupId"] = Value::String(sqs_id(&t.render(&vars, e.op)).into_owned());
+            json["MessageGroupId"] =
+                Value::String(sqs_id(&t.render(&Vars::of(e), e.op)).into_owned());
         }
         if self.fifo {
             json["MessageDeduplicationId"] = Value::String(sqs_id(&e.dedup_key).into_owned());
@@ -357,6 +353,10 @@ impl Sink for SqsSink {
     fn flush(&mut self) -> Result<(), Error> {
         // Every request was answered before publish returned.
         Ok(())
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.group.as_ref()?.missing(&Vars::of(e))
     }
 }
 

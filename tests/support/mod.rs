@@ -624,6 +624,39 @@ pub fn publish(url: &str, start: i64, n: i64) {
         .unwrap();
 }
 
+/// Publish `n` events `{"n": g, "tenant": "a" or "b", "agg": "agg-<g % 3>"}`
+/// (tenants alternating) into outbox `orders`, then one `{"n": -1}` with
+/// neither field, to route by content.
+pub fn publish_tenants(url: &str, n: i64) {
+    let mut c = Pg::shared().client(url);
+    c.execute(
+        "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g, \
+         'tenant', CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, 'agg', 'agg-' || g % 3)) \
+         FROM generate_series(0, $1::bigint - 1) g",
+        &[&n],
+    )
+    .unwrap();
+    c.execute(
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": -1}'::jsonb)",
+        &[],
+    )
+    .unwrap();
+}
+
+/// The dead letters of `url`: (dedup key, reason).
+pub fn dead_letter_reasons(url: &str) -> Vec<(String, String)> {
+    Pg::shared()
+        .client(url)
+        .query(
+            "SELECT dedup_key, error FROM pgtrickle.relay_dead_letters ORDER BY dedup_key",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Run `--once --pipeline fwd` against the database at `url`.
 pub fn run_once(url: &str) -> std::process::Output {
     relay(url)
