@@ -4,10 +4,9 @@
 //! [`probe`]. How the parts
 //! fit together, and where each rule lives: docs/ARCHITECTURE.md.
 
-#[cfg(feature = "rabbitmq")]
-mod amqp;
 #[cfg(feature = "sqs")]
 mod aws_credentials;
+mod broker;
 mod check;
 mod config;
 mod coordinator;
@@ -17,8 +16,6 @@ mod event;
 mod forward;
 mod health;
 mod inbox;
-#[cfg(feature = "kafka")]
-mod kafka;
 mod keys;
 mod logging;
 mod metrics;
@@ -35,8 +32,6 @@ mod signing;
 mod sink;
 mod source;
 mod sql;
-#[cfg(feature = "sqs")]
-mod sqs;
 mod status;
 #[cfg(test)]
 mod testkit;

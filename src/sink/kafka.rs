@@ -52,8 +52,8 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
+use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::event::{Event, Op, Template, Vars};
-use crate::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};

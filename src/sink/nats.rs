@@ -43,22 +43,21 @@
 //! in the background; the batch is published again as soon as it is back
 //! (or fails after a few seconds, and the caller retries it).
 //!
-//! [`connect`] and [`api`] are shared with the `nats` source.
+//! The connection is made by [`crate::broker::nats`], as for the source.
 
 // The sync `nats` crate is deprecated upstream in favour of async-nats; it
 // is used on purpose (no async runtime; see ARCHITECTURE.md).
 #![allow(deprecated)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::broker::nats::{connect, valid_name, ApiError, Client};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError};
-use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
@@ -69,8 +68,6 @@ pub const WINDOW: usize = 4096;
 const ACK_TIMEOUT: Duration = Duration::from_secs(4);
 /// How long `publish` waits for a lost connection to come back.
 const OUTAGE_WAIT: Duration = Duration::from_secs(4);
-/// JetStream API requests.
-const API_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest header block JetStream stores.
 const JS_MAX_HEADERS: usize = 65_535;
 /// JetStream's "message size exceeds maximum allowed" (the stream's
@@ -99,11 +96,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
     if cfg.url.is_empty() {
         return Err(ConfigError::new("sink.url", "must not be empty"));
     }
-    if cfg.stream.is_empty()
-        || cfg
-            .stream
-            .contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
-    {
+    if !valid_name(&cfg.stream) {
         return Err(ConfigError::new(
             "sink.stream",
             format!(
@@ -132,103 +125,18 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
     Ok(Box::new(cfg))
 }
 
-/// Connection state shared with the client's callbacks.
-#[derive(Default)]
-pub struct Link {
-    /// Whether the client is connected now.
-    pub connected: AtomicBool,
-    /// Bumped on every reconnect.
-    pub generation: AtomicU64,
-}
-
-/// A connection opened by [`connect`].
-pub struct Client {
-    /// The connection (it reconnects in the background, forever).
-    pub nc: nats::Connection,
-    /// Its state, kept up to date by the client's callbacks.
-    pub link: Arc<Link>,
-    /// The URL with its password masked, for messages.
-    pub shown: String,
-}
-
-/// Connect to `url` (`${ENV:NAME}` expanded; one server or a comma-separated
-/// list; `tls://` for TLS) with an optional `.creds` file, for the `side`
-/// (`sink` or `source`) of `pipeline`: errors name the pipeline and key. A
-/// server that does not answer is a transient error.
-pub fn connect(
-    pipeline: &str,
-    side: &str,
-    url: &str,
-    credentials: Option<&str>,
-) -> Result<Client, Error> {
-    let expanded = expand_env(url)
-        .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: {side}.url: {e}")))?;
-    let shown = mask(&expanded);
-    let link = Arc::new(Link::default());
-    let mut opts = match credentials {
-        Some(c) => {
-            let path = expand_env(c).map_err(|e| {
-                Error::permanent(format!("pipeline {pipeline:?}: {side}.credentials: {e}"))
-            })?;
-            if !std::path::Path::new(&path).is_file() {
-                return Err(Error::permanent(format!(
-                    "pipeline {pipeline:?}: {side}.credentials: no such file {path}"
-                )));
-            }
-            nats::Options::with_credentials(path)
-        }
-        None => nats::Options::new(),
-    };
-    let (down, up) = (link.clone(), link.clone());
-    opts = opts
-        .with_name(&format!("pgtrickle-relay {pipeline}"))
-        .max_reconnects(None)
-        .reconnect_delay_callback(|_| Duration::from_millis(200))
-        .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
-        .reconnect_callback(move || {
-            up.generation.fetch_add(1, Ordering::SeqCst);
-            up.connected.store(true, Ordering::SeqCst);
-        });
-    let nc = opts
-        .connect(expanded.as_str())
-        .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
-    link.connected.store(true, Ordering::SeqCst);
-    Ok(Client { nc, link, shown })
-}
-
-/// A JetStream API request on `nc` (`shown` names the server in errors).
-pub fn api(
-    nc: &nats::Connection,
-    shown: &str,
-    subject: &str,
-    body: &[u8],
-) -> Result<Vec<u8>, Error> {
-    match nc.request_timeout(subject, body, API_TIMEOUT) {
-        Ok(m) if m.is_no_responders() => Err(Error::transient(format!(
-            "nats {shown}: JetStream does not answer (is it enabled: nats-server -js?)"
-        ))),
-        Ok(m) => Ok(m.data),
-        Err(e) => Err(Error::transient(format!(
-            "nats {shown}: JetStream request {subject}: {e}"
-        ))),
-    }
-}
-
 impl SinkSpec for NatsKeys {
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
-        let Client { nc, link, shown } =
-            connect(pipeline, "sink", &self.url, self.credentials.as_deref())?;
-        let inbox = nc.new_inbox();
-        let acks = nc
-            .subscribe(&format!("{inbox}.*"))
-            .map_err(|e| Error::transient(format!("nats {shown}: subscribing to acks: {e}")))?;
+        let client = connect(pipeline, "sink", &self.url, self.credentials.as_deref())?;
+        let inbox = client.nc.new_inbox();
+        let acks = client.nc.subscribe(&format!("{inbox}.*")).map_err(|e| {
+            Error::transient(format!("nats {}: subscribing to acks: {e}", client.shown))
+        })?;
         let mut sink = NatsSink {
             cfg: self.clone(),
-            nc,
+            client,
             acks,
             inbox,
-            link,
-            shown,
             next_seq: 0,
             stream_subjects: None,
         };
@@ -244,7 +152,7 @@ impl SinkSpec for NatsKeys {
                 return Err(Error::permanent(format!(
                     "pipeline {pipeline:?}: JetStream stream {:?} does not exist on {}: create \
                      it (e.g. `nats stream add`), or set sink.create_stream to true",
-                    self.stream, sink.shown
+                    self.stream, sink.client.shown
                 )))
             }
         }
@@ -257,11 +165,11 @@ impl SinkSpec for NatsKeys {
         let blame = |e| crate::keys::blame("sink.url", e);
         let c = connect(pipeline, "sink", &self.url, self.credentials.as_deref()).map_err(blame)?;
         let subject = format!("$JS.API.STREAM.INFO.{}", self.stream);
-        let data = api(&c.nc, &c.shown, &subject, b"").map_err(blame)?;
+        let data = c.api(&subject, b"").map_err(blame)?;
         let info: StreamInfoReply = serde_json::from_slice(&data)
             .map_err(|e| ConfigError::new("sink.url", format!("nats {}: {e}", c.shown)))?;
         match info.error {
-            Some(e) if e.code == 404 || e.err_code == 10059 => {
+            Some(e) if e.no_stream() => {
                 if self.create_stream {
                     return Ok(());
                 }
@@ -276,10 +184,7 @@ impl SinkSpec for NatsKeys {
             }
             Some(e) => Err(ConfigError::new(
                 "sink.stream",
-                format!(
-                    "nats {}: stream {:?}: {} (code {}, err_code {})",
-                    c.shown, self.stream, e.description, e.code, e.err_code
-                ),
+                format!("nats {}: stream {:?}: {e}", c.shown, self.stream),
             )),
             None => Ok(()),
         }
@@ -288,11 +193,9 @@ impl SinkSpec for NatsKeys {
 
 struct NatsSink {
     cfg: NatsKeys,
-    nc: nats::Connection,
+    client: Client,
     acks: nats::Subscription,
     inbox: String,
-    link: Arc<Link>,
-    shown: String,
     /// Reply subjects are `<inbox>.<seq>`, unique for the sink's life.
     next_seq: u64,
     /// The stream's subjects, once known.
@@ -312,20 +215,6 @@ impl From<Error> for Stop {
     fn from(e: Error) -> Stop {
         Stop::Fail(e)
     }
-}
-
-/// The `error` object of a JetStream API answer.
-#[derive(Debug, Deserialize)]
-pub struct ApiError {
-    /// HTTP-like status (404, 503, ...).
-    #[serde(default)]
-    pub code: u16,
-    /// JetStream's own error code (10059: stream not found, ...).
-    #[serde(default)]
-    pub err_code: u32,
-    /// What went wrong.
-    #[serde(default)]
-    pub description: String,
 }
 
 #[derive(Deserialize)]
@@ -426,21 +315,19 @@ fn derived_subject(e: &Event) -> String {
 }
 
 impl NatsSink {
-    /// A JetStream API request.
-    fn api(&self, subject: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
-        api(&self.nc, &self.shown, subject, body)
-    }
-
     /// The stream's subjects, or None when it does not exist.
     fn stream_subjects(&self) -> Result<Option<Vec<String>>, Error> {
-        let data = self.api(&format!("$JS.API.STREAM.INFO.{}", self.cfg.stream), b"")?;
-        let info: StreamInfoReply = serde_json::from_slice(&data)
-            .map_err(|e| Error::transient(format!("nats {}: bad stream info: {e}", self.shown)))?;
+        let data = self
+            .client
+            .api(&format!("$JS.API.STREAM.INFO.{}", self.cfg.stream), b"")?;
+        let info: StreamInfoReply = serde_json::from_slice(&data).map_err(|e| {
+            Error::transient(format!("nats {}: bad stream info: {e}", self.client.shown))
+        })?;
         match (info.error, info.config) {
-            (Some(e), _) if e.code == 404 || e.err_code == 10059 => Ok(None),
+            (Some(e), _) if e.no_stream() => Ok(None),
             (Some(e), _) => Err(Error::transient(format!(
-                "nats {}: stream {:?}: {} (code {}, err_code {})",
-                self.shown, self.cfg.stream, e.description, e.code, e.err_code
+                "nats {}: stream {:?}: {e}",
+                self.client.shown, self.cfg.stream
             ))),
             (None, Some(c)) => Ok(Some(c.subjects)),
             (None, None) => Ok(Some(Vec::new())),
@@ -455,20 +342,20 @@ impl NatsSink {
             "retention": "limits",
             "num_replicas": 1,
         });
-        let data = self.api(
+        let data = self.client.api(
             &format!("$JS.API.STREAM.CREATE.{}", self.cfg.stream),
             req.to_string().as_bytes(),
         )?;
         let info: StreamInfoReply = serde_json::from_slice(&data).map_err(|e| {
             Error::transient(format!(
                 "nats {}: bad stream create answer: {e}",
-                self.shown
+                self.client.shown
             ))
         })?;
         if let Some(e) = info.error {
             return Err(Error::permanent(format!(
-                "nats {}: creating stream {:?} with subjects {subjects:?}: {} (code {}, err_code {})",
-                self.shown, self.cfg.stream, e.description, e.code, e.err_code
+                "nats {}: creating stream {:?} with subjects {subjects:?}: {e}",
+                self.client.shown, self.cfg.stream
             )));
         }
         log::info!(
@@ -479,26 +366,12 @@ impl NatsSink {
         Ok(())
     }
 
-    /// Wait for the connection, up to `until`.
-    fn wait_connected(&self, until: Instant) -> Result<(), Error> {
-        while !self.link.connected.load(Ordering::SeqCst) {
-            if Instant::now() >= until {
-                return Err(Error::transient(format!(
-                    "nats {}: not connected (reconnecting)",
-                    self.shown
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
-    }
-
     /// One attempt to publish `events` and collect every ack.
     fn attempt(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Stop> {
-        let generation = self.link.generation.load(Ordering::SeqCst);
+        let generation = self.client.link.generation.load(Ordering::SeqCst);
         let base = self.next_seq;
         self.next_seq += events.len() as u64;
-        let max_payload = self.nc.max_payload();
+        let max_payload = self.client.nc.max_payload();
         let mut done = vec![false; events.len()];
         let mut outstanding = 0usize;
         let mut rejected = Vec::new();
@@ -546,12 +419,13 @@ impl NatsSink {
                 )?;
             }
             let reply = format!("{}.{}", self.inbox, base + i as u64);
-            self.nc
+            self.client
+                .nc
                 .publish_with_reply_or_headers(&e.subject, Some(&reply), Some(&headers), body)
                 .map_err(|x| {
                     Stop::Fail(Error::transient(format!(
                         "nats {}: publishing to {}: {x}",
-                        self.shown, e.subject
+                        self.client.shown, e.subject
                     )))
                 })?;
             outstanding += 1;
@@ -604,7 +478,7 @@ impl NatsSink {
                 return Err(Stop::Fail(Error::permanent(format!(
                     "nats {}: JetStream stream {:?} does not exist (any more): create it, or \
                      set sink.create_stream to true",
-                    self.shown, self.cfg.stream
+                    self.client.shown, self.cfg.stream
                 ))))
             }
         };
@@ -615,7 +489,7 @@ impl NatsSink {
                 return Err(retry_soon(Error::transient(format!(
                     "nats {}: no JetStream answer for subject {subject} although stream {:?} \
                      captures it (is JetStream starting?)",
-                    self.shown, self.cfg.stream
+                    self.client.shown, self.cfg.stream
                 ))));
             }
             let reason = format!(
@@ -649,13 +523,13 @@ impl NatsSink {
         last_progress: &mut Instant,
     ) -> Result<(), Stop> {
         loop {
-            if self.link.generation.load(Ordering::SeqCst) != generation {
+            if self.client.link.generation.load(Ordering::SeqCst) != generation {
                 return Err(Stop::Reconnected);
             }
             if last_progress.elapsed() > ACK_TIMEOUT {
                 return Err(Stop::Fail(Error::transient(format!(
                     "nats {}: {} JetStream acks missing after {ACK_TIMEOUT:?}",
-                    self.shown, outstanding
+                    self.client.shown, outstanding
                 ))));
             }
             let msg = match self.acks.next_timeout(Duration::from_millis(50)) {
@@ -664,7 +538,7 @@ impl NatsSink {
                 Err(e) => {
                     return Err(Stop::Fail(Error::transient(format!(
                         "nats {}: ack subscription: {e}",
-                        self.shown
+                        self.client.shown
                     ))))
                 }
             };
@@ -692,17 +566,14 @@ impl NatsSink {
             let ack: PubAckReply = serde_json::from_slice(&msg.data).map_err(|e| {
                 Stop::Fail(Error::transient(format!(
                     "nats {}: bad JetStream ack {:?}: {e}",
-                    self.shown,
+                    self.client.shown,
                     String::from_utf8_lossy(&msg.data)
                 )))
             })?;
             if let Some(err) = ack.error {
-                let why = format!(
-                    "nats JetStream: {} (code {}, err_code {})",
-                    err.description, err.code, err.err_code
-                );
+                let why = format!("nats JetStream: {err}");
                 if !about_the_event(&err) {
-                    let msg = format!("nats {}: {why}", self.shown);
+                    let msg = format!("nats {}: {why}", self.client.shown);
                     return Err(Stop::Fail(if err.code == 503 || err.code == 408 {
                         Error::transient(msg)
                     } else {
@@ -723,7 +594,7 @@ impl Sink for NatsSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
         let until = Instant::now() + OUTAGE_WAIT;
         loop {
-            self.wait_connected(until)?;
+            self.client.wait_connected(until)?;
             match self.attempt(events) {
                 Ok(r) => return Ok(r),
                 Err(Stop::Fail(e)) => return Err(e),
@@ -731,7 +602,7 @@ impl Sink for NatsSink {
                 Err(Stop::Reconnected) => {
                     return Err(Error::transient(format!(
                         "nats {}: the connection keeps dropping, or JetStream does not answer",
-                        self.shown
+                        self.client.shown
                     )))
                 }
             }

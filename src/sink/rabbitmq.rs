@@ -3,7 +3,7 @@
 //!
 //! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
 //! "exchange":"<name>", "routing_key":"<template>", "declare":false,
-//! "exchange_type":"topic", "mandatory":true, "on_unroutable":"retry"}`. `url` (see `src/amqp.rs`:
+//! "exchange_type":"topic", "mandatory":true, "on_unroutable":"retry"}`. `url` (see `src/broker/amqp.rs`:
 //! `amqps://` for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `exchange`
 //! is required; `""` is the default exchange, which routes by queue name.
 //! `routing_key` is a template like `subject` (`{stream_table}`, `{op}`,
@@ -51,16 +51,15 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Confirm, Connection, ConnectionBlockedNotification,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, Publish, Return,
+    FieldTable, Publish, Return,
 };
 use crossbeam_channel::Receiver;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::amqp::{self, AmqpUrl};
+use crate::broker::amqp::{self, AmqpUrl};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
-use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
@@ -113,13 +112,7 @@ pub struct RabbitConfig {
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
     let raw: RabbitKeys = from_value("sink", Value::Object(keys))?;
-    if raw.url.is_empty() {
-        return Err(ConfigError::new("sink.url", "must not be empty"));
-    }
-    // A URL from the environment is checked when the sink opens.
-    if !raw.url.contains("${") {
-        AmqpUrl::parse(&raw.url).map_err(|m| ConfigError::new("sink.url", m))?;
-    }
+    AmqpUrl::check("sink.url", &raw.url)?;
     if raw.exchange.len() > SHORT_STRING {
         return Err(ConfigError::new("sink.exchange", "longer than 255 bytes"));
     }
@@ -146,13 +139,9 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
                 "only applies to an exchange the sink declares: set sink.declare too",
             ))
         }
-        Some(t) if ["direct", "fanout", "topic", "headers"].contains(&t.as_str()) => t,
-        Some(t) if t.starts_with("x-") => t, // a plugin's type
         Some(t) => {
-            return Err(ConfigError::new(
-                "sink.exchange_type",
-                format!("expected direct, fanout, topic, headers or x-..., found {t:?}"),
-            ))
+            amqp::check_exchange_type(&t).map_err(|m| ConfigError::new("sink.exchange_type", m))?;
+            t
         }
     };
     let routing_key = match raw.routing_key {
@@ -172,10 +161,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
 
 impl SinkSpec for RabbitConfig {
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
-        let url = expand_env(&self.url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
-        let url = AmqpUrl::parse(&url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
+        let url = AmqpUrl::resolve(pipeline, "sink.url", &self.url)?;
         let mut sink = RabbitSink {
             cfg: self.clone(),
             pipeline: pipeline.to_string(),
@@ -196,8 +182,7 @@ impl SinkSpec for RabbitConfig {
     /// one the sink declares itself is not declared here).
     fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
         let blame = |e| crate::keys::blame("sink.url", e);
-        let url = expand_env(&self.url).map_err(blame)?;
-        let url = AmqpUrl::parse(&url).map_err(|m| ConfigError::new("sink.url", m))?;
+        let url = AmqpUrl::resolve(pipeline, "sink.url", &self.url).map_err(blame)?;
         let mut conn = url
             .connect(&format!("pgtrickle-relay {pipeline} (check)"))
             .map_err(blame)?;
@@ -503,29 +488,16 @@ impl RabbitSink {
     fn check_exchange(&self, channel: &Channel) -> Result<(), Error> {
         let ex = &self.cfg.exchange;
         if self.cfg.declare {
-            let kind = match self.cfg.exchange_type.as_str() {
-                "direct" => ExchangeType::Direct,
-                "fanout" => ExchangeType::Fanout,
-                "topic" => ExchangeType::Topic,
-                "headers" => ExchangeType::Headers,
-                other => ExchangeType::Custom(other.to_string()),
-            };
-            let opts = ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            channel
-                .exchange_declare(kind, ex.as_str(), opts)
-                .map_err(|e| {
-                    self.named(
-                        "sink.exchange",
-                        &e,
-                        format!(
-                            "declaring exchange {ex:?} (durable, {}) failed",
-                            self.cfg.exchange_type
-                        ),
-                    )
-                })?;
+            amqp::declare_exchange(channel, &self.cfg.exchange_type, ex).map_err(|e| {
+                self.named(
+                    "sink.exchange",
+                    &e,
+                    format!(
+                        "declaring exchange {ex:?} (durable, {}) failed",
+                        self.cfg.exchange_type
+                    ),
+                )
+            })?;
         } else if !ex.is_empty() {
             channel.exchange_declare_passive(ex.as_str()).map_err(|e| {
                 self.named(
@@ -543,13 +515,7 @@ impl RabbitSink {
     /// An error about a config key: a refusal by the broker names the
     /// pipeline, the key and `what`; anything else is the plain error.
     fn named(&self, key: &str, e: &amiquip::Error, what: String) -> Error {
-        match amqp::channel_code(e) {
-            Some((code, text)) => Error::permanent(format!(
-                "pipeline {:?}: {key}: {what} (rabbitmq {}: {code} {text})",
-                self.pipeline, self.url.shown
-            )),
-            None => amqp::error(&self.url.shown, e),
-        }
+        amqp::named(&self.pipeline, &self.url.shown, key, e, what)
     }
 
     /// The channel or connection ended with `e` (None: find out why).

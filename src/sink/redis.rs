@@ -55,6 +55,7 @@ use redis::{Cmd, Connection, Pipeline, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
+use crate::broker::redis as broker;
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
@@ -102,15 +103,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
     if raw.url.is_empty() {
         return Err(ConfigError::new("sink.url", "must not be empty"));
     }
-    if !(raw.url.starts_with("redis://") || raw.url.starts_with("redis+unix://")) {
-        return Err(ConfigError::new(
-            "sink.url",
-            format!(
-                "expected redis://[user:password@]host[:port][/db], found {:?}",
-                mask(&raw.url)
-            ),
-        ));
-    }
+    broker::check_url(&raw.url).map_err(|m| ConfigError::new("sink.url", m))?;
     let stream = raw
         .stream
         .unwrap_or_else(|| "pgtrickle.{stream_table}".to_string());
@@ -130,19 +123,12 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
 
 impl SinkSpec for RedisConfig {
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
-        let url = expand_env(&self.url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: sink.url: {e}")))?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| {
-            Error::permanent(format!(
-                "pipeline {pipeline:?}: sink.url {}: {e}",
-                mask(&self.url)
-            ))
-        })?;
+        let (client, shown) = broker::client(pipeline, "sink", &self.url)?;
         let mut sink = RedisSink {
             cfg: self.clone(),
             client,
             conn: None,
-            shown: mask(&url),
+            shown,
             max_bulk: DEFAULT_MAX_BULK,
             max_query: DEFAULT_MAX_QUERY,
             seen: HashMap::new(),
@@ -208,15 +194,6 @@ fn entry_id(e: &Event) -> Result<String, Error> {
         )));
     }
     Ok(format!("{}-{index}", e.outbox_id))
-}
-
-/// A server error that goes away by itself (loading, out of memory, a
-/// failover in progress).
-fn transient_code(code: &str) -> bool {
-    matches!(
-        code,
-        "LOADING" | "BUSY" | "OOM" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY"
-    )
 }
 
 /// The milliseconds part of a stream id.
@@ -291,19 +268,9 @@ impl RedisSink {
         }
     }
 
-    /// Classify a failed round trip; a broken connection is dropped.
+    /// Classify a failed round trip.
     fn error(&self, e: redis::RedisError) -> Error {
-        let msg = format!("redis {}: {e}", self.shown);
-        let server = e.code().map(transient_code);
-        match server {
-            Some(false) if !e.is_io_error() && !e.is_connection_dropped() => {
-                // Authentication, a key of another type and the like:
-                // retrying cannot help until someone acts, so a daemon
-                // keeps retrying slowly.
-                Error::permanent(msg)
-            }
-            _ => Error::transient(msg),
-        }
+        broker::error(&self.shown, &e)
     }
 
     fn stream_of(&self, e: &Event) -> String {
@@ -374,7 +341,7 @@ impl RedisSink {
     fn refused(&self, stream: &str, err: &redis::ServerError) -> Error {
         let text = format!("{} {}", err.code(), err.details().unwrap_or(""));
         let msg = format!("redis {}: XADD to stream {stream}: {text}", self.shown);
-        if transient_code(err.code()) {
+        if broker::transient_code(err.code()) {
             Error::transient(msg)
         } else {
             Error::permanent(msg)

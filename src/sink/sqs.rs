@@ -5,7 +5,7 @@
 //! "region":"eu-west-1", "message_group_id":"{stream_table}",
 //! "max_message_bytes":262144, "max_in_flight":4}` plus the connection keys
 //! of the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/sqs.rs`). Credentials default to
+//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
 //! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
 //!
 //! Each event is one message. Its body is the row (the event's payload
@@ -54,11 +54,11 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
-use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};
 
 /// SQS's message (and batch request) size limit by default.
 const DEFAULT_MAX_BYTES: usize = 256 * 1024;

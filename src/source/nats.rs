@@ -6,7 +6,7 @@
 //! "event_type":{"header":"Type"} | {"field":"type"} | "fixed"}`, and the
 //! same for `aggregate_id`, `source` and `trace_id`. `url` (one server or a
 //! comma-separated list; `tls://` for TLS) and `credentials` may use
-//! `${ENV:NAME}`; the connection is made as the `nats` sink makes it.
+//! `${ENV:NAME}`; the connection is made by `broker::nats`, as for the sink.
 //! `consumer` defaults to `pgtrickle-relay-<pipeline>`.
 //!
 //! `stream` must exist (else the pipeline stops with an error naming it).
@@ -48,15 +48,14 @@
 #![allow(deprecated)]
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::broker::nats::{connect, valid_name, ApiError, Client};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::sink::nats::{api, connect, ApiError, Client, Link};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long `receive` and `ack` wait for a lost connection to come back.
@@ -102,12 +101,6 @@ pub struct NatsSourceConfig {
     source: Option<Origin>,
     #[serde(default)]
     trace_id: Option<Origin>,
-}
-
-/// Whether `name` can name a JetStream stream or consumer.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
 }
 
 /// Parse the source's keys.
@@ -177,16 +170,19 @@ fn default_consumer(pipeline: &str) -> String {
 
 impl SourceSpec for NatsSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let Client { nc, link, shown } =
-            connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
-        let deliver_to = nc.new_inbox();
-        let deliveries = nc.subscribe(&deliver_to).map_err(|e| {
+        let client = connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
+        let shown = &client.shown;
+        let deliver_to = client.nc.new_inbox();
+        let deliveries = client.nc.subscribe(&deliver_to).map_err(|e| {
             Error::transient(format!("nats {shown}: subscribing to deliveries: {e}"))
         })?;
-        let confirm_inbox = nc.new_inbox();
-        let confirms = nc.subscribe(&format!("{confirm_inbox}.*")).map_err(|e| {
-            Error::transient(format!("nats {shown}: subscribing to confirmations: {e}"))
-        })?;
+        let confirm_inbox = client.nc.new_inbox();
+        let confirms = client
+            .nc
+            .subscribe(&format!("{confirm_inbox}.*"))
+            .map_err(|e| {
+                Error::transient(format!("nats {shown}: subscribing to confirmations: {e}"))
+            })?;
         let field = |v: &Option<Origin>, name: &str| {
             v.clone().unwrap_or(Origin::Field {
                 field: name.to_string(),
@@ -199,9 +195,7 @@ impl SourceSpec for NatsSourceConfig {
                 .consumer
                 .clone()
                 .unwrap_or_else(|| default_consumer(pipeline)),
-            nc,
-            link,
-            shown,
+            client,
             deliver_to,
             deliveries,
             confirm_inbox,
@@ -219,13 +213,13 @@ impl SourceSpec for NatsSourceConfig {
             sent: None,
             once,
         };
-        src.generation = src.link.generation.load(Ordering::SeqCst);
+        src.generation = src.client.link.generation.load(Ordering::SeqCst);
         src.ensure_consumer()?;
         log::info!(
             "reading JetStream stream {:?} through durable consumer {:?} on {}",
             src.cfg.stream,
             src.consumer,
-            src.shown
+            src.client.shown
         );
         Ok(feed(src))
     }
@@ -236,7 +230,7 @@ impl SourceSpec for NatsSourceConfig {
         let c =
             connect(pipeline, "source", &self.url, self.credentials.as_deref()).map_err(blame)?;
         let subject = format!("$JS.API.STREAM.INFO.{}", self.stream);
-        let data = api(&c.nc, &c.shown, &subject, b"").map_err(blame)?;
+        let data = c.api(&subject, b"").map_err(blame)?;
         let answer: Value = serde_json::from_slice(&data)
             .map_err(|e| ConfigError::new("source.url", format!("nats {}: {e}", c.shown)))?;
         match answer.get("error") {
@@ -258,10 +252,7 @@ struct NatsSource {
     pipeline: String,
     cfg: NatsSourceConfig,
     consumer: String,
-    nc: nats::Connection,
-    link: Arc<Link>,
-    /// The URL with its password masked, for messages.
-    shown: String,
+    client: Client,
     /// The reply subject of pull requests: messages arrive here.
     deliver_to: String,
     deliveries: nats::Subscription,
@@ -361,11 +352,11 @@ impl NatsSource {
     }
 
     fn info(&self, subject: &str, body: &[u8]) -> Result<InfoReply, Error> {
-        let data = api(&self.nc, &self.shown, subject, body)?;
+        let data = self.client.api(subject, body)?;
         serde_json::from_slice(&data).map_err(|e| {
             Error::transient(format!(
                 "nats {}: bad JetStream answer to {subject}: {e}",
-                self.shown
+                self.client.shown
             ))
         })
     }
@@ -375,20 +366,20 @@ impl NatsSource {
         let (stream, consumer) = (self.cfg.stream.clone(), self.consumer.clone());
         let info = self.info(&format!("$JS.API.STREAM.INFO.{stream}"), b"")?;
         match info.error {
-            Some(e) if e.code == 404 || e.err_code == 10059 => {
+            Some(e) if e.no_stream() => {
                 return Err(self.config_error(
                     "stream",
                     format!(
                         "JetStream stream {stream:?} does not exist on {}: create it (e.g. `nats \
                          stream add`)",
-                        self.shown
+                        self.client.shown
                     ),
                 ))
             }
             Some(e) => {
                 return Err(Error::transient(format!(
-                    "nats {}: stream {stream:?}: {} (code {}, err_code {})",
-                    self.shown, e.description, e.code, e.err_code
+                    "nats {}: stream {stream:?}: {e}",
+                    self.client.shown
                 )))
             }
             None => {}
@@ -398,15 +389,15 @@ impl NatsSource {
             (Some(e), _) if e.code == 404 || e.err_code == 10014 => self.create_consumer()?,
             (Some(e), _) => {
                 return Err(Error::transient(format!(
-                "nats {}: consumer {consumer:?} of stream {stream:?}: {} (code {}, err_code {})",
-                self.shown, e.description, e.code, e.err_code
-            )))
+                    "nats {}: consumer {consumer:?} of stream {stream:?}: {e}",
+                    self.client.shown
+                )))
             }
             (None, Some(config)) => self.check_existing(config)?,
             (None, None) => {
                 return Err(Error::transient(format!(
                     "nats {}: consumer {consumer:?} of stream {stream:?}: an answer without config",
-                    self.shown
+                    self.client.shown
                 )))
             }
         }
@@ -449,11 +440,7 @@ impl NatsSource {
             };
             return Err(self.config_error(
                 key,
-                format!(
-                    "creating JetStream consumer {consumer:?} on stream {stream:?}: {} (code {}, \
-                     err_code {})",
-                    e.description, e.code, e.err_code
-                ),
+                format!("creating JetStream consumer {consumer:?} on stream {stream:?}: {e}"),
             ));
         }
         log::info!(
@@ -533,17 +520,7 @@ impl NatsSource {
     /// Wait for the connection, up to [`OUTAGE_WAIT`]; after a reconnect
     /// the open pull request is forgotten (the server may have lost it).
     fn wait_connected(&mut self) -> Result<(), Error> {
-        let until = Instant::now() + OUTAGE_WAIT;
-        while !self.link.connected.load(Ordering::SeqCst) {
-            if Instant::now() >= until {
-                return Err(Error::transient(format!(
-                    "nats {}: not connected (reconnecting)",
-                    self.shown
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let generation = self.link.generation.load(Ordering::SeqCst);
+        let generation = self.client.wait_connected(Instant::now() + OUTAGE_WAIT)?;
         if generation != self.generation {
             self.generation = generation;
             self.pull_left = 0;
@@ -564,7 +541,8 @@ impl NatsSource {
             PULL_EXPIRES
         };
         let req = json!({"batch": max, "expires": expires.as_nanos() as u64});
-        self.nc
+        self.client
+            .nc
             .publish_request(
                 &format!(
                     "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
@@ -573,7 +551,9 @@ impl NatsSource {
                 &self.deliver_to,
                 req.to_string(),
             )
-            .map_err(|e| Error::transient(format!("nats {}: pull request: {e}", self.shown)))?;
+            .map_err(|e| {
+                Error::transient(format!("nats {}: pull request: {e}", self.client.shown))
+            })?;
         self.pull_left = max;
         self.pull_until = Instant::now() + expires + Duration::from_secs(1);
         Ok(())
@@ -613,7 +593,7 @@ impl NatsSource {
                     // Exceeded MaxWaiting, a leadership change, ...
                     _ => Delivery::Refused(Error::transient(format!(
                         "nats {}: JetStream consumer {:?} refused a pull request: {status} {why}",
-                        self.shown, self.consumer
+                        self.client.shown, self.consumer
                     ))),
                 };
             }
@@ -728,7 +708,10 @@ impl Source for NatsSource {
                     Delivery::Gone(why) => {
                         self.pull_left = 0;
                         self.check_consumer = true;
-                        stop = Some(Error::transient(format!("nats {}: {why}", self.shown)));
+                        stop = Some(Error::transient(format!(
+                            "nats {}: {why}",
+                            self.client.shown
+                        )));
                         break;
                     }
                     Delivery::Refused(e) => {
@@ -751,7 +734,7 @@ impl Source for NatsSource {
                 Err(e) => {
                     return Err(Error::transient(format!(
                         "nats {}: deliveries subscription: {e}",
-                        self.shown
+                        self.client.shown
                     )))
                 }
             }
@@ -787,12 +770,14 @@ impl Source for NatsSource {
         self.wait_connected()?;
         self.confirm_seq += 1;
         let confirm = format!("{}.{}", self.confirm_inbox, self.confirm_seq);
-        let failed = |e: std::io::Error| Error::transient(format!("nats {}: ack: {e}", self.shown));
+        let failed =
+            |e: std::io::Error| Error::transient(format!("nats {}: ack: {e}", self.client.shown));
         let (last, rest) = self.unacked.split_last().expect("not empty");
         for reply in rest {
-            self.nc.publish(reply, b"+ACK").map_err(failed)?;
+            self.client.nc.publish(reply, b"+ACK").map_err(failed)?;
         }
-        self.nc
+        self.client
+            .nc
             .publish_request(last, &confirm, b"+ACK")
             .map_err(failed)?;
         self.sent = Some(Sent {
@@ -820,7 +805,7 @@ impl NatsSource {
                 // The answer to an earlier attempt.
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    if self.link.generation.load(Ordering::SeqCst) == sent.generation
+                    if self.client.link.generation.load(Ordering::SeqCst) == sent.generation
                         && Instant::now() < sent.until
                     {
                         continue;
@@ -835,7 +820,10 @@ impl NatsSource {
             let mut replies = sent.replies;
             replies.append(&mut self.unacked);
             self.unacked = replies;
-            return Err(Error::transient(format!("nats {}: {failure}", self.shown)));
+            return Err(Error::transient(format!(
+                "nats {}: {failure}",
+                self.client.shown
+            )));
         }
     }
 }

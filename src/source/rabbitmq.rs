@@ -5,7 +5,7 @@
 //! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
 //! "queue":"<name>", "prefetch":500, "declare":false, "exchange":"<name>",
 //! "exchange_type":"topic", "binding_key":"#", "event_type":..., "aggregate_id":...,
-//! "source":..., "trace_id":...}`. `url` (see `src/amqp.rs`: `amqps://`
+//! "source":..., "trace_id":...}`. `url` (see `src/broker/amqp.rs`: `amqps://`
 //! for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `prefetch` is how many
 //! unacknowledged messages the broker sends ahead (1-65535, default 500);
 //! an inbox batch holds at most half of them (and at most `batch_size`),
@@ -69,15 +69,14 @@ use std::time::{Duration, Instant};
 
 use amiquip::{
     AmqpProperties, AmqpValue, Channel, Connection, ConsumerMessage, ConsumerOptions, Delivery,
-    ExchangeDeclareOptions, ExchangeType, FieldTable, QueueDeclareOptions,
+    FieldTable, QueueDeclareOptions,
 };
 use crossbeam_channel::{Receiver, Sender};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::amqp::{self, AmqpUrl};
+use crate::broker::amqp::{self, AmqpUrl};
 use crate::keys::{from_value, ConfigError};
-use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
@@ -115,13 +114,7 @@ pub struct RabbitSourceConfig {
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
     let cfg: RabbitSourceConfig = from_value("source", Value::Object(keys))?;
-    if cfg.url.is_empty() {
-        return Err(ConfigError::new("source.url", "must not be empty"));
-    }
-    // A URL from the environment is checked when the source opens.
-    if !cfg.url.contains("${") {
-        AmqpUrl::parse(&cfg.url).map_err(|m| ConfigError::new("source.url", m))?;
-    }
+    AmqpUrl::check("source.url", &cfg.url)?;
     if cfg.queue.is_empty() || cfg.queue.len() > 255 {
         return Err(ConfigError::new(
             "source.queue",
@@ -164,25 +157,15 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
         }
         _ => {}
     }
-    match cfg.exchange_type.as_deref() {
-        None | Some("direct" | "fanout" | "topic" | "headers") => {}
-        Some(t) if t.starts_with("x-") => {}
-        Some(t) => {
-            return Err(ConfigError::new(
-                "source.exchange_type",
-                format!("expected direct, fanout, topic, headers or x-..., found {t:?}"),
-            ))
-        }
+    if let Some(t) = &cfg.exchange_type {
+        amqp::check_exchange_type(t).map_err(|m| ConfigError::new("source.exchange_type", m))?;
     }
     Ok(Box::new(cfg))
 }
 
 impl SourceSpec for RabbitSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let url = expand_env(&self.url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
-        let url = AmqpUrl::parse(&url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
+        let url = AmqpUrl::resolve(pipeline, "source.url", &self.url)?;
         let mut src = RabbitSource {
             cfg: self.clone(),
             pipeline: pipeline.to_string(),
@@ -207,8 +190,7 @@ impl SourceSpec for RabbitSourceConfig {
     /// the source declares itself is not declared here).
     fn check(&self, pipeline: &str) -> Result<(), ConfigError> {
         let blame = |e| crate::keys::blame("source.url", e);
-        let url = expand_env(&self.url).map_err(blame)?;
-        let url = AmqpUrl::parse(&url).map_err(|m| ConfigError::new("source.url", m))?;
+        let url = AmqpUrl::resolve(pipeline, "source.url", &self.url).map_err(blame)?;
         let mut conn = url
             .connect(&format!("pgtrickle-relay {pipeline} (check)"))
             .map_err(blame)?;
@@ -606,13 +588,7 @@ impl Setup {
     /// An error about a config key when the broker refused it, naming the
     /// pipeline, the key and `what`; anything else is the plain error.
     fn named(&self, key: &str, e: &amiquip::Error, what: String) -> Error {
-        match amqp::channel_code(e) {
-            Some((code, text)) => Error::permanent(format!(
-                "pipeline {:?}: {key}: {what} (rabbitmq {}: {code} {text})",
-                self.pipeline, self.url.shown
-            )),
-            None => amqp::error(&self.url.shown, e),
-        }
+        amqp::named(&self.pipeline, &self.url.shown, key, e, what)
     }
 
     /// Connect, set the prefetch, declare or check the queue.
@@ -652,26 +628,13 @@ impl Setup {
         })?;
         if let Some(ex) = &self.cfg.exchange {
             let kind = self.cfg.exchange_type.as_deref().unwrap_or("topic");
-            let opts = ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            let exchange_type = match kind {
-                "direct" => ExchangeType::Direct,
-                "fanout" => ExchangeType::Fanout,
-                "topic" => ExchangeType::Topic,
-                "headers" => ExchangeType::Headers,
-                other => ExchangeType::Custom(other.to_string()),
-            };
-            channel
-                .exchange_declare(exchange_type, ex.as_str(), opts)
-                .map_err(|e| {
-                    self.named(
-                        "source.exchange",
-                        &e,
-                        format!("declaring exchange {ex:?} (durable, {kind}) failed"),
-                    )
-                })?;
+            amqp::declare_exchange(&channel, kind, ex).map_err(|e| {
+                self.named(
+                    "source.exchange",
+                    &e,
+                    format!("declaring exchange {ex:?} (durable, {kind}) failed"),
+                )
+            })?;
             let key = self.cfg.binding_key.as_deref().unwrap_or("#");
             channel
                 .queue_bind(queue.as_str(), ex.as_str(), key, FieldTable::new())

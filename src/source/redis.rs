@@ -29,6 +29,7 @@ use redis::{Connection, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
+use crate::broker::redis as broker;
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
@@ -71,7 +72,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
     }
     // A URL from the environment is checked when opened.
     if !cfg.url.starts_with("${ENV:") {
-        check_url(&cfg.url).map_err(|m| ConfigError::new("source.url", m))?;
+        broker::check_url(&cfg.url).map_err(|m| ConfigError::new("source.url", m))?;
     }
     for (k, v) in [
         ("stream", Some(&cfg.stream)),
@@ -100,17 +101,6 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
     Ok(Box::new(cfg))
 }
 
-fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("redis://") || url.starts_with("redis+unix://") {
-        Ok(())
-    } else {
-        Err(format!(
-            "expected redis://[user:password@]host[:port][/db], found {:?}",
-            mask(url)
-        ))
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -122,16 +112,7 @@ fn hostname() -> String {
 
 impl SourceSpec for RedisSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let url = expand_env(&self.url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
-        check_url(&url)
-            .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: source.url: {e}")))?;
-        let client = redis::Client::open(url.as_str()).map_err(|e| {
-            Error::permanent(format!(
-                "pipeline {pipeline:?}: source.url {}: {e}",
-                mask(&self.url)
-            ))
-        })?;
+        let (client, shown) = broker::client(pipeline, "source", &self.url)?;
         let field = |v: &Option<Origin>, name: &str| {
             v.clone().unwrap_or(Origin::Field {
                 field: name.to_string(),
@@ -144,7 +125,7 @@ impl SourceSpec for RedisSourceConfig {
         let mut src = RedisSource {
             client,
             conn: None,
-            shown: mask(&url),
+            shown,
             stream: self.stream.clone(),
             group: self
                 .group
@@ -220,14 +201,6 @@ struct RedisSource {
     unacked: Vec<String>,
     /// `--once`: end when no new entry arrives within the wait.
     once: bool,
-}
-
-/// A server error that goes away by itself.
-fn transient_code(code: &str) -> bool {
-    matches!(
-        code,
-        "LOADING" | "BUSY" | "OOM" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY"
-    )
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -334,12 +307,7 @@ impl RedisSource {
 
     /// Classify a failed round trip; a broken connection is dropped.
     fn error(&self, e: redis::RedisError) -> Error {
-        let msg = format!("redis {}: {e}", self.shown);
-        match e.code() {
-            Some("NOGROUP") => Error::transient(msg),
-            Some(code) if !transient_code(code) && !e.is_io_error() => Error::permanent(msg),
-            _ => Error::transient(msg),
-        }
+        broker::error(&self.shown, &e)
     }
 
     /// Run a command; on failure the connection is dropped (reconnected,

@@ -5,7 +5,7 @@
 //! "event_type":{"header":"type"} | {"field":"type"} | "fixed"}`, the same
 //! for `aggregate_id`, `source` and `trace_id`, plus the connection keys of
 //! the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/sqs.rs`). Credentials default to
+//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
 //! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
 //!
 //! Receiving: `ReceiveMessage` with up to 10 messages per call; the first
@@ -43,10 +43,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
-use crate::sqs::{self, Client, ConnKeys, MAX_BATCH};
 
 /// The default long-poll wait, seconds.
 const DEFAULT_WAIT: u64 = 4;

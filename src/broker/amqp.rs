@@ -1,5 +1,6 @@
 //! AMQP 0-9-1 connections shared by the `rabbitmq` sink and source: the
-//! URL, our own TCP socket, TLS, and error classes.
+//! URL, our own TCP socket, TLS, error classes, and the exchange both may
+//! declare (its `exchange_type`).
 //!
 //! URL (the `url` key of both): `amqp://[user[:password]@]host[:port][/vhost]
 //! [?heartbeat=S&connection_timeout=MS]`, or `amqps://` for TLS (checked
@@ -17,9 +18,13 @@
 use std::net::ToSocketAddrs;
 use std::time::Duration;
 
-use amiquip::{Auth, Connection, ConnectionOptions, ConnectionTuning};
+use amiquip::{
+    Auth, Channel, Connection, ConnectionOptions, ConnectionTuning, ExchangeDeclareOptions,
+    ExchangeType,
+};
 
-use crate::pg::mask;
+use crate::keys::ConfigError;
+use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 
 /// The largest frame the relay agrees to (RabbitMQ's default): the
@@ -157,6 +162,25 @@ impl AmqpUrl {
         })
     }
 
+    /// Check the `url` key `key` (e.g. `sink.url`) when the pipeline is
+    /// loaded; a URL from the environment is checked when it opens.
+    pub fn check(key: &str, url: &str) -> Result<(), ConfigError> {
+        if url.is_empty() {
+            return Err(ConfigError::new(key, "must not be empty"));
+        }
+        if !url.contains("${") {
+            AmqpUrl::parse(url).map_err(|m| ConfigError::new(key, m))?;
+        }
+        Ok(())
+    }
+
+    /// The URL of key `key` of `pipeline` as it opens: `${ENV:NAME}`
+    /// expanded, then parsed; an error names the pipeline and the key.
+    pub fn resolve(pipeline: &str, key: &str, url: &str) -> Result<AmqpUrl, Error> {
+        let refused = |e: String| Error::permanent(format!("pipeline {pipeline:?}: {key}: {e}"));
+        AmqpUrl::parse(&expand_env(url).map_err(|e| refused(e.to_string()))?).map_err(refused)
+    }
+
     /// Open a connection named `name` (shown in the broker's connection list).
     pub fn connect(&self, name: &str) -> Result<Connection, Error> {
         let addrs: Vec<_> = (self.host.as_str(), self.port)
@@ -235,6 +259,46 @@ pub fn error(shown: &str, e: &amiquip::Error) -> Error {
     }
 }
 
+/// An error about a config key (`key`, e.g. `sink.exchange`) of
+/// `pipeline`: a refusal by the broker names the pipeline, the key and
+/// `what`; anything else is the plain error (see [`error`]).
+pub fn named(pipeline: &str, shown: &str, key: &str, e: &amiquip::Error, what: String) -> Error {
+    match channel_code(e) {
+        Some((code, text)) => Error::permanent(format!(
+            "pipeline {pipeline:?}: {key}: {what} (rabbitmq {shown}: {code} {text})"
+        )),
+        None => error(shown, e),
+    }
+}
+
+/// Check an `exchange_type` key: a built-in type, or a plugin's `x-...`.
+pub fn check_exchange_type(kind: &str) -> Result<(), String> {
+    if ["direct", "fanout", "topic", "headers"].contains(&kind) || kind.starts_with("x-") {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected direct, fanout, topic, headers or x-..., found {kind:?}"
+        ))
+    }
+}
+
+/// Declare the durable exchange `name` of type `kind` (checked by
+/// [`check_exchange_type`]) on `channel`.
+pub fn declare_exchange(channel: &Channel, kind: &str, name: &str) -> Result<(), amiquip::Error> {
+    let kind = match kind {
+        "direct" => ExchangeType::Direct,
+        "fanout" => ExchangeType::Fanout,
+        "topic" => ExchangeType::Topic,
+        "headers" => ExchangeType::Headers,
+        other => ExchangeType::Custom(other.to_string()),
+    };
+    let opts = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel.exchange_declare(kind, name, opts).map(drop)
+}
+
 /// The AMQP reply code of a closed channel, if that is what `e` is.
 pub fn channel_code(e: &amiquip::Error) -> Option<(u16, &str)> {
     match e {
@@ -295,5 +359,17 @@ mod tests {
         assert!(AmqpUrl::parse("amqp://x/%zz")
             .unwrap_err()
             .contains("percent"));
+    }
+
+    #[test]
+    fn exchange_types_are_the_built_in_ones_or_a_plugins() {
+        for ok in ["direct", "fanout", "topic", "headers", "x-delayed-message"] {
+            assert_eq!(check_exchange_type(ok), Ok(()));
+        }
+        let e = check_exchange_type("tpic").unwrap_err();
+        assert!(
+            e.contains("expected direct") && e.contains("\"tpic\""),
+            "{e}"
+        );
     }
 }

@@ -1,0 +1,178 @@
+//! NATS connections shared by the `nats` sink and source: the URL (one
+//! server or a comma-separated list; `tls://` for TLS) and `.creds` file,
+//! reconnecting in the background, waiting for a lost connection, and
+//! JetStream API requests and their error answers.
+
+// The sync `nats` crate is deprecated upstream in favour of async-nats; it
+// is used on purpose (no async runtime; see ARCHITECTURE.md).
+#![allow(deprecated)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::pg::{expand_env, mask};
+use crate::retry::Error;
+
+/// JetStream API requests.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connection state shared with the client's callbacks.
+#[derive(Default)]
+pub struct Link {
+    /// Whether the client is connected now.
+    pub connected: AtomicBool,
+    /// Bumped on every reconnect.
+    pub generation: AtomicU64,
+}
+
+/// A connection opened by [`connect`].
+pub struct Client {
+    /// The connection (it reconnects in the background, forever).
+    pub nc: nats::Connection,
+    /// Its state, kept up to date by the client's callbacks.
+    pub link: Arc<Link>,
+    /// The URL with its password masked, for messages.
+    pub shown: String,
+}
+
+/// Whether `name` can name a JetStream stream or consumer (no `.`, `*`,
+/// `>` or white space).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+}
+
+/// Connect to `url` (`${ENV:NAME}` expanded; one server or a comma-separated
+/// list; `tls://` for TLS) with an optional `.creds` file, for the `side`
+/// (`sink` or `source`) of `pipeline`: errors name the pipeline and key. A
+/// server that does not answer is a transient error.
+pub fn connect(
+    pipeline: &str,
+    side: &str,
+    url: &str,
+    credentials: Option<&str>,
+) -> Result<Client, Error> {
+    let expanded = expand_env(url)
+        .map_err(|e| Error::permanent(format!("pipeline {pipeline:?}: {side}.url: {e}")))?;
+    let shown = mask(&expanded);
+    let link = Arc::new(Link::default());
+    let mut opts = match credentials {
+        Some(c) => {
+            let path = expand_env(c).map_err(|e| {
+                Error::permanent(format!("pipeline {pipeline:?}: {side}.credentials: {e}"))
+            })?;
+            if !std::path::Path::new(&path).is_file() {
+                return Err(Error::permanent(format!(
+                    "pipeline {pipeline:?}: {side}.credentials: no such file {path}"
+                )));
+            }
+            nats::Options::with_credentials(path)
+        }
+        None => nats::Options::new(),
+    };
+    let (down, up) = (link.clone(), link.clone());
+    opts = opts
+        .with_name(&format!("pgtrickle-relay {pipeline}"))
+        .max_reconnects(None)
+        .reconnect_delay_callback(|_| Duration::from_millis(200))
+        .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
+        .reconnect_callback(move || {
+            up.generation.fetch_add(1, Ordering::SeqCst);
+            up.connected.store(true, Ordering::SeqCst);
+        });
+    let nc = opts
+        .connect(expanded.as_str())
+        .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
+    link.connected.store(true, Ordering::SeqCst);
+    Ok(Client { nc, link, shown })
+}
+
+impl Client {
+    /// Wait until the connection is up, at most until `until`; a
+    /// transient error after that. Returns the connection generation.
+    pub fn wait_connected(&self, until: Instant) -> Result<u64, Error> {
+        while !self.link.connected.load(Ordering::SeqCst) {
+            if Instant::now() >= until {
+                return Err(Error::transient(format!(
+                    "nats {}: not connected (reconnecting)",
+                    self.shown
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(self.link.generation.load(Ordering::SeqCst))
+    }
+
+    /// A JetStream API request.
+    pub fn api(&self, subject: &str, body: &[u8]) -> Result<Vec<u8>, Error> {
+        match self.nc.request_timeout(subject, body, API_TIMEOUT) {
+            Ok(m) if m.is_no_responders() => Err(Error::transient(format!(
+                "nats {}: JetStream does not answer (is it enabled: nats-server -js?)",
+                self.shown
+            ))),
+            Ok(m) => Ok(m.data),
+            Err(e) => Err(Error::transient(format!(
+                "nats {}: JetStream request {subject}: {e}",
+                self.shown
+            ))),
+        }
+    }
+}
+
+/// The `error` object of a JetStream API answer.
+#[derive(Debug, Deserialize)]
+pub struct ApiError {
+    /// HTTP-like status (404, 503, ...).
+    #[serde(default)]
+    pub code: u16,
+    /// JetStream's own error code (10059: stream not found, ...).
+    #[serde(default)]
+    pub err_code: u32,
+    /// What went wrong.
+    #[serde(default)]
+    pub description: String,
+}
+
+impl ApiError {
+    /// Whether the answer says that the stream does not exist.
+    pub fn no_stream(&self) -> bool {
+        self.code == 404 || self.err_code == 10059
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    /// `<description> (code <code>, err_code <err_code>)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (code {}, err_code {})",
+            self.description, self.code, self.err_code
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_and_consumer_names_have_no_subject_tokens() {
+        assert!(valid_name("ORDERS_v1-x"));
+        for bad in ["", "a.b", "a*", "a>", "a b"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn api_errors_say_both_codes() {
+        let e: ApiError = serde_json::from_str(
+            r#"{"code":404,"err_code":10059,"description":"stream not found"}"#,
+        )
+        .unwrap();
+        assert!(e.no_stream());
+        assert_eq!(e.to_string(), "stream not found (code 404, err_code 10059)");
+    }
+}
