@@ -50,6 +50,7 @@ use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
+use crate::source::decode::json_text;
 pub use crate::source::Origin;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
@@ -173,11 +174,6 @@ impl SourceSpec for HttpSourceConfig {
                 }),
             }
         };
-        let field = |v: &Option<Origin>, name: &str| {
-            v.clone().unwrap_or(Origin::Field {
-                field: name.to_string(),
-            })
-        };
         let rules = Arc::new(Rules {
             path: self.path.clone().unwrap_or_else(|| "/".into()),
             token: env("token", &self.token)?,
@@ -195,10 +191,10 @@ impl SourceSpec for HttpSourceConfig {
             },
             max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
-            event_type: field(&self.event_type, "event_type"),
-            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
-            source: field(&self.source, "source"),
-            trace_id: field(&self.trace_id, "trace_id"),
+            event_type: Origin::or_field(&self.event_type, "event_type"),
+            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
+            source: Origin::or_field(&self.source, "source"),
+            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
@@ -465,20 +461,8 @@ fn check_signature(req: &Request, scheme: Scheme, key: &[u8], body: &[u8]) -> Re
     Ok(())
 }
 
-fn text_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 fn attribute(req: &Request, obj: &Map<String, Value>, from: &Origin) -> Option<String> {
-    match from {
-        Origin::Header { header: h } => header(req, h).map(str::to_string),
-        Origin::Field { field } => text_field(obj, field),
-        Origin::Fixed(s) => Some(s.clone()),
-    }
+    from.value(|h| header(req, h).map(str::to_string), Some(obj))
 }
 
 /// The request's events, or why it is refused.
@@ -501,7 +485,7 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
         // The event's own id first: a resent event keeps its row however
         // the sender batched it (the key names the request).
         let own =
-            own_id(&obj).or_else(|| text_field(&obj, &rules.id_field).filter(|id| !id.is_empty()));
+            own_id(&obj).or_else(|| json_text(&obj, &rules.id_field).filter(|id| !id.is_empty()));
         let event_id = match (own, key) {
             (Some(id), _) => id,
             (None, Some(k)) if array => format!("{k}:{i}"),

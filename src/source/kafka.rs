@@ -54,6 +54,7 @@ use serde_json::{Map, Value as Json};
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
+use crate::source::decode::{dead_letter, json_text, Body, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long a `--once` run waits for its first partition assignment.
@@ -356,19 +357,6 @@ struct KafkaSource {
     unsaved: HashMap<Tp, Position>,
 }
 
-fn json_text(obj: &Map<String, Json>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Json::String(s) => Some(s.clone()),
-        Json::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
-/// The text of a value for a dead letter (invalid UTF-8 replaced).
-fn raw_text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
     let headers = m.headers()?;
     headers
@@ -388,9 +376,7 @@ fn attribute(
     obj: Option<&Map<String, Json>>,
 ) -> Option<String> {
     match origin {
-        Some(Origin::Header { header: h }) => header(m, h),
-        Some(Origin::Field { field }) => json_text(obj?, field),
-        Some(Origin::Fixed(s)) => Some(s.clone()),
+        Some(o) => o.value(|h| header(m, h), obj),
         None => header(m, name).or_else(|| json_text(obj?, name)),
     }
 }
@@ -398,34 +384,26 @@ fn attribute(
 impl KafkaSource {
     fn message(&self, m: &BorrowedMessage<'_>) -> Message {
         let place = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
-        let (payload, parsed, error) = match m.payload() {
+        let (body, error) = match m.payload() {
             None => (
-                String::new(),
-                None,
+                Body::from_text(String::new()),
                 Some(format!("kafka record {place} has no value")),
             ),
-            Some(bytes) => match std::str::from_utf8(bytes) {
-                Err(e) => (
-                    raw_text(bytes),
-                    None,
-                    Some(format!("kafka record {place}: value is not UTF-8 ({e})")),
-                ),
-                Ok(text) => match serde_json::from_str::<Json>(text) {
-                    Err(e) => (
-                        raw_text(bytes),
-                        None,
-                        Some(format!(
-                            "kafka record {place}: value is not valid JSON ({e})"
-                        )),
-                    ),
-                    Ok(v) => (text.to_string(), Some(v), None),
-                },
-            },
+            Some(bytes) => {
+                let body = Body::from_bytes(bytes);
+                let error = body.problem.as_ref().map(|p| match p {
+                    Problem::NotUtf8(e) => {
+                        format!("kafka record {place}: value is not UTF-8 ({e})")
+                    }
+                    Problem::NotJson(e) => {
+                        format!("kafka record {place}: value is not valid JSON ({e})")
+                    }
+                });
+                (body, error)
+            }
         };
-        if let Some(why) = &error {
-            log::warn!("{why}; into the inbox's dead letters");
-        }
-        let obj = parsed.as_ref().and_then(Json::as_object);
+        let error = error.map(dead_letter);
+        let obj = body.object();
         let event_id = m
             .key()
             .filter(|k| !k.is_empty())
@@ -438,7 +416,7 @@ impl KafkaSource {
             aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
             trace_id: attribute(&self.cfg.trace_id, "trace_id", m, obj),
             event_id,
-            payload,
+            payload: body.text,
             error,
         }
     }

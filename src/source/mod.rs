@@ -11,6 +11,7 @@ use crate::keys::ConfigError;
 use crate::pipeline::Ctx;
 use crate::retry::Error;
 
+pub mod decode;
 #[cfg(feature = "http")]
 pub mod http;
 #[cfg(feature = "kafka")]
@@ -98,8 +99,7 @@ impl Message {
                 "message {:?}: payload holds a \\u0000 escape, which PostgreSQL jsonb cannot store",
                 self.event_id.replace('\0', "\u{FFFD}")
             );
-            log::warn!("{reason}; into the inbox's dead letters");
-            self.error = Some(reason);
+            self.error = Some(decode::dead_letter(reason));
         }
         let clean = |t: &mut String| {
             if t.contains('\0') {
@@ -127,8 +127,7 @@ impl Message {
                  hold; stored under {id:?}",
                 self.event_id.len()
             );
-            log::warn!("{reason}; into the inbox's dead letters");
-            self.dead_letter(reason);
+            self.dead_letter(decode::dead_letter(reason));
             self.event_id = id;
         }
     }

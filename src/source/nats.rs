@@ -56,6 +56,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::nats::{connect, valid_name, ApiError, Client};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
+use crate::source::decode::{dead_letter, Body, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long `receive` and `ack` wait for a lost connection to come back.
@@ -183,11 +184,6 @@ impl SourceSpec for NatsSourceConfig {
             .map_err(|e| {
                 Error::transient(format!("nats {shown}: subscribing to confirmations: {e}"))
             })?;
-        let field = |v: &Option<Origin>, name: &str| {
-            v.clone().unwrap_or(Origin::Field {
-                field: name.to_string(),
-            })
-        };
         let mut src = NatsSource {
             pipeline: pipeline.to_string(),
             cfg: self.clone(),
@@ -206,9 +202,9 @@ impl SourceSpec for NatsSourceConfig {
             pull_until: Instant::now(),
             check_consumer: true,
             event_type: self.event_type.clone(),
-            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
-            source: field(&self.source, "source"),
-            trace_id: field(&self.trace_id, "trace_id"),
+            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
+            source: Origin::or_field(&self.source, "source"),
+            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
             unacked: Vec::new(),
             sent: None,
             once,
@@ -325,24 +321,12 @@ fn header<'a>(m: &'a nats::Message, name: &str) -> Option<&'a String> {
     })
 }
 
-fn json_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 fn attribute(
     from: &Origin,
     m: &nats::Message,
     body: Option<&Map<String, Value>>,
 ) -> Option<String> {
-    match from {
-        Origin::Header { header: h } => header(m, h).filter(|v| !v.is_empty()).cloned(),
-        Origin::Field { field } => json_text(body?, field),
-        Origin::Fixed(s) => Some(s.clone()),
-    }
+    from.value(|h| header(m, h).filter(|v| !v.is_empty()).cloned(), body)
 }
 
 impl NatsSource {
@@ -614,29 +598,15 @@ impl NatsSource {
     }
 
     fn message(&self, m: &nats::Message, seq: u64) -> Message {
-        let what = || format!("nats stream {} seq {seq} ({})", self.cfg.stream, m.subject);
-        let (payload, parsed, error) = match std::str::from_utf8(&m.data) {
-            Err(e) => (
-                String::from_utf8_lossy(&m.data).into_owned(),
-                None,
-                Some(format!(
-                    "{}: body is not valid JSON (not UTF-8: {e})",
-                    what()
-                )),
-            ),
-            Ok(text) => match serde_json::from_str::<Value>(text) {
-                Err(e) => (
-                    text.to_string(),
-                    None,
-                    Some(format!("{}: body is not valid JSON ({e})", what())),
-                ),
-                Ok(v) => (text.to_string(), Some(v), None),
-            },
-        };
-        if let Some(e) = &error {
-            log::warn!("{e}; into the inbox's dead letters");
-        }
-        let body = parsed.as_ref().and_then(Value::as_object);
+        let decoded = Body::from_bytes(&m.data);
+        let error = decoded.problem.as_ref().map(|p| {
+            let what = format!("nats stream {} seq {seq} ({})", self.cfg.stream, m.subject);
+            dead_letter(match p {
+                Problem::NotUtf8(e) => format!("{what}: body is not valid JSON (not UTF-8: {e})"),
+                Problem::NotJson(e) => format!("{what}: body is not valid JSON ({e})"),
+            })
+        });
+        let body = decoded.object();
         let event_id = header(m, "Nats-Msg-Id")
             .filter(|v| !v.is_empty())
             .cloned()
@@ -651,7 +621,7 @@ impl NatsSource {
             source: attribute(&self.source, m, body),
             trace_id: attribute(&self.trace_id, m, body),
             event_id,
-            payload,
+            payload: decoded.text,
             error,
         }
     }

@@ -78,6 +78,7 @@ use serde_json::{Map, Value};
 use crate::broker::amqp::{self, AmqpUrl};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
+use crate::source::decode::{dead_letter, json_text, Body, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// How long dropping the source waits for its connection to close.
@@ -324,14 +325,6 @@ fn header(p: &AmqpProperties, name: &str) -> Option<String> {
     .filter(|v| !v.is_empty())
 }
 
-fn field(obj: Option<&Map<String, Value>>, name: &str) -> Option<String> {
-    match obj?.get(name)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 /// Where an attribute comes from: configured, or the default chain
 /// (`property`, then the header, then the body field of its own name).
 fn attribute(
@@ -342,9 +335,7 @@ fn attribute(
     obj: Option<&Map<String, Value>>,
 ) -> Option<String> {
     match origin {
-        Some(Origin::Header { header: h }) => header(p, h),
-        Some(Origin::Field { field: f }) => field(obj, f),
-        Some(Origin::Fixed(s)) => Some(s.clone()),
+        Some(o) => o.value(|h| header(p, h), obj),
         None => property_default
             .and_then(|d| header(p, d))
             .or_else(|| {
@@ -353,7 +344,7 @@ fn attribute(
                     .and_then(|t| t.get(name))
                     .and_then(value_text)
             })
-            .or_else(|| field(obj, name)),
+            .or_else(|| json_text(obj?, name)),
     }
 }
 
@@ -416,20 +407,13 @@ impl RabbitSource {
         let p = &d.properties;
         let mut errors = Vec::new();
         let hash = fnv1a(&[d.exchange.as_bytes(), d.routing_key.as_bytes(), &body]);
-        let (text, parsed) = match String::from_utf8(body) {
-            Ok(text) => match serde_json::from_str::<Value>(&text) {
-                Ok(v) => (text, Some(v)),
-                Err(e) => {
-                    errors.push(format!("the body is not valid JSON ({e})"));
-                    (text, None)
-                }
-            },
-            Err(e) => {
-                errors.push("the body is not UTF-8 text".to_string());
-                (String::from_utf8_lossy(e.as_bytes()).into_owned(), None)
-            }
-        };
-        let own = || own_id(parsed.as_ref()?.as_object()?);
+        let body = Body::from_vec(body);
+        match &body.problem {
+            Some(Problem::NotJson(e)) => errors.push(format!("the body is not valid JSON ({e})")),
+            Some(Problem::NotUtf8(_)) => errors.push("the body is not UTF-8 text".to_string()),
+            None => {}
+        }
+        let own = || own_id(body.object()?);
         let event_id = match p.message_id().as_deref().filter(|id| !id.is_empty()) {
             Some(id) => id.to_string(),
             None => match own() {
@@ -448,15 +432,13 @@ impl RabbitSource {
         let error = if errors.is_empty() {
             None
         } else {
-            let why = format!(
+            Some(dead_letter(format!(
                 "rabbitmq queue {} message {event_id}: {}",
                 self.cfg.queue,
                 errors.join("; ")
-            );
-            log::warn!("{why}; into the inbox's dead letters");
-            Some(why)
+            )))
         };
-        let obj = parsed.as_ref().and_then(Value::as_object);
+        let obj = body.object();
         Message {
             event_type: attribute(
                 self.cfg.event_type.as_ref(),
@@ -475,7 +457,7 @@ impl RabbitSource {
                 obj,
             ),
             event_id,
-            payload: text,
+            payload: body.text,
             error,
         }
     }

@@ -33,6 +33,7 @@ use crate::broker::redis as broker;
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
+use crate::source::decode::{dead_letter, json_text, Body};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// Connect and write timeout (reads wait for `BLOCK` plus this).
@@ -113,11 +114,6 @@ fn hostname() -> String {
 impl SourceSpec for RedisSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let (client, shown) = broker::client(pipeline, "source", &self.url)?;
-        let field = |v: &Option<Origin>, name: &str| {
-            v.clone().unwrap_or(Origin::Field {
-                field: name.to_string(),
-            })
-        };
         let consumer = self
             .consumer
             .clone()
@@ -138,10 +134,10 @@ impl SourceSpec for RedisSourceConfig {
             } else {
                 "0"
             },
-            event_type: field(&self.event_type, "event_type"),
-            aggregate_id: field(&self.aggregate_id, "aggregate_id"),
-            source: field(&self.source, "source"),
-            trace_id: field(&self.trace_id, "trace_id"),
+            event_type: Origin::or_field(&self.event_type, "event_type"),
+            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
+            source: Origin::or_field(&self.source, "source"),
+            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
             history: Some("0".into()),
             claim_cursor: "0-0".into(),
             last_claim: None,
@@ -261,14 +257,6 @@ fn read_reply(v: &Value) -> Vec<Entry> {
     }
 }
 
-fn json_text(obj: &Map<String, Json>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Json::String(s) => Some(s.clone()),
-        Json::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 impl RedisSource {
     fn conn(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
@@ -344,34 +332,28 @@ impl RedisSource {
 
     fn message(&self, id: String, fields: &[(String, String)]) -> Message {
         let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-        let (payload, parsed, error) = match get("payload") {
-            Some(p) => match serde_json::from_str::<Json>(p) {
-                Ok(v) => (p.clone(), Some(v), None),
-                Err(e) => {
-                    log::warn!(
-                        "stream {:?} entry {id}: payload is not valid JSON ({e}); into the inbox's dead letters",
-                        self.stream
-                    );
-                    (
-                        p.clone(),
-                        None,
-                        Some(format!(
-                            "redis stream {} entry {id}: payload field is not valid JSON ({e})",
-                            self.stream
-                        )),
-                    )
-                }
-            },
+        let body = match get("payload") {
+            Some(p) => Body::from_text(p.clone()),
             None => {
                 let obj: Map<String, Json> = fields
                     .iter()
                     .map(|(k, v)| (k.clone(), Json::String(v.clone())))
                     .collect();
                 let v = Json::Object(obj);
-                (v.to_string(), Some(v), None)
+                Body {
+                    text: v.to_string(),
+                    json: Some(v),
+                    problem: None,
+                }
             }
         };
-        let obj = parsed.as_ref().and_then(Json::as_object);
+        let error = body.problem.as_ref().map(|e| {
+            dead_letter(format!(
+                "redis stream {} entry {id}: payload field is not valid JSON ({e})",
+                self.stream
+            ))
+        });
+        let obj = body.object();
         let event_id = get("dedup_key")
             .filter(|k| !k.is_empty())
             .cloned()
@@ -383,7 +365,7 @@ impl RedisSource {
             aggregate_id: self.attribute(&self.aggregate_id, fields, obj),
             trace_id: self.attribute(&self.trace_id, fields, obj),
             event_id,
-            payload,
+            payload: body.text,
             error,
         }
     }

@@ -46,6 +46,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
+use crate::source::decode::{dead_letter, json_text, Body};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
 
 /// The default long-poll wait, seconds.
@@ -194,15 +195,6 @@ fn attribute(m: &Value, name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// A JSON field as text (a string as is, anything else as JSON).
-fn json_text(obj: &Map<String, Value>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 /// The value of `origin` for a message (`name`: the inbox column, for the
 /// default); `body` is the parsed JSON body when it is an object.
 fn pick(
@@ -213,9 +205,7 @@ fn pick(
 ) -> Option<String> {
     match origin {
         None => attribute(m, name).or_else(|| json_text(body?, name)),
-        Some(Origin::Header { header }) => attribute(m, header),
-        Some(Origin::Field { field }) => json_text(body?, field),
-        Some(Origin::Fixed(s)) => Some(s.clone()),
+        Some(o) => o.value(|h| attribute(m, h), body),
     }
 }
 
@@ -224,25 +214,14 @@ impl SqsSource {
     fn message(&self, m: &Value) -> Message {
         let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
         let message_id = text(&m["MessageId"]).unwrap_or_default();
-        let body = m["Body"].as_str().unwrap_or("").to_string();
-        let (parsed, error) = match serde_json::from_str::<Value>(&body) {
-            Ok(v) => (Some(v), None),
-            Err(e) => {
-                log::warn!(
-                    "sqs queue {} message {message_id}: body is not valid JSON ({e}); into the \
-                     inbox's dead letters",
-                    self.client.queue_url()
-                );
-                (
-                    None,
-                    Some(format!(
-                        "sqs queue {} message {message_id}: body is not valid JSON ({e})",
-                        self.client.queue_url()
-                    )),
-                )
-            }
-        };
-        let obj = parsed.as_ref().and_then(Value::as_object);
+        let body = Body::from_text(m["Body"].as_str().unwrap_or("").to_string());
+        let error = body.problem.as_ref().map(|e| {
+            dead_letter(format!(
+                "sqs queue {} message {message_id}: body is not valid JSON ({e})",
+                self.client.queue_url()
+            ))
+        });
+        let obj = body.object();
         let event_id = text(&m["Attributes"]["MessageDeduplicationId"])
             .or_else(|| attribute(m, "dedup_key").filter(|k| !k.is_empty()))
             .or_else(|| own_id(obj?))
@@ -253,7 +232,7 @@ impl SqsSource {
             source: pick(&self.source, "source", m, obj),
             trace_id: pick(&self.trace_id, "trace_id", m, obj),
             event_id,
-            payload: body,
+            payload: body.text,
             error,
         }
     }

@@ -24,6 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
+use crate::source::decode::json_text;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// The `stdin` source's config.
@@ -208,14 +209,6 @@ fn fnv64(bytes: &[u8]) -> u64 {
     })
 }
 
-fn text_field(obj: &Map<String, Value>, key: &str) -> Option<String> {
-    match obj.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Null => None,
-        other => Some(other.to_string()),
-    }
-}
-
 /// Turn one line into a message: Ok(None) for a blank line, Err(reason)
 /// for a malformed one.
 fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, String> {
@@ -227,8 +220,8 @@ fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, 
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
     let empty = Map::new();
     let obj = value.as_object().unwrap_or(&empty);
-    let event_id = match text_field(obj, "event_id")
-        .or_else(|| text_field(obj, "dedup_key"))
+    let event_id = match json_text(obj, "event_id")
+        .or_else(|| json_text(obj, "dedup_key"))
         .or_else(|| own_id(obj))
     {
         Some(id) if !id.is_empty() => id,
@@ -244,10 +237,10 @@ fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, 
     };
     Ok(Some(Message {
         event_id,
-        event_type: text_field(obj, "event_type"),
-        source: text_field(obj, "source"),
-        aggregate_id: text_field(obj, "aggregate_id"),
-        trace_id: text_field(obj, "trace_id"),
+        event_type: json_text(obj, "event_type"),
+        source: json_text(obj, "source"),
+        aggregate_id: json_text(obj, "aggregate_id"),
+        trace_id: json_text(obj, "trace_id"),
         payload,
         error: None,
     }))
