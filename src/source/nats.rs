@@ -17,7 +17,8 @@
 //! unacknowledged messages (the relay itself keeps about two batches in
 //! flight at most). An existing consumer is used as it is, after checks: it must be
 //! a pull consumer, with acks (`explicit` or `all`), filtering on `subject`
-//! when that is set; a different `ack_wait_ms` is applied to it.
+//! when that is set; a different `ack_wait_ms` is applied to it (all in
+//! `nats/consumer.rs`).
 //!
 //! Messages are pulled in batches (`CONSUMER.MSG.NEXT`, batch = the
 //! pipeline's batch size); the next pull is sent when a batch is handed
@@ -47,17 +48,20 @@
 // is used on purpose (no async runtime; see ARCHITECTURE.md).
 #![allow(deprecated)]
 
+mod consumer;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::broker::nats::{connect, valid_name, ApiError, Client};
+use crate::broker::nats::{connect, valid_name, Client};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, Body, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use consumer::Durable;
 
 /// How long `receive` and `ack` wait for a lost connection to come back.
 /// Kept below the relay's shutdown grace, as is [`CONFIRM_TIMEOUT`].
@@ -72,8 +76,6 @@ const ONCE_SLACK: Duration = Duration::from_secs(10);
 /// Once a batch has its first message: more are taken while they keep
 /// arriving at least this often.
 const GAP: Duration = Duration::from_millis(2);
-/// The default `ack_wait_ms`.
-const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
 /// The smallest `ack_wait_ms`: a shorter one would redeliver messages
 /// while their batch is being written.
 const MIN_ACK_WAIT_MS: u64 = 1_000;
@@ -154,21 +156,6 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
     Ok(Box::new(cfg))
 }
 
-/// The durable name used when `consumer` is not set: one per pipeline.
-fn default_consumer(pipeline: &str) -> String {
-    let name: String = pipeline
-        .chars()
-        .map(|c| {
-            if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect();
-    format!("pgtrickle-relay-{name}")
-}
-
 impl SourceSpec for NatsSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let client = connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
@@ -185,12 +172,8 @@ impl SourceSpec for NatsSourceConfig {
                 Error::transient(format!("nats {shown}: subscribing to confirmations: {e}"))
             })?;
         let mut src = NatsSource {
-            pipeline: pipeline.to_string(),
             cfg: self.clone(),
-            consumer: self
-                .consumer
-                .clone()
-                .unwrap_or_else(|| default_consumer(pipeline)),
+            consumer: Durable::new(pipeline, self),
             client,
             deliver_to,
             deliveries,
@@ -200,7 +183,8 @@ impl SourceSpec for NatsSourceConfig {
             generation: 0,
             pull_left: 0,
             pull_until: Instant::now(),
-            check_consumer: true,
+            // Checked below, before the source is handed out.
+            check_consumer: false,
             event_type: self.event_type.clone(),
             aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
             source: Origin::or_field(&self.source, "source"),
@@ -210,11 +194,11 @@ impl SourceSpec for NatsSourceConfig {
             once,
         };
         src.generation = src.client.link.generation.load(Ordering::SeqCst);
-        src.ensure_consumer()?;
+        src.consumer.ensure(&src.client)?;
         log::info!(
             "reading JetStream stream {:?} through durable consumer {:?} on {}",
             src.cfg.stream,
-            src.consumer,
+            src.consumer.name,
             src.client.shown
         );
         Ok(feed(src))
@@ -245,9 +229,8 @@ impl SourceSpec for NatsSourceConfig {
 }
 
 struct NatsSource {
-    pipeline: String,
     cfg: NatsSourceConfig,
-    consumer: String,
+    consumer: Durable,
     client: Client,
     /// The reply subject of pull requests: messages arrive here.
     deliver_to: String,
@@ -290,14 +273,6 @@ struct Sent {
     until: Instant,
 }
 
-#[derive(Deserialize)]
-struct InfoReply {
-    #[serde(default)]
-    error: Option<ApiError>,
-    #[serde(default)]
-    config: Option<Map<String, Value>>,
-}
-
 /// What a message on the deliveries subscription was.
 enum Delivery {
     /// A message of the stream, for the batch, and its ack subject.
@@ -330,177 +305,6 @@ fn attribute(
 }
 
 impl NatsSource {
-    /// `pipeline "<name>": <key>: <msg>`, a permanent error.
-    fn config_error(&self, key: &str, msg: String) -> Error {
-        Error::permanent(format!("pipeline {:?}: source.{key}: {msg}", self.pipeline))
-    }
-
-    fn info(&self, subject: &str, body: &[u8]) -> Result<InfoReply, Error> {
-        let data = self.client.api(subject, body)?;
-        serde_json::from_slice(&data).map_err(|e| {
-            Error::transient(format!(
-                "nats {}: bad JetStream answer to {subject}: {e}",
-                self.client.shown
-            ))
-        })
-    }
-
-    /// Check that the stream exists, and create or check the consumer.
-    fn ensure_consumer(&mut self) -> Result<(), Error> {
-        let (stream, consumer) = (self.cfg.stream.clone(), self.consumer.clone());
-        let info = self.info(&format!("$JS.API.STREAM.INFO.{stream}"), b"")?;
-        match info.error {
-            Some(e) if e.no_stream() => {
-                return Err(self.config_error(
-                    "stream",
-                    format!(
-                        "JetStream stream {stream:?} does not exist on {}: create it (e.g. `nats \
-                         stream add`)",
-                        self.client.shown
-                    ),
-                ))
-            }
-            Some(e) => {
-                return Err(Error::transient(format!(
-                    "nats {}: stream {stream:?}: {e}",
-                    self.client.shown
-                )))
-            }
-            None => {}
-        }
-        let info = self.info(&format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"), b"")?;
-        match (info.error, info.config) {
-            (Some(e), _) if e.code == 404 || e.err_code == 10014 => self.create_consumer()?,
-            (Some(e), _) => {
-                return Err(Error::transient(format!(
-                    "nats {}: consumer {consumer:?} of stream {stream:?}: {e}",
-                    self.client.shown
-                )))
-            }
-            (None, Some(config)) => self.check_existing(config)?,
-            (None, None) => {
-                return Err(Error::transient(format!(
-                    "nats {}: consumer {consumer:?} of stream {stream:?}: an answer without config",
-                    self.client.shown
-                )))
-            }
-        }
-        self.check_consumer = false;
-        Ok(())
-    }
-
-    fn ack_wait_ns(&self) -> u64 {
-        self.cfg.ack_wait_ms.unwrap_or(DEFAULT_ACK_WAIT_MS) * 1_000_000
-    }
-
-    fn create_consumer(&mut self) -> Result<(), Error> {
-        let (stream, consumer) = (&self.cfg.stream, &self.consumer);
-        let deliver = match self.cfg.start.as_deref() {
-            Some("new" | "latest") => "new",
-            _ => "all",
-        };
-        let mut config = json!({
-            "durable_name": consumer,
-            "deliver_policy": deliver,
-            "ack_policy": "explicit",
-            "ack_wait": self.ack_wait_ns(),
-            "max_deliver": -1,
-            "max_ack_pending": -1,
-            "replay_policy": "instant",
-        });
-        if let Some(s) = &self.cfg.subject {
-            config["filter_subject"] = json!(s);
-        }
-        let req = json!({"stream_name": stream, "config": config});
-        let info = self.info(
-            &format!("$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{consumer}"),
-            req.to_string().as_bytes(),
-        )?;
-        if let Some(e) = info.error {
-            let key = if e.description.contains("filter") {
-                "subject"
-            } else {
-                "consumer"
-            };
-            return Err(self.config_error(
-                key,
-                format!("creating JetStream consumer {consumer:?} on stream {stream:?}: {e}"),
-            ));
-        }
-        log::info!(
-            "created durable consumer {consumer:?} on stream {stream:?} (deliver {deliver}, \
-             ack wait {} ms{})",
-            self.ack_wait_ns() / 1_000_000,
-            self.cfg
-                .subject
-                .as_ref()
-                .map(|s| format!(", subjects {s}"))
-                .unwrap_or_default()
-        );
-        Ok(())
-    }
-
-    /// Refuse a consumer the relay cannot use safely; apply `ack_wait_ms`.
-    fn check_existing(&mut self, mut config: Map<String, Value>) -> Result<(), Error> {
-        let consumer = self.consumer.clone();
-        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
-        if !text(config.get("deliver_subject")).is_empty() {
-            return Err(self.config_error(
-                "consumer",
-                format!(
-                    "JetStream consumer {consumer:?} is a push consumer; the nats source needs a \
-                     pull consumer (name another, or delete it and the relay creates one)"
-                ),
-            ));
-        }
-        let policy = text(config.get("ack_policy"));
-        if policy == "none" {
-            return Err(self.config_error(
-                "consumer",
-                format!(
-                    "JetStream consumer {consumer:?} has ack policy none: messages would be lost \
-                     when the inbox is down; use a consumer with explicit acks"
-                ),
-            ));
-        }
-        let filter = text(config.get("filter_subject"));
-        if let Some(want) = self.cfg.subject.as_deref().filter(|s| *s != filter) {
-            return Err(self.config_error(
-                "subject",
-                format!(
-                    "JetStream consumer {consumer:?} filters {filter:?}, not {want:?}: delete the \
-                     consumer or name another"
-                ),
-            ));
-        }
-        let has = config.get("ack_wait").and_then(Value::as_u64);
-        if self.cfg.ack_wait_ms.is_some() && has != Some(self.ack_wait_ns()) {
-            config.insert("ack_wait".into(), json!(self.ack_wait_ns()));
-            let req = json!({"stream_name": self.cfg.stream, "config": config});
-            let info = self.info(
-                &format!(
-                    "$JS.API.CONSUMER.DURABLE.CREATE.{}.{consumer}",
-                    self.cfg.stream
-                ),
-                req.to_string().as_bytes(),
-            )?;
-            match info.error {
-                Some(e) => log::warn!(
-                    "could not set the ack wait of consumer {consumer:?} to {} ms: {}; it stays \
-                     at {} ms",
-                    self.ack_wait_ns() / 1_000_000,
-                    e.description,
-                    has.unwrap_or(0) / 1_000_000
-                ),
-                None => log::info!(
-                    "set the ack wait of consumer {consumer:?} to {} ms",
-                    self.ack_wait_ns() / 1_000_000
-                ),
-            }
-        }
-        Ok(())
-    }
-
     /// Wait for the connection, up to [`OUTAGE_WAIT`]; after a reconnect
     /// the open pull request is forgotten (the server may have lost it).
     fn wait_connected(&mut self) -> Result<(), Error> {
@@ -530,7 +334,7 @@ impl NatsSource {
             .publish_request(
                 &format!(
                     "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-                    self.cfg.stream, self.consumer
+                    self.cfg.stream, self.consumer.name
                 ),
                 &self.deliver_to,
                 req.to_string(),
@@ -556,28 +360,28 @@ impl NatsSource {
                     // No responders: the consumer (or stream) is gone.
                     "503" => Delivery::Gone(format!(
                         "JetStream consumer {:?} of stream {:?} does not answer",
-                        self.consumer, self.cfg.stream
+                        self.consumer.name, self.cfg.stream
                     )),
                     _ if why.contains("Deleted") => Delivery::Gone(format!(
                         "JetStream consumer {:?}: {status} {why}",
-                        self.consumer
+                        self.consumer.name
                     )),
                     // The consumer's limits on pull requests (max_batch,
                     // max_expires, ...) are below what the relay asks for.
                     _ if why.contains("MaxRequest") || status == "400" => {
-                        Delivery::Refused(self.config_error(
+                        Delivery::Refused(self.consumer.config_error(
                             "consumer",
                             format!(
                                 "JetStream consumer {:?} refuses the relay's pull requests \
                                  ({status} {why}): lower batch_size or raise the consumer's limit",
-                                self.consumer
+                                self.consumer.name
                             ),
                         ))
                     }
                     // Exceeded MaxWaiting, a leadership change, ...
                     _ => Delivery::Refused(Error::transient(format!(
                         "nats {}: JetStream consumer {:?} refused a pull request: {status} {why}",
-                        self.client.shown, self.consumer
+                        self.client.shown, self.consumer.name
                     ))),
                 };
             }
@@ -648,7 +452,8 @@ impl Source for NatsSource {
         };
         self.wait_connected()?;
         if self.check_consumer {
-            self.ensure_consumer()?;
+            self.consumer.ensure(&self.client)?;
+            self.check_consumer = false;
         }
         let mut stop = None;
         let mut ended_empty = false;
@@ -851,14 +656,5 @@ mod tests {
             "start": "new", "ack_wait_ms": 5000, "event_type": {"header": "T"}})
         ))
         .is_ok());
-    }
-
-    #[test]
-    fn default_consumer_names_are_valid() {
-        assert_eq!(
-            default_consumer("orders in.v1"),
-            "pgtrickle-relay-orders_in_v1"
-        );
-        assert!(valid_name(&default_consumer("a.*>b")));
     }
 }
