@@ -2,8 +2,16 @@
 //! (`redis://` or `redis+unix://`; `rediss://` is not built in), opening
 //! the client, and which failures are transient.
 
+use std::time::Duration;
+
+use redis::Connection;
+
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
+
+/// Connect, read and write timeout (a blocking read waits for its `BLOCK`
+/// plus this).
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Check a `url` key: the error says what is expected, without the
 /// password.
@@ -32,6 +40,19 @@ pub fn client(pipeline: &str, side: &str, url: &str) -> Result<(redis::Client, S
         ))
     })?;
     Ok((client, mask(&expanded)))
+}
+
+/// A connection of `client` (the server `shown`) with [`TIMEOUT`] to
+/// connect, read and write.
+pub fn connect(client: &redis::Client, shown: &str) -> Result<Connection, Error> {
+    let c = client
+        .get_connection_with_timeout(TIMEOUT)
+        .map_err(|e| error(shown, &e))?;
+    c.set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| error(shown, &e))?;
+    c.set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| error(shown, &e))?;
+    Ok(c)
 }
 
 /// A server error that goes away by itself (loading, out of memory, a

@@ -49,13 +49,12 @@
 //! when the sink connects; 512 MB and 1 GB when that is not allowed).
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use redis::{Cmd, Connection, Pipeline, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::broker::redis as broker;
+use crate::broker::redis::{self as broker, TIMEOUT};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
@@ -70,8 +69,6 @@ pub const LATE_SCAN: usize = 100_000;
 const SCAN_PAGE: usize = 1000;
 /// Rounds of appending after the top when other writers keep moving it.
 const APPEND_ROUNDS: usize = 10;
-/// Connect, read and write timeout.
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// Redis's default `proto-max-bulk-len` (largest argument).
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 /// Redis's default `client-query-buffer-limit` (largest command).
@@ -242,15 +239,7 @@ fn oversize(e: &Event, max_bulk: u64, max_query: u64) -> Option<String> {
 impl RedisSink {
     fn conn(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
-            let c = self
-                .client
-                .get_connection_with_timeout(TIMEOUT)
-                .map_err(|e| self.error(e))?;
-            c.set_read_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
-            c.set_write_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
-            self.conn = Some(c);
+            self.conn = Some(broker::connect(&self.client, &self.shown)?);
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }

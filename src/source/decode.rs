@@ -2,7 +2,7 @@
 //! body as a payload (or the reason it is a dead letter), and where a
 //! message attribute comes from ([`Origin`]).
 
-// Each helper serves some of the broker sources; a build without all of
+// Each item serves some of the broker sources; a build without all of
 // them leaves some unused.
 #![cfg_attr(
     not(all(
@@ -16,9 +16,28 @@
     allow(dead_code)
 )]
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::source::Origin;
+/// Where a message attribute (`event_type`, `aggregate_id`, `source`,
+/// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
+/// a fixed string. What a header or a field is depends on the source.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Origin {
+    /// A header of the message (for the `redis` source: a field of the entry).
+    Header {
+        /// Its name.
+        header: String,
+    },
+    /// A field of the message.
+    Field {
+        /// Its name.
+        field: String,
+    },
+    /// A fixed value.
+    Fixed(String),
+}
 
 /// A JSON field as text: a string as it is, `null` as nothing, anything
 /// else as JSON text.

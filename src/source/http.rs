@@ -50,8 +50,7 @@ use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
-use crate::source::decode::json_text;
-pub use crate::source::Origin;
+use crate::source::decode::{json_text, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// Threads taking requests, so one slow client does not hold up the rest.

@@ -54,8 +54,8 @@ use serde_json::{Map, Value as Json};
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Problem};
-use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// How long a `--once` run waits for its first partition assignment.
 const ONCE_JOIN: Duration = Duration::from_secs(60);

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use postgres::{Client, Transaction};
-use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::keys::ConfigError;
@@ -26,37 +25,6 @@ pub mod redis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 pub mod stdin;
-
-/// Where a message attribute (`event_type`, `aggregate_id`, `source`,
-/// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
-/// a fixed string. What a header or a field is depends on the source.
-#[cfg_attr(
-    not(any(
-        feature = "http",
-        feature = "redis",
-        feature = "nats",
-        feature = "kafka",
-        feature = "rabbitmq",
-        feature = "sqs"
-    )),
-    allow(dead_code)
-)]
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum Origin {
-    /// A header of the message (for the `redis` source: a field of the entry).
-    Header {
-        /// Its name.
-        header: String,
-    },
-    /// A field of the message.
-    Field {
-        /// Its name.
-        field: String,
-    },
-    /// A fixed value.
-    Fixed(String),
-}
 
 /// One message for the inbox.
 #[derive(Debug, Clone, PartialEq)]

@@ -59,8 +59,8 @@ use serde_json::{json, Map, Value};
 use crate::broker::nats::{connect, valid_name, Client};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, Body, Problem};
-use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use crate::source::decode::{dead_letter, Body, Origin, Problem};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use consumer::Durable;
 
 /// How long `receive` and `ack` wait for a lost connection to come back.

@@ -78,8 +78,8 @@ use serde_json::{Map, Value};
 use crate::broker::amqp::{self, AmqpUrl};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Problem};
-use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// How long dropping the source waits for its connection to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);

@@ -29,15 +29,13 @@ use redis::{Connection, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::broker::redis as broker;
+use crate::broker::redis::{self as broker, TIMEOUT};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body};
-use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use crate::source::decode::{dead_letter, json_text, Body, Origin};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
-/// Connect and write timeout (reads wait for `BLOCK` plus this).
-const TIMEOUT: Duration = Duration::from_secs(10);
 /// XACKs per pipelined round trip.
 const CHUNK: usize = 1000;
 
@@ -260,14 +258,7 @@ fn read_reply(v: &Value) -> Vec<Entry> {
 impl RedisSource {
     fn conn(&mut self) -> Result<&mut Connection, Error> {
         if self.conn.is_none() {
-            let mut c = self
-                .client
-                .get_connection_with_timeout(TIMEOUT)
-                .map_err(|e| self.error(e))?;
-            c.set_read_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
-            c.set_write_timeout(Some(TIMEOUT))
-                .map_err(|e| self.error(e))?;
+            let mut c = broker::connect(&self.client, &self.shown)?;
             let created: Result<Value, _> = redis::cmd("XGROUP")
                 .arg("CREATE")
                 .arg(&self.stream)

@@ -46,8 +46,8 @@ use serde_json::{json, Map, Value};
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body};
-use crate::source::{feed, own_id, Batch, Feed, Message, Origin, Source, SourceSpec};
+use crate::source::decode::{dead_letter, json_text, Body, Origin};
+use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// The default long-poll wait, seconds.
 const DEFAULT_WAIT: u64 = 4;
