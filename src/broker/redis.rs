@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::Connection;
 
+use crate::keys::{blame, ConfigError};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 
@@ -53,6 +54,22 @@ pub fn connect(client: &redis::Client, shown: &str) -> Result<Connection, Error>
     c.set_write_timeout(Some(TIMEOUT))
         .map_err(|e| error(shown, &e))?;
     Ok(c)
+}
+
+/// What `check` does for the redis sink or source (`side`): connect to
+/// `url` (with the password, if any) and PING; an error names
+/// `<side>.url`.
+pub fn ping(side: &str, url: &str) -> Result<(), ConfigError> {
+    let key = format!("{side}.url");
+    let url = expand_env(url).map_err(|e| blame(&key, e))?;
+    let shown = mask(&url);
+    let fail = |e: redis::RedisError| ConfigError::new(&key, format!("redis {shown}: {e}"));
+    let client = redis::Client::open(url.as_str()).map_err(fail)?;
+    let mut conn = connect(&client, &shown).map_err(|e| ConfigError::new(&key, e.msg))?;
+    redis::cmd("PING")
+        .query::<String>(&mut conn)
+        .map_err(fail)?;
+    Ok(())
 }
 
 /// A server error that goes away by itself (loading, out of memory, a

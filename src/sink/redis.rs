@@ -54,10 +54,9 @@ use redis::{Cmd, Connection, Pipeline, Value};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
-use crate::broker::redis::{self as broker, TIMEOUT};
+use crate::broker::redis as broker;
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
-use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
@@ -141,17 +140,7 @@ impl SinkSpec for RedisConfig {
 
     /// Connect (with the password, if any) and PING.
     fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
-        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("sink.url", e))?;
-        let fail = |e: redis::RedisError| {
-            ConfigError::new("sink.url", format!("redis {}: {e}", mask(&url)))
-        };
-        let client = redis::Client::open(url.as_str()).map_err(fail)?;
-        let mut conn = client.get_connection_with_timeout(TIMEOUT).map_err(fail)?;
-        conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
-        redis::cmd("PING")
-            .query::<String>(&mut conn)
-            .map_err(fail)?;
-        Ok(())
+        broker::ping("sink", &self.url)
     }
 }
 

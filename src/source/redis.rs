@@ -31,7 +31,6 @@ use serde_json::{Map, Value as Json};
 
 use crate::broker::redis::{self as broker, TIMEOUT};
 use crate::keys::{from_value, ConfigError};
-use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -156,17 +155,7 @@ impl SourceSpec for RedisSourceConfig {
 
     /// Connect (with the password, if any) and PING.
     fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
-        let url = expand_env(&self.url).map_err(|e| crate::keys::blame("source.url", e))?;
-        let fail = |e: redis::RedisError| {
-            ConfigError::new("source.url", format!("redis {}: {e}", mask(&url)))
-        };
-        let client = redis::Client::open(url.as_str()).map_err(fail)?;
-        let mut conn = client.get_connection_with_timeout(TIMEOUT).map_err(fail)?;
-        conn.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
-        redis::cmd("PING")
-            .query::<String>(&mut conn)
-            .map_err(fail)?;
-        Ok(())
+        broker::ping("source", &self.url)
     }
 }
 
