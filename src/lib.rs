@@ -4,8 +4,6 @@
 //! [`probe`]. How the parts
 //! fit together, and where each rule lives: docs/ARCHITECTURE.md.
 
-#[cfg(feature = "sqs")]
-mod aws_credentials;
 mod broker;
 mod check;
 mod config;

@@ -13,4 +13,6 @@ pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqs")]
+pub mod aws_credentials;
+#[cfg(feature = "sqs")]
 pub mod sqs;

@@ -16,7 +16,7 @@
 //! - `access_key_id`, `secret_access_key` (both or neither) and
 //!   `session_token`. Default: the AWS SDKs' credential chain (the
 //!   environment, the shared files' profile, web identity, ECS container
-//!   credentials, EC2 instance metadata; see [`crate::aws_credentials`]).
+//!   credentials, EC2 instance metadata; see [`crate::broker::aws_credentials`]).
 //! - `timeout_ms`: per request (default 30000; a long poll adds its wait).
 //!
 //! Every value may use `${ENV:NAME}` or `${CREDENTIAL:NAME}`. The secret key
@@ -36,7 +36,7 @@ use aws_sigv4::sign::v4;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::aws_credentials::{describe, CredentialError, Provider};
+use crate::broker::aws_credentials::{describe, CredentialError, Provider};
 use crate::keys::{from_value, ConfigError};
 use crate::pg::expand_env;
 use crate::retry::Error;
