@@ -77,6 +77,37 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_lookup(TEXT, TEXT) FROM PUBLIC;
 $ddl$);
 
+-- Replace function p_old (a regprocedure text) by p_new, an existing function
+-- with a new signature (an optional argument was added): the roles that may
+-- execute p_old get EXECUTE on p_new (applications keep publishing after an
+-- upgrade), then p_old is dropped. Silent when p_old does not exist.
+CALL pgtrickle._kit_define('function', '_kit_retire_function', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._kit_retire_function(p_old TEXT, p_new TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_old oid := pg_catalog.to_regprocedure(p_old);
+    r     record;
+BEGIN
+    IF v_old IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT DISTINCT a.grantee
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.oid = v_old AND a.privilege_type = 'EXECUTE'
+                AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I',
+                                  p_new, pg_catalog.pg_get_userbyid(r.grantee));
+    END LOOP;
+    EXECUTE pg_catalog.format('DROP FUNCTION %s', v_old::pg_catalog.regprocedure);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._kit_retire_function(TEXT, TEXT) FROM PUBLIC;
+$ddl$);
+
 -- A SQL condition on an outbox row (columns txid, id) that is true when every
 -- consumer of the outbox has committed past that row: each consumer group on
 -- it, and each relay pipeline reading it. A pipeline whose source.group names
@@ -396,9 +427,11 @@ BEGIN
             is_claim_check BOOLEAN DEFAULT false,
             payload        JSONB,
             txid           xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
-            headers        JSONB
+            headers        JSONB,
+            idempotency_key TEXT
         )$sql$, v_outbox);
     v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_outbox));
+    PERFORM pgtrickle._outbox_upgrade(v_outbox);
     EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
                    pgtrickle._kit_ident(v_outbox || '_created_at_idx'), v_outbox);
     -- The relay's read path: WHERE (txid, id) > (...) AND txid < horizon ORDER BY txid, id.
@@ -414,7 +447,6 @@ BEGIN
         )$sql$, v_delta, v_outbox);
     EXECUTE pg_catalog.format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    PERFORM pgtrickle._outbox_cluster_trigger(v_outbox);
     v_notify := coalesce(p_notify, v_new OR EXISTS (
         SELECT 1 FROM pg_catalog.pg_trigger t
          WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
@@ -454,7 +486,39 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_trigger(TEXT) FROM PUBLIC;
 $ddl$);
 
--- Kit outboxes made before the cluster check existed get its trigger.
+-- Bring kit outbox table p_table up to this version of the kit: the
+-- idempotency_key column and its partial unique index, and the trigger that
+-- checks the cluster. Called by enable_outbox and, for every kit outbox, by
+-- the install script (so installing the SQL again upgrades existing
+-- outboxes). Quiet: it only adds what is missing.
+CALL pgtrickle._kit_define('function', '_outbox_upgrade', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_upgrade(p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+SET client_min_messages = warning
+AS $fn$
+DECLARE
+    v_oid oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table));
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = v_oid AND a.attname = 'idempotency_key'
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        EXECUTE pg_catalog.format('ALTER TABLE pgtrickle.%I ADD COLUMN idempotency_key TEXT', p_table);
+    END IF;
+    -- Partial: rows published without a key (NULL) are not in the index, so
+    -- they cost nothing more to insert.
+    EXECUTE pg_catalog.format(
+        'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgtrickle.%I (idempotency_key) WHERE idempotency_key IS NOT NULL',
+        pgtrickle._kit_ident(p_table || '_idempotency_key_idx'), p_table);
+    PERFORM pgtrickle._outbox_cluster_trigger(p_table);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_upgrade(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Kit outboxes made by an older kit are upgraded.
 DO $$
 DECLARE
     c record;
@@ -466,7 +530,7 @@ BEGIN
                                        pg_catalog.format('pgtrickle.%I', o.outbox_table_name))
                                AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped)
     LOOP
-        PERFORM pgtrickle._outbox_cluster_trigger(c.outbox_table_name);
+        PERFORM pgtrickle._outbox_upgrade(c.outbox_table_name);
     END LOOP;
 END
 $$;
@@ -526,9 +590,58 @@ $ddl$);
 -- Publishing (grant EXECUTE to your application roles)
 -- ---------------------------------------------------------------------------
 
+-- Insert an outbox row carrying idempotency key p_key into kit outbox table
+-- p_table, unless a row with that key is there: then write nothing and return
+-- that row's id. The key is a column of the row (unique where not NULL), so it
+-- lasts exactly as long as the row: outbox_retention removes both.
+-- Two transactions racing with one key: the second waits on the first one's
+-- index entry; if the first commits, the second returns its id, if it rolls
+-- back, the second inserts. (Under REPEATABLE READ or SERIALIZABLE, a first
+-- row committed after the second's snapshot was taken raises
+-- serialization_failure instead: retry the transaction.)
+-- Returns (id, inserted).
+CALL pgtrickle._kit_define('function', '_outbox_insert_keyed', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_insert_keyed(
+    p_table TEXT, p_key TEXT, p_refresh UUID, p_ins INT, p_del INT, p_claim BOOLEAN,
+    p_payload JSONB, p_headers JSONB, OUT id BIGINT, OUT inserted BOOLEAN)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    LOOP
+        EXECUTE pg_catalog.format($sql$
+            INSERT INTO pgtrickle.%I AS o
+                   (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers, idempotency_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING o.id$sql$, p_table)
+           INTO id
+          USING p_refresh, p_ins, p_del, p_claim, p_payload, p_headers, p_key;
+        IF id IS NOT NULL THEN
+            inserted := true;
+            RETURN;
+        END IF;
+        EXECUTE pg_catalog.format('SELECT o.id FROM pgtrickle.%I o WHERE o.idempotency_key = $1', p_table)
+           INTO id USING p_key;
+        IF id IS NOT NULL THEN
+            inserted := false;
+            RETURN;
+        END IF;
+        -- The row went (retention) between the two statements: insert again.
+    END LOOP;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_insert_keyed(TEXT, TEXT, UUID, INT, INT, BOOLEAN, JSONB, JSONB) FROM PUBLIC;
+$ddl$);
+
 -- Publish one row as an inline v1 change set; returns the outbox id.
+-- p_idempotency_key: when given, a second publish with the same key into the
+-- same outbox writes nothing and returns the first row's id (see
+-- _outbox_insert_keyed).
 CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(
+    p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL, p_idempotency_key TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -546,6 +659,12 @@ BEGIN
         RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %', jsonb_typeof(p_headers)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF p_idempotency_key IS NOT NULL THEN
+        RETURN (pgtrickle._outbox_insert_keyed(
+            v_cfg.outbox_table_name, p_idempotency_key, gen_random_uuid(), 1, 0, false,
+            jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb),
+            p_headers)).id;
+    END IF;
     EXECUTE format($sql$
         INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
         VALUES (gen_random_uuid(), 1, 0, false, $1, $2)
@@ -556,16 +675,19 @@ BEGIN
     RETURN v_id;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB) FROM PUBLIC;
+SELECT pgtrickle._kit_retire_function('pgtrickle.outbox_publish(text,jsonb,jsonb)',
+                                      'pgtrickle.outbox_publish(text,jsonb,jsonb,text)');
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB, TEXT) FROM PUBLIC;
 $ddl$);
 
 -- Publish a change set (arrays of deleted and inserted rows): inline up to
 -- pgtrickle.outbox_inline_threshold rows (default 10000), claim-check above.
 -- A NULL array counts as empty (jsonb_agg over no rows gives NULL).
+-- p_idempotency_key: as for outbox_publish (a repeat writes no delta rows).
 CALL pgtrickle._kit_define('function', 'outbox_publish_delta', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
     p_outbox TEXT, p_inserted JSONB, p_deleted JSONB DEFAULT '[]',
-    p_full_refresh BOOLEAN DEFAULT false)
+    p_full_refresh BOOLEAN DEFAULT false, p_idempotency_key TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -585,6 +707,7 @@ DECLARE
     v_id        bigint;
     v_role      text;
     v_fast      boolean;
+    v_new       boolean;
 BEGIN
     IF jsonb_typeof(v_ins) <> 'array' THEN
         RAISE EXCEPTION 'outbox_publish_delta: p_inserted must be a JSON array of rows, got %', jsonb_typeof(v_ins)
@@ -618,12 +741,21 @@ BEGIN
         v_payload := v_payload || '{"full_refresh": true}'::jsonb;
     END IF;
 
-    EXECUTE format($sql$
-        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload)
-        VALUES ($1, $2, $3, $4, $5)
-        RETURNING id$sql$, v_cfg.outbox_table_name)
-       INTO v_id
-      USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload;
+    IF p_idempotency_key IS NOT NULL THEN
+        SELECT k.id, k.inserted INTO v_id, v_new
+          FROM pgtrickle._outbox_insert_keyed(v_cfg.outbox_table_name, p_idempotency_key, v_refresh,
+                                              v_n_ins, v_n_del, v_claim, v_payload, NULL) k;
+        IF NOT v_new THEN
+            RETURN v_id;  -- published before under this key: nothing more to write
+        END IF;
+    ELSE
+        EXECUTE format($sql$
+            INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload)
+            VALUES ($1, $2, $3, $4, $5)
+            RETURNING id$sql$, v_cfg.outbox_table_name)
+           INTO v_id
+          USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload;
+    END IF;
 
     IF v_claim THEN
         -- Every delta row references the outbox row inserted just above, so
@@ -653,7 +785,9 @@ BEGIN
     RETURN v_id;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish_delta(TEXT, JSONB, JSONB, BOOLEAN) FROM PUBLIC;
+SELECT pgtrickle._kit_retire_function('pgtrickle.outbox_publish_delta(text,jsonb,jsonb,boolean)',
+                                      'pgtrickle.outbox_publish_delta(text,jsonb,jsonb,boolean,text)');
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish_delta(TEXT, JSONB, JSONB, BOOLEAN, TEXT) FROM PUBLIC;
 $ddl$);
 
 -- ---------------------------------------------------------------------------

@@ -392,7 +392,7 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
         "pgtrickle.enable_outbox(text,integer,boolean)",
         "pgtrickle.outbox_rebase(text)",
         "pgtrickle.disable_outbox(text,boolean)",
-        "pgtrickle.outbox_publish(text,jsonb,jsonb)",
+        "pgtrickle.outbox_publish(text,jsonb,jsonb,text)",
         "pgtrickle.outbox_retention(text,boolean,integer)",
         "pgtrickle.create_inbox(text,text,integer,text,boolean,boolean,integer)",
         "pgtrickle.seek_offset(text,text,bigint)",
@@ -1000,8 +1000,8 @@ fn publishers_and_the_relay_cannot_run_code_as_the_owner() {
     relay_login(pg, &mut c, db, role);
     c.batch_execute(&format!(
         "ALTER ROLE {role} NOSUPERUSER;
-         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb),
-                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean) TO {role};"
+         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb, text),
+                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean, text) TO {role};"
     ))
     .unwrap();
 
@@ -1115,7 +1115,8 @@ fn enable_outbox_creates_everything() {
             "is_claim_check boolean",
             "payload jsonb",
             "txid xid8",
-            "headers jsonb"
+            "headers jsonb",
+            "idempotency_key text"
         ]
     );
     let indexes: Vec<String> = c
