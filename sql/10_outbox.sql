@@ -328,19 +328,118 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_check() FROM PUBLIC;
 $ddl$);
 
--- Statement-level trigger on every kit outbox: wake up the relays.
+-- Relays asleep on kit outboxes, waiting for a notification (see
+-- relay_outbox_sleep). Unlogged: after a crash nobody is asleep, and relays
+-- read everything when they connect again.
+CREATE UNLOGGED TABLE IF NOT EXISTS pgtrickle.outbox_sleepers (
+    outbox_table TEXT NOT NULL,
+    pid          INT NOT NULL,
+    since        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (outbox_table, pid)
+);
+
+-- Statement-level AFTER INSERT trigger on every kit outbox that notifies:
+-- wake up the relays, but only while one is asleep on this outbox. A NOTIFY
+-- makes commits wait for each other (PostgreSQL holds a global lock from the
+-- NOTIFY's queue write through the commit's WAL flush, so notifying commits
+-- cannot share an fsync), so writers notify only when it is needed.
+-- TG_ARGV[0] names the outbox's sleep counter, a sequence: its value is the
+-- number of relays asleep (relay_outbox_sleep keeps it). A sequence is read
+-- without a snapshot, so the check sees the counter as it is now, also in a
+-- REPEATABLE READ transaction; it runs after the insert gave the transaction
+-- its id, which is what relay_outbox_sleep's guard relies on. Not SECURITY
+-- DEFINER and no search_path: it runs for every insert, as the inserting
+-- role (PUBLIC may read the counters), and names everything qualified.
+-- A trigger without an argument (an outbox of an older kit not upgraded yet)
+-- notifies on every insert.
 CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
-    PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    IF TG_NARGS = 0
+       OR pg_catalog.pg_sequence_last_value(TG_ARGV[0]::pg_catalog.regclass) OPERATOR(pg_catalog.>) 0 THEN
+        PERFORM pg_catalog.pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    END IF;
     RETURN NULL;
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify() FROM PUBLIC;
+$ddl$);
+
+-- The sleep counter of kit outbox table p_table (a sequence, see _outbox_notify).
+CALL pgtrickle._kit_define('function', '_outbox_sleep_counter', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_sleep_counter(p_table TEXT)
+RETURNS TEXT
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+    SELECT pgtrickle._kit_ident(p_table || '_asleep')
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_sleep_counter(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- A relay reading kit outbox table p_outbox falls asleep (p_asleep) or wakes
+-- up. Writers notify only while the outbox's sleep counter is above 0, so a
+-- relay must not sleep on a write that did not notify:
+--  1. it calls this with p_asleep => true, which counts it in (the counter
+--     changes at once, transaction or not) and returns a transaction id G
+--     given out after that;
+--  2. it reads the outbox again, and sleeps only once nothing is left to read
+--     AND pg_snapshot_xmin(pg_current_snapshot()) >= G, checked before that
+--     read. A writer that read the counter before step 1 changed it got its
+--     own transaction id before that (it inserted first), so below G: once
+--     every transaction below G has ended, its rows are committed (or rolled
+--     back) and that last read sees them. Until then the relay reads again
+--     every few ms. Every later writer sees the counter and notifies.
+-- On waking with work to do it calls this with p_asleep => false, and writers
+-- stop notifying. The counter is recomputed from outbox_sleepers under an
+-- advisory lock (several pipelines may read one outbox), skipping sessions
+-- that are gone. Returns NULL, and does nothing, for an outbox without a
+-- sleep counter (not a kit outbox, or one made without notifications).
+CALL pgtrickle._kit_define('function', 'relay_outbox_sleep', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_sleep(p_outbox TEXT, p_asleep BOOLEAN)
+RETURNS xid8
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_seq oid;
+    v_n   bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config c
+                    WHERE c.outbox_table_name = p_outbox AND c.stream_table_oid IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    v_seq := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_outbox)));
+    IF v_seq IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- The relay need not wait for this commit's WAL flush: after a crash
+    -- nobody is asleep.
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    PERFORM pg_catalog.pg_advisory_xact_lock(
+        pg_catalog.hashtextextended('pgtrickle-relay/asleep/' || p_outbox, 0));
+    SELECT count(*) INTO v_n
+      FROM pgtrickle.outbox_sleepers s
+     WHERE s.outbox_table = p_outbox AND s.pid <> pg_catalog.pg_backend_pid()
+       AND s.pid IN (SELECT a.pid FROM pg_catalog.pg_stat_activity a);
+    PERFORM pg_catalog.setval(v_seq, v_n + CASE WHEN p_asleep THEN 1 ELSE 0 END, true);
+    -- Only now write (which gives this transaction its id: after the counter changed).
+    DELETE FROM pgtrickle.outbox_sleepers s
+     WHERE s.outbox_table = p_outbox
+       AND (s.pid = pg_catalog.pg_backend_pid()
+            OR s.pid NOT IN (SELECT a.pid FROM pg_catalog.pg_stat_activity a));
+    IF p_asleep THEN
+        INSERT INTO pgtrickle.outbox_sleepers (outbox_table, pid) VALUES (p_outbox, pg_catalog.pg_backend_pid());
+    END IF;
+    RETURN pg_catalog.pg_current_xact_id();
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_outbox_sleep(TEXT, BOOLEAN) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_outbox_sleep(TEXT, BOOLEAN) TO pgtrickle_relay;
 $ddl$);
 
 -- ---------------------------------------------------------------------------
@@ -452,13 +551,14 @@ BEGIN
          WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
     IF NOT v_notify THEN
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', v_outbox);
-    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                       WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
-        EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
-                        FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify()', v_outbox);
+    ELSE
+        PERFORM pgtrickle._outbox_notify_trigger(v_outbox);
     END IF;
     EXECUTE pg_catalog.format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
                    v_outbox, v_delta, v_view);
+    IF v_new THEN
+        PERFORM pgtrickle._outbox_publish_generate();
+    END IF;
     RETURN v_outbox;
 END
 $fn$;
@@ -484,6 +584,34 @@ BEGIN
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_trigger(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Give kit outbox table p_table its sleep counter and its notify trigger
+-- that reads it (see _outbox_notify), replacing an older trigger without it.
+CALL pgtrickle._kit_define('function', '_outbox_notify_trigger', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify_trigger(p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+SET client_min_messages = warning
+AS $fn$
+DECLARE
+    v_oid oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table));
+    v_seq text := pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_table));
+BEGIN
+    EXECUTE pg_catalog.format('CREATE SEQUENCE IF NOT EXISTS %s MINVALUE 0 START 0', v_seq);
+    EXECUTE pg_catalog.format('GRANT SELECT ON SEQUENCE %s TO PUBLIC', v_seq);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1) THEN
+        RETURN;
+    END IF;
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', p_table);
+    EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
+                    FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify(%L)', p_table, v_seq);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify_trigger(TEXT) FROM PUBLIC;
 $ddl$);
 
 -- Bring kit outbox table p_table up to this version of the kit: the
@@ -513,6 +641,10 @@ BEGIN
         'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgtrickle.%I (idempotency_key) WHERE idempotency_key IS NOT NULL',
         pgtrickle._kit_ident(p_table || '_idempotency_key_idx'), p_table);
     PERFORM pgtrickle._outbox_cluster_trigger(p_table);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
+        PERFORM pgtrickle._outbox_notify_trigger(p_table);
+    END IF;
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_upgrade(TEXT) FROM PUBLIC;
@@ -547,6 +679,7 @@ DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
     v_pipelines text;
 BEGIN
+    LOCK TABLE pgtrickle.pgt_outbox_config IN SHARE ROW EXCLUSIVE MODE;
     SELECT c.* INTO v_cfg FROM pgtrickle.pgt_outbox_config c
      WHERE c.stream_table_name = p_name OR c.outbox_table_name = p_name
      ORDER BY (c.stream_table_name = p_name) DESC LIMIT 1;
@@ -564,7 +697,10 @@ BEGIN
     EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I',
                    pgtrickle._kit_ident('outbox_delta_rows_' || v_cfg.stream_table_name));
     EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I', v_cfg.outbox_table_name);
+    EXECUTE format('DROP SEQUENCE IF EXISTS pgtrickle.%I', pgtrickle._outbox_sleep_counter(v_cfg.outbox_table_name));
+    DELETE FROM pgtrickle.outbox_sleepers WHERE outbox_table = v_cfg.outbox_table_name;
     DELETE FROM pgtrickle.pgt_outbox_config WHERE stream_table_name = v_cfg.stream_table_name;
+    PERFORM pgtrickle._outbox_publish_generate();
 
     -- Consumer groups on a dropped outbox have nothing left to read.
     DELETE FROM pgtrickle.pgt_consumer_leases l USING pgtrickle.pgt_consumer_groups g
@@ -639,7 +775,53 @@ $ddl$);
 -- p_idempotency_key: when given, a second publish with the same key into the
 -- same outbox writes nothing and returns the first row's id (see
 -- _outbox_insert_keyed).
-CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
+--
+-- It runs once per application transaction, so it is generated: one static
+-- INSERT per kit outbox (PL/pgSQL keeps its plan for the session), chosen by
+-- comparing names, instead of a catalog lookup and dynamic SQL per call
+-- (which plans the INSERT again every time). enable_outbox and
+-- disable_outbox generate it again; so does installing the SQL. An outbox it
+-- does not know yet (none: the generation runs in the same transaction that
+-- creates one) and keyed calls take the general path.
+CALL pgtrickle._kit_define('function', '_outbox_publish_generate', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_publish_generate()
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $gen$
+DECLARE
+    v_branches text := '';
+    v_kw       text := 'IF';
+    r          record;
+BEGIN
+    IF pgtrickle._kit_owner_extension('function', 'outbox_publish') IS NOT NULL THEN
+        RETURN;  -- an extension's: left as it is
+    END IF;
+    -- Stream names first, then table names: _outbox_lookup's preference.
+    FOR r IN SELECT n.name, c.outbox_table_name
+               FROM pgtrickle.pgt_outbox_config c
+               CROSS JOIN LATERAL (VALUES (1, c.stream_table_name), (2, c.outbox_table_name)) AS n(pass, name)
+              WHERE c.stream_table_oid IS NULL
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', c.outbox_table_name))
+                               AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped)
+              ORDER BY n.pass, n.name
+    LOOP
+        v_branches := v_branches || pg_catalog.format($b$
+        %s p_outbox = %L THEN
+            INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
+            VALUES (pg_catalog.gen_random_uuid(), 1, 0, false, v_payload, p_headers)
+            RETURNING id INTO v_id;
+            RETURN v_id;$b$, v_kw, r.name, r.outbox_table_name);
+        v_kw := 'ELSIF';
+    END LOOP;
+    IF v_branches <> '' THEN
+        v_branches := 'IF p_idempotency_key IS NULL THEN' || v_branches || '
+        END IF;
+    END IF;';
+    END IF;
+    EXECUTE pg_catalog.format($f$
 CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(
     p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL, p_idempotency_key TEXT DEFAULT NULL)
 RETURNS BIGINT
@@ -648,33 +830,42 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
-    v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish');
-    v_id  bigint;
+    v_payload jsonb;
+    v_table   text;
+    v_id      bigint;
 BEGIN
     IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
-        RAISE EXCEPTION 'outbox_publish: p_payload must be a JSON object (the row), got %', coalesce(jsonb_typeof(p_payload), 'NULL')
+        RAISE EXCEPTION 'outbox_publish: p_payload must be a JSON object (the row), got %%', coalesce(jsonb_typeof(p_payload), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
-        RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %', jsonb_typeof(p_headers)
+        RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %%', jsonb_typeof(p_headers)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_payload := jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb);
+    -- Generated by _outbox_publish_generate:
+    %s
+    v_table := (pgtrickle._outbox_lookup(p_outbox, 'outbox_publish')).outbox_table_name;
     IF p_idempotency_key IS NOT NULL THEN
-        RETURN (pgtrickle._outbox_insert_keyed(
-            v_cfg.outbox_table_name, p_idempotency_key, gen_random_uuid(), 1, 0, false,
-            jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb),
-            p_headers)).id;
+        RETURN (pgtrickle._outbox_insert_keyed(v_table, p_idempotency_key, gen_random_uuid(), 1, 0, false,
+                                               v_payload, p_headers)).id;
     END IF;
     EXECUTE format($sql$
-        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
+        INSERT INTO pgtrickle.%%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
         VALUES (gen_random_uuid(), 1, 0, false, $1, $2)
-        RETURNING id$sql$, v_cfg.outbox_table_name)
+        RETURNING id$sql$, v_table)
        INTO v_id
-      USING jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb),
-            p_headers;
+      USING v_payload, p_headers;
     RETURN v_id;
 END
-$fn$;
+$fn$$f$, v_branches);
+END
+$gen$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_publish_generate() FROM PUBLIC;
+$ddl$);
+
+CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
+SELECT pgtrickle._outbox_publish_generate();
 SELECT pgtrickle._kit_retire_function('pgtrickle.outbox_publish(text,jsonb,jsonb)',
                                       'pgtrickle.outbox_publish(text,jsonb,jsonb,text)');
 REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB, TEXT) FROM PUBLIC;
@@ -840,7 +1031,8 @@ DO $drop$ BEGIN  -- an older signature; silent on a fresh install
     END IF;
 END $drop$;
 CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
-RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN)
+RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN,
+              notifies_sleepers BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
@@ -894,6 +1086,13 @@ BEGIN
     notifies := NOT coalesce(v_kit, false)
                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify');
+    -- The kit's trigger with a sleep counter notifies only while a relay is
+    -- asleep (relay_outbox_sleep).
+    notifies_sleepers := coalesce(v_kit, false)
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1)
+                AND pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I',
+                        pgtrickle._outbox_sleep_counter(v_table))) IS NOT NULL;
     RETURN NEXT;
 END
 $fn$;
