@@ -447,8 +447,9 @@ $ddl$);
 -- ---------------------------------------------------------------------------
 
 -- Create outbox p_name (or update its retention); returns the outbox table name.
--- p_notify: whether each insert sends pg_notify('pgtrickle_outbox_new', <table>)
--- (the default for a new outbox; NULL keeps what an existing outbox has).
+-- p_notify: whether inserts send pg_notify('pgtrickle_outbox_new', <table>)
+-- while a relay is asleep on the outbox (see _outbox_notify; the default for
+-- a new outbox; NULL keeps what an existing outbox has).
 -- A transaction that ran NOTIFY cannot PREPARE TRANSACTION: outboxes written by
 -- two-phase-commit (XA) transactions need p_notify => false, and relays then
 -- poll them every 100 ms instead of waiting for a notification.
