@@ -16,7 +16,7 @@
 //! waited on; outboxes made with `p_notify => false` (two-phase commit) are
 //! read every 100 ms.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 
@@ -29,6 +29,12 @@ const UNNOTIFIED_POLL: Duration = Duration::from_millis(100);
 /// Waiting for the transactions that may have missed the sleep counter:
 /// how soon to look again at first, and at most.
 const GUARD_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(200));
+/// After it caught up, a reader looks again every [`SETTLE_STEP`] for this
+/// long before it counts itself asleep: under a steady load new rows come
+/// within it, and the writers need not notify at all.
+const SETTLE: Duration = Duration::from_millis(5);
+/// See [`SETTLE`].
+const SETTLE_STEP: Duration = Duration::from_millis(1);
 
 /// How an outbox's writers wake its readers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +61,8 @@ pub struct Waker {
     mode: Mode,
     guard: Option<Guard>,
     step: Duration,
+    /// Since when reads have found nothing (None: the last one found rows).
+    empty_since: Option<Instant>,
 }
 
 impl Waker {
@@ -72,11 +80,13 @@ impl Waker {
             mode,
             guard: None,
             step: GUARD_WAIT.0,
+            empty_since: None,
         }
     }
 
     /// Rows were read: count this reader out, writers stop notifying.
     pub fn working(&mut self, client: &mut Client) -> Result<(), Error> {
+        self.empty_since = None;
         if self.guard.take().is_some() {
             client.query_one(
                 "SELECT pgtrickle.relay_outbox_sleep($1, false)",
@@ -108,6 +118,9 @@ impl Waker {
     fn fall_asleep(&mut self, client: &mut Client) -> Result<Option<Option<Duration>>, Error> {
         let guard = match &mut self.guard {
             Some(g) => g,
+            None if self.empty_since.get_or_insert_with(Instant::now).elapsed() < SETTLE => {
+                return Ok(Some(Some(SETTLE_STEP)));
+            }
             None => {
                 let xid: Option<String> = client
                     .query_one(
