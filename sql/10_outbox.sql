@@ -77,6 +77,37 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_lookup(TEXT, TEXT) FROM PUBLIC;
 $ddl$);
 
+-- Replace function p_old (a regprocedure text) by p_new, an existing function
+-- with a new signature (an optional argument was added): the roles that may
+-- execute p_old get EXECUTE on p_new (applications keep publishing after an
+-- upgrade), then p_old is dropped. Silent when p_old does not exist.
+CALL pgtrickle._kit_define('function', '_kit_retire_function', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._kit_retire_function(p_old TEXT, p_new TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_old oid := pg_catalog.to_regprocedure(p_old);
+    r     record;
+BEGIN
+    IF v_old IS NULL THEN
+        RETURN;
+    END IF;
+    FOR r IN SELECT DISTINCT a.grantee
+               FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+              WHERE p.oid = v_old AND a.privilege_type = 'EXECUTE'
+                AND a.grantee <> 0 AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I',
+                                  p_new, pg_catalog.pg_get_userbyid(r.grantee));
+    END LOOP;
+    EXECUTE pg_catalog.format('DROP FUNCTION %s', v_old::pg_catalog.regprocedure);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._kit_retire_function(TEXT, TEXT) FROM PUBLIC;
+$ddl$);
+
 -- A SQL condition on an outbox row (columns txid, id) that is true when every
 -- consumer of the outbox has committed past that row: each consumer group on
 -- it, and each relay pipeline reading it. A pipeline whose source.group names
@@ -297,19 +328,118 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_check() FROM PUBLIC;
 $ddl$);
 
--- Statement-level trigger on every kit outbox: wake up the relays.
+-- Relays asleep on kit outboxes, waiting for a notification (see
+-- relay_outbox_sleep). Unlogged: after a crash nobody is asleep, and relays
+-- read everything when they connect again.
+CREATE UNLOGGED TABLE IF NOT EXISTS pgtrickle.outbox_sleepers (
+    outbox_table TEXT NOT NULL,
+    pid          INT NOT NULL,
+    since        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (outbox_table, pid)
+);
+
+-- Statement-level AFTER INSERT trigger on every kit outbox that notifies:
+-- wake up the relays, but only while one is asleep on this outbox. A NOTIFY
+-- makes commits wait for each other (PostgreSQL holds a global lock from the
+-- NOTIFY's queue write through the commit's WAL flush, so notifying commits
+-- cannot share an fsync), so writers notify only when it is needed.
+-- TG_ARGV[0] names the outbox's sleep counter, a sequence: its value is the
+-- number of relays asleep (relay_outbox_sleep keeps it). A sequence is read
+-- without a snapshot, so the check sees the counter as it is now, also in a
+-- REPEATABLE READ transaction; it runs after the insert gave the transaction
+-- its id, which is what relay_outbox_sleep's guard relies on. Not SECURITY
+-- DEFINER and no search_path: it runs for every insert, as the inserting
+-- role (PUBLIC may read the counters), and names everything qualified.
+-- A trigger without an argument (an outbox of an older kit not upgraded yet)
+-- notifies on every insert.
 CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 BEGIN
-    PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    IF TG_NARGS = 0
+       OR pg_catalog.pg_sequence_last_value(TG_ARGV[0]::pg_catalog.regclass) OPERATOR(pg_catalog.>) 0 THEN
+        PERFORM pg_catalog.pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    END IF;
     RETURN NULL;
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify() FROM PUBLIC;
+$ddl$);
+
+-- The sleep counter of kit outbox table p_table (a sequence, see _outbox_notify).
+CALL pgtrickle._kit_define('function', '_outbox_sleep_counter', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_sleep_counter(p_table TEXT)
+RETURNS TEXT
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+    SELECT pgtrickle._kit_ident(p_table || '_asleep')
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_sleep_counter(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- A relay reading kit outbox table p_outbox falls asleep (p_asleep) or wakes
+-- up. Writers notify only while the outbox's sleep counter is above 0, so a
+-- relay must not sleep on a write that did not notify:
+--  1. it calls this with p_asleep => true, which counts it in (the counter
+--     changes at once, transaction or not) and returns a transaction id G
+--     given out after that;
+--  2. it reads the outbox again, and sleeps only once nothing is left to read
+--     AND pg_snapshot_xmin(pg_current_snapshot()) >= G, checked before that
+--     read. A writer that read the counter before step 1 changed it got its
+--     own transaction id before that (it inserted first), so below G: once
+--     every transaction below G has ended, its rows are committed (or rolled
+--     back) and that last read sees them. Until then the relay reads again
+--     every few ms. Every later writer sees the counter and notifies.
+-- On waking with work to do it calls this with p_asleep => false, and writers
+-- stop notifying. The counter is recomputed from outbox_sleepers under an
+-- advisory lock (several pipelines may read one outbox), skipping sessions
+-- that are gone. Returns NULL, and does nothing, for an outbox without a
+-- sleep counter (not a kit outbox, or one made without notifications).
+CALL pgtrickle._kit_define('function', 'relay_outbox_sleep', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_sleep(p_outbox TEXT, p_asleep BOOLEAN)
+RETURNS xid8
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+DECLARE
+    v_seq oid;
+    v_n   bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgtrickle.pgt_outbox_config c
+                    WHERE c.outbox_table_name = p_outbox AND c.stream_table_oid IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    v_seq := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_outbox)));
+    IF v_seq IS NULL THEN
+        RETURN NULL;
+    END IF;
+    -- The relay need not wait for this commit's WAL flush: after a crash
+    -- nobody is asleep.
+    PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
+    PERFORM pg_catalog.pg_advisory_xact_lock(
+        pg_catalog.hashtextextended('pgtrickle-relay/asleep/' || p_outbox, 0));
+    SELECT count(*) INTO v_n
+      FROM pgtrickle.outbox_sleepers s
+     WHERE s.outbox_table = p_outbox AND s.pid <> pg_catalog.pg_backend_pid()
+       AND s.pid IN (SELECT a.pid FROM pg_catalog.pg_stat_activity a);
+    PERFORM pg_catalog.setval(v_seq, v_n + CASE WHEN p_asleep THEN 1 ELSE 0 END, true);
+    -- Only now write (which gives this transaction its id: after the counter changed).
+    DELETE FROM pgtrickle.outbox_sleepers s
+     WHERE s.outbox_table = p_outbox
+       AND (s.pid = pg_catalog.pg_backend_pid()
+            OR s.pid NOT IN (SELECT a.pid FROM pg_catalog.pg_stat_activity a));
+    IF p_asleep THEN
+        INSERT INTO pgtrickle.outbox_sleepers (outbox_table, pid) VALUES (p_outbox, pg_catalog.pg_backend_pid());
+    END IF;
+    RETURN pg_catalog.pg_current_xact_id();
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle.relay_outbox_sleep(TEXT, BOOLEAN) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION pgtrickle.relay_outbox_sleep(TEXT, BOOLEAN) TO pgtrickle_relay;
 $ddl$);
 
 -- ---------------------------------------------------------------------------
@@ -317,8 +447,9 @@ $ddl$);
 -- ---------------------------------------------------------------------------
 
 -- Create outbox p_name (or update its retention); returns the outbox table name.
--- p_notify: whether each insert sends pg_notify('pgtrickle_outbox_new', <table>)
--- (the default for a new outbox; NULL keeps what an existing outbox has).
+-- p_notify: whether inserts send pg_notify('pgtrickle_outbox_new', <table>)
+-- while a relay is asleep on the outbox (see _outbox_notify; the default for
+-- a new outbox; NULL keeps what an existing outbox has).
 -- A transaction that ran NOTIFY cannot PREPARE TRANSACTION: outboxes written by
 -- two-phase-commit (XA) transactions need p_notify => false, and relays then
 -- poll them every 100 ms instead of waiting for a notification.
@@ -396,9 +527,11 @@ BEGIN
             is_claim_check BOOLEAN DEFAULT false,
             payload        JSONB,
             txid           xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
-            headers        JSONB
+            headers        JSONB,
+            idempotency_key TEXT
         )$sql$, v_outbox);
     v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_outbox));
+    PERFORM pgtrickle._outbox_upgrade(v_outbox);
     EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
                    pgtrickle._kit_ident(v_outbox || '_created_at_idx'), v_outbox);
     -- The relay's read path: WHERE (txid, id) > (...) AND txid < horizon ORDER BY txid, id.
@@ -414,19 +547,19 @@ BEGIN
         )$sql$, v_delta, v_outbox);
     EXECUTE pg_catalog.format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    PERFORM pgtrickle._outbox_cluster_trigger(v_outbox);
     v_notify := coalesce(p_notify, v_new OR EXISTS (
         SELECT 1 FROM pg_catalog.pg_trigger t
          WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
     IF NOT v_notify THEN
         EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', v_outbox);
-    ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                       WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
-        EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
-                        FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify()', v_outbox);
+    ELSE
+        PERFORM pgtrickle._outbox_notify_trigger(v_outbox);
     END IF;
     EXECUTE pg_catalog.format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
                    v_outbox, v_delta, v_view);
+    IF v_new THEN
+        PERFORM pgtrickle._outbox_publish_generate();
+    END IF;
     RETURN v_outbox;
 END
 $fn$;
@@ -454,7 +587,71 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_trigger(TEXT) FROM PUBLIC;
 $ddl$);
 
--- Kit outboxes made before the cluster check existed get its trigger.
+-- Give kit outbox table p_table its sleep counter and its notify trigger
+-- that reads it (see _outbox_notify), replacing an older trigger without it.
+CALL pgtrickle._kit_define('function', '_outbox_notify_trigger', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify_trigger(p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+SET client_min_messages = warning
+AS $fn$
+DECLARE
+    v_oid oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table));
+    v_seq text := pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_table));
+BEGIN
+    EXECUTE pg_catalog.format('CREATE SEQUENCE IF NOT EXISTS %s MINVALUE 0 START 0', v_seq);
+    EXECUTE pg_catalog.format('GRANT SELECT ON SEQUENCE %s TO PUBLIC', v_seq);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1) THEN
+        RETURN;
+    END IF;
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', p_table);
+    EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
+                    FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify(%L)', p_table, v_seq);
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify_trigger(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Bring kit outbox table p_table up to this version of the kit: the
+-- idempotency_key column and its partial unique index, and the trigger that
+-- checks the cluster. Called by enable_outbox and, for every kit outbox, by
+-- the install script (so installing the SQL again upgrades existing
+-- outboxes). Quiet: it only adds what is missing.
+CALL pgtrickle._kit_define('function', '_outbox_upgrade', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_upgrade(p_table TEXT)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+SET client_min_messages = warning
+AS $fn$
+DECLARE
+    v_oid oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table));
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = v_oid AND a.attname = 'idempotency_key'
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        EXECUTE pg_catalog.format('ALTER TABLE pgtrickle.%I ADD COLUMN idempotency_key TEXT', p_table);
+    END IF;
+    -- Partial: rows published without a key (NULL) are not in the index, so
+    -- they cost nothing more to insert.
+    EXECUTE pg_catalog.format(
+        'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgtrickle.%I (idempotency_key) WHERE idempotency_key IS NOT NULL',
+        pgtrickle._kit_ident(p_table || '_idempotency_key_idx'), p_table);
+    PERFORM pgtrickle._outbox_cluster_trigger(p_table);
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
+        PERFORM pgtrickle._outbox_notify_trigger(p_table);
+    END IF;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_upgrade(TEXT) FROM PUBLIC;
+$ddl$);
+
+-- Kit outboxes made by an older kit are upgraded.
 DO $$
 DECLARE
     c record;
@@ -466,7 +663,7 @@ BEGIN
                                        pg_catalog.format('pgtrickle.%I', o.outbox_table_name))
                                AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped)
     LOOP
-        PERFORM pgtrickle._outbox_cluster_trigger(c.outbox_table_name);
+        PERFORM pgtrickle._outbox_upgrade(c.outbox_table_name);
     END LOOP;
 END
 $$;
@@ -483,6 +680,7 @@ DECLARE
     v_cfg pgtrickle.pgt_outbox_config;
     v_pipelines text;
 BEGIN
+    LOCK TABLE pgtrickle.pgt_outbox_config IN SHARE ROW EXCLUSIVE MODE;
     SELECT c.* INTO v_cfg FROM pgtrickle.pgt_outbox_config c
      WHERE c.stream_table_name = p_name OR c.outbox_table_name = p_name
      ORDER BY (c.stream_table_name = p_name) DESC LIMIT 1;
@@ -500,7 +698,10 @@ BEGIN
     EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I',
                    pgtrickle._kit_ident('outbox_delta_rows_' || v_cfg.stream_table_name));
     EXECUTE format('DROP TABLE IF EXISTS pgtrickle.%I', v_cfg.outbox_table_name);
+    EXECUTE format('DROP SEQUENCE IF EXISTS pgtrickle.%I', pgtrickle._outbox_sleep_counter(v_cfg.outbox_table_name));
+    DELETE FROM pgtrickle.outbox_sleepers WHERE outbox_table = v_cfg.outbox_table_name;
     DELETE FROM pgtrickle.pgt_outbox_config WHERE stream_table_name = v_cfg.stream_table_name;
+    PERFORM pgtrickle._outbox_publish_generate();
 
     -- Consumer groups on a dropped outbox have nothing left to read.
     DELETE FROM pgtrickle.pgt_consumer_leases l USING pgtrickle.pgt_consumer_groups g
@@ -526,46 +727,159 @@ $ddl$);
 -- Publishing (grant EXECUTE to your application roles)
 -- ---------------------------------------------------------------------------
 
+-- Insert an outbox row carrying idempotency key p_key into kit outbox table
+-- p_table, unless a row with that key is there: then write nothing and return
+-- that row's id. The key is a column of the row (unique where not NULL), so it
+-- lasts exactly as long as the row: outbox_retention removes both.
+-- Two transactions racing with one key: the second waits on the first one's
+-- index entry; if the first commits, the second returns its id, if it rolls
+-- back, the second inserts. (Under REPEATABLE READ or SERIALIZABLE, a first
+-- row committed after the second's snapshot was taken raises
+-- serialization_failure instead: retry the transaction.)
+-- Returns (id, inserted).
+CALL pgtrickle._kit_define('function', '_outbox_insert_keyed', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_insert_keyed(
+    p_table TEXT, p_key TEXT, p_refresh UUID, p_ins INT, p_del INT, p_claim BOOLEAN,
+    p_payload JSONB, p_headers JSONB, OUT id BIGINT, OUT inserted BOOLEAN)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $fn$
+BEGIN
+    LOOP
+        EXECUTE pg_catalog.format($sql$
+            INSERT INTO pgtrickle.%I AS o
+                   (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers, idempotency_key)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING o.id$sql$, p_table)
+           INTO id
+          USING p_refresh, p_ins, p_del, p_claim, p_payload, p_headers, p_key;
+        IF id IS NOT NULL THEN
+            inserted := true;
+            RETURN;
+        END IF;
+        EXECUTE pg_catalog.format('SELECT o.id FROM pgtrickle.%I o WHERE o.idempotency_key = $1', p_table)
+           INTO id USING p_key;
+        IF id IS NOT NULL THEN
+            inserted := false;
+            RETURN;
+        END IF;
+        -- The row went (retention) between the two statements: insert again.
+    END LOOP;
+END
+$fn$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_insert_keyed(TEXT, TEXT, UUID, INT, INT, BOOLEAN, JSONB, JSONB) FROM PUBLIC;
+$ddl$);
+
 -- Publish one row as an inline v1 change set; returns the outbox id.
-CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL)
+-- p_idempotency_key: when given, a second publish with the same key into the
+-- same outbox writes nothing and returns the first row's id (see
+-- _outbox_insert_keyed).
+--
+-- It runs once per application transaction, so it is generated: one static
+-- INSERT per kit outbox (PL/pgSQL keeps its plan for the session), chosen by
+-- comparing names, instead of a catalog lookup and dynamic SQL per call
+-- (which plans the INSERT again every time). enable_outbox and
+-- disable_outbox generate it again; so does installing the SQL. An outbox it
+-- does not know yet (none: the generation runs in the same transaction that
+-- creates one) and keyed calls take the general path.
+CALL pgtrickle._kit_define('function', '_outbox_publish_generate', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_publish_generate()
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
+AS $gen$
+DECLARE
+    v_branches text := '';
+    v_kw       text := 'IF';
+    r          record;
+BEGIN
+    IF pgtrickle._kit_owner_extension('function', 'outbox_publish') IS NOT NULL THEN
+        RETURN;  -- an extension's: left as it is
+    END IF;
+    -- Stream names first, then table names: _outbox_lookup's preference.
+    FOR r IN SELECT n.name, c.outbox_table_name
+               FROM pgtrickle.pgt_outbox_config c
+               CROSS JOIN LATERAL (VALUES (1, c.stream_table_name), (2, c.outbox_table_name)) AS n(pass, name)
+              WHERE c.stream_table_oid IS NULL
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', c.outbox_table_name))
+                               AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped)
+              ORDER BY n.pass, n.name
+    LOOP
+        v_branches := v_branches || pg_catalog.format($b$
+        %s p_outbox = %L THEN
+            INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
+            VALUES (pg_catalog.gen_random_uuid(), 1, 0, false, v_payload, p_headers)
+            RETURNING id INTO v_id;
+            RETURN v_id;$b$, v_kw, r.name, r.outbox_table_name);
+        v_kw := 'ELSIF';
+    END LOOP;
+    IF v_branches <> '' THEN
+        v_branches := 'IF p_idempotency_key IS NULL THEN' || v_branches || '
+        END IF;
+    END IF;';
+    END IF;
+    EXECUTE pg_catalog.format($f$
+CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish(
+    p_outbox TEXT, p_payload JSONB, p_headers JSONB DEFAULT NULL, p_idempotency_key TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
 DECLARE
-    v_cfg pgtrickle.pgt_outbox_config := pgtrickle._outbox_lookup(p_outbox, 'outbox_publish');
-    v_id  bigint;
+    v_payload jsonb;
+    v_table   text;
+    v_id      bigint;
 BEGIN
     IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
-        RAISE EXCEPTION 'outbox_publish: p_payload must be a JSON object (the row), got %', coalesce(jsonb_typeof(p_payload), 'NULL')
+        RAISE EXCEPTION 'outbox_publish: p_payload must be a JSON object (the row), got %%', coalesce(jsonb_typeof(p_payload), 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_headers IS NOT NULL AND jsonb_typeof(p_headers) <> 'object' THEN
-        RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %', jsonb_typeof(p_headers)
+        RAISE EXCEPTION 'outbox_publish: p_headers must be a JSON object or NULL, got %%', jsonb_typeof(p_headers)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_payload := jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb);
+    -- Generated by _outbox_publish_generate:
+    %s
+    v_table := (pgtrickle._outbox_lookup(p_outbox, 'outbox_publish')).outbox_table_name;
+    IF p_idempotency_key IS NOT NULL THEN
+        RETURN (pgtrickle._outbox_insert_keyed(v_table, p_idempotency_key, gen_random_uuid(), 1, 0, false,
+                                               v_payload, p_headers)).id;
+    END IF;
     EXECUTE format($sql$
-        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
+        INSERT INTO pgtrickle.%%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
         VALUES (gen_random_uuid(), 1, 0, false, $1, $2)
-        RETURNING id$sql$, v_cfg.outbox_table_name)
+        RETURNING id$sql$, v_table)
        INTO v_id
-      USING jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb),
-            p_headers;
+      USING v_payload, p_headers;
     RETURN v_id;
 END
-$fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB) FROM PUBLIC;
+$fn$$f$, v_branches);
+END
+$gen$;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_publish_generate() FROM PUBLIC;
+$ddl$);
+
+CALL pgtrickle._kit_define('function', 'outbox_publish', $ddl$
+SELECT pgtrickle._outbox_publish_generate();
+SELECT pgtrickle._kit_retire_function('pgtrickle.outbox_publish(text,jsonb,jsonb)',
+                                      'pgtrickle.outbox_publish(text,jsonb,jsonb,text)');
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish(TEXT, JSONB, JSONB, TEXT) FROM PUBLIC;
 $ddl$);
 
 -- Publish a change set (arrays of deleted and inserted rows): inline up to
 -- pgtrickle.outbox_inline_threshold rows (default 10000), claim-check above.
 -- A NULL array counts as empty (jsonb_agg over no rows gives NULL).
+-- p_idempotency_key: as for outbox_publish (a repeat writes no delta rows).
 CALL pgtrickle._kit_define('function', 'outbox_publish_delta', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
     p_outbox TEXT, p_inserted JSONB, p_deleted JSONB DEFAULT '[]',
-    p_full_refresh BOOLEAN DEFAULT false)
+    p_full_refresh BOOLEAN DEFAULT false, p_idempotency_key TEXT DEFAULT NULL)
 RETURNS BIGINT
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -585,6 +899,7 @@ DECLARE
     v_id        bigint;
     v_role      text;
     v_fast      boolean;
+    v_new       boolean;
 BEGIN
     IF jsonb_typeof(v_ins) <> 'array' THEN
         RAISE EXCEPTION 'outbox_publish_delta: p_inserted must be a JSON array of rows, got %', jsonb_typeof(v_ins)
@@ -618,12 +933,21 @@ BEGIN
         v_payload := v_payload || '{"full_refresh": true}'::jsonb;
     END IF;
 
-    EXECUTE format($sql$
-        INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload)
-        VALUES ($1, $2, $3, $4, $5)
-        RETURNING id$sql$, v_cfg.outbox_table_name)
-       INTO v_id
-      USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload;
+    IF p_idempotency_key IS NOT NULL THEN
+        SELECT k.id, k.inserted INTO v_id, v_new
+          FROM pgtrickle._outbox_insert_keyed(v_cfg.outbox_table_name, p_idempotency_key, v_refresh,
+                                              v_n_ins, v_n_del, v_claim, v_payload, NULL) k;
+        IF NOT v_new THEN
+            RETURN v_id;  -- published before under this key: nothing more to write
+        END IF;
+    ELSE
+        EXECUTE format($sql$
+            INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload)
+            VALUES ($1, $2, $3, $4, $5)
+            RETURNING id$sql$, v_cfg.outbox_table_name)
+           INTO v_id
+          USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload;
+    END IF;
 
     IF v_claim THEN
         -- Every delta row references the outbox row inserted just above, so
@@ -653,7 +977,9 @@ BEGIN
     RETURN v_id;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish_delta(TEXT, JSONB, JSONB, BOOLEAN) FROM PUBLIC;
+SELECT pgtrickle._kit_retire_function('pgtrickle.outbox_publish_delta(text,jsonb,jsonb,boolean)',
+                                      'pgtrickle.outbox_publish_delta(text,jsonb,jsonb,boolean,text)');
+REVOKE EXECUTE ON FUNCTION pgtrickle.outbox_publish_delta(TEXT, JSONB, JSONB, BOOLEAN, TEXT) FROM PUBLIC;
 $ddl$);
 
 -- ---------------------------------------------------------------------------
@@ -706,7 +1032,8 @@ DO $drop$ BEGIN  -- an older signature; silent on a fresh install
     END IF;
 END $drop$;
 CREATE OR REPLACE FUNCTION pgtrickle.relay_outbox_info(p_outbox TEXT)
-RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN)
+RETURNS TABLE(stream_table TEXT, outbox_table TEXT, delta_table TEXT, has_txid BOOLEAN, notifies BOOLEAN,
+              notifies_sleepers BOOLEAN)
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
@@ -760,6 +1087,13 @@ BEGIN
     notifies := NOT coalesce(v_kit, false)
                 OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
                             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify');
+    -- The kit's trigger with a sleep counter notifies only while a relay is
+    -- asleep (relay_outbox_sleep).
+    notifies_sleepers := coalesce(v_kit, false)
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1)
+                AND pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I',
+                        pgtrickle._outbox_sleep_counter(v_table))) IS NOT NULL;
     RETURN NEXT;
 END
 $fn$;

@@ -5,7 +5,8 @@
 //! and only then commit the position. Claim-check deltas are streamed from
 //! a server-side cursor in bounded chunks. When nothing is left the loop
 //! blocks on `pgtrickle_outbox_new` until its outbox is notified or the poll
-//! interval passes (an outbox made without NOTIFY is polled every 100 ms).
+//! interval passes ([`crate::wake`]: kit outboxes notify only while a relay
+//! is asleep on them; one made without NOTIFY is polled every 100 ms).
 //!
 //! Two ways to keep the position: by default the pipeline owns its offset
 //! in `relay_consumer_offsets` and one relay instance runs it (advisory
@@ -41,14 +42,13 @@ use crate::metrics;
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
 use crate::pipeline::{wait_notification, Ctx};
 use crate::sink::Sink;
+use crate::wake::Waker;
 
 /// How often delivered events are made durable and their offset committed
 /// while a backlog is being worked off (at once when caught up).
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
 /// Rows fetched per round trip from a cursor.
 const FETCH_ROWS: i32 = 1000;
-/// How often an outbox without NOTIFY is read while idle.
-const UNNOTIFIED_POLL: Duration = Duration::from_millis(100);
 /// Rows held back by the horizon: how soon to look again at first, and at most.
 const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
 
@@ -110,15 +110,6 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
             let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out)?;
             offset_loop.run()
         }
-    }
-}
-
-/// How long to wait for a notification when caught up.
-fn idle_wait(ctx: &Ctx, info: &OutboxInfo) -> Duration {
-    if info.notifies {
-        ctx.poll_interval
-    } else {
-        ctx.poll_interval.min(UNNOTIFIED_POLL)
     }
 }
 
@@ -634,6 +625,7 @@ struct OffsetLoop<'a> {
     pos: Position,
     commits: Commits,
     held: Held,
+    waker: Waker,
     /// When the first read not yet committed began (batch-time metric).
     batch_start: Option<Instant>,
     batch_seconds: Histogram,
@@ -649,6 +641,7 @@ impl<'a> OffsetLoop<'a> {
     ) -> Result<OffsetLoop<'a>, Error> {
         let read = client.prepare(&reader.decoder.info.read_sql())?;
         let pos = Position::load(client, &ctx.relay_group, &ctx.name)?;
+        let waker = Waker::new(reader.decoder.info);
         Ok(OffsetLoop {
             ctx,
             cfg,
@@ -659,6 +652,7 @@ impl<'a> OffsetLoop<'a> {
             pos,
             commits: Commits::new(Instant::now()),
             held: Held::new(),
+            waker,
             batch_start: None,
             batch_seconds: metrics::get().batch.with_label_values(&[&ctx.name]),
         })
@@ -686,6 +680,7 @@ impl<'a> OffsetLoop<'a> {
             if let Some(last) = last {
                 self.commits.delivered(&mut self.out, last.clone())?;
                 drain_notifications(self.client)?;
+                self.waker.working(self.client)?;
                 self.pos = last;
                 self.held.moved_on(&self.ctx.name);
                 if self.commits.due(Instant::now(), read.is_err()) {
@@ -703,14 +698,12 @@ impl<'a> OffsetLoop<'a> {
             }
             self.batch_start = None;
             // Nothing below the horizon. Committed rows above it wait for an
-            // older transaction to end: look again soon rather than at the
-            // next notification.
+            // older transaction to end: look again soon (or at a
+            // notification) rather than only at the next notification.
             if info.held_back(self.client, &self.pos)? {
                 self.held.report(self.client, &self.ctx.name, &info.table)?;
                 health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
-                if !self.ctx.sleep(self.held.next_wait()) {
-                    return Ok(());
-                }
+                wait_notification(self.ctx, self.client, &info.table, self.held.next_wait())?;
                 continue;
             }
             self.held.clear(&self.ctx.name);
@@ -718,12 +711,7 @@ impl<'a> OffsetLoop<'a> {
             if self.ctx.once {
                 return Ok(());
             }
-            wait_notification(
-                self.ctx,
-                self.client,
-                &info.table,
-                idle_wait(self.ctx, info),
-            )?;
+            self.waker.idle(self.ctx, self.client)?;
         }
     }
 
@@ -871,6 +859,7 @@ struct GroupLoop<'a> {
     /// The rows of those ids, in that order.
     fetch: Statement,
     keeper: LeaseKeeper,
+    waker: Waker,
 }
 
 impl<'a> GroupLoop<'a> {
@@ -901,6 +890,7 @@ impl<'a> GroupLoop<'a> {
         ))?;
         let keeper = LeaseKeeper::start(ctx, group, cfg.lease);
         out.lease(keeper.lost.clone());
+        let waker = Waker::new(info);
         Ok(GroupLoop {
             ctx,
             cfg,
@@ -911,6 +901,7 @@ impl<'a> GroupLoop<'a> {
             poll,
             fetch,
             keeper,
+            waker,
         })
     }
 
@@ -942,10 +933,11 @@ impl<'a> GroupLoop<'a> {
                 if ctx.once {
                     return Ok(());
                 }
-                wait_notification(ctx, self.client, &info.table, idle_wait(ctx, info))?;
+                self.waker.idle(ctx, self.client)?;
                 continue;
             };
             drain_notifications(self.client)?;
+            self.waker.working(self.client)?;
             self.keeper.begin(last_id);
             let published = self.publish(&ids);
             if self.keeper.lost.load(Ordering::Relaxed) {

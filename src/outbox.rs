@@ -32,17 +32,16 @@ pub struct OutboxInfo {
     /// Whether inserts send `pg_notify` (a kit outbox made with
     /// `p_notify => false` does not: it is polled).
     pub notifies: bool,
+    /// Whether they notify only while a relay is asleep on the outbox
+    /// (kit outboxes; see [`crate::wake`]).
+    pub notifies_sleepers: bool,
 }
 
 impl OutboxInfo {
     /// Resolve `outbox` (stream table or outbox table name).
     pub fn resolve(client: &mut Client, outbox: &str) -> Result<OutboxInfo, Error> {
         let row = client
-            .query_one(
-                "SELECT stream_table, outbox_table, delta_table, has_txid, notifies \
-                 FROM pgtrickle.relay_outbox_info($1)",
-                &[&outbox],
-            )
+            .query_one("SELECT * FROM pgtrickle.relay_outbox_info($1)", &[&outbox])
             .map_err(Error::from)?;
         Ok(OutboxInfo {
             stream_table: Arc::from(row.get::<_, String>(0)),
@@ -50,6 +49,8 @@ impl OutboxInfo {
             delta_table: row.get(2),
             has_txid: row.get(3),
             notifies: row.get(4),
+            // Absent from the SQL of older kits (a remote database's).
+            notifies_sleepers: row.try_get("notifies_sleepers").unwrap_or(false),
         })
     }
 

@@ -23,6 +23,7 @@ pub fn outbox_orders() -> OutboxInfo {
         delta_table: None,
         has_txid: true,
         notifies: true,
+        notifies_sleepers: false,
     }
 }
 

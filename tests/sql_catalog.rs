@@ -513,8 +513,8 @@ fn publishers_and_the_relay_cannot_run_code_as_the_owner() {
     relay_login(pg, &mut c, db, role);
     c.batch_execute(&format!(
         "ALTER ROLE {role} NOSUPERUSER;
-         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb),
-                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean) TO {role};"
+         GRANT EXECUTE ON FUNCTION pgtrickle.outbox_publish(text, jsonb, jsonb, text),
+                                   pgtrickle.outbox_publish_delta(text, jsonb, jsonb, boolean, text) TO {role};"
     ))
     .unwrap();
 

@@ -259,7 +259,7 @@ fn security_definer_functions_pin_search_path_and_revoke_public() {
         "pgtrickle.enable_outbox(text,integer,boolean)",
         "pgtrickle.outbox_rebase(text)",
         "pgtrickle.disable_outbox(text,boolean)",
-        "pgtrickle.outbox_publish(text,jsonb,jsonb)",
+        "pgtrickle.outbox_publish(text,jsonb,jsonb,text)",
         "pgtrickle.outbox_retention(text,boolean,integer)",
         "pgtrickle.create_inbox(text,text,integer,text,boolean,boolean,integer)",
         "pgtrickle.seek_offset(text,text,bigint)",

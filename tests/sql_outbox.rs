@@ -64,7 +64,8 @@ fn enable_outbox_creates_everything() {
             "is_claim_check boolean",
             "payload jsonb",
             "txid xid8",
-            "headers jsonb"
+            "headers jsonb",
+            "idempotency_key text"
         ]
     );
     let indexes: Vec<String> = c
@@ -95,7 +96,10 @@ fn enable_outbox_creates_everything() {
         "{fk}"
     );
 
-    // The notify trigger fires once per statement with the table name.
+    // The notify trigger fires once per statement with the table name
+    // (while a relay is asleep on the outbox: tests/forward_wake.rs).
+    c.batch_execute("SELECT pgtrickle.relay_outbox_sleep('outbox_orders', true)")
+        .unwrap();
     c.batch_execute("LISTEN pgtrickle_outbox_new").unwrap();
     c.batch_execute("SELECT pgtrickle.outbox_publish('orders', '{\"id\": 1}')")
         .unwrap();

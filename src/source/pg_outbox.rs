@@ -27,7 +27,7 @@
 //! (`outbox_rows_consumed`) after the local commit.
 //!
 //! It wakes up on `LISTEN pgtrickle_outbox_new` on the remote database, and
-//! reads anyway every `--poll-interval-ms`.
+//! reads anyway every `--poll-interval-ms` ([`crate::wake`]).
 
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use crate::pg::{expand_env, mask};
 use crate::pipeline::{wait_notification, Ctx};
 use crate::retry::Error;
 use crate::source::{feed, Batch, Feed, Message, Source, SourceSpec};
+use crate::wake::Waker;
 
 /// Outbox rows fetched per round trip.
 const FETCH_ROWS: i32 = 1000;
@@ -141,6 +142,7 @@ struct Remote {
     read: Statement,
     /// Delta rows of a claim-check row: `$1` outbox id, after `$2` row_num.
     delta: Option<Statement>,
+    waker: Waker,
 }
 
 struct PgOutboxSource {
@@ -245,6 +247,7 @@ impl PgOutboxSource {
         );
         Ok(Remote {
             client,
+            waker: Waker::new(&info),
             info,
             read,
             delta,
@@ -411,9 +414,10 @@ impl PgOutboxSource {
         let ctx = self.ctx.as_ref().expect("resumed before reading");
         if remote.info.held_back(&mut remote.client, &at.row)? {
             // Committed rows wait for an older transaction to end: look
-            // again soon rather than at the next notification.
+            // again soon (or at a notification) rather than only at the
+            // next notification.
             self.held_wait = (self.held_wait * 2).clamp(Duration::from_millis(5), HELD_WAIT_MAX);
-            ctx.sleep(self.held_wait);
+            wait_notification(ctx, &mut remote.client, &remote.info.table, self.held_wait)?;
             return Ok(());
         }
         self.held_wait = Duration::ZERO;
@@ -421,12 +425,7 @@ impl PgOutboxSource {
             batch.end_of_input = true;
             return Ok(());
         }
-        wait_notification(
-            ctx,
-            &mut remote.client,
-            &remote.info.table,
-            ctx.poll_interval,
-        )?;
+        remote.waker.idle(ctx, &mut remote.client)?;
         Ok(())
     }
 }
@@ -523,7 +522,11 @@ impl Source for PgOutboxSource {
             Err(e) => Err(e),
             Ok(_) => match self.read(batch, max) {
                 Ok(false) => self.idle(batch),
-                other => other.map(|_| ()),
+                Ok(true) => {
+                    let remote = self.remote.as_mut().expect("connected by receive");
+                    remote.waker.working(&mut remote.client)
+                }
+                Err(e) => Err(e),
             }
             .map_err(|e| e.context(format!("postgres source {}", self.shown))),
         };
