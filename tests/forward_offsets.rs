@@ -160,6 +160,18 @@ fn log_writes(c: &mut Client, table: &str, key: &str, when: &str) {
     .unwrap();
 }
 
+/// Make `synchronous_commit` default to `on` in the current database, as
+/// in production (the test server turns it off), so that the relay's own
+/// setting shows in [`log_writes`].
+fn synchronous_by_default(c: &mut Client) {
+    c.batch_execute(
+        "DO $$BEGIN
+             EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database());
+         END$$",
+    )
+    .unwrap();
+}
+
 /// The rows logged by [`log_writes`] for `table`, in order.
 fn logged(c: &mut Client, table: &str) -> Vec<(i64, String)> {
     c.query(&format!("SELECT key, sync FROM public.{table}_log"), &[])
@@ -182,6 +194,7 @@ fn single_events_share_asynchronous_offset_commits_and_a_kill_loses_none() {
         &[&file_sink(&file)],
     )
     .unwrap();
+    synchronous_by_default(&mut c);
     log_writes(&mut c, "relay_consumer_offsets", "last_change_id", "true");
     let r = Relay::spawn(&mut relay(&url));
     // 200 wake-ups of one event each: the next event is written once the
@@ -234,6 +247,7 @@ fn consumer_group_commits_are_asynchronous() {
         &[&json!({"type": "stdout", "path": file, "batch_size": 10}).to_string()],
     )
     .unwrap();
+    synchronous_by_default(&mut c);
     log_writes(&mut c, "pgt_consumer_leases", "batch_end", "NEW.done");
     publish_each(&mut c, "orders", 0..30);
     assert_ok(&once(&url));
