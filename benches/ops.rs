@@ -1,6 +1,7 @@
 //! Operational numbers, part of `make bench` (`cargo bench --bench ops`):
 //! the relay's idle CPU and RSS with 10 pipelines, SIGTERM-to-exit time
-//! under load, and HA takeover time after SIGKILL of the owner. One JSON
+//! under load, HA takeover time after SIGKILL of the owner, start-up time
+//! to systemd's READY=1 and the binary's size. One JSON
 //! object per measurement on stdout (see benches/common/mod.rs); progress
 //! on stderr. PostgreSQL runs with the default durability settings;
 //! `BENCH_ONLY` selects measurements, `BENCH_IDLE_SECS` (default 60) sets
@@ -11,6 +12,7 @@ mod support;
 
 mod common;
 
+use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use support::{relay, temp_dir, Pg, Relay};
@@ -156,6 +158,58 @@ fn ha_takeover(url: &str, dir: &std::path::Path) {
     drop(b);
 }
 
+/// From spawning the relay (one pipeline, a file sink) to the READY=1 it
+/// sends to systemd's NOTIFY_SOCKET once every pipeline is started: medians
+/// of `BENCH_RUNS`. Then the size of the binary.
+fn startup(url: &str, dir: &std::path::Path) {
+    let mut c = Pg::shared_durable().client(url);
+    c.execute("SELECT pgtrickle.enable_outbox('up')", &[])
+        .unwrap();
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('up', 'up', 'bench', $1::text::jsonb)",
+        &[&serde_json::json!({"type":"stdout","path": dir.join("up.jsonl")}).to_string()],
+    )
+    .unwrap();
+    let sock_path = dir.join("notify.sock");
+    let mut ms = Vec::new();
+    for _ in 0..common::runs() {
+        let _ = std::fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut cmd = relay(url);
+        cmd.args(["--pipeline", "up"])
+            .env("NOTIFY_SOCKET", &sock_path);
+        let t = Instant::now();
+        let mut r = Relay::spawn(&mut cmd);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = sock.recv(&mut buf).expect("READY=1 within 20 s");
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        r.signal(libc::SIGTERM);
+        assert_eq!(r.wait_exit(10), Some(0));
+    }
+    let value = common::median(&ms);
+    eprintln!("start-up to READY=1: {value:.1} ms (runs {ms:.1?})");
+    common::emit(
+        "startup_to_ready",
+        value,
+        "ms",
+        None,
+        serde_json::json!({"pipelines": 1, "runs": ms.len()}),
+    );
+    let bytes = std::fs::metadata(support::relay_bin()).unwrap().len();
+    let mb = bytes as f64 / 1_000_000.0;
+    eprintln!("release binary: {bytes} bytes ({mb:.1} MB)");
+    common::emit("release_binary_size", mb, "MB", None, serde_json::json!({}));
+    c.batch_execute("SELECT pgtrickle.delete_relay('up')")
+        .unwrap();
+}
+
 fn main() {
     if !common::benching() {
         return;
@@ -171,6 +225,9 @@ fn main() {
     }
     if common::selected("ha_takeover_after_sigkill") {
         ha_takeover(&url, &dir);
+    }
+    if common::selected("startup_to_ready") {
+        startup(&url, &dir);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

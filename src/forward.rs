@@ -44,8 +44,9 @@ use crate::pipeline::{wait_notification, Ctx};
 use crate::sink::Sink;
 use crate::wake::Waker;
 
-/// How often delivered events are made durable and their offset committed
-/// while a backlog is being worked off (at once when caught up).
+/// How often, at most, delivered events are made durable and their offset
+/// committed: while a backlog is worked off and while single events arrive
+/// (at once when stopping). A commit per wake-up would hold up the next read.
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
 /// Rows fetched per round trip from a cursor.
 const FETCH_ROWS: i32 = 1000;
@@ -398,6 +399,17 @@ fn write_dead_letters(
     Ok(())
 }
 
+/// A transaction for an offset commit, whose COMMIT does not wait for its
+/// WAL flush: the sink's data is durable before it is issued, so losing it
+/// in a PostgreSQL crash only replays events, with the same dedup keys
+/// (README, "Delivery guarantees"). A later synchronous commit flushes it
+/// with its own WAL, so it is never lost behind one.
+fn async_commit(client: &mut Client) -> Result<Transaction<'_>, Error> {
+    let mut tx = client.transaction()?;
+    tx.batch_execute("SET LOCAL synchronous_commit = off")?;
+    Ok(tx)
+}
+
 /// Tell the outbox the claim-check rows `ids` were delivered (after the
 /// position past them is committed).
 fn report_claim_checks(client: &mut Client, info: &OutboxInfo, ids: Vec<i64>) -> Result<(), Error> {
@@ -409,13 +421,15 @@ fn report_claim_checks(client: &mut Client, info: &OutboxInfo, ids: Vec<i64>) ->
 
 /// The commit rule of the offset mode: the position only moves to a row
 /// whose events, and every event before them, the sink acknowledged and
-/// made durable. While a backlog is worked off it is committed every
-/// [`COMMIT_EVERY`], at once when a read fails (what came before the
-/// failing row is delivered), and when caught up or stopping.
+/// made durable. It is committed at most every [`COMMIT_EVERY`], whether a
+/// backlog is worked off or single events arrive; at once when a read fails
+/// (what came before the failing row is delivered), when stopping, and
+/// when `--once` is done. Caught up, the wait for the next notification
+/// ends when the commit is due ([`Commits::until_due`]).
 struct Commits {
     /// Delivered but not yet committed.
     pending: Option<Position>,
-    /// When the last commit on schedule was made.
+    /// When the last commit was made.
     last: Instant,
 }
 
@@ -440,9 +454,21 @@ impl Commits {
         self.pending.is_some() && (read_failed || now.duration_since(self.last) >= COMMIT_EVERY)
     }
 
-    /// A commit on schedule was made at `now`.
-    fn committed_on_schedule(&mut self, now: Instant) {
+    /// A commit was made at `now`.
+    fn committed(&mut self, now: Instant) {
         self.last = now;
+    }
+
+    /// How long until the pending commit is due; None when nothing is
+    /// pending.
+    fn until_due(&self, now: Instant) -> Option<Duration> {
+        self.pending.as_ref()?;
+        Some((self.last + COMMIT_EVERY).saturating_duration_since(now))
+    }
+
+    /// `wait`, or less if the pending commit falls due sooner.
+    fn cap(&self, now: Instant, wait: Duration) -> Duration {
+        self.until_due(now).map_or(wait, |d| d.min(wait))
     }
 
     /// The position to commit, once everything delivered up to it is
@@ -683,47 +709,53 @@ impl<'a> OffsetLoop<'a> {
                 self.waker.working(self.client)?;
                 self.pos = last;
                 self.held.moved_on(&self.ctx.name);
-                if self.commits.due(Instant::now(), read.is_err()) {
-                    if !self.commit()? {
-                        return Ok(());
-                    }
-                    self.commits.committed_on_schedule(Instant::now());
+                if self.commits.due(Instant::now(), read.is_err()) && !self.commit()? {
+                    return Ok(());
                 }
                 read?;
                 continue;
             }
             read?;
-            if !self.commit()? {
+            // Caught up: commit on schedule too, not on every wake-up.
+            if self.commits.due(Instant::now(), false) && !self.commit()? {
                 return Ok(());
             }
-            self.batch_start = None;
+            if self.commits.pending.is_none() {
+                self.batch_start = None;
+            }
             // Nothing below the horizon. Committed rows above it wait for an
             // older transaction to end: look again soon (or at a
             // notification) rather than only at the next notification.
             if info.held_back(self.client, &self.pos)? {
                 self.held.report(self.client, &self.ctx.name, &info.table)?;
                 health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
-                wait_notification(self.ctx, self.client, &info.table, self.held.next_wait())?;
+                // Any outbox commit wakes us; a commit falling due too (the
+                // top of the loop commits).
+                let wait = self.commits.cap(Instant::now(), self.held.next_wait());
+                wait_notification(self.ctx, self.client, &info.table, wait)?;
                 continue;
             }
             self.held.clear(&self.ctx.name);
             health::ok(&self.ctx.name, 0.0);
             if self.ctx.once {
-                return Ok(());
+                return self.commit().map(|_| ());
             }
-            self.waker.idle(self.ctx, self.client)?;
+            let due = self.commits.until_due(Instant::now());
+            self.waker.idle(self.ctx, self.client, due)?;
         }
     }
 
     /// Commit the delivered position, with the dead letters collected, in
-    /// one transaction. Ok(false): the catalog no longer has this pipeline
-    /// as it runs (deleted or changed meanwhile): nothing was committed.
+    /// one asynchronous transaction ([`async_commit`]). Ok(false): the
+    /// catalog no longer has this pipeline as it runs (deleted or changed
+    /// meanwhile): nothing was committed.
     fn commit(&mut self) -> Result<bool, Error> {
         let Some(p) = self.commits.take(&mut self.out)? else {
             return Ok(true);
         };
+        self.commits.committed(Instant::now());
         let info = self.reader.decoder.info;
-        let mut tx = self.client.transaction()?;
+        let mut tx = async_commit(self.client)?;
         write_dead_letters(&mut tx, &self.ctx.name, &self.out.take_dead())?;
         if !p.commit(&mut tx, self.ctx, &info.table)? {
             log::info!(
@@ -933,7 +965,7 @@ impl<'a> GroupLoop<'a> {
                 if ctx.once {
                     return Ok(());
                 }
-                self.waker.idle(ctx, self.client)?;
+                self.waker.idle(ctx, self.client, None)?;
                 continue;
             };
             drain_notifications(self.client)?;
@@ -978,10 +1010,12 @@ impl<'a> GroupLoop<'a> {
         self.out.finish()
     }
 
-    /// Commit the batch ending at `last_id` with the dead letters collected;
-    /// false when its lease had passed to another consumer meanwhile.
+    /// Commit the batch ending at `last_id` with the dead letters collected
+    /// ([`async_commit`]: lost in a crash, the lease stays open, expires and
+    /// the batch is delivered again); false when its lease had passed to
+    /// another consumer meanwhile.
     fn commit(&mut self, last_id: i64) -> Result<bool, Error> {
-        let mut tx = self.client.transaction()?;
+        let mut tx = async_commit(self.client)?;
         write_dead_letters(&mut tx, &self.ctx.name, &self.out.take_dead())?;
         let kept: bool = tx
             .query_one(
@@ -1324,13 +1358,44 @@ mod tests {
         assert!(commits.due(t0 + COMMIT_EVERY / 2, true));
         assert!(commits.due(t0 + COMMIT_EVERY, false));
         commits.take(&mut out).unwrap();
-        commits.committed_on_schedule(t0 + COMMIT_EVERY);
+        commits.committed(t0 + COMMIT_EVERY);
         decode(&mut out, &[row(2, 1)]).unwrap();
         commits.delivered(&mut out, position(2)).unwrap();
         assert!(!commits.due(t0 + COMMIT_EVERY * 3 / 2, false));
         assert!(commits.due(t0 + COMMIT_EVERY * 2, false));
         // Caught up or stopping: committed whenever it is taken.
         assert_eq!(commits.take(&mut out).unwrap(), Some(position(2)));
+    }
+
+    #[test]
+    fn caught_up_the_offset_is_committed_at_most_every_interval_and_the_wait_ends_when_due() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        let t0 = Instant::now();
+        let mut commits = Commits::new(t0);
+        let ms = Duration::from_millis;
+        // Nothing pending: the idle wait is not cut short.
+        assert_eq!(commits.until_due(t0), None);
+        // One event per wake-up: none is committed before the interval.
+        for (i, at) in [10, 100, 200].into_iter().enumerate() {
+            decode(&mut out, &[row(i as i64 + 1, 1)]).unwrap();
+            commits.delivered(&mut out, position(i as i64 + 1)).unwrap();
+            assert!(!commits.due(t0 + ms(at), false));
+            assert_eq!(commits.until_due(t0 + ms(at)), Some(COMMIT_EVERY - ms(at)));
+        }
+        // Then the wait ends and the commit is due: all three at once.
+        assert_eq!(commits.until_due(t0 + COMMIT_EVERY), Some(Duration::ZERO));
+        assert!(commits.due(t0 + COMMIT_EVERY + ms(1), false));
+        assert_eq!(commits.take(&mut out).unwrap(), Some(position(3)));
+        commits.committed(t0 + COMMIT_EVERY + ms(1));
+        assert_eq!(commits.until_due(t0 + COMMIT_EVERY * 2), None);
+        // The interval counts from that commit.
+        decode(&mut out, &[row(4, 1)]).unwrap();
+        commits.delivered(&mut out, position(4)).unwrap();
+        assert!(!commits.due(t0 + COMMIT_EVERY * 2, false));
+        assert!(commits.due(t0 + COMMIT_EVERY * 2 + ms(1), false));
+        assert_eq!(sink.0.borrow().acked.len(), 4);
     }
 
     #[test]

@@ -97,9 +97,15 @@ impl Waker {
     }
 
     /// Nothing was left to read (and nothing is held back by the horizon):
-    /// wait until reading again is worth it. Returns at once while the
-    /// reader is falling asleep (see the module doc).
-    pub fn idle(&mut self, ctx: &Ctx, client: &mut Client) -> Result<(), Error> {
+    /// wait until reading again is worth it, or `due` at the latest (an
+    /// offset commit falling due). Returns at once while the reader is
+    /// falling asleep (see the module doc).
+    pub fn idle(
+        &mut self,
+        ctx: &Ctx,
+        client: &mut Client,
+        due: Option<Duration>,
+    ) -> Result<(), Error> {
         let timeout = match self.mode {
             Mode::Always => ctx.poll_interval,
             Mode::Never => ctx.poll_interval.min(UNNOTIFIED_POLL),
@@ -108,6 +114,7 @@ impl Waker {
                 Some(d) => d.unwrap_or(ctx.poll_interval),
             },
         };
+        let timeout = due.map_or(timeout, |d| d.min(timeout));
         wait_notification(ctx, client, &self.table, timeout)?;
         Ok(())
     }

@@ -1,12 +1,14 @@
 //! Forward positions that must stay right when the database around them
 //! changes: a pipeline pointed at another outbox, a pipeline deleted while
 //! it runs, a database dumped and restored into another cluster, and a
-//! position ahead of the cluster's transaction counter.
+//! position ahead of the cluster's transaction counter; and how positions
+//! are committed: asynchronously, at most every 250 ms.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 use serde_json::json;
@@ -135,6 +137,127 @@ fn deleting_a_running_pipeline_leaves_no_offset_behind() {
         .unwrap()
         .get(0);
     assert_eq!(left, 0, "the stopping relay wrote the deleted offset back");
+}
+
+// ---------------------------------------------------------------------------
+// Issue 11 item 1: offset commits off the critical path
+// ---------------------------------------------------------------------------
+
+/// Log every row written to `pgtrickle.<table>` for which `when` holds
+/// into `public.<table>_log`: its `key` column and the `synchronous_commit`
+/// of the writing transaction.
+fn log_writes(c: &mut Client, table: &str, key: &str, when: &str) {
+    c.batch_execute(&format!(
+        "CREATE TABLE public.{table}_log (key bigint, sync text);
+         CREATE FUNCTION public.log_{table}() RETURNS trigger LANGUAGE plpgsql AS
+           $$BEGIN
+               INSERT INTO public.{table}_log VALUES (NEW.{key}, current_setting('synchronous_commit'));
+               RETURN NEW;
+           END$$;
+         CREATE TRIGGER log_writes AFTER INSERT OR UPDATE ON pgtrickle.{table}
+           FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION public.log_{table}();"
+    ))
+    .unwrap();
+}
+
+/// Make `synchronous_commit` default to `on` in the current database, as
+/// in production (the test server turns it off), so that the relay's own
+/// setting shows in [`log_writes`].
+fn synchronous_by_default(c: &mut Client) {
+    c.batch_execute(
+        "DO $$BEGIN
+             EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', current_database());
+         END$$",
+    )
+    .unwrap();
+}
+
+/// The rows logged by [`log_writes`] for `table`, in order.
+fn logged(c: &mut Client, table: &str) -> Vec<(i64, String)> {
+    c.query(&format!("SELECT key, sync FROM public.{table}_log"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[test]
+fn single_events_share_asynchronous_offset_commits_and_a_kill_loses_none() {
+    const EVERY: Duration = Duration::from_millis(250);
+    let pg = Pg::shared();
+    let url = pg.new_db("off_async");
+    let file = temp_dir("off_async").join("events.jsonl");
+    let mut c = pg.client(&url);
+    c.execute(
+        "SELECT pgtrickle.enable_outbox('orders'), \
+         pgtrickle.set_relay_outbox('fwd', 'orders', 'default', $1::text::jsonb)",
+        &[&file_sink(&file)],
+    )
+    .unwrap();
+    synchronous_by_default(&mut c);
+    log_writes(&mut c, "relay_consumer_offsets", "last_change_id", "true");
+    let r = Relay::spawn(&mut relay(&url));
+    // 200 wake-ups of one event each: the next event is written once the
+    // last one arrived.
+    let started = Instant::now();
+    for n in 0..200 {
+        publish_each(&mut c, "orders", n..n + 1);
+        wait_until(30, "the event", || count_lines(&file) > n as usize);
+    }
+    let took = started.elapsed();
+    let commits = logged(&mut c, "relay_consumer_offsets");
+    eprintln!("200 wake-ups in {took:?}: {} offset commits", commits.len());
+    assert!(
+        took < EVERY * 100,
+        "200 wake-ups took {took:?}: too slow a machine to tell one commit per wake-up \
+         from one per 250 ms"
+    );
+    let most = (took.as_secs_f64() / EVERY.as_secs_f64()) as usize + 2;
+    assert!(
+        commits.len() <= most,
+        "{} offset commits for 200 wake-ups in {took:?}, more than one per 250 ms",
+        commits.len()
+    );
+    assert!(
+        commits.iter().all(|(_, sync)| sync == "off"),
+        "offset commits waited for their WAL flush: {commits:?}"
+    );
+    // What was delivered and not yet committed is delivered again after a
+    // kill, with the same dedup keys; nothing is lost.
+    r.signal(libc::SIGKILL);
+    drop(r);
+    publish_each(&mut c, "orders", 200..210);
+    assert_ok(&once(&url));
+    assert_eq!(ns(&file), (0..210).collect::<Vec<_>>());
+}
+
+#[test]
+fn consumer_group_commits_are_asynchronous() {
+    let pg = Pg::shared();
+    let url = pg.new_db("off_group_async");
+    let file = temp_dir("off_group_async").join("events.jsonl");
+    let mut c = pg.client(&url);
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('orders');
+         SELECT pgtrickle.create_consumer_group('workers', 'orders', 'earliest');",
+    )
+    .unwrap();
+    c.execute(
+        "SELECT pgtrickle.set_relay_outbox('g', 'orders', 'workers', $1::text::jsonb)",
+        &[&json!({"type": "stdout", "path": file, "batch_size": 10}).to_string()],
+    )
+    .unwrap();
+    synchronous_by_default(&mut c);
+    log_writes(&mut c, "pgt_consumer_leases", "batch_end", "NEW.done");
+    publish_each(&mut c, "orders", 0..30);
+    assert_ok(&once(&url));
+    assert_eq!(ns(&file), (0..30).collect::<Vec<_>>());
+    let commits = logged(&mut c, "pgt_consumer_leases");
+    assert_eq!(commits.len(), 3, "{commits:?}");
+    assert!(
+        commits.iter().all(|(_, sync)| sync == "off"),
+        "commit_offset waited for its WAL flush: {commits:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -6,13 +6,13 @@
 
 #[cfg(feature = "rabbitmq")]
 pub mod amqp;
+#[cfg(feature = "sqs")]
+pub mod aws_credentials;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
-#[cfg(feature = "sqs")]
-pub mod aws_credentials;
 #[cfg(feature = "sqs")]
 pub mod sqs;

@@ -425,7 +425,7 @@ impl PgOutboxSource {
             batch.end_of_input = true;
             return Ok(());
         }
-        remote.waker.idle(ctx, &mut remote.client)?;
+        remote.waker.idle(ctx, &mut remote.client, None)?;
         Ok(())
     }
 }
