@@ -309,6 +309,10 @@ impl<'a> Delivery<'a> {
         for i in start..end {
             if let Some(why) = self.unroutable(&self.events[i]) {
                 self.publish_run(run, i)?;
+                metrics::get()
+                    .dead_letters
+                    .with_label_values(&[self.pipeline])
+                    .inc();
                 self.dead_letter(i, why);
                 run = i + 1;
             }
@@ -325,10 +329,6 @@ impl<'a> Delivery<'a> {
             e.dedup_key,
             reason
         );
-        metrics::get()
-            .dead_letters
-            .with_label_values(&[self.pipeline])
-            .inc();
         self.dead.push(DeadLetter {
             dedup_key: e.dedup_key.clone(),
             envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
@@ -345,10 +345,11 @@ impl<'a> Delivery<'a> {
         let rejected = self.sink.publish(&self.events[start..end])?;
         let took = (end - start - rejected.len()) as u64;
         self.sent += took;
-        metrics::get()
-            .published
+        let m = metrics::get();
+        m.published.with_label_values(&[self.pipeline]).inc_by(took);
+        m.dead_letters
             .with_label_values(&[self.pipeline])
-            .inc_by(took);
+            .inc_by(rejected.len() as u64);
         for r in rejected {
             self.dead_letter(start + r.index, r.reason);
         }
