@@ -56,7 +56,10 @@ fn offset(url: &str) -> i64 {
 
 #[test]
 fn two_thousand_events_arrive_in_order_in_their_message_group() {
-    let moto = Moto::shared();
+    // A server of its own: moto works one request at a time, and its FIFO
+    // queues slow down with every message queued (the suite's other long
+    // test runs beside this one).
+    let moto = Moto::start();
     let sqs = moto.client();
     let queue = sqs.create_queue("order.fifo", json!({}));
     // Credentials from the standard AWS environment variables.
@@ -110,7 +113,7 @@ fn two_thousand_events_arrive_in_order_in_their_message_group() {
 
 #[test]
 fn sigkill_mid_stream_then_restart_delivers_every_event_once() {
-    let moto = Moto::shared();
+    let moto = Moto::start();
     let sqs = moto.client();
     let queue = sqs.create_queue("restart.fifo", json!({}));
     // moto's FIFO queues slow down as messages pile up: keep this small.
