@@ -121,6 +121,8 @@ enum Part {
 pub struct Template {
     text: String,
     parts: Vec<Part>,
+    /// Whether a part reads the event's row or headers (asked per event).
+    fields: bool,
 }
 
 /// The subject used when a sink config names none.
@@ -205,15 +207,17 @@ impl Template {
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
+        let fields = parts.iter().any(|p| matches!(p, Part::Field { .. }));
         Ok(Template {
             text: s.to_string(),
             parts,
+            fields,
         })
     }
 
     /// Whether the template reads the event's row or headers.
     pub fn has_fields(&self) -> bool {
-        self.parts.iter().any(|p| matches!(p, Part::Field { .. }))
+        self.fields
     }
 
     /// The row and headers of `v`, parsed, when the template needs them.
@@ -309,6 +313,7 @@ impl Template {
     pub fn sample(&self, v: &Vars, op: Op) -> String {
         let filled = Template {
             text: self.text.clone(),
+            fields: false,
             parts: self
                 .parts
                 .iter()

@@ -25,19 +25,6 @@ fn ns(got: &[Got]) -> Vec<i64> {
         .collect()
 }
 
-fn dead_letters(url: &str) -> Vec<(String, String)> {
-    Pg::shared()
-        .client(url)
-        .query(
-            "SELECT dedup_key, error FROM pgtrickle.relay_dead_letters ORDER BY dedup_key",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
 #[test]
 fn ten_thousand_events_arrive_in_order_as_persistent_messages_with_message_ids() {
     let r = Rabbit::shared();
@@ -90,7 +77,7 @@ fn ten_thousand_events_arrive_in_order_as_persistent_messages_with_message_ids()
     // Nothing more: no duplicates, no dead letters.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(r.count("order_ins") + r.count("order_del"), 0);
-    assert!(dead_letters(&url).is_empty());
+    assert!(dead_letter_reasons(&url).is_empty());
     assert!(!relay.stderr().contains("ERROR"), "{}", relay.stderr());
 }
 
@@ -212,7 +199,7 @@ fn an_unroutable_event_is_retried_until_a_queue_is_bound() {
         stderr.contains("NO_ROUTE") && stderr.contains("on_unroutable"),
         "{stderr}"
     );
-    assert!(dead_letters(&url).is_empty());
+    assert!(dead_letter_reasons(&url).is_empty());
     // The consumer binds its queue: the delete is delivered, nothing lost.
     r.declare("retry_del_q", "retry_x", "delete");
     let out = run_once(&url);
@@ -225,7 +212,7 @@ fn an_unroutable_event_is_retried_until_a_queue_is_bound() {
     let total = r.count("retry_ins_q") as usize;
     let inserts: BTreeSet<i64> = ns(&r.take("retry_ins_q", total, 30)).into_iter().collect();
     assert_eq!(inserts, (0..10).collect::<BTreeSet<_>>());
-    assert!(dead_letters(&url).is_empty());
+    assert!(dead_letter_reasons(&url).is_empty());
 }
 
 #[test]
@@ -245,7 +232,7 @@ fn an_unroutable_event_is_dead_lettered_when_configured() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(ns(&r.take("route_q", 10, 30)), (0..10).collect::<Vec<_>>());
-    let dead = dead_letters(&url);
+    let dead = dead_letter_reasons(&url);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, "outbox_orders:6:0");
     assert!(
@@ -268,7 +255,7 @@ fn an_unroutable_event_is_dead_lettered_when_configured() {
     let out = run_once(&url2);
     assert!(out.status.success());
     assert_eq!(ns(&r.take("route_q", 1, 30)), vec![1]);
-    assert!(dead_letters(&url2).is_empty());
+    assert!(dead_letter_reasons(&url2).is_empty());
 }
 
 #[test]
@@ -296,7 +283,7 @@ fn headers_over_the_frame_size_dead_letter_only_that_event() {
     let total = r.count("hdr_q") as usize;
     let got: BTreeSet<i64> = ns(&r.take("hdr_q", total, 30)).into_iter().collect();
     assert_eq!(got, (0..6).collect::<BTreeSet<_>>());
-    let dead = dead_letters(&url);
+    let dead = dead_letter_reasons(&url);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, "outbox_orders:4:0");
     assert!(dead[0].1.contains("frame_max"), "{}", dead[0].1);
@@ -330,7 +317,7 @@ fn an_event_over_the_brokers_max_message_size_is_dead_lettered() {
     let unique: BTreeSet<i64> = ns(&got).into_iter().collect();
     assert_eq!(unique, (0..10).collect::<BTreeSet<_>>());
     assert!(total <= 15, "{total} messages for 10 events");
-    let dead = dead_letters(&url);
+    let dead = dead_letter_reasons(&url);
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0, "outbox_orders:6:0");
     assert!(dead[0].1.contains("max_message_size"), "{}", dead[0].1);
@@ -382,9 +369,11 @@ fn routing_keys_route_by_payload_content_per_tenant() {
     let b = r.take("route_b", 50, 60);
     assert_eq!(ns(&a), (0..100).step_by(2).collect::<Vec<_>>());
     assert_eq!(ns(&b), (1..100).step_by(2).collect::<Vec<_>>());
-    wait_until(30, "the dead letter", || dead_letters(&url).len() == 1);
+    wait_until(30, "the dead letter", || {
+        dead_letter_reasons(&url).len() == 1
+    });
     assert!(
-        dead_letters(&url)[0].1.contains("payload.tenant"),
+        dead_letter_reasons(&url)[0].1.contains("payload.tenant"),
         "{}",
         relay.stderr()
     );

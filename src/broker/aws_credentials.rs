@@ -497,7 +497,6 @@ fn ini_section(text: &str, section: &str) -> Option<Vec<(String, String)>> {
         }
         if inside {
             if let (Some(keys), Some((k, v))) = (found.as_mut(), line.split_once('=')) {
-                let keys: &mut Vec<(String, String)> = keys;
                 keys.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
             }
         }
