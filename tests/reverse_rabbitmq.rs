@@ -338,9 +338,17 @@ fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
     wait_until(120, "every message in the inbox", || {
         inbox_count(&url) == 1600
     });
-    // Stopped, the relay's unacknowledged messages would be back.
+    // Stopped, the relay's unacknowledged messages are back in the queue:
+    // at most its prefetch window (redelivered duplicates of the last cut
+    // it had not taken yet), never what it wrote.
     stop(relay);
+    let left = r.count("cuts_q");
+    assert!(left <= 80, "{left} messages left unacknowledged");
+    // A run to the end of the queue absorbs them as duplicates.
+    let out = relay(&url).arg("--once").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(r.count("cuts_q"), 0, "every message acknowledged");
+    assert_eq!(inbox_count(&url), 1600);
     let want: HashSet<String> = (0..1600).map(|i| format!("m{i}")).collect();
     assert_eq!(inbox_ids(&url), want);
     assert_eq!(proxy.cuts(), 8);
