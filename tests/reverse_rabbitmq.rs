@@ -325,7 +325,7 @@ fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
         json!({"type": "rabbitmq", "url": format!("amqp://guest:guest@{}/%2f", proxy.addr()),
                "queue": "cuts_q", "prefetch": 80, "max_wait_ms": 20}),
     );
-    let relay = Relay::spawn(&mut relay(&url));
+    let running = Relay::spawn(&mut relay(&url));
     for chunk in 0..8 {
         let before = inbox_count(&url);
         let msgs: Vec<Msg> = (chunk * 200..chunk * 200 + 200)
@@ -341,7 +341,7 @@ fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
     // Stopped, the relay's unacknowledged messages are back in the queue:
     // at most its prefetch window (redelivered duplicates of the last cut
     // it had not taken yet), never what it wrote.
-    stop(relay);
+    stop(running);
     let left = r.count("cuts_q");
     assert!(left <= 80, "{left} messages left unacknowledged");
     // A run to the end of the queue absorbs them as duplicates.
