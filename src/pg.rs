@@ -1,9 +1,12 @@
 //! PostgreSQL connections: `${ENV:NAME}` expansion, TLS, sane timeouts, and
 //! connection strings with the password masked for logs.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
-use postgres::Client;
+use postgres::tls::{MakeTlsConnect, TlsConnect};
+use postgres::{Client, Socket};
 
 use crate::error::Error;
 
@@ -61,7 +64,7 @@ pub fn mask(url: &str) -> String {
 
 /// TLS settings taken out of a connection string before the `postgres`
 /// crate parses it (it knows neither `verify-*` modes nor `sslrootcert`).
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 struct TlsParams {
     /// `sslmode=verify-ca` or `verify-full`: check the certificate.
     verify: Option<&'static str>,
@@ -122,6 +125,48 @@ fn shared_connector(tls: &TlsParams) -> Result<native_tls::TlsConnector, Error> 
     let c = tls_connector(tls)?;
     cache.push((key, c.clone()));
     Ok(c)
+}
+
+/// The TLS of a connection, made only once the server agrees to TLS: the
+/// connector parses the system CA store (tens of milliseconds at start-up),
+/// which a server without TLS (`sslmode=prefer`, the default, answered
+/// "no") or `sslmode=disable` never needs.
+struct LazyTls(TlsParams);
+
+/// The TLS handshake of [`LazyTls`].
+struct LazyTlsConnect {
+    tls: TlsParams,
+    domain: String,
+}
+
+impl MakeTlsConnect<Socket> for LazyTls {
+    type Stream = postgres_native_tls::TlsStream<Socket>;
+    type TlsConnect = LazyTlsConnect;
+    type Error = native_tls::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<LazyTlsConnect, native_tls::Error> {
+        Ok(LazyTlsConnect {
+            tls: self.0.clone(),
+            domain: domain.to_string(),
+        })
+    }
+}
+
+impl TlsConnect<Socket> for LazyTlsConnect {
+    type Stream = postgres_native_tls::TlsStream<Socket>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Stream, Self::Error>> + Send>>;
+
+    fn connect(self, stream: Socket) -> Self::Future {
+        match shared_connector(&self.tls) {
+            Ok(c) => {
+                let handshake =
+                    postgres_native_tls::TlsConnector::new(c, &self.domain).connect(stream);
+                Box::pin(async move { handshake.await.map_err(Into::into) })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e.msg.into()))),
+        }
+    }
 }
 
 /// A TLS connector with libpq's `sslmode` meaning: `prefer` and `require`
@@ -189,9 +234,13 @@ pub fn connect(url: &str, application_name: &str) -> Result<Client, Error> {
     if config.get_application_name().is_none() {
         config.application_name(application_name);
     }
-    let connector = shared_connector(&tls)?;
+    if tls.verify.is_some() {
+        // A certificate to check: a bad sslrootcert is a config error,
+        // said before connecting.
+        shared_connector(&tls)?;
+    }
     let mut client = config
-        .connect(postgres_native_tls::MakeTlsConnector::new(connector))
+        .connect(LazyTls(tls))
         .map_err(|e| Error::from(e).context(format!("connecting to {}", mask(url))))?;
     // The server's end of the socket (its keepalives are its own settings,
     // which a session may set; ignored on a Unix socket).
