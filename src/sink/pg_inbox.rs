@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::outbox::quote_ident;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
@@ -48,6 +48,28 @@ pub struct PgInboxKeys {
     #[serde(default)]
     schema: Option<String>,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "the other database's connection string, with `${ENV:NAME}` and the same TLS parameters as `--postgres-url` (`sslmode`, `sslrootcert`)",
+    ),
+    KeySpec::new(
+        "inbox",
+        "string",
+        Fallback::Required,
+        "the inbox, made there with `pgtrickle.create_inbox` (or any table with the inbox columns and `event_id` as its primary key)",
+    ),
+    KeySpec::new(
+        "schema",
+        "string",
+        Fallback::Value("pgtrickle"),
+        "the inbox's schema",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

@@ -44,7 +44,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -77,6 +77,88 @@ pub struct SqsSourceConfig {
     conn: ConnKeys,
     keys: SqsSourceKeys,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "queue_url",
+        "string",
+        Fallback::Required,
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "region",
+        "string",
+        Fallback::Text("as for the `sqs` sink"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "endpoint",
+        "string",
+        Fallback::Text("as for the `sqs` sink"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "access_key_id",
+        "string",
+        Fallback::Text("as for the `sqs` sink"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "secret_access_key",
+        "string",
+        Fallback::Text("as for the `sqs` sink"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "session_token",
+        "string",
+        Fallback::Text("as for the `sqs` sink"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "timeout_ms",
+        "integer",
+        Fallback::Value("30000"),
+        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+    ),
+    KeySpec::new(
+        "wait_time_seconds",
+        "integer",
+        Fallback::Value("4"),
+        "the long poll of a batch's first `ReceiveMessage` (0 to 20); the default is below the relay's shutdown grace",
+    ),
+    KeySpec::new(
+        "visibility_timeout",
+        "integer",
+        Fallback::Text("the queue's own (read with `GetQueueAttributes`; 30 if the credentials may not read it)"),
+        "seconds a received message stays invisible to other consumers",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::json_text;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -34,6 +34,14 @@ pub struct StdinConfig {
     #[serde(default)]
     path: Option<PathBuf>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[KeySpec::new(
+    "path",
+    "string",
+    Fallback::Text("stdin"),
+    "read this file instead of stdin",
+)];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
