@@ -1,9 +1,6 @@
 //! The `http` sink: events POSTed to a webhook as JSON.
 //!
-//! Config: `{"type":"http", "url":"https://...", "mode":"batch"|"event",
-//! "headers":{"Authorization":"Bearer ${ENV:TOKEN}"}, "timeout_ms":N,
-//! "signing_secret":"${ENV:SECRET}"}`. `${ENV:NAME}` is replaced in `url`,
-//! header values and `signing_secret`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Requests: `POST url` with `Content-Type: application/json`.
 //! - `mode: "batch"` (default): one request per batch, the body a JSON

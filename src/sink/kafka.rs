@@ -1,17 +1,13 @@
 //! The `kafka` sink: events produced to Kafka topics by an idempotent
 //! librdkafka producer (`BaseProducer`, no async runtime).
 //!
-//! Config: `{"type":"kafka", "brokers":"host:9092,host2:9092",
-//! "topic":"<template>", "properties":{...}}`. `topic` is a template like
-//! `subject` (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`,
-//! `{payload.<field>}`, `{headers.<name>}`; default
-//! `pgtrickle.{stream_table}`). `brokers` and `properties` (passed
-//! to librdkafka: SASL, SSL, compression, batching...) are described in
-//! the shared Kafka module. The relay sets `enable.idempotence=true` and
-//! `acks=all`, which a config may repeat but not change, and refuses
-//! `transactional.id`. Its defaults, which a config may change:
-//! `linger.ms=1`, `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`
-//! (a broker that comes back is used again within a second).
+//! Keys: [`KEYS`] (README.md and the man page show them); `brokers` and
+//! `properties` are checked by the shared Kafka module. The relay sets
+//! `enable.idempotence=true` and `acks=all`, which a config may repeat but
+//! not change, and refuses `transactional.id`. Its defaults, which a config
+//! may change: `linger.ms=1`, `message.timeout.ms=30000`,
+//! `reconnect.backoff.max.ms=1000` (a broker that comes back is used again
+//! within a second).
 //!
 //! Each record: key = the `key` template rendered (per-key ordering: e.g.
 //! `{payload.order_id}` puts one aggregate's events on one partition, in

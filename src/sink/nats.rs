@@ -1,10 +1,7 @@
 //! The `nats` sink: events published to NATS JetStream, acknowledged.
 //!
-//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"<name>",
-//! "subject":"<template>", "credentials":"<file.creds>",
-//! "create_stream":false, "subjects":["..."], "on_unroutable":"retry"}`. `url` (one server or a
-//! comma-separated list; `tls://` for TLS) and `credentials` may use
-//! `${ENV:NAME}`. The subject is the common `subject` template.
+//! Keys: [`KEYS`] (README.md and the man page show them); the message
+//! subject is the common `subject` template.
 //!
 //! Each event is one message on its rendered subject: the body is the row
 //! (JSON), and the headers are `Nats-Msg-Id` = the dedup key (JetStream

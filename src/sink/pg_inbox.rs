@@ -1,13 +1,10 @@
 //! The `pg-inbox` sink: events inserted into an inbox table of another
 //! PostgreSQL database.
 //!
-//! Config: `{"type":"pg-inbox", "url":"postgres://...", "inbox":"<name>",
-//! "schema":"<schema>"}`. `url` may use `${ENV:NAME}` and the same TLS
-//! parameters as `--postgres-url` (`sslmode`, `sslrootcert`); `schema`
-//! defaults to `pgtrickle`. The inbox is a pg_trickle (or outbox kit) inbox
-//! made with `pgtrickle.create_inbox`, or any table with the columns
-//! `event_id TEXT PRIMARY KEY, event_type, source, aggregate_id, payload
-//! JSONB, trace_id`.
+//! Keys: [`KEYS`] (README.md and the man page show them). The inbox is a
+//! pg_trickle (or outbox kit) inbox made with `pgtrickle.create_inbox`, or
+//! any table with the columns `event_id TEXT PRIMARY KEY, event_type,
+//! source, aggregate_id, payload JSONB, trace_id`.
 //!
 //! One multi-row `INSERT ... ON CONFLICT (event_id) DO NOTHING` (as in the
 //! reverse direction's inbox writer) per chunk of at most [`CHUNK`] events

@@ -1,17 +1,8 @@
 //! The `rabbitmq` sink: events published to a RabbitMQ exchange with
 //! publisher confirms.
 //!
-//! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
-//! "exchange":"<name>", "routing_key":"<template>", "declare":false,
-//! "exchange_type":"topic", "mandatory":true, "on_unroutable":"retry"}`. `url` (see `src/broker/amqp.rs`:
-//! `amqps://` for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `exchange`
-//! is required; `""` is the default exchange, which routes by queue name.
-//! `routing_key` is a template like `subject` (`{stream_table}`, `{op}`,
-//! `{outbox_id}`, `{refresh_id}`); without it the event's `subject` is the
-//! routing key. With `declare: true` the sink declares the exchange
-//! (durable, of `exchange_type`, default `topic`) when it starts; without
-//! it the exchange must exist, or the pipeline stops with an error that
-//! says so. Queues and bindings are the consumers' business.
+//! Keys: [`KEYS`] (README.md and the man page show them). Queues and
+//! bindings are the consumers' business.
 //!
 //! Each event is one message: the body is the row (JSON), delivery mode 2
 //! (persistent), `message-id` = the dedup key (RabbitMQ does not

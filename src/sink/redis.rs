@@ -1,11 +1,6 @@
 //! The `redis` sink: events appended to Redis Streams with pipelined `XADD`.
 //!
-//! Config: `{"type":"redis", "url":"redis://host:6379/0", "stream":"<template>",
-//! "maxlen":N}`. `url` may use `${ENV:NAME}` (e.g. for the password);
-//! `rediss://` is not built in. `stream` is a template like `subject`
-//! (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`; default
-//! `pgtrickle.{stream_table}`). `maxlen` trims each stream approximately
-//! (`XADD ... MAXLEN ~ N`).
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Each entry has the fields `dedup_key`, `subject`, `op`, `payload` (the
 //! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`, and

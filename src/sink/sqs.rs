@@ -1,12 +1,8 @@
 //! The `sqs` sink: events sent to an Amazon SQS queue with
 //! `SendMessageBatch`.
 //!
-//! Config: `{"type":"sqs", "queue_url":"https://sqs.<region>.amazonaws.com/<account>/<name>",
-//! "region":"eu-west-1", "message_group_id":"{stream_table}",
-//! "max_message_bytes":262144, "max_in_flight":4}` plus the connection keys
-//! of the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
-//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection
+//! keys are checked by `broker::sqs`.
 //!
 //! Each event is one message. Its body is the row (the event's payload
 //! JSON); its message attributes carry the metadata: `dedup_key`,

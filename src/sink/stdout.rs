@@ -1,13 +1,13 @@
 //! The `stdout` sink: events as JSON lines, pretty JSON or CSV, on stdout
 //! or appended to a file with size-based rotation.
 //!
-//! Config: `{"type":"stdout", "format":"jsonl"|"json_pretty"|"csv",
-//! "path":"<file>", "rotate_bytes":N}`. A file is fsynced before the
-//! offset is committed; when it reaches `rotate_bytes` it is renamed to
-//! `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file is started.
-//! The directory is fsynced after a file is created or renamed, so the
-//! names survive a power loss as the data does. A closed stdout (`... |
-//! head`) ends the relay cleanly: events not written are not committed.
+//! Keys: [`KEYS`] (README.md and the man page show them). A file is fsynced
+//! before the offset is committed; when it reaches `rotate_bytes` it is
+//! renamed to `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file
+//! is started. The directory is fsynced after a file is created or renamed,
+//! so the names survive a power loss as the data does. A closed stdout
+//! (`... | head`) ends the relay cleanly: events not written are not
+//! committed.
 //!
 //! **Torn records.** A relay killed (or a disk that filled up) mid-write
 //! leaves a torn last record, whose event was not committed. When the file

@@ -1,12 +1,6 @@
 //! The `http` source: a webhook receiver (built on tiny_http) into the inbox.
 //!
-//! Config: `{"type":"http", "listen":"127.0.0.1:8080", "path":"/hooks",
-//! "token":"${ENV:TOKEN}", "signing_secret":"${ENV:SECRET}",
-//! "max_body_bytes":1048576, "id_field":"event_id",
-//! "event_type":{"header":"X-Type"} | {"field":"type"} | "fixed"}`, and the
-//! same for `aggregate_id`, `source` and `trace_id` (default: the field of
-//! the same name). `${ENV:NAME}` is replaced in `token` and
-//! `signing_secret`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Requests: `POST <path>` with one JSON object or a JSON array of objects.
 //! Answers, in the order checked: 405 for another method, 404 for another

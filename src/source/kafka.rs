@@ -1,18 +1,12 @@
 //! The `kafka` source: a Kafka consumer group into the inbox, with a
 //! librdkafka `BaseConsumer` (no async runtime).
 //!
-//! Config: `{"type":"kafka", "brokers":"host:9092", "topic":"orders"` (or
-//! `"topics":["a","b"]`), `"group_id":"inbox-orders", "start":"earliest",
-//! "properties":{...}, "event_type":{"header":"type"} | {"field":"type"} |
-//! "fixed"}`, and the same for `aggregate_id`, `source` and `trace_id`: a
-//! record header, a field of the JSON value, or a fixed string (default:
-//! the header of the same name, else the JSON field of the same name).
-//! `brokers` and `properties` (SASL, SSL, fetch sizes...) are described in
-//! the shared Kafka module; the relay sets `group.id` (from `group_id`),
-//! `auto.offset.reset` (from `start`), `enable.auto.commit=false`,
-//! `enable.auto.offset.store=false` and `enable.partition.eof=true`, and
-//! defaults `session.timeout.ms` to 10000 (a crashed relay's partitions
-//! move on within ten seconds).
+//! Keys: [`KEYS`] (README.md and the man page show them); `brokers` and
+//! `properties` are checked by the shared Kafka module. The relay sets
+//! `group.id` (from `group_id`), `auto.offset.reset` (from `start`),
+//! `enable.auto.commit=false`, `enable.auto.offset.store=false` and
+//! `enable.partition.eof=true`, and defaults `session.timeout.ms` to 10000
+//! (a crashed relay's partitions move on within ten seconds).
 //!
 //! `start` only matters when the group has no committed offset yet (a
 //! group the relay creates by joining it): `earliest` (the default) reads

@@ -1,13 +1,7 @@
 //! The `nats` source: a NATS JetStream durable pull consumer into the inbox.
 //!
-//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"ORDERS",
-//! "consumer":"<durable name>", "subject":"<filter>",
-//! "credentials":"<file.creds>", "start":"all"|"new", "ack_wait_ms":30000,
-//! "event_type":{"header":"Type"} | {"field":"type"} | "fixed"}`, and the
-//! same for `aggregate_id`, `source` and `trace_id`. `url` (one server or a
-//! comma-separated list; `tls://` for TLS) and `credentials` may use
-//! `${ENV:NAME}`; the connection is made by `broker::nats`, as for the sink.
-//! `consumer` defaults to `pgtrickle-relay-<pipeline>`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection is
+//! made by `broker::nats`, as for the sink.
 //!
 //! `stream` must exist (else the pipeline stops with an error naming it).
 //! The durable consumer is created when missing: explicit acks, `ack_wait`

@@ -1,10 +1,7 @@
 //! The `postgres` source (alias `pg-outbox`): the outbox of another
 //! PostgreSQL database into the local inbox.
 //!
-//! Config: `{"type":"postgres", "url":"postgres://...", "outbox":"orders",
-//! "subject":"pgtrickle.{stream_table}.{op}"}`. `url` may use `${ENV:NAME}`
-//! and the TLS parameters of `--postgres-url`; `outbox` is a stream or
-//! outbox table name of that database.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! The remote outbox is read as a forward pipeline reads its own (the same
 //! SQL): a kit outbox in (txid, id) order and only below the remote commit

@@ -2,14 +2,9 @@
 //! message acknowledged only after the inbox transaction holding it
 //! committed.
 //!
-//! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
-//! "queue":"<name>", "prefetch":500, "declare":false, "exchange":"<name>",
-//! "exchange_type":"topic", "binding_key":"#", "event_type":..., "aggregate_id":...,
-//! "source":..., "trace_id":...}`. `url` (see `src/broker/amqp.rs`: `amqps://`
-//! for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `prefetch` is how many
-//! unacknowledged messages the broker sends ahead (1-65535, default 500);
-//! an inbox batch holds at most half of them (and at most `batch_size`),
-//! so the broker keeps sending while a batch is written.
+//! Keys: [`KEYS`] (README.md and the man page show them). An inbox batch
+//! holds at most half of `prefetch` (and at most `batch_size`), so the
+//! broker keeps sending while a batch is written.
 //!
 //! **The queue.** Without `declare` the queue must exist, or the pipeline
 //! stops with an error that says so. With `declare: true` the relay

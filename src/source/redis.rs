@@ -1,11 +1,6 @@
 //! The `redis` source: a Redis Streams consumer group into the inbox.
 //!
-//! Config: `{"type":"redis", "url":"redis://host:6379/0", "stream":"orders",
-//! "group":"pgtrickle-relay", "consumer":"<name>", "claim_idle_ms":30000,
-//! "start":"earliest"|"latest", "event_type":{"field":"type"} | "fixed"}`,
-//! and the same for `aggregate_id`, `source` and `trace_id` (default: the
-//! entry field of the same name, else the payload's JSON field). `url` may
-//! use `${ENV:NAME}`. `consumer` defaults to `<hostname>-<pid>`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! The group is created (`XGROUP CREATE ... MKSTREAM`) when missing, at id
 //! `0` (`start: earliest`, so a backlog is not lost) or `$` (`latest`).

@@ -1,12 +1,7 @@
 //! The `sqs` source: an Amazon SQS queue into the inbox.
 //!
-//! Config: `{"type":"sqs", "queue_url":"https://sqs.<region>.amazonaws.com/<account>/<name>",
-//! "region":"eu-west-1", "wait_time_seconds":4, "visibility_timeout":60,
-//! "event_type":{"header":"type"} | {"field":"type"} | "fixed"}`, the same
-//! for `aggregate_id`, `source` and `trace_id`, plus the connection keys of
-//! the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
-//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection
+//! keys are checked by `broker::sqs`.
 //!
 //! Receiving: `ReceiveMessage` with up to 10 messages per call; the first
 //! call of a batch long-polls for `wait_time_seconds` (0 to 20, default 4:
