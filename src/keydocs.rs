@@ -221,6 +221,27 @@ fn every_spec_agrees_with_its_parser() {
     for p in source::REGISTRY {
         problems.extend(check_plugin("source", p, |f, k| f(k)));
     }
+    // The `type` key's doc names every type (but aliases).
+    for t in tables() {
+        let Some((side, name)) = t.name.split_once(':') else {
+            continue;
+        };
+        let common = if side == "sink" {
+            sink::COMMON_KEYS
+        } else {
+            source::COMMON_KEYS
+        };
+        let doc = common
+            .iter()
+            .find(|k| k.name == "type")
+            .map_or("", |k| k.doc);
+        if !doc.contains(&format!("`{name}`")) {
+            problems.push(format!(
+                "the doc of `type` in COMMON_KEYS of src/{side}/mod.rs does not name the \
+                 {side} `{name}`"
+            ));
+        }
+    }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
@@ -522,6 +543,19 @@ fn the_man_page_documents_every_key_with_its_default() {
             continue;
         };
         let entries = man_entries(section);
+        if let Some(n) = name {
+            let common = man_section(&man, head, None).unwrap_or("");
+            let types = man_entries(common)
+                .into_iter()
+                .find(|(names, _)| names.iter().any(|n| n == "type"))
+                .map(|(_, text)| plain(&text))
+                .unwrap_or_default();
+            if !types.lines().any(|l| l.split([' ', ',']).any(|w| w == n)) {
+                problems.push(format!(
+                    "man page, {head}: the entry of `type` does not name `{n}`"
+                ));
+            }
+        }
         let documented: Vec<&String> = entries.iter().flat_map(|(n, _)| n).collect();
         let place = format!("man page, {head} {}", name.unwrap_or("(keys of every one)"));
         for k in t.keys {
