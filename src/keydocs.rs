@@ -6,7 +6,10 @@
 //!
 //! - The specs agree with the parsers: every key of a spec is taken by its
 //!   parser with a value of its kind, its documented default is a value the
-//!   parser takes, and every key the parser takes has a spec.
+//!   parser takes, and every key the parser takes has a spec. A documented
+//!   default given explicitly must parse to the config the key left out
+//!   gives (the `Debug` of both compared), unless the parser keeps the key
+//!   as given (`None` against `Some(default)`: then it cannot tell).
 //! - README.md's key tables are generated from the specs, between
 //!   `<!-- keys NAME -->` and `<!-- /keys -->` (NAME is `sink`, `source`,
 //!   `sink:<type>` or `source:<type>`). A table that differs fails the
@@ -113,6 +116,84 @@ fn required(keys: &[KeySpec]) -> Map<String, Value> {
         .collect()
 }
 
+/// Values a test tries for a string key its parser refuses: URLs of each
+/// scheme a plugin takes, an address, a plain name.
+const CANDIDATES: &[&str] = &[
+    "https://h.example/q",
+    "redis://h.example",
+    "amqp://h.example",
+    "postgres://h.example/db",
+    "127.0.0.1:0",
+    "S",
+];
+
+/// A config that `parse` accepts, made of the required keys of `keys` (and
+/// any key an error asks for), each with a value of its kind, the string
+/// values tried from [`CANDIDATES`] until the parser takes them.
+fn minimal<T>(
+    side: &str,
+    keys: &[KeySpec],
+    parse: impl Fn(Map<String, Value>) -> Result<T, ConfigError>,
+) -> Result<(Map<String, Value>, T), ConfigError> {
+    let mut config = required(keys);
+    let mut tried: Vec<(String, usize)> = Vec::new();
+    loop {
+        let e = match parse(config.clone()) {
+            Ok(t) => return Ok((config, t)),
+            Err(e) => e,
+        };
+        let name = e.key.strip_prefix(&format!("{side}.")).unwrap_or("");
+        let Some(spec) = keys.iter().find(|k| k.name == name) else {
+            return Err(e);
+        };
+        let n = match tried.iter_mut().find(|(k, _)| k == name) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                tried.push((name.to_string(), 0));
+                0
+            }
+        };
+        let value = match (spec.kind, config.contains_key(name)) {
+            (_, false) => sample(spec.kind),
+            ("string", true) if n < CANDIDATES.len() => json!(CANDIDATES[n]),
+            _ => return Err(e),
+        };
+        config.insert(name.to_string(), value);
+    }
+}
+
+/// Whether two `Debug` texts of a parsed config are the same but where the
+/// first holds `None` and the second `Some(...)`: a parser that keeps a
+/// key as given and applies its default later.
+fn same_but_optional(without: &str, with: &str) -> bool {
+    let i = without
+        .bytes()
+        .zip(with.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let (Some(a), Some(b)) = (
+        without[i..].strip_prefix("None"),
+        with[i..].strip_prefix("Some("),
+    ) else {
+        return false;
+    };
+    let mut depth = 1;
+    let Some(end) = b.char_indices().find_map(|(j, c)| {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+        (depth == 0).then_some(j)
+    }) else {
+        return false;
+    };
+    a == &b[end + 1..]
+}
+
 /// Whether `e` says that the parser has no key `name`, or does not take a
 /// value of that kind for it.
 fn refuses_key(e: &ConfigError, side: &str, name: &str) -> bool {
@@ -135,13 +216,20 @@ fn expected_fields(msg: &str) -> Vec<String> {
 
 /// Check one plugin's specs against its parser (called without
 /// [`crate::keys::known`], so serde's own view of the keys shows).
-fn check_plugin<P: Copy, T>(
+fn check_plugin<P: Copy, T: std::fmt::Debug>(
     side: &str,
     p: &Plugin<P>,
     parse: impl Fn(P, Map<String, Value>) -> Result<T, ConfigError>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
     let at = format!("{side} `{}`", p.name);
+    let base = minimal(side, p.keys, |k| parse(p.parse, k));
+    if let Err(e) = &base {
+        problems.push(format!(
+            "{at}: no config of its required keys is accepted ({e}): add a value it \
+             takes to CANDIDATES in src/keydocs.rs"
+        ));
+    }
     for (i, k) in p.keys.iter().enumerate() {
         if p.keys[..i].iter().any(|o| o.name == k.name) {
             problems.push(format!("{at}: key `{}` has two rows in its KEYS", k.name));
@@ -163,6 +251,22 @@ fn check_plugin<P: Copy, T>(
                      Fix the row's name or kind, or the parser",
                     k.name, k.kind
                 ));
+            }
+        }
+        if let (Fallback::Value(v), Ok((min, parsed))) = (k.default, &base) {
+            // The default given: the same config, or the same but where
+            // the parser keeps what was given (`None` / `Some`).
+            let mut keys = min.clone();
+            keys.insert(k.name.to_string(), default_value(k, v));
+            if let Ok(with) = parse(p.parse, keys) {
+                let (without, with) = (format!("{parsed:?}"), format!("{with:?}"));
+                if without != with && !same_but_optional(&without, &with) {
+                    problems.push(format!(
+                        "{at}: `{}` given as its documented default `{v}` parses to another \
+                         config than `{}` left out:\n  left out: {without}\n  given:    {with}",
+                        k.name, k.name
+                    ));
+                }
             }
         }
         if let Fallback::Value(v) = k.default {
