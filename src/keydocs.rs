@@ -24,55 +24,17 @@ use serde_json::{json, Map, Value};
 use crate::keys::{ConfigError, Fallback, KeySpec, Plugin};
 use crate::{sink, source};
 
-/// One key table: its marker name and where its keys are written.
-struct Table {
-    /// `sink`, `source`, `sink:<type>` or `source:<type>`.
-    name: String,
-    /// Where a fix goes, for messages.
-    home: String,
-    /// Its keys.
-    keys: &'static [KeySpec],
-}
-
-/// Every key table, in the order the docs show them.
-fn tables() -> Vec<Table> {
-    let mut out = vec![Table {
-        name: "sink".into(),
-        home: "COMMON_KEYS in src/sink/mod.rs".into(),
-        keys: sink::COMMON_KEYS,
-    }];
-    let plugins = |side: &str, names: Vec<(&'static str, &'static [KeySpec])>| {
-        let mut seen: Vec<&'static [KeySpec]> = Vec::new();
-        let mut v = Vec::new();
-        for (name, keys) in names {
-            // An alias (`pg-outbox` for `postgres`) has the same keys.
-            if seen.contains(&keys) {
-                continue;
-            }
-            seen.push(keys);
-            v.push(Table {
-                name: format!("{side}:{name}"),
-                home: format!(
-                    "KEYS of the {side} `{name}` (its file is named in src/{side}/mod.rs)"
-                ),
-                keys,
-            });
+/// The rows of a registry but aliases (`pg-outbox` for `postgres`: the
+/// same keys), as (type, keys).
+fn distinct(
+    registry: Vec<(&'static str, &'static [KeySpec])>,
+) -> Vec<(&'static str, &'static [KeySpec])> {
+    let mut out: Vec<(&'static str, &'static [KeySpec])> = Vec::new();
+    for (name, keys) in registry {
+        if !out.iter().any(|(_, k)| *k == keys) {
+            out.push((name, keys));
         }
-        v
-    };
-    out.extend(plugins(
-        "sink",
-        sink::REGISTRY.iter().map(|p| (p.name, p.keys)).collect(),
-    ));
-    out.push(Table {
-        name: "source".into(),
-        home: "COMMON_KEYS in src/source/mod.rs".into(),
-        keys: source::COMMON_KEYS,
-    });
-    out.extend(plugins(
-        "source",
-        source::REGISTRY.iter().map(|p| (p.name, p.keys)).collect(),
-    ));
+    }
     out
 }
 
@@ -344,24 +306,23 @@ fn every_spec_agrees_with_its_parser() {
         }
     }
     // The `type` key's doc names every type (but aliases).
-    for t in tables() {
-        let Some((side, name)) = t.name.split_once(':') else {
-            continue;
-        };
-        let common = if side == "sink" {
-            sink::COMMON_KEYS
-        } else {
-            source::COMMON_KEYS
-        };
+    let sinks = sink::REGISTRY.iter().map(|p| (p.name, p.keys)).collect();
+    let sources = source::REGISTRY.iter().map(|p| (p.name, p.keys)).collect();
+    for (side, common, registry) in [
+        ("sink", sink::COMMON_KEYS, distinct(sinks)),
+        ("source", source::COMMON_KEYS, distinct(sources)),
+    ] {
         let doc = common
             .iter()
             .find(|k| k.name == "type")
             .map_or("", |k| k.doc);
-        if !doc.contains(&format!("`{name}`")) {
-            problems.push(format!(
-                "the doc of `type` in COMMON_KEYS of src/{side}/mod.rs does not name the \
-                 {side} `{name}`"
-            ));
+        for (name, _) in registry {
+            if !doc.contains(&format!("`{name}`")) {
+                problems.push(format!(
+                    "the doc of `type` in COMMON_KEYS of src/{side}/mod.rs does not name the \
+                     {side} `{name}`"
+                ));
+            }
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
@@ -447,82 +408,9 @@ fn a_key_without_a_spec_is_refused_naming_it_and_the_keys_there_are() {
     );
 }
 
-/// The Markdown of one key table.
-fn markdown(keys: &[KeySpec]) -> String {
-    let mut out = String::from("| key | type | default | meaning |\n|---|---|---|---|\n");
-    let mut i = 0;
-    while i < keys.len() {
-        // Keys that differ only in name share a row.
-        let k = &keys[i];
-        let mut names = vec![format!("`{}`", k.name)];
-        i += 1;
-        while i < keys.len()
-            && (keys[i].kind, keys[i].default, keys[i].doc) == (k.kind, k.default, k.doc)
-        {
-            names.push(format!("`{}`", keys[i].name));
-            i += 1;
-        }
-        let default = match k.default {
-            Fallback::Required => "required".to_string(),
-            Fallback::Unset => "—".to_string(),
-            Fallback::Value(v) => format!("`{v}`"),
-            Fallback::Text(t) => t.to_string(),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {default} | {} |\n",
-            names.join(", "),
-            k.kind,
-            k.doc
-        ));
-    }
-    out
-}
-
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `text` with every `<!-- keys NAME -->` ... `<!-- /keys -->` block
-/// filled with its table; an error names a block without a table, a
-/// table without a block, or a block that is not closed.
-fn fill(text: &str, tables: &[Table]) -> Result<String, String> {
-    let mut out = String::new();
-    let mut rest = text;
-    let mut done = Vec::new();
-    while let Some(i) = rest.find("<!-- keys ") {
-        let open_end = rest[i..].find("-->").ok_or("unclosed marker comment")? + i + 3;
-        let name = rest[i + "<!-- keys ".len()..open_end - 3].trim();
-        let close = rest[open_end..]
-            .find("<!-- /keys -->")
-            .ok_or(format!("`<!-- keys {name} -->` has no `<!-- /keys -->`"))?
-            + open_end;
-        let table = tables
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or(format!("`<!-- keys {name} -->`: no such key table"))?;
-        out.push_str(&rest[..open_end]);
-        out.push('\n');
-        out.push_str(&markdown(table.keys));
-        done.push(name.to_string());
-        rest = &rest[close..];
-    }
-    out.push_str(rest);
-    for t in tables {
-        match done.iter().filter(|d| **d == t.name).count() {
-            1 => {}
-            0 => {
-                return Err(format!(
-                    "README.md has no `<!-- keys {} -->` block for the {}: put \
-                     `<!-- keys {0} -->` and `<!-- /keys -->` where its table goes",
-                    t.name, t.home
-                ))
-            }
-            _ => return Err(format!("README.md has `<!-- keys {} -->` twice", t.name)),
-        }
-    }
-    Ok(out)
-}
-
+/// The docs, made from the specs or checked against them: with every
+/// feature only, as README.md and the man page describe every sink and
+/// source.
 #[cfg(all(
     feature = "redis",
     feature = "pg-inbox",
@@ -532,177 +420,292 @@ fn fill(text: &str, tables: &[Table]) -> Result<String, String> {
     feature = "rabbitmq",
     feature = "sqs"
 ))]
-#[test]
-fn readme_key_tables_are_the_specs() {
-    let path = root().join("README.md");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let filled = fill(&text, &tables()).unwrap_or_else(|e| panic!("{e}"));
-    if filled == text {
-        return;
-    }
-    if std::env::var_os("UPDATE_DOCS").is_some() {
-        std::fs::write(&path, filled).unwrap();
-        return;
-    }
-    let (old, new): (Vec<_>, Vec<_>) = (text.lines().collect(), filled.lines().collect());
-    let line = old
-        .iter()
-        .zip(&new)
-        .position(|(a, b)| a != b)
-        .unwrap_or(old.len().min(new.len()));
-    panic!(
-        "README.md's key tables differ from the key specs from line {}:\n  README: {}\n  specs:  {}\n\
-         Edit the specs (the KEYS of the sink or source), not the tables, then run \
-         `UPDATE_DOCS=1 cargo test --lib keydocs`",
-        line + 1,
-        old.get(line).unwrap_or(&""),
-        new.get(line).unwrap_or(&"")
-    );
-}
+mod docs {
+    use super::*;
 
-/// The man page's text of `.SS name` under `.SH head`, up to the next
-/// section (`name` `None`: the text before the first `.SS`).
-fn man_section<'a>(man: &'a str, head: &str, name: Option<&str>) -> Option<&'a str> {
-    let start = man.find(&format!("\n.SH {head}\n"))? + 1;
-    let body = &man[start..];
-    let end = body[1..].find("\n.SH ").map_or(body.len(), |i| i + 1);
-    let body = &body[..end];
-    match name {
-        None => Some(&body[..body.find("\n.SS ").map_or(body.len(), |i| i + 1)]),
-        Some(n) => {
-            let ss = format!("\n.SS {}\n", n.replace('-', "\\-"));
-            let s = body
-                .find(&ss)
-                .or_else(|| body.find(&format!("\n.SS {n}\n")))?
-                + 1;
-            let sec = &body[s..];
-            Some(&sec[..sec[1..].find("\n.SS ").map_or(sec.len(), |i| i + 1)])
-        }
+    /// One key table: its marker name and where its keys are written.
+    struct Table {
+        /// `sink`, `source`, `sink:<type>` or `source:<type>`.
+        name: String,
+        /// Where a fix goes, for messages.
+        home: String,
+        /// Its keys.
+        keys: &'static [KeySpec],
     }
-}
 
-/// Roff with its escapes and font changes undone.
-fn plain(roff: &str) -> String {
-    let mut s = roff
-        .replace("\\-", "-")
-        .replace("\\&", "")
-        .replace("\\(aq", "'")
-        .replace("\\(dq", "\"")
-        .replace("\\e", "\\");
-    for f in ["\\fB", "\\fI", "\\fR", "\\fP"] {
-        s = s.replace(f, "");
-    }
-    s.lines()
-        .map(|l| {
-            let l = [".BR ", ".BI ", ".IB ", ".RB ", ".I ", ".B "]
-                .iter()
-                .find_map(|m| l.strip_prefix(m))
-                .map(|r| r.replace('"', ""))
-                .unwrap_or_else(|| l.to_string());
-            l
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The entries of a man page section: the key names of each `.TP` tag
-/// (outside `.RS`/`.RE`) and the entry's text.
-fn man_entries(section: &str) -> Vec<(Vec<String>, String)> {
-    let mut out: Vec<(Vec<String>, String)> = Vec::new();
-    let mut lines = section.lines();
-    let mut depth = 0;
-    let mut current: Option<usize> = None;
-    while let Some(l) = lines.next() {
-        if l.starts_with(".RS") {
-            depth += 1;
-        } else if l.starts_with(".RE") {
-            depth -= 1;
-        } else if depth == 0 && l == ".TP" {
-            let tag = plain(lines.next().unwrap_or(""));
-            let names = tag
-                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .filter(|w| !w.is_empty() && *w != "or")
-                .map(str::to_string)
-                .collect();
-            out.push((names, String::new()));
-            current = Some(out.len() - 1);
-            continue;
-        } else if depth == 0 && (l.starts_with(".PP") || l.starts_with(".SS")) {
-            current = None;
-        }
-        if let Some(c) = current {
-            out[c].1.push_str(l);
-            out[c].1.push('\n');
-        }
-    }
-    out
-}
-
-#[cfg(all(
-    feature = "redis",
-    feature = "pg-inbox",
-    feature = "http",
-    feature = "nats",
-    feature = "kafka",
-    feature = "rabbitmq",
-    feature = "sqs"
-))]
-#[test]
-fn the_man_page_documents_every_key_with_its_default() {
-    let man = std::fs::read_to_string(root().join("man/pgtrickle-relay.1")).unwrap();
-    let mut problems = Vec::new();
-    for t in tables() {
-        let (side, name) = t
-            .name
-            .split_once(':')
-            .map_or((t.name.as_str(), None), |(s, n)| (s, Some(n)));
-        let head = if side == "sink" { "SINKS" } else { "SOURCES" };
-        let Some(section) = man_section(&man, head, name) else {
-            problems.push(format!(
-                "the man page has no `.SS {}` under `.SH {head}`",
-                name.unwrap_or("")
-            ));
-            continue;
-        };
-        let entries = man_entries(section);
-        if let Some(n) = name {
-            let common = man_section(&man, head, None).unwrap_or("");
-            let types = man_entries(common)
+    /// Every key table, in the order the docs show them.
+    fn tables() -> Vec<Table> {
+        let mut out = vec![Table {
+            name: "sink".into(),
+            home: "COMMON_KEYS in src/sink/mod.rs".into(),
+            keys: sink::COMMON_KEYS,
+        }];
+        let plugins = |side: &'static str, registry: Vec<(&'static str, &'static [KeySpec])>| {
+            distinct(registry)
                 .into_iter()
-                .find(|(names, _)| names.iter().any(|n| n == "type"))
-                .map(|(_, text)| plain(&text))
-                .unwrap_or_default();
-            if !types.lines().any(|l| l.split([' ', ',']).any(|w| w == n)) {
-                problems.push(format!(
-                    "man page, {head}: the entry of `type` does not name `{n}`"
-                ));
+                .map(move |(name, keys)| Table {
+                    name: format!("{side}:{name}"),
+                    home: format!(
+                        "KEYS of the {side} `{name}` (its file is named in src/{side}/mod.rs)"
+                    ),
+                    keys,
+                })
+        };
+        out.extend(plugins(
+            "sink",
+            sink::REGISTRY.iter().map(|p| (p.name, p.keys)).collect(),
+        ));
+        out.push(Table {
+            name: "source".into(),
+            home: "COMMON_KEYS in src/source/mod.rs".into(),
+            keys: source::COMMON_KEYS,
+        });
+        out.extend(plugins(
+            "source",
+            source::REGISTRY.iter().map(|p| (p.name, p.keys)).collect(),
+        ));
+        out
+    }
+
+    /// The Markdown of one key table.
+    fn markdown(keys: &[KeySpec]) -> String {
+        let mut out = String::from("| key | type | default | meaning |\n|---|---|---|---|\n");
+        let mut i = 0;
+        while i < keys.len() {
+            // Keys that differ only in name share a row.
+            let k = &keys[i];
+            let mut names = vec![format!("`{}`", k.name)];
+            i += 1;
+            while i < keys.len()
+                && (keys[i].kind, keys[i].default, keys[i].doc) == (k.kind, k.default, k.doc)
+            {
+                names.push(format!("`{}`", keys[i].name));
+                i += 1;
+            }
+            let default = match k.default {
+                Fallback::Required => "required".to_string(),
+                Fallback::Unset => "—".to_string(),
+                Fallback::Value(v) => format!("`{v}`"),
+                Fallback::Text(t) => t.to_string(),
+            };
+            out.push_str(&format!(
+                "| {} | {} | {default} | {} |\n",
+                names.join(", "),
+                k.kind,
+                k.doc
+            ));
+        }
+        out
+    }
+
+    fn root() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    /// `text` with every `<!-- keys NAME -->` ... `<!-- /keys -->` block
+    /// filled with its table; an error names a block without a table, a
+    /// table without a block, or a block that is not closed.
+    fn fill(text: &str, tables: &[Table]) -> Result<String, String> {
+        let mut out = String::new();
+        let mut rest = text;
+        let mut done = Vec::new();
+        while let Some(i) = rest.find("<!-- keys ") {
+            let open_end = rest[i..].find("-->").ok_or("unclosed marker comment")? + i + 3;
+            let name = rest[i + "<!-- keys ".len()..open_end - 3].trim();
+            let close = rest[open_end..]
+                .find("<!-- /keys -->")
+                .ok_or(format!("`<!-- keys {name} -->` has no `<!-- /keys -->`"))?
+                + open_end;
+            let table = tables
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or(format!("`<!-- keys {name} -->`: no such key table"))?;
+            out.push_str(&rest[..open_end]);
+            out.push('\n');
+            out.push_str(&markdown(table.keys));
+            done.push(name.to_string());
+            rest = &rest[close..];
+        }
+        out.push_str(rest);
+        for t in tables {
+            match done.iter().filter(|d| **d == t.name).count() {
+                1 => {}
+                0 => {
+                    return Err(format!(
+                        "README.md has no `<!-- keys {} -->` block for the {}: put \
+                         `<!-- keys {0} -->` and `<!-- /keys -->` where its table goes",
+                        t.name, t.home
+                    ))
+                }
+                _ => return Err(format!("README.md has `<!-- keys {} -->` twice", t.name)),
             }
         }
-        let documented: Vec<&String> = entries.iter().flat_map(|(n, _)| n).collect();
-        let place = format!("man page, {head} {}", name.unwrap_or("(keys of every one)"));
-        for k in t.keys {
-            let Some((_, text)) = entries.iter().find(|(n, _)| n.iter().any(|n| n == k.name))
-            else {
-                problems.push(format!("{place}: no `.TP` entry for key `{}`", k.name));
+        Ok(out)
+    }
+
+    #[test]
+    fn readme_key_tables_are_the_specs() {
+        let path = root().join("README.md");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let filled = fill(&text, &tables()).unwrap_or_else(|e| panic!("{e}"));
+        if filled == text {
+            return;
+        }
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, filled).unwrap();
+            return;
+        }
+        let (old, new): (Vec<_>, Vec<_>) = (text.lines().collect(), filled.lines().collect());
+        let line = old
+            .iter()
+            .zip(&new)
+            .position(|(a, b)| a != b)
+            .unwrap_or(old.len().min(new.len()));
+        panic!(
+            "README.md's key tables differ from the key specs from line {}:\n  README: {}\n  specs:  {}\n\
+             Edit the specs (the KEYS of the sink or source), not the tables, then run \
+             `UPDATE_DOCS=1 cargo test --lib keydocs`",
+            line + 1,
+            old.get(line).unwrap_or(&""),
+            new.get(line).unwrap_or(&"")
+        );
+    }
+
+    /// The man page's text of `.SS name` under `.SH head`, up to the next
+    /// section (`name` `None`: the text before the first `.SS`).
+    fn man_section<'a>(man: &'a str, head: &str, name: Option<&str>) -> Option<&'a str> {
+        let start = man.find(&format!("\n.SH {head}\n"))? + 1;
+        let body = &man[start..];
+        let end = body[1..].find("\n.SH ").map_or(body.len(), |i| i + 1);
+        let body = &body[..end];
+        match name {
+            None => Some(&body[..body.find("\n.SS ").map_or(body.len(), |i| i + 1)]),
+            Some(n) => {
+                let ss = format!("\n.SS {}\n", n.replace('-', "\\-"));
+                let s = body
+                    .find(&ss)
+                    .or_else(|| body.find(&format!("\n.SS {n}\n")))?
+                    + 1;
+                let sec = &body[s..];
+                Some(&sec[..sec[1..].find("\n.SS ").map_or(sec.len(), |i| i + 1)])
+            }
+        }
+    }
+
+    /// Roff with its escapes and font changes undone.
+    fn plain(roff: &str) -> String {
+        let mut s = roff
+            .replace("\\-", "-")
+            .replace("\\&", "")
+            .replace("\\(aq", "'")
+            .replace("\\(dq", "\"")
+            .replace("\\e", "\\");
+        for f in ["\\fB", "\\fI", "\\fR", "\\fP"] {
+            s = s.replace(f, "");
+        }
+        s.lines()
+            .map(|l| {
+                let l = [".BR ", ".BI ", ".IB ", ".RB ", ".I ", ".B "]
+                    .iter()
+                    .find_map(|m| l.strip_prefix(m))
+                    .map(|r| r.replace('"', ""))
+                    .unwrap_or_else(|| l.to_string());
+                l
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The entries of a man page section: the key names of each `.TP` tag
+    /// (outside `.RS`/`.RE`) and the entry's text.
+    fn man_entries(section: &str) -> Vec<(Vec<String>, String)> {
+        let mut out: Vec<(Vec<String>, String)> = Vec::new();
+        let mut lines = section.lines();
+        let mut depth = 0;
+        let mut current: Option<usize> = None;
+        while let Some(l) = lines.next() {
+            if l.starts_with(".RS") {
+                depth += 1;
+            } else if l.starts_with(".RE") {
+                depth -= 1;
+            } else if depth == 0 && l == ".TP" {
+                let tag = plain(lines.next().unwrap_or(""));
+                let names = tag
+                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| !w.is_empty() && *w != "or")
+                    .map(str::to_string)
+                    .collect();
+                out.push((names, String::new()));
+                current = Some(out.len() - 1);
+                continue;
+            } else if depth == 0 && (l.starts_with(".PP") || l.starts_with(".SS")) {
+                current = None;
+            }
+            if let Some(c) = current {
+                out[c].1.push_str(l);
+                out[c].1.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_man_page_documents_every_key_with_its_default() {
+        let man = std::fs::read_to_string(root().join("man/pgtrickle-relay.1")).unwrap();
+        let mut problems = Vec::new();
+        for t in tables() {
+            let (side, name) = t
+                .name
+                .split_once(':')
+                .map_or((t.name.as_str(), None), |(s, n)| (s, Some(n)));
+            let head = if side == "sink" { "SINKS" } else { "SOURCES" };
+            let Some(section) = man_section(&man, head, name) else {
+                problems.push(format!(
+                    "the man page has no `.SS {}` under `.SH {head}`",
+                    name.unwrap_or("")
+                ));
                 continue;
             };
-            let text = plain(text);
-            match k.default {
-                Fallback::Required if !text.to_lowercase().contains("required") => {
-                    problems.push(format!("{place}: `{}` does not say it is required", k.name))
+            let entries = man_entries(section);
+            if let Some(n) = name {
+                let common = man_section(&man, head, None).unwrap_or("");
+                let types = man_entries(common)
+                    .into_iter()
+                    .find(|(names, _)| names.iter().any(|n| n == "type"))
+                    .map(|(_, text)| plain(&text))
+                    .unwrap_or_default();
+                if !types.lines().any(|l| l.split([' ', ',']).any(|w| w == n)) {
+                    problems.push(format!(
+                        "man page, {head}: the entry of `type` does not name `{n}`"
+                    ));
                 }
-                Fallback::Value(v) if !text.contains(v) => problems.push(format!(
-                    "{place}: `{}` does not state its default {v}",
-                    k.name
-                )),
-                _ => {}
+            }
+            let documented: Vec<&String> = entries.iter().flat_map(|(n, _)| n).collect();
+            let place = format!("man page, {head} {}", name.unwrap_or("(keys of every one)"));
+            for k in t.keys {
+                let Some((_, text)) = entries.iter().find(|(n, _)| n.iter().any(|n| n == k.name))
+                else {
+                    problems.push(format!("{place}: no `.TP` entry for key `{}`", k.name));
+                    continue;
+                };
+                let text = plain(text);
+                match k.default {
+                    Fallback::Required if !text.to_lowercase().contains("required") => {
+                        problems.push(format!("{place}: `{}` does not say it is required", k.name))
+                    }
+                    Fallback::Value(v) if !text.contains(v) => problems.push(format!(
+                        "{place}: `{}` does not state its default {v}",
+                        k.name
+                    )),
+                    _ => {}
+                }
+            }
+            for d in documented {
+                if !t.keys.iter().any(|k| k.name == d.as_str()) {
+                    problems.push(format!("{place}: entry `{d}` is no key of {}", t.home));
+                }
             }
         }
-        for d in documented {
-            if !t.keys.iter().any(|k| k.name == d.as_str()) {
-                problems.push(format!("{place}: entry `{d}` is no key of {}", t.home));
-            }
-        }
+        assert!(problems.is_empty(), "\n{}", problems.join("\n"));
     }
-    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }

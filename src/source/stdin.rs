@@ -39,7 +39,7 @@ pub struct StdinConfig {
 pub const KEYS: &[KeySpec] = &[KeySpec::new(
     "path",
     "string",
-    Fallback::Text("stdin"),
+    Fallback::Unset,
     "read this file instead of stdin",
 )];
 
