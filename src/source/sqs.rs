@@ -79,43 +79,53 @@ pub const KEYS: &[KeySpec] = &[
         "queue_url",
         "string",
         Fallback::Required,
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        "the queue's URL, as for the `sqs` sink",
     ),
     KeySpec::new(
         "region",
         "string",
-        Fallback::Text("as for the `sqs` sink"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
     ),
     KeySpec::new(
         "endpoint",
         "string",
-        Fallback::Text("as for the `sqs` sink"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
     ),
     KeySpec::new(
         "access_key_id",
         "string",
-        Fallback::Text("as for the `sqs` sink"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
     ),
     KeySpec::new(
         "secret_access_key",
         "string",
-        Fallback::Text("as for the `sqs` sink"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
     ),
     KeySpec::new(
         "session_token",
         "string",
-        Fallback::Text("as for the `sqs` sink"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
     ),
     KeySpec::new(
         "timeout_ms",
         "integer",
         Fallback::Value("30000"),
-        "as for the `sqs` sink (credentials default to the AWS credential chain described there)",
+        "the time limit of a request",
     ),
     KeySpec::new(
         "wait_time_seconds",
