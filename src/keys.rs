@@ -6,7 +6,7 @@
 use std::fmt;
 
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::Error;
 
@@ -55,27 +55,119 @@ pub fn blame(key: &str, e: Error) -> ConfigError {
     }
 }
 
-/// The parser registered for `kind` in a sink or source registry (`what`
+/// What a key holds when a config leaves it out, as the docs show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The key must be given.
+    Required,
+    /// Nothing: what the key sets is not done (no trimming, no signing...).
+    Unset,
+    /// This value, as the config would write it (shown as code).
+    Value(&'static str),
+    /// What this Markdown text says (a flag, a value found at run time).
+    Text(&'static str),
+}
+
+/// One config key of a sink, a source or a pipeline: the one place its
+/// name, type, default and meaning are written. The parser refuses a key
+/// that has no spec ([`known`]); the key tables of README.md and of the
+/// man page are checked against the specs by the tests of `keydocs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeySpec {
+    /// The key, as written in the config.
+    pub name: &'static str,
+    /// What it holds, in words: `string`, `integer`, `boolean`,
+    /// `template`, `object`, `list of strings`...
+    pub kind: &'static str,
+    /// What it is when left out.
+    pub default: Fallback,
+    /// What it does: one line of Markdown (a row of a README table).
+    pub doc: &'static str,
+}
+
+impl KeySpec {
+    /// A key spec (short to write in a table of them).
+    pub const fn new(
+        name: &'static str,
+        kind: &'static str,
+        default: Fallback,
+        doc: &'static str,
+    ) -> KeySpec {
+        KeySpec {
+            name,
+            kind,
+            default,
+            doc,
+        }
+    }
+}
+
+/// A sink or source type of a registry: its name, its parser (which gets
+/// the config's keys but those every sink or source has), and its keys.
+#[derive(Debug)]
+pub struct Plugin<P> {
+    /// The `type` that selects it.
+    pub name: &'static str,
+    /// Parses its keys; called once [`known`] accepted every one of them.
+    pub parse: P,
+    /// Every key it takes.
+    pub keys: &'static [KeySpec],
+}
+
+impl<P> Plugin<P> {
+    /// A registry row.
+    pub const fn new(name: &'static str, parse: P, keys: &'static [KeySpec]) -> Plugin<P> {
+        Plugin { name, parse, keys }
+    }
+}
+
+/// The plugin registered for `kind` in a sink or source registry (`what`
 /// is `"sink"` or `"source"`), or an error at `<what>.type` that lists the
 /// types this binary has.
-pub fn registered<P: Copy>(
+pub fn registered<'r, P>(
     what: &str,
     kind: &str,
-    registry: &[(&str, P)],
-) -> Result<P, ConfigError> {
-    match registry.iter().find(|(name, _)| *name == kind) {
-        Some((_, parse)) => Ok(*parse),
+    registry: &'r [Plugin<P>],
+) -> Result<&'r Plugin<P>, ConfigError> {
+    match registry.iter().find(|p| p.name == kind) {
+        Some(p) => Ok(p),
         None => Err(ConfigError::new(
             format!("{what}.type"),
             format!(
                 "unknown {what} type {kind:?} (this binary has: {})",
                 registry
                     .iter()
-                    .map(|(n, _)| *n)
+                    .map(|p| p.name)
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
         )),
+    }
+}
+
+/// Refuse a key of `keys` that no table of `specs` lists, at
+/// `<what>.<key>`, with the words serde uses for an unknown field.
+pub fn known(
+    what: &str,
+    specs: &[&[KeySpec]],
+    keys: &Map<String, Value>,
+) -> Result<(), ConfigError> {
+    let mut all = specs.iter().flat_map(|t| t.iter());
+    match keys.keys().find(|k| !all.clone().any(|s| s.name == *k)) {
+        None => Ok(()),
+        Some(k) => {
+            let names: Vec<String> = all.by_ref().map(|s| format!("`{}`", s.name)).collect();
+            let expected = match names.as_slice() {
+                [] => "there are no fields".to_string(),
+                [one] => format!("expected {one}"),
+                [a, b] => format!("expected {a} or {b}"),
+                all => format!("expected one of {}", all.join(", ")),
+            };
+            Err(ConfigError::new(
+                format!("{what}.{k}"),
+                format!("unknown field `{k}`, {expected}"),
+            ))
+        }
     }
 }
 

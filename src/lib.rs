@@ -14,6 +14,8 @@ mod event;
 mod forward;
 mod health;
 mod inbox;
+#[cfg(test)]
+mod keydocs;
 mod keys;
 mod logging;
 mod metrics;

@@ -102,7 +102,7 @@ impl std::fmt::Debug for ConnKeys {
 }
 
 /// The names of [`ConnKeys`]' keys.
-const CONN_KEYS: &[&str] = &[
+pub const CONN_KEYS: &[&str] = &[
     "queue_url",
     "region",
     "endpoint",

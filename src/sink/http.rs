@@ -1,9 +1,6 @@
 //! The `http` sink: events POSTed to a webhook as JSON.
 //!
-//! Config: `{"type":"http", "url":"https://...", "mode":"batch"|"event",
-//! "headers":{"Authorization":"Bearer ${ENV:TOKEN}"}, "timeout_ms":N,
-//! "signing_secret":"${ENV:SECRET}"}`. `${ENV:NAME}` is replaced in `url`,
-//! header values and `signing_secret`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Requests: `POST url` with `Content-Type: application/json`.
 //! - `mode: "batch"` (default): one request per batch, the body a JSON
@@ -46,7 +43,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
@@ -85,6 +82,46 @@ pub struct HttpKeys {
     #[serde(default)]
     signing_scheme: Option<Scheme>,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`http://` or `https://` (TLS checked against the system's CAs); `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "mode",
+        "string",
+        Fallback::Value("batch"),
+        "`batch`: one request per batch, whose body is a JSON array of event envelopes, with `Idempotency-Key: <first dedup key>..<last dedup key>` (each envelope carries its own `dedup_key`). `event`: one request per event, whose body is the envelope, with `Idempotency-Key: <dedup key>`",
+    ),
+    KeySpec::new(
+        "headers",
+        "object",
+        Fallback::Unset,
+        r#"extra request headers, an object of name → string. Values may use `${ENV:NAME}`, for example `{"Authorization": "Bearer ${ENV:HOOK_TOKEN}"}`"#,
+    ),
+    KeySpec::new(
+        "timeout_ms",
+        "integer",
+        Fallback::Value("10000"),
+        "the time limit of a request, connecting included",
+    ),
+    KeySpec::new(
+        "signing_secret",
+        "string",
+        Fallback::Text("no signature"),
+        "sign every request (`${ENV:NAME}` is replaced), by `signing_scheme`. The receiver recomputes the signature and should reject old timestamps",
+    ),
+    KeySpec::new(
+        "signing_scheme",
+        "string",
+        Fallback::Value("pgtrickle"),
+        r#"`pgtrickle`: `Pgtrickle-Timestamp: <unix seconds>` and `Pgtrickle-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>` over the exact body bytes. `standard_webhooks`: the [Standard Webhooks](https://www.standardwebhooks.com/) headers `webhook-id` (the request's `Idempotency-Key`, the same on every retry), `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`, where the secret is base64, optionally after `whsec_` (as Svix and the Standard Webhooks libraries issue them), so their verifiers accept what the relay sends. Checked against the specification's published test vector"#,
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

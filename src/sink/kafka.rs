@@ -1,17 +1,13 @@
 //! The `kafka` sink: events produced to Kafka topics by an idempotent
 //! librdkafka producer (`BaseProducer`, no async runtime).
 //!
-//! Config: `{"type":"kafka", "brokers":"host:9092,host2:9092",
-//! "topic":"<template>", "properties":{...}}`. `topic` is a template like
-//! `subject` (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`,
-//! `{payload.<field>}`, `{headers.<name>}`; default
-//! `pgtrickle.{stream_table}`). `brokers` and `properties` (passed
-//! to librdkafka: SASL, SSL, compression, batching...) are described in
-//! the shared Kafka module. The relay sets `enable.idempotence=true` and
-//! `acks=all`, which a config may repeat but not change, and refuses
-//! `transactional.id`. Its defaults, which a config may change:
-//! `linger.ms=1`, `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`
-//! (a broker that comes back is used again within a second).
+//! Keys: [`KEYS`] (README.md and the man page show them); `brokers` and
+//! `properties` are checked by the shared Kafka module. The relay sets
+//! `enable.idempotence=true` and `acks=all`, which a config may repeat but
+//! not change, and refuses `transactional.id`. Its defaults, which a config
+//! may change: `linger.ms=1`, `message.timeout.ms=30000`,
+//! `reconnect.backoff.max.ms=1000` (a broker that comes back is used again
+//! within a second).
 //!
 //! Each record: key = the `key` template rendered (per-key ordering: e.g.
 //! `{payload.order_id}` puts one aggregate's events on one partition, in
@@ -54,7 +50,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::event::{Event, Op, Template, Vars};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
@@ -121,6 +117,34 @@ fn valid_topic(t: &str) -> bool {
         && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "brokers",
+        "string or list of strings",
+        Fallback::Required,
+        r#"`"host:9092,host2:9092"` or a list of `"host:port"`; `${ENV:NAME}` is replaced"#,
+    ),
+    KeySpec::new(
+        "topic",
+        "template",
+        Fallback::Value(DEFAULT_TOPIC),
+        "the topic, a template like `subject`. The topic must exist, unless the brokers create topics on first use",
+    ),
+    KeySpec::new(
+        "key",
+        "template",
+        Fallback::Text("the event's dedup key (which spreads one outbox's events over all partitions)"),
+        "the record key, a template like `subject`: per-key ordering, e.g. `{payload.order_id}` puts each order's events on one partition, in order",
+    ),
+    KeySpec::new(
+        "properties",
+        "object",
+        Fallback::Unset,
+        "librdkafka settings, an object of name → string, number or boolean: SASL/SSL (`security.protocol`, `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`, ...), `compression.type`, batching. Values may use `${ENV:NAME}` and `${CREDENTIAL:NAME}` and are never logged. Unknown names and bad values are refused when the pipeline loads, naming `sink.properties.<name>`. `enable.idempotence=true` and `acks=all` are set by the relay (repeating them is allowed, changing them is refused), as are `bootstrap.servers` (use `brokers`) and `transactional.id` (refused). The relay's defaults, which you may change: `linger.ms=1`, `message.timeout.ms=30000`, `reconnect.backoff.max.ms=1000`",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {

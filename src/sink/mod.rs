@@ -3,8 +3,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::Event;
-use crate::keys::ConfigError;
+use crate::event::{Event, DEFAULT_SUBJECT};
+use crate::keys::{ConfigError, Fallback, KeySpec, Plugin};
 use crate::retry::Error;
 
 #[cfg(feature = "http")]
@@ -80,29 +80,60 @@ pub trait SinkSpec: Send + std::fmt::Debug {
     }
 }
 
-/// Parses a sink's own keys (everything but `type`, `subject`, `batch_size`).
-type Parse = fn(Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>;
+/// The keys every sink has, which the pipeline's config parser
+/// ([`crate::config`]) takes before the sink parses its own.
+pub const COMMON_KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "type",
+        "string",
+        Fallback::Required,
+        "the sink type: `stdout`, `nats`, `kafka`, `redis`, `rabbitmq`, `sqs`, `http` or `pg-inbox` (each but `stdout` built in when its Cargo feature is on; all are by default)",
+    ),
+    KeySpec::new(
+        "subject",
+        "template",
+        Fallback::Value(DEFAULT_SUBJECT),
+        "a template with `{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`, and, to route by content, `{payload.<field>}` and `{headers.<name>}` (see [Routing by content](#routing-by-content)). An unknown `{variable}` is an error",
+    ),
+    KeySpec::new(
+        "batch_size",
+        "integer",
+        Fallback::Text("`--batch-size`"),
+        "events per batch: a read transaction ends before the outbox row that would take it past `batch_size` events (it always holds at least one row), and the sink is written in batches of that many events; the offset is committed once per batch",
+    ),
+    KeySpec::new(
+        "lease_seconds",
+        "integer",
+        Fallback::Value("60"),
+        "consumer-group mode: how long a leased batch stays this relay's without being extended (2 at least)",
+    ),
+];
 
-/// Every sink built into this binary, by `type`.
-const REGISTRY: &[(&str, Parse)] = &[
-    ("stdout", stdout::parse),
+/// Parses a sink's own keys (everything but `type`, `subject`, `batch_size`).
+pub type Parse = fn(Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>;
+
+/// Every sink built into this binary, by `type`, with its keys.
+pub const REGISTRY: &[Plugin<Parse>] = &[
+    Plugin::new("stdout", stdout::parse, stdout::KEYS),
     #[cfg(feature = "redis")]
-    ("redis", redis::parse),
+    Plugin::new("redis", redis::parse, redis::KEYS),
     #[cfg(feature = "pg-inbox")]
-    ("pg-inbox", pg_inbox::parse),
+    Plugin::new("pg-inbox", pg_inbox::parse, pg_inbox::KEYS),
     #[cfg(feature = "http")]
-    ("http", http::parse),
+    Plugin::new("http", http::parse, http::KEYS),
     #[cfg(feature = "nats")]
-    ("nats", nats::parse),
+    Plugin::new("nats", nats::parse, nats::KEYS),
     #[cfg(feature = "kafka")]
-    ("kafka", kafka::parse),
+    Plugin::new("kafka", kafka::parse, kafka::KEYS),
     #[cfg(feature = "rabbitmq")]
-    ("rabbitmq", rabbitmq::parse),
+    Plugin::new("rabbitmq", rabbitmq::parse, rabbitmq::KEYS),
     #[cfg(feature = "sqs")]
-    ("sqs", sqs::parse),
+    Plugin::new("sqs", sqs::parse, sqs::KEYS),
 ];
 
 /// Parse the config of a sink of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    crate::keys::registered("sink", kind, REGISTRY)?(keys)
+    let plugin = crate::keys::registered("sink", kind, REGISTRY)?;
+    crate::keys::known("sink", &[COMMON_KEYS, plugin.keys], &keys)?;
+    (plugin.parse)(keys)
 }

@@ -1,10 +1,7 @@
 //! The `nats` sink: events published to NATS JetStream, acknowledged.
 //!
-//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"<name>",
-//! "subject":"<template>", "credentials":"<file.creds>",
-//! "create_stream":false, "subjects":["..."], "on_unroutable":"retry"}`. `url` (one server or a
-//! comma-separated list; `tls://` for TLS) and `credentials` may use
-//! `${ENV:NAME}`. The subject is the common `subject` template.
+//! Keys: [`KEYS`] (README.md and the man page show them); the message
+//! subject is the common `subject` template.
 //!
 //! Each event is one message on its rendered subject: the body is the row
 //! (JSON), and the headers are `Nats-Msg-Id` = the dedup key (JetStream
@@ -57,7 +54,7 @@ use serde_json::{Map, Value};
 
 use crate::broker::nats::{connect, valid_name, ApiError, Client};
 use crate::event::Event;
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
@@ -89,6 +86,46 @@ pub struct NatsKeys {
     #[serde(default)]
     on_unroutable: OnUnroutable,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`nats://host:4222`, several separated by commas, or `tls://...` for TLS; `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "stream",
+        "string",
+        Fallback::Required,
+        "the JetStream stream that captures the subjects. If it does not exist, the pipeline stops with an error that says so, unless `create_stream` is set",
+    ),
+    KeySpec::new(
+        "credentials",
+        "string",
+        Fallback::Unset,
+        "a NATS `.creds` file (JWT and NKey); `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "create_stream",
+        "boolean",
+        Fallback::Value("false"),
+        "`true`: create `stream` (file storage) if it is missing",
+    ),
+    KeySpec::new(
+        "subjects",
+        "list of strings",
+        Fallback::Text("the first event's subject with each token that holds a template value replaced by `*`, so `pgtrickle.{stream_table}.{op}` gives `pgtrickle.*.*`"),
+        "with `create_stream`, the subjects the created stream captures",
+    ),
+    KeySpec::new(
+        "on_unroutable",
+        "string",
+        Fallback::Value("retry"),
+        "what to do with an event whose subject no stream captures: `retry` (the batch is retried slowly until a stream captures it, and `/health` shows the error) or `dead_letter`",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

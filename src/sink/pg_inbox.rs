@@ -1,13 +1,10 @@
 //! The `pg-inbox` sink: events inserted into an inbox table of another
 //! PostgreSQL database.
 //!
-//! Config: `{"type":"pg-inbox", "url":"postgres://...", "inbox":"<name>",
-//! "schema":"<schema>"}`. `url` may use `${ENV:NAME}` and the same TLS
-//! parameters as `--postgres-url` (`sslmode`, `sslrootcert`); `schema`
-//! defaults to `pgtrickle`. The inbox is a pg_trickle (or outbox kit) inbox
-//! made with `pgtrickle.create_inbox`, or any table with the columns
-//! `event_id TEXT PRIMARY KEY, event_type, source, aggregate_id, payload
-//! JSONB, trace_id`.
+//! Keys: [`KEYS`] (README.md and the man page show them). The inbox is a
+//! pg_trickle (or outbox kit) inbox made with `pgtrickle.create_inbox`, or
+//! any table with the columns `event_id TEXT PRIMARY KEY, event_type,
+//! source, aggregate_id, payload JSONB, trace_id`.
 //!
 //! One multi-row `INSERT ... ON CONFLICT (event_id) DO NOTHING` (as in the
 //! reverse direction's inbox writer) per chunk of at most [`CHUNK`] events
@@ -28,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::outbox::quote_ident;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
@@ -48,6 +45,28 @@ pub struct PgInboxKeys {
     #[serde(default)]
     schema: Option<String>,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "the other database's connection string, with `${ENV:NAME}` and the same TLS parameters as `--postgres-url` (`sslmode`, `sslrootcert`)",
+    ),
+    KeySpec::new(
+        "inbox",
+        "string",
+        Fallback::Required,
+        "the inbox, made there with `pgtrickle.create_inbox` (or any table with the inbox columns and `event_id` as its primary key)",
+    ),
+    KeySpec::new(
+        "schema",
+        "string",
+        Fallback::Value("pgtrickle"),
+        "the inbox's schema",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

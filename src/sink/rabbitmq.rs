@@ -1,17 +1,8 @@
 //! The `rabbitmq` sink: events published to a RabbitMQ exchange with
 //! publisher confirms.
 //!
-//! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
-//! "exchange":"<name>", "routing_key":"<template>", "declare":false,
-//! "exchange_type":"topic", "mandatory":true, "on_unroutable":"retry"}`. `url` (see `src/broker/amqp.rs`:
-//! `amqps://` for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `exchange`
-//! is required; `""` is the default exchange, which routes by queue name.
-//! `routing_key` is a template like `subject` (`{stream_table}`, `{op}`,
-//! `{outbox_id}`, `{refresh_id}`); without it the event's `subject` is the
-//! routing key. With `declare: true` the sink declares the exchange
-//! (durable, of `exchange_type`, default `topic`) when it starts; without
-//! it the exchange must exist, or the pipeline stops with an error that
-//! says so. Queues and bindings are the consumers' business.
+//! Keys: [`KEYS`] (README.md and the man page show them). Queues and
+//! bindings are the consumers' business.
 //!
 //! Each event is one message: the body is the row (JSON), delivery mode 2
 //! (persistent), `message-id` = the dedup key (RabbitMQ does not
@@ -59,7 +50,7 @@ use serde_json::{Map, Value};
 
 use crate::broker::amqp::{self, AmqpUrl};
 use crate::event::{Event, Template, Vars};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 
@@ -108,6 +99,52 @@ pub struct RabbitConfig {
     mandatory: bool,
     on_unroutable: OnUnroutable,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`amqp://[user:password@]host[:port][/vhost]`, or `amqps://` for TLS (checked against the system's CAs). The port defaults to 5672 (5671), user and password to `guest`, the vhost to `/` (write `%2f` for `/` explicitly); user, password and vhost are percent-decoded. URL parameters: `heartbeat` (seconds, default 30) and `connection_timeout` (ms, default 10000). `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "exchange",
+        "string",
+        Fallback::Required,
+        r#"the exchange to publish to; `""` is the default exchange, which routes by queue name"#,
+    ),
+    KeySpec::new(
+        "routing_key",
+        "template",
+        Fallback::Text("the event's `subject`"),
+        "a template like `subject`",
+    ),
+    KeySpec::new(
+        "declare",
+        "boolean",
+        Fallback::Value("false"),
+        "`true`: declare the exchange (durable) when the pipeline starts. `false`: the exchange must exist, or the pipeline stops with an error that says so",
+    ),
+    KeySpec::new(
+        "exchange_type",
+        "string",
+        Fallback::Value("topic"),
+        "with `declare`: `topic`, `direct`, `fanout`, `headers`, or a plugin's `x-...` type",
+    ),
+    KeySpec::new(
+        "mandatory",
+        "boolean",
+        Fallback::Value("true"),
+        "`true`: a message no queue is bound for is returned by the broker (`312 NO_ROUTE`) and handled as `on_unroutable` says. `false`: the broker drops it silently",
+    ),
+    KeySpec::new(
+        "on_unroutable",
+        "string",
+        Fallback::Value("retry"),
+        "with `mandatory`, what a returned message means: `retry` (the batch fails and is retried with backoff until a queue is bound, as while consumers rebind their queues or queues recover after a broker restart; `/health` shows the error) or `dead_letter` (the event is dead-lettered and the batch goes on)",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

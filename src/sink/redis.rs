@@ -1,11 +1,6 @@
 //! The `redis` sink: events appended to Redis Streams with pipelined `XADD`.
 //!
-//! Config: `{"type":"redis", "url":"redis://host:6379/0", "stream":"<template>",
-//! "maxlen":N}`. `url` may use `${ENV:NAME}` (e.g. for the password);
-//! `rediss://` is not built in. `stream` is a template like `subject`
-//! (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`; default
-//! `pgtrickle.{stream_table}`). `maxlen` trims each stream approximately
-//! (`XADD ... MAXLEN ~ N`).
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Each entry has the fields `dedup_key`, `subject`, `op`, `payload` (the
 //! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`, and
@@ -56,7 +51,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::broker::redis as broker;
 use crate::event::{Event, Template, Vars};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
@@ -68,6 +63,8 @@ pub const LATE_SCAN: usize = 100_000;
 const SCAN_PAGE: usize = 1000;
 /// Rounds of appending after the top when other writers keep moving it.
 const APPEND_ROUNDS: usize = 10;
+/// The stream when the config names none.
+const DEFAULT_STREAM: &str = "pgtrickle.{stream_table}";
 /// Redis's default `proto-max-bulk-len` (largest argument).
 const DEFAULT_MAX_BULK: u64 = 512 * 1024 * 1024;
 /// Redis's default `client-query-buffer-limit` (largest command).
@@ -93,6 +90,28 @@ pub struct RedisConfig {
     maxlen: Option<u64>,
 }
 
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`redis://[user:password@]host[:port][/db]`; `${ENV:NAME}` is replaced from the environment",
+    ),
+    KeySpec::new(
+        "stream",
+        "template",
+        Fallback::Value(DEFAULT_STREAM),
+        "the stream, a template like `subject`",
+    ),
+    KeySpec::new(
+        "maxlen",
+        "integer",
+        Fallback::Text("no trimming"),
+        "trim each stream to about this many entries (`XADD ... MAXLEN ~ N`)",
+    ),
+];
+
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
     let raw: RedisKeys = from_value("sink", Json::Object(keys))?;
@@ -100,9 +119,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
         return Err(ConfigError::new("sink.url", "must not be empty"));
     }
     broker::check_url(&raw.url).map_err(|m| ConfigError::new("sink.url", m))?;
-    let stream = raw
-        .stream
-        .unwrap_or_else(|| "pgtrickle.{stream_table}".to_string());
+    let stream = raw.stream.unwrap_or_else(|| DEFAULT_STREAM.to_string());
     if stream.is_empty() {
         return Err(ConfigError::new("sink.stream", "must not be empty"));
     }

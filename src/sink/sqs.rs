@@ -1,12 +1,8 @@
 //! The `sqs` sink: events sent to an Amazon SQS queue with
 //! `SendMessageBatch`.
 //!
-//! Config: `{"type":"sqs", "queue_url":"https://sqs.<region>.amazonaws.com/<account>/<name>",
-//! "region":"eu-west-1", "message_group_id":"{stream_table}",
-//! "max_message_bytes":262144, "max_in_flight":4}` plus the connection keys
-//! of the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
-//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection
+//! keys are checked by `broker::sqs`.
 //!
 //! Each event is one message. Its body is the row (the event's payload
 //! JSON); its message attributes carry the metadata: `dedup_key`,
@@ -56,7 +52,7 @@ use sha2::{Digest, Sha256};
 
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::event::{Event, Template, Vars};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
@@ -110,6 +106,70 @@ pub struct SqsConfig {
     max_bytes: usize,
     in_flight: usize,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "queue_url",
+        "string",
+        Fallback::Required,
+        "`https://sqs.<region>.amazonaws.com/<account>/<queue>`; a queue name ending in `.fifo` is a FIFO queue",
+    ),
+    KeySpec::new(
+        "region",
+        "string",
+        Fallback::Text("`AWS_REGION`, then `AWS_DEFAULT_REGION`, then the region in the queue URL's host"),
+        "the signing region",
+    ),
+    KeySpec::new(
+        "endpoint",
+        "string",
+        Fallback::Text("the scheme and host of `queue_url`"),
+        "where requests go (a VPC endpoint, an SQS-compatible server)",
+    ),
+    KeySpec::new(
+        "access_key_id",
+        "string",
+        Fallback::Text("the AWS credential chain below"),
+        "credentials, both or neither",
+    ),
+    KeySpec::new(
+        "secret_access_key",
+        "string",
+        Fallback::Text("the AWS credential chain below"),
+        "credentials, both or neither",
+    ),
+    KeySpec::new(
+        "session_token",
+        "string",
+        Fallback::Unset,
+        "for temporary credentials given in `access_key_id`/`secret_access_key`",
+    ),
+    KeySpec::new(
+        "timeout_ms",
+        "integer",
+        Fallback::Value("30000"),
+        "the time limit of a request",
+    ),
+    KeySpec::new(
+        "message_group_id",
+        "template",
+        Fallback::Text("FIFO queues: `{stream_table}`"),
+        "a template like `subject`. FIFO queues: the `MessageGroupId`. Standard queues get a group id only when this is set",
+    ),
+    KeySpec::new(
+        "max_message_bytes",
+        "integer",
+        Fallback::Value("262144"),
+        "the largest message (and request) SQS accepts; 1048576 for a queue configured for 1 MiB messages",
+    ),
+    KeySpec::new(
+        "max_in_flight",
+        "integer",
+        Fallback::Value("4"),
+        "standard queues: requests in flight at once. FIFO queues send one request after the other, in order",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

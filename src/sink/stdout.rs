@@ -1,13 +1,13 @@
 //! The `stdout` sink: events as JSON lines, pretty JSON or CSV, on stdout
 //! or appended to a file with size-based rotation.
 //!
-//! Config: `{"type":"stdout", "format":"jsonl"|"json_pretty"|"csv",
-//! "path":"<file>", "rotate_bytes":N}`. A file is fsynced before the
-//! offset is committed; when it reaches `rotate_bytes` it is renamed to
-//! `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file is started.
-//! The directory is fsynced after a file is created or renamed, so the
-//! names survive a power loss as the data does. A closed stdout (`... |
-//! head`) ends the relay cleanly: events not written are not committed.
+//! Keys: [`KEYS`] (README.md and the man page show them). A file is fsynced
+//! before the offset is committed; when it reaches `rotate_bytes` it is
+//! renamed to `<path>.<n>` (n = 1, 2, ...; higher is newer) and a new file
+//! is started. The directory is fsynced after a file is created or renamed,
+//! so the names survive a power loss as the data does. A closed stdout
+//! (`... | head`) ends the relay cleanly: events not written are not
+//! committed.
 //!
 //! **Torn records.** A relay killed (or a disk that filled up) mid-write
 //! leaves a torn last record, whose event was not committed. When the file
@@ -33,7 +33,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 
@@ -72,6 +72,28 @@ pub struct StdoutConfig {
     #[serde(default)]
     rotate_bytes: Option<u64>,
 }
+
+/// The sink's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "format",
+        "string",
+        Fallback::Value("jsonl"),
+        "`jsonl` (one object per line), `json_pretty` (indented objects, one after another) or `csv` (a header row, then `dedup_key,subject,op,outbox_id,refresh_id,is_full_refresh,payload,headers`)",
+    ),
+    KeySpec::new(
+        "path",
+        "string",
+        Fallback::Text("stdout"),
+        "append to this file instead of stdout. The file is fsynced before each offset commit, and its directory after the file is created or renamed. A torn last record (the relay killed, or the disk full, mid-write) is cut off when the file is opened again; its event was not committed and is written again. Every format has a reliable record end: JSON values never hold a raw line break (PostgreSQL's jsonb text has none; any other is written as a space, which JSON ignores), so a `jsonl` record is one line, a `json_pretty` record ends with a line holding only `}`, and a `csv` record ends with a line break outside quotes (a CSV file is read once from its start to find it). A file holding only the start of a first record is cut to nothing; a file that does not start like this sink's output in this format is refused with an error naming it, never cut",
+    ),
+    KeySpec::new(
+        "rotate_bytes",
+        "integer",
+        Fallback::Text("no rotation"),
+        "needs `path`. Once the file reaches this size it is fsynced and renamed to `<path>.<n>` (n = 1, 2, …, where a higher n is newer) and a new file is started. An event is never split across files",
+    ),
+];
 
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {

@@ -1,12 +1,6 @@
 //! The `http` source: a webhook receiver (built on tiny_http) into the inbox.
 //!
-//! Config: `{"type":"http", "listen":"127.0.0.1:8080", "path":"/hooks",
-//! "token":"${ENV:TOKEN}", "signing_secret":"${ENV:SECRET}",
-//! "max_body_bytes":1048576, "id_field":"event_id",
-//! "event_type":{"header":"X-Type"} | {"field":"type"} | "fixed"}`, and the
-//! same for `aggregate_id`, `source` and `trace_id` (default: the field of
-//! the same name). `${ENV:NAME}` is replaced in `token` and
-//! `signing_secret`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Requests: `POST <path>` with one JSON object or a JSON array of objects.
 //! Answers, in the order checked: 405 for another method, 404 for another
@@ -46,7 +40,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tiny_http::{Header, Method, Request, Response, Server};
 
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
@@ -87,6 +81,76 @@ pub struct HttpSourceConfig {
     #[serde(default)]
     trace_id: Option<Origin>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "listen",
+        "string",
+        Fallback::Required,
+        "the address to listen on, e.g. `127.0.0.1:8080`. With port 0 the system picks a port, and the log line `listening for webhooks on http://ADDR/PATH` shows it",
+    ),
+    KeySpec::new(
+        "path",
+        "string",
+        Fallback::Value("/"),
+        "the path webhooks are POSTed to (a query string is ignored)",
+    ),
+    KeySpec::new(
+        "token",
+        "string",
+        Fallback::Text("no token"),
+        "when set, every request needs `Authorization: Bearer <token>`. `${ENV:NAME}` is expanded",
+    ),
+    KeySpec::new(
+        "signing_secret",
+        "string",
+        Fallback::Text("no signature"),
+        "when set, every request needs a valid signature by `signing_scheme`; timestamps more than 5 minutes off are refused (401). `${ENV:NAME}` is expanded",
+    ),
+    KeySpec::new(
+        "signing_scheme",
+        "string",
+        Fallback::Value("pgtrickle"),
+        "`pgtrickle`: the `Pgtrickle-Timestamp`/`Pgtrickle-Signature` the `http` sink sends by default. `standard_webhooks`: `webhook-id`, `webhook-timestamp` and `webhook-signature` of the [Standard Webhooks](https://www.standardwebhooks.com/) specification (secret in base64, optionally after `whsec_`; any one of several space-separated signatures may match, for senders rotating secrets). An event without an id of its own takes `Idempotency-Key`, else `webhook-id`",
+    ),
+    KeySpec::new(
+        "max_body_bytes",
+        "integer",
+        Fallback::Value("1048576"),
+        "the largest body accepted (1 MiB by default)",
+    ),
+    KeySpec::new(
+        "id_field",
+        "string",
+        Fallback::Value("event_id"),
+        "the JSON field with the event id, for an event that is not our envelope or a CloudEvents event",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

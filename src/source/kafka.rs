@@ -1,18 +1,12 @@
 //! The `kafka` source: a Kafka consumer group into the inbox, with a
 //! librdkafka `BaseConsumer` (no async runtime).
 //!
-//! Config: `{"type":"kafka", "brokers":"host:9092", "topic":"orders"` (or
-//! `"topics":["a","b"]`), `"group_id":"inbox-orders", "start":"earliest",
-//! "properties":{...}, "event_type":{"header":"type"} | {"field":"type"} |
-//! "fixed"}`, and the same for `aggregate_id`, `source` and `trace_id`: a
-//! record header, a field of the JSON value, or a fixed string (default:
-//! the header of the same name, else the JSON field of the same name).
-//! `brokers` and `properties` (SASL, SSL, fetch sizes...) are described in
-//! the shared Kafka module; the relay sets `group.id` (from `group_id`),
-//! `auto.offset.reset` (from `start`), `enable.auto.commit=false`,
-//! `enable.auto.offset.store=false` and `enable.partition.eof=true`, and
-//! defaults `session.timeout.ms` to 10000 (a crashed relay's partitions
-//! move on within ten seconds).
+//! Keys: [`KEYS`] (README.md and the man page show them); `brokers` and
+//! `properties` are checked by the shared Kafka module. The relay sets
+//! `group.id` (from `group_id`), `auto.offset.reset` (from `start`),
+//! `enable.auto.commit=false`, `enable.auto.offset.store=false` and
+//! `enable.partition.eof=true`, and defaults `session.timeout.ms` to 10000
+//! (a crashed relay's partitions move on within ten seconds).
 //!
 //! `start` only matters when the group has no committed offset yet (a
 //! group the relay creates by joining it): `earliest` (the default) reads
@@ -52,7 +46,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -125,6 +119,70 @@ pub struct KafkaSourceConfig {
     source: Option<Origin>,
     trace_id: Option<Origin>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "brokers",
+        "string or list of strings",
+        Fallback::Required,
+        r#"`"host:9092,host2:9092"` or a list of `"host:port"`; `${ENV:NAME}` is replaced"#,
+    ),
+    KeySpec::new(
+        "topic",
+        "string",
+        Fallback::Text("one of `topic` and `topics` is required"),
+        "a topic (a name starting with `^` is a regular expression)",
+    ),
+    KeySpec::new(
+        "topics",
+        "list of strings",
+        Fallback::Text("one of `topic` and `topics` is required"),
+        "a list of topics (a name starting with `^` is a regular expression)",
+    ),
+    KeySpec::new(
+        "group_id",
+        "string",
+        Fallback::Required,
+        "the Kafka consumer group",
+    ),
+    KeySpec::new(
+        "start",
+        "string",
+        Fallback::Value("earliest"),
+        "where a group without committed offsets starts (a group the relay creates by joining it): `earliest` (so a backlog is not lost) or `latest`",
+    ),
+    KeySpec::new(
+        "properties",
+        "object",
+        Fallback::Unset,
+        "librdkafka settings, as for the `kafka` sink (SASL/SSL, fetch sizes, `partition.assignment.strategy`, ...). The relay sets `group.id`, `auto.offset.reset`, `enable.auto.commit=false`, `enable.auto.offset.store=false` and `enable.partition.eof=true` itself; it defaults `session.timeout.ms` to 10000, so the partitions of a relay that died move on within ten seconds",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the header of the same name, else the JSON field of the same name"),
+        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the header of the same name, else the JSON field of the same name"),
+        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the header of the same name, else the JSON field of the same name"),
+        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the header of the same name, else the JSON field of the same name"),
+        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {

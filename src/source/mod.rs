@@ -6,7 +6,7 @@ use std::time::Duration;
 use postgres::{Client, Transaction};
 use serde_json::{Map, Value};
 
-use crate::keys::ConfigError;
+use crate::keys::{ConfigError, Fallback, KeySpec, Plugin};
 use crate::pipeline::Ctx;
 use crate::retry::Error;
 
@@ -348,31 +348,56 @@ pub trait SourceSpec: Send + std::fmt::Debug {
     }
 }
 
-/// Parses a source's own keys (all but `type`, `batch_size`, `max_wait_ms`).
-type Parse = fn(Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError>;
+/// The keys every source has, which the pipeline's config parser
+/// ([`crate::config`]) takes before the source parses its own.
+pub const COMMON_KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "type",
+        "string",
+        Fallback::Required,
+        "the source type: `stdin`, `http`, `redis`, `nats`, `kafka`, `rabbitmq`, `sqs` or `postgres` (each but `stdin` and `postgres` built in when its Cargo feature is on; all are by default)",
+    ),
+    KeySpec::new(
+        "batch_size",
+        "integer",
+        Fallback::Text("`--batch-size`"),
+        "messages per inbox transaction",
+    ),
+    KeySpec::new(
+        "max_wait_ms",
+        "integer",
+        Fallback::Value("100"),
+        "how long to wait to fill a batch",
+    ),
+];
 
-/// Every source built into this binary, by `type`.
-const REGISTRY: &[(&str, Parse)] = &[
-    ("stdin", stdin::parse),
+/// Parses a source's own keys (all but `type`, `batch_size`, `max_wait_ms`).
+pub type Parse = fn(Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError>;
+
+/// Every source built into this binary, by `type`, with its keys.
+pub const REGISTRY: &[Plugin<Parse>] = &[
+    Plugin::new("stdin", stdin::parse, stdin::KEYS),
     #[cfg(feature = "http")]
-    ("http", http::parse),
+    Plugin::new("http", http::parse, http::KEYS),
     #[cfg(feature = "redis")]
-    ("redis", redis::parse),
+    Plugin::new("redis", redis::parse, redis::KEYS),
     #[cfg(feature = "nats")]
-    ("nats", nats::parse),
+    Plugin::new("nats", nats::parse, nats::KEYS),
     #[cfg(feature = "kafka")]
-    ("kafka", kafka::parse),
+    Plugin::new("kafka", kafka::parse, kafka::KEYS),
     #[cfg(feature = "rabbitmq")]
-    ("rabbitmq", rabbitmq::parse),
+    Plugin::new("rabbitmq", rabbitmq::parse, rabbitmq::KEYS),
     #[cfg(feature = "sqs")]
-    ("sqs", sqs::parse),
-    ("postgres", pg_outbox::parse),
-    ("pg-outbox", pg_outbox::parse),
+    Plugin::new("sqs", sqs::parse, sqs::KEYS),
+    Plugin::new("postgres", pg_outbox::parse, pg_outbox::KEYS),
+    Plugin::new("pg-outbox", pg_outbox::parse, pg_outbox::KEYS),
 ];
 
 /// Parse the config of a source of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    crate::keys::registered("source", kind, REGISTRY)?(keys)
+    let plugin = crate::keys::registered("source", kind, REGISTRY)?;
+    crate::keys::known("source", &[COMMON_KEYS, plugin.keys], &keys)?;
+    (plugin.parse)(keys)
 }
 
 #[cfg(test)]

@@ -1,13 +1,7 @@
 //! The `nats` source: a NATS JetStream durable pull consumer into the inbox.
 //!
-//! Config: `{"type":"nats", "url":"nats://host:4222", "stream":"ORDERS",
-//! "consumer":"<durable name>", "subject":"<filter>",
-//! "credentials":"<file.creds>", "start":"all"|"new", "ack_wait_ms":30000,
-//! "event_type":{"header":"Type"} | {"field":"type"} | "fixed"}`, and the
-//! same for `aggregate_id`, `source` and `trace_id`. `url` (one server or a
-//! comma-separated list; `tls://` for TLS) and `credentials` may use
-//! `${ENV:NAME}`; the connection is made by `broker::nats`, as for the sink.
-//! `consumer` defaults to `pgtrickle-relay-<pipeline>`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection is
+//! made by `broker::nats`, as for the sink.
 //!
 //! `stream` must exist (else the pipeline stops with an error naming it).
 //! The durable consumer is created when missing: explicit acks, `ack_wait`
@@ -57,7 +51,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::broker::nats::{connect, valid_name, Client};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -105,6 +99,76 @@ pub struct NatsSourceConfig {
     #[serde(default)]
     trace_id: Option<Origin>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`nats://host:4222`, several separated by commas, or `tls://...` for TLS. `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "stream",
+        "string",
+        Fallback::Required,
+        "the JetStream stream to read; it must exist (the relay does not create streams)",
+    ),
+    KeySpec::new(
+        "consumer",
+        "string",
+        Fallback::Text("`pgtrickle-relay-<pipeline>` (characters a consumer name cannot hold become `_`)"),
+        "the durable consumer's name",
+    ),
+    KeySpec::new(
+        "subject",
+        "string",
+        Fallback::Text("the whole stream"),
+        "the consumer's subject filter (`orders.>`), for a consumer the relay creates; an existing consumer must filter on the same subject",
+    ),
+    KeySpec::new(
+        "credentials",
+        "string",
+        Fallback::Unset,
+        "a NATS `.creds` file (JWT and NKey); `${ENV:NAME}` is replaced",
+    ),
+    KeySpec::new(
+        "start",
+        "string",
+        Fallback::Value("all"),
+        "where a consumer the relay creates starts: `all` (the first message of the stream, so a backlog published before the relay's first start is not lost; `earliest` is the same) or `new` (only messages published after the consumer is created; `latest` is the same). An existing consumer keeps its position",
+    ),
+    KeySpec::new(
+        "ack_wait_ms",
+        "integer",
+        Fallback::Value("30000"),
+        "how long JetStream waits for the ack of a delivered message before it delivers it again: after a crash of the relay, its unacknowledged messages come back after this long. Set on the consumer the relay creates, and applied to an existing one when given. At least 1000. Keep it well above the time a batch takes to be written",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the message's subject"),
+        r#"where it comes from: `{"header": "name"}` (a message header), `{"field": "name"}` (a top-level field of the JSON body) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the body's field of the same name"),
+        "as for `event_type`",
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the body's field of the same name"),
+        "as for `event_type`",
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the body's field of the same name"),
+        "as for `event_type`",
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

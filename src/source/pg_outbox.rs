@@ -1,10 +1,7 @@
 //! The `postgres` source (alias `pg-outbox`): the outbox of another
 //! PostgreSQL database into the local inbox.
 //!
-//! Config: `{"type":"postgres", "url":"postgres://...", "outbox":"orders",
-//! "subject":"pgtrickle.{stream_table}.{op}"}`. `url` may use `${ENV:NAME}`
-//! and the TLS parameters of `--postgres-url`; `outbox` is a stream or
-//! outbox table name of that database.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! The remote outbox is read as a forward pipeline reads its own (the same
 //! SQL): a kit outbox in (txid, id) order and only below the remote commit
@@ -36,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::{Event, Template, DEFAULT_SUBJECT};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
 use crate::pg::{expand_env, mask};
 use crate::pipeline::{wait_notification, Ctx};
@@ -67,6 +64,28 @@ struct Spec {
     cfg: PgOutboxSourceConfig,
     subject: Template,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "the other database's connection string. `${ENV:NAME}` and `${CREDENTIAL:NAME}` are expanded, and the TLS parameters of `--postgres-url` (`sslmode`, `sslrootcert`) apply; the password is masked in every message",
+    ),
+    KeySpec::new(
+        "outbox",
+        "string",
+        Fallback::Required,
+        "the outbox there: the name given to `enable_outbox` (a stream table name) or the outbox table's name",
+    ),
+    KeySpec::new(
+        "subject",
+        "template",
+        Fallback::Value(DEFAULT_SUBJECT),
+        "the template of `event_type`, as for sinks (`{stream_table}`, `{op}`, `{outbox_id}`, `{refresh_id}`)",
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

@@ -2,14 +2,9 @@
 //! message acknowledged only after the inbox transaction holding it
 //! committed.
 //!
-//! Config: `{"type":"rabbitmq", "url":"amqp://user:pass@host:5672/vhost",
-//! "queue":"<name>", "prefetch":500, "declare":false, "exchange":"<name>",
-//! "exchange_type":"topic", "binding_key":"#", "event_type":..., "aggregate_id":...,
-//! "source":..., "trace_id":...}`. `url` (see `src/broker/amqp.rs`: `amqps://`
-//! for TLS, `?heartbeat=`) may use `${ENV:NAME}`. `prefetch` is how many
-//! unacknowledged messages the broker sends ahead (1-65535, default 500);
-//! an inbox batch holds at most half of them (and at most `batch_size`),
-//! so the broker keeps sending while a batch is written.
+//! Keys: [`KEYS`] (README.md and the man page show them). An inbox batch
+//! holds at most half of `prefetch` (and at most `batch_size`), so the
+//! broker keeps sending while a batch is written.
 //!
 //! **The queue.** Without `declare` the queue must exist, or the pipeline
 //! stops with an error that says so. With `declare: true` the relay
@@ -76,7 +71,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::broker::amqp::{self, AmqpUrl};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -111,6 +106,76 @@ pub struct RabbitSourceConfig {
     #[serde(default)]
     trace_id: Option<Origin>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "as for the `rabbitmq` sink: `amqp://` or `amqps://`, `${ENV:NAME}` is expanded",
+    ),
+    KeySpec::new(
+        "queue",
+        "string",
+        Fallback::Required,
+        "the queue to consume",
+    ),
+    KeySpec::new(
+        "prefetch",
+        "integer",
+        Fallback::Value("500"),
+        "how many unacknowledged messages the broker sends ahead (1-65535). An inbox batch holds at most half of them (and at most `batch_size`), so the broker keeps sending while a batch is written",
+    ),
+    KeySpec::new(
+        "declare",
+        "boolean",
+        Fallback::Value("false"),
+        "`true`: declare the queue (durable, not exclusive, not auto-delete) when the pipeline starts, and with `exchange`, declare that exchange (durable) and bind the queue to it. `false`: the queue must exist, or the pipeline stops with an error that says so",
+    ),
+    KeySpec::new(
+        "exchange",
+        "string",
+        Fallback::Text("no binding"),
+        "with `declare`: the exchange to bind the queue to",
+    ),
+    KeySpec::new(
+        "exchange_type",
+        "string",
+        Fallback::Value("topic"),
+        "with `declare` and `exchange`: the exchange's type",
+    ),
+    KeySpec::new(
+        "binding_key",
+        "string",
+        Fallback::Value("#"),
+        "with `declare` and `exchange`: the binding key",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

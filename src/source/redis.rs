@@ -1,11 +1,6 @@
 //! The `redis` source: a Redis Streams consumer group into the inbox.
 //!
-//! Config: `{"type":"redis", "url":"redis://host:6379/0", "stream":"orders",
-//! "group":"pgtrickle-relay", "consumer":"<name>", "claim_idle_ms":30000,
-//! "start":"earliest"|"latest", "event_type":{"field":"type"} | "fixed"}`,
-//! and the same for `aggregate_id`, `source` and `trace_id` (default: the
-//! entry field of the same name, else the payload's JSON field). `url` may
-//! use `${ENV:NAME}`. `consumer` defaults to `<hostname>-<pid>`.
+//! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! The group is created (`XGROUP CREATE ... MKSTREAM`) when missing, at id
 //! `0` (`start: earliest`, so a backlog is not lost) or `$` (`latest`).
@@ -30,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::broker::redis::{self as broker, TIMEOUT};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -61,6 +56,70 @@ pub struct RedisSourceConfig {
     #[serde(default)]
     trace_id: Option<Origin>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "url",
+        "string",
+        Fallback::Required,
+        "`redis://[user:password@]host[:port][/db]` (or `redis+unix://`). `${ENV:NAME}` is expanded; `rediss://` is not built in",
+    ),
+    KeySpec::new(
+        "stream",
+        "string",
+        Fallback::Required,
+        "the stream to read",
+    ),
+    KeySpec::new(
+        "group",
+        "string",
+        Fallback::Value("pgtrickle-relay"),
+        "the consumer group",
+    ),
+    KeySpec::new(
+        "consumer",
+        "string",
+        Fallback::Text("`<hostname>-<pid>`"),
+        "this relay's consumer name in the group; set it to keep the same name across restarts",
+    ),
+    KeySpec::new(
+        "claim_idle_ms",
+        "integer",
+        Fallback::Value("30000"),
+        "pending entries of another consumer (one that crashed) idle this long are taken over with `XAUTOCLAIM`",
+    ),
+    KeySpec::new(
+        "start",
+        "string",
+        Fallback::Value("earliest"),
+        "where a group the relay creates starts: `earliest` (id 0, so a backlog added before the relay's first start is not lost) or `latest` (`$`, only new entries)",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the field of the same name"),
+        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {

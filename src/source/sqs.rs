@@ -1,12 +1,7 @@
 //! The `sqs` source: an Amazon SQS queue into the inbox.
 //!
-//! Config: `{"type":"sqs", "queue_url":"https://sqs.<region>.amazonaws.com/<account>/<name>",
-//! "region":"eu-west-1", "wait_time_seconds":4, "visibility_timeout":60,
-//! "event_type":{"header":"type"} | {"field":"type"} | "fixed"}`, the same
-//! for `aggregate_id`, `source` and `trace_id`, plus the connection keys of
-//! the SQS client (`endpoint`, `access_key_id`, `secret_access_key`,
-//! `session_token`, `timeout_ms`; see `src/broker/sqs.rs`). Credentials default to
-//! `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`.
+//! Keys: [`KEYS`] (README.md and the man page show them); the connection
+//! keys are checked by `broker::sqs`.
 //!
 //! Receiving: `ReceiveMessage` with up to 10 messages per call; the first
 //! call of a batch long-polls for `wait_time_seconds` (0 to 20, default 4:
@@ -44,7 +39,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -77,6 +72,98 @@ pub struct SqsSourceConfig {
     conn: ConnKeys,
     keys: SqsSourceKeys,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[
+    KeySpec::new(
+        "queue_url",
+        "string",
+        Fallback::Required,
+        "the queue's URL, as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "region",
+        "string",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "endpoint",
+        "string",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "access_key_id",
+        "string",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "secret_access_key",
+        "string",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "session_token",
+        "string",
+        Fallback::Text(
+            "as for the `sqs` sink (credentials: the AWS credential chain described there)",
+        ),
+        "as for the `sqs` sink",
+    ),
+    KeySpec::new(
+        "timeout_ms",
+        "integer",
+        Fallback::Value("30000"),
+        "the time limit of a request",
+    ),
+    KeySpec::new(
+        "wait_time_seconds",
+        "integer",
+        Fallback::Value("4"),
+        "the long poll of a batch's first `ReceiveMessage` (0 to 20); the default is below the relay's shutdown grace",
+    ),
+    KeySpec::new(
+        "visibility_timeout",
+        "integer",
+        Fallback::Text("the queue's own (read with `GetQueueAttributes`; 30 if the credentials may not read it)"),
+        "seconds a received message stays invisible to other consumers",
+    ),
+    KeySpec::new(
+        "event_type",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "aggregate_id",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "source",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+    KeySpec::new(
+        "trace_id",
+        "origin",
+        Fallback::Text("the message attribute of the same name, else the body's field"),
+        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+    ),
+];
 
 /// Parse the source's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {

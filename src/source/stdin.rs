@@ -1,16 +1,16 @@
 //! The `stdin` source: JSON lines from stdin or a file into the inbox.
 //!
-//! Config: `{"type":"stdin", "path":"<file, optional>"}`. Each line is a
+//! Keys: [`KEYS`] (README.md and the man page show them). Each line is a
 //! JSON object; `event_id` comes from its `event_id` or `dedup_key` field,
 //! or a CloudEvents `id` (a line with none gets the id
-//! `<pipeline>:<line>:<hash of the line>`, so a replayed file
-//! deduplicates, and a warning); `event_type`,
-//! `aggregate_id`, `source`, `trace_id` from fields of those names; the
-//! payload from its `payload` field, else the whole line. A line that is
-//! not JSON is logged with its number, counted and skipped. stdin ends the
-//! pipeline at end of input; a file is followed for appended lines unless
-//! the relay runs with `--once`. A read error in the middle of a batch
-//! ends it: the lines read before are written, then the error is reported.
+//! `<pipeline>:<line>:<hash of the line>`, so a replayed file deduplicates,
+//! and a warning); `event_type`, `aggregate_id`, `source`, `trace_id` from
+//! fields of those names; the payload from its `payload` field, else the
+//! whole line. A line that is not JSON is logged with its number, counted
+//! and skipped. stdin ends the pipeline at end of input; a file is followed
+//! for appended lines unless the relay runs with `--once`. A read error in
+//! the middle of a batch ends it: the lines read before are written, then
+//! the error is reported.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::json_text;
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
@@ -34,6 +34,14 @@ pub struct StdinConfig {
     #[serde(default)]
     path: Option<PathBuf>,
 }
+
+/// The source's keys: what README.md and the man page list (see `keydocs`).
+pub const KEYS: &[KeySpec] = &[KeySpec::new(
+    "path",
+    "string",
+    Fallback::Unset,
+    "read this file instead of stdin",
+)];
 
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
