@@ -130,13 +130,18 @@ pub fn probe(addr: &str, ready: bool) -> Result<(), Error> {
 
 /// This process as relay groups and consumer groups know it: `host:pid`.
 pub fn worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!("{}:{}", hostname(), std::process::id())
+}
+
+/// The host's name (else `$HOSTNAME`, else `localhost`): for the names
+/// this process gives itself (its worker id, a Redis consumer's name).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into());
-    format!("{host}:{}", std::process::id())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]

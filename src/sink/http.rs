@@ -437,11 +437,6 @@ impl Sink for HttpSink {
         }
         Ok(rejected)
     }
-
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every request was answered before publish returned.
-        Ok(())
-    }
 }
 
 #[cfg(test)]

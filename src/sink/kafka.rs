@@ -565,11 +565,6 @@ impl Sink for KafkaSink {
         Ok(rejected)
     }
 
-    fn flush(&mut self) -> Result<(), Error> {
-        // publish waited for every delivery report.
-        Ok(())
-    }
-
     fn unroutable(&self, e: &Event) -> Option<String> {
         let vars = Vars::of(e);
         let key = self.key.as_ref().and_then(|k| k.missing(&vars));

@@ -56,8 +56,11 @@ pub trait Sink {
     /// caller retries the whole batch, and dedup keys absorb the repeats.
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error>;
     /// Make everything published so far durable; called before the offset
-    /// is committed.
-    fn flush(&mut self) -> Result<(), Error>;
+    /// is committed. Nothing to do for a sink whose `publish` returns only
+    /// once the destination acknowledged every event (all but a file).
+    fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
     /// Why the sink's own templates cannot route `e` (they read a field the
     /// event lacks and give no default): the event becomes a dead letter
     /// and is not published. By default every event is routable.

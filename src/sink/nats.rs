@@ -645,11 +645,6 @@ impl Sink for NatsSink {
             }
         }
     }
-
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every message was acknowledged (stored by JetStream) in publish.
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -252,11 +252,6 @@ impl Sink for PgInboxSink {
         }
         Ok(rejected)
     }
-
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every INSERT was committed before publish returned.
-        Ok(())
-    }
 }
 
 #[cfg(test)]

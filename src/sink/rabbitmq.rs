@@ -778,12 +778,6 @@ impl Sink for RabbitSink {
         )))
     }
 
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every message was confirmed in publish: a persistent message
-        // routed to a durable queue is on disk when it is confirmed.
-        Ok(())
-    }
-
     fn unroutable(&self, e: &Event) -> Option<String> {
         self.cfg.routing_key.as_ref()?.missing(&Vars::of(e))
     }

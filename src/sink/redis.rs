@@ -551,12 +551,6 @@ impl Sink for RedisSink {
         Ok(rejected)
     }
 
-    fn flush(&mut self) -> Result<(), Error> {
-        // An XADD reply means the entry is in the server's memory; how it
-        // is persisted is the server's configuration (appendonly).
-        Ok(())
-    }
-
     fn unroutable(&self, e: &Event) -> Option<String> {
         self.cfg.stream.missing(&Vars::of(e))
     }

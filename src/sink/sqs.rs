@@ -410,11 +410,6 @@ impl Sink for SqsSink {
         Ok(rejected)
     }
 
-    fn flush(&mut self) -> Result<(), Error> {
-        // Every request was answered before publish returned.
-        Ok(())
-    }
-
     fn unroutable(&self, e: &Event) -> Option<String> {
         self.group.as_ref()?.missing(&Vars::of(e))
     }

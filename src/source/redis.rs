@@ -158,22 +158,13 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
     Ok(Box::new(cfg))
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "relay".into())
-}
-
 impl SourceSpec for RedisSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let (client, shown) = broker::client(pipeline, "source", &self.url)?;
         let consumer = self
             .consumer
             .clone()
-            .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+            .unwrap_or_else(|| format!("{}-{}", crate::hostname(), std::process::id()));
         let mut src = RedisSource {
             client,
             conn: None,

@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::json_text;
+use crate::source::decode::{fnv1a, json_text};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 
 /// The `stdin` source's config.
@@ -210,13 +210,6 @@ impl Source for StdinSource {
     }
 }
 
-/// FNV-1a, for ids of lines that carry none.
-fn fnv64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// Turn one line into a message: Ok(None) for a blank line, Err(reason)
 /// for a malformed one.
 fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, String> {
@@ -234,7 +227,7 @@ fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, 
     {
         Some(id) if !id.is_empty() => id,
         _ => {
-            let id = format!("{pipeline}:{no}:{:016x}", fnv64(text.as_bytes()));
+            let id = format!("{pipeline}:{no}:{:016x}", fnv1a(&[text.as_bytes()], false));
             log::warn!("line {no}: no event_id or dedup_key field; using generated id {id}");
             id
         }
