@@ -21,11 +21,22 @@ impl Inbox {
     /// Find the inbox (schema from the config, else `pgt_inbox_config`,
     /// else `pgtrickle`) and prepare the insert.
     pub fn open(client: &mut Client, inbox: &str, schema: Option<&str>) -> Result<Inbox, Error> {
-        let cfg = client.query_opt(
-            "SELECT inbox_schema, max_retries, error_column, retry_count_column \
-             FROM pgtrickle.pgt_inbox_config WHERE inbox_name = $1",
-            &[&inbox],
-        )?;
+        // A database without the kit's catalog (a remote inbox of the
+        // pg-inbox sink may be a plain table) has no config to read.
+        let has_catalog: bool = client
+            .query_one(
+                "SELECT to_regclass('pgtrickle.pgt_inbox_config') IS NOT NULL",
+                &[],
+            )?
+            .get(0);
+        let cfg = match has_catalog {
+            true => client.query_opt(
+                "SELECT inbox_schema, max_retries, error_column, retry_count_column \
+                 FROM pgtrickle.pgt_inbox_config WHERE inbox_name = $1",
+                &[&inbox],
+            )?,
+            false => None,
+        };
         let schema = match (schema, &cfg) {
             (Some(s), _) => s.to_string(),
             (None, Some(r)) => r.get(0),
@@ -37,7 +48,21 @@ impl Inbox {
         let (max_retries, error_col, retry_col): (i32, Option<String>, Option<String>) = match &cfg
         {
             Some(r) => (r.get(1), r.get(2), r.get(3)),
-            None => (3, Some("error".into()), Some("retry_count".into())),
+            None => {
+                let mut has = |col: &str| -> Result<bool, Error> {
+                    Ok(client
+                        .query_one(
+                            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                             WHERE attrelid = to_regclass(format('%I.%I', $1::text, $2::text)) \
+                               AND attname = $3 AND attnum > 0 AND NOT attisdropped)",
+                            &[&schema, &inbox, &col],
+                        )?
+                        .get(0))
+                };
+                let error = has("error")?.then(|| "error".to_string());
+                let retry = has("retry_count")?.then(|| "retry_count".to_string());
+                (3, error, retry)
+            }
         };
         let mut cols = String::new();
         let mut vals = String::new();
@@ -148,8 +173,13 @@ impl Inbox {
         ))
     }
 
-    /// One multi-row insert.
-    fn insert(&self, client: &mut impl Target, batch: &[Message]) -> Result<u64, postgres::Error> {
+    /// One multi-row insert of `batch`, each message as it is (no dead
+    /// letters, no halving): the rows it wrote, or PostgreSQL's refusal.
+    pub fn insert(
+        &self,
+        client: &mut impl Target,
+        batch: &[Message],
+    ) -> Result<u64, postgres::Error> {
         let col = |f: fn(&Message) -> Option<&str>| -> Vec<Option<&str>> {
             batch.iter().map(f).collect()
         };

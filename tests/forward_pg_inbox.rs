@@ -275,3 +275,52 @@ fn a_bad_pg_inbox_config_names_pipeline_and_key() {
         "{stderr}"
     );
 }
+
+/// Without `schema`, the sink finds the inbox as the reverse direction
+/// does: in the schema its `pgt_inbox_config` row records there (an inbox
+/// made in schema `app`), and in a database without the kit, a plain table
+/// with the inbox columns in `pgtrickle` (without the error columns).
+#[test]
+fn the_inbox_is_found_in_the_schema_its_config_records_or_as_a_plain_table() {
+    let pg = Pg::shared();
+    let inbox = pg.new_db("pginbox_schema_in");
+    pg.client(&inbox)
+        .batch_execute("CREATE SCHEMA app; SELECT pgtrickle.create_inbox('events', 'app')")
+        .unwrap();
+    let url = setup("pginbox_schema", &inbox, serde_json::json!({}));
+    publish(&url, 0, 3);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n: i64 = pg
+        .client(&inbox)
+        .query_one("SELECT count(*) FROM app.events", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 3);
+
+    // A database without the kit: a plain table.
+    let mut c = pg.client(&pg.url("postgres"));
+    c.batch_execute("DROP DATABASE IF EXISTS pginbox_plain_in WITH (FORCE)")
+        .unwrap();
+    c.batch_execute("CREATE DATABASE pginbox_plain_in").unwrap();
+    let plain = pg.url("pginbox_plain_in");
+    pg.client(&plain)
+        .batch_execute(
+            "CREATE SCHEMA pgtrickle; CREATE TABLE pgtrickle.events (event_id text PRIMARY KEY, \
+             event_type text, source text, aggregate_id text, payload jsonb NOT NULL, trace_id text)",
+        )
+        .unwrap();
+    let url = setup("pginbox_plain", &plain, serde_json::json!({}));
+    publish(&url, 0, 4);
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ns(&plain), vec![0, 1, 2, 3]);
+}

@@ -6,8 +6,10 @@
 //! any table with the columns `event_id TEXT PRIMARY KEY, event_type,
 //! source, aggregate_id, payload JSONB, trace_id`.
 //!
-//! One multi-row `INSERT ... ON CONFLICT (event_id) DO NOTHING` (as in the
-//! reverse direction's inbox writer) per chunk of at most [`CHUNK`] events
+//! The inbox is found and written as the reverse direction finds and writes
+//! one ([`Inbox`]: the schema and the error columns its
+//! `pgt_inbox_config` row records there): one multi-row `INSERT ... ON
+//! CONFLICT (event_id) DO NOTHING` per chunk of at most [`CHUNK`] events
 //! and [`CHUNK_BYTES`] bytes of payload (far below PostgreSQL's 1 GB
 //! message limit), each its own transaction: `event_id` = the dedup key,
 //! `event_type` = the event's subject, `source` = the outbox table (the
@@ -20,16 +22,17 @@
 //! sink does not fill) is retried with the whole batch, and nothing is
 //! dead-lettered.
 
-use postgres::{Client, Statement};
+use postgres::Client;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::event::Event;
+use crate::inbox::Inbox;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
-use crate::outbox::quote_ident;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::source::Message;
 
 /// Events per INSERT at most.
 pub const CHUNK: usize = 5000;
@@ -63,7 +66,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "schema",
         "string",
-        Fallback::Value("pgtrickle"),
+        Fallback::Text("the inbox's schema recorded in that database's `pgtrickle.pgt_inbox_config`, else `pgtrickle`"),
         "the inbox's schema",
     ),
 ];
@@ -103,24 +106,9 @@ impl SinkSpec for PgInboxKeys {
         let mut client =
             crate::pg::connect(&url, &format!("pgtrickle-relay {pipeline} (check)"))
                 .map_err(|e| ConfigError::new("sink.url", format!("{}: {e}", mask(&url))))?;
-        let schema = self.schema.as_deref().unwrap_or("pgtrickle");
-        let name = format!("{}.{}", quote_ident(schema), quote_ident(&self.inbox));
-        let found: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
-            .map_err(|e| ConfigError::new("sink.url", Error::from(e)))?
-            .get(0);
-        if !found {
-            return Err(ConfigError::new(
-                "sink.inbox",
-                format!(
-                    "inbox {schema}.{} does not exist in {} (create it there with \
-                     pgtrickle.create_inbox('{}'))",
-                    self.inbox,
-                    mask(&url),
-                    self.inbox
-                ),
-            ));
-        }
+        // Found and prepared as the sink will: the table and its columns.
+        Inbox::open(&mut client, &self.inbox, self.schema.as_deref())
+            .map_err(|e| ConfigError::new("sink.inbox", format!("{}: {}", mask(&url), e.msg)))?;
         Ok(())
     }
 }
@@ -130,7 +118,7 @@ struct PgInboxSink {
     /// `url` with `${ENV:...}` expanded.
     url: String,
     app: String,
-    conn: Option<(Client, Statement)>,
+    conn: Option<(Client, Inbox)>,
 }
 
 /// Whether SQLSTATE `code` says the inbox refuses an event's data (so the
@@ -168,30 +156,16 @@ fn source_of(key: &str) -> &str {
 }
 
 impl PgInboxSink {
-    fn conn(&mut self) -> Result<&mut (Client, Statement), Error> {
+    /// The connection and the inbox's writer, opened on first use (the
+    /// inbox found as the reverse direction finds it: `schema`, else the
+    /// remote `pgt_inbox_config`, else `pgtrickle`).
+    fn conn(&mut self) -> Result<&mut (Client, Inbox), Error> {
         if self.conn.is_none() {
             let mut client =
                 crate::pg::connect(&self.url, &self.app).map_err(|e| e.context("pg-inbox sink"))?;
-            let schema = self.cfg.schema.as_deref().unwrap_or("pgtrickle");
-            let name = format!("{}.{}", quote_ident(schema), quote_ident(&self.cfg.inbox));
-            let insert = client
-                .prepare(&format!(
-                    "INSERT INTO {name} (event_id, event_type, source, payload) \
-                     SELECT id, et, src, p::jsonb \
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
-                       AS m(id, et, src, p) \
-                     ON CONFLICT (event_id) DO NOTHING"
-                ))
-                .map_err(|e| {
-                    Error::from(e).context(format!(
-                        "pg-inbox sink {}: inbox {schema}.{} (create it there with \
-                         pgtrickle.create_inbox('{}'))",
-                        mask(&self.cfg.url),
-                        self.cfg.inbox,
-                        self.cfg.inbox
-                    ))
-                })?;
-            self.conn = Some((client, insert));
+            let inbox = Inbox::open(&mut client, &self.cfg.inbox, self.cfg.schema.as_deref())
+                .map_err(|e| e.context(format!("pg-inbox sink {}", mask(&self.cfg.url))))?;
+            self.conn = Some((client, inbox));
         }
         Ok(self.conn.as_mut().expect("just connected"))
     }
@@ -200,12 +174,9 @@ impl PgInboxSink {
     /// database refused the data (a constraint, a trigger): retrying the
     /// same events cannot help.
     fn write(&mut self, events: &[Event]) -> Result<(), Result<Error, Error>> {
-        let (client, insert) = self.conn().map_err(Err)?;
-        let ids: Vec<&str> = events.iter().map(|e| e.dedup_key.as_str()).collect();
-        let types: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
-        let sources: Vec<&str> = events.iter().map(|e| source_of(&e.dedup_key)).collect();
-        let payloads: Vec<&str> = events.iter().map(|e| e.payload.get()).collect();
-        match client.execute(&*insert, &[&ids, &types, &sources, &payloads]) {
+        let messages: Vec<Message> = events.iter().map(message).collect();
+        let (client, inbox) = self.conn().map_err(Err)?;
+        match inbox.insert(client, &messages) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let refused = e.code().map(|c| refuses_the_data(c.code()));
@@ -224,6 +195,20 @@ impl PgInboxSink {
                 })
             }
         }
+    }
+}
+
+/// The inbox row of an event: `event_id` = the dedup key, `event_type` =
+/// the subject, `source` = the outbox table, `payload` = the row.
+fn message(e: &Event) -> Message {
+    Message {
+        event_id: e.dedup_key.clone(),
+        event_type: Some(e.subject.clone()),
+        source: Some(source_of(&e.dedup_key).to_string()),
+        aggregate_id: None,
+        trace_id: None,
+        payload: e.payload.get().to_string(),
+        error: None,
     }
 }
 
