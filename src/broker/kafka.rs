@@ -15,9 +15,11 @@
 //!   guarantees depend on are refused (see each side's reserved list).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, Producer};
 use serde::Deserialize;
 
 use crate::keys::ConfigError;
@@ -145,6 +147,35 @@ impl ClientKeys {
     /// The brokers as configured (for messages; never secret).
     pub fn shown(&self) -> &str {
         &self.brokers
+    }
+
+    /// The names of the topics the brokers have, from a metadata request
+    /// (no group joined): what `check --connect` asks of a sink or source.
+    pub fn topics(&self, pipeline: &str) -> Result<Vec<String>, ConfigError> {
+        let side = self.side;
+        let cfg = self
+            .client_config(pipeline, &[], &[])
+            .map_err(|e| crate::keys::blame(&format!("{side}.brokers"), e))?;
+        let producer: BaseProducer = cfg.create().map_err(|e| {
+            ConfigError::new(
+                format!("{side}.properties"),
+                format!("creating a Kafka client: {e}"),
+            )
+        })?;
+        let metadata = producer
+            .client()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(|e| {
+                ConfigError::new(
+                    format!("{side}.brokers"),
+                    format!("kafka {}: {e}", self.brokers),
+                )
+            })?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect())
     }
 
     /// A librdkafka config: `fixed` first (the relay's defaults), then the
