@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::keys::ConfigError;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 
@@ -43,6 +44,37 @@ pub struct Client {
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+}
+
+/// `name` as the JetStream `what` (`stream` or `consumer`) the key `key`
+/// names: refused unless [`valid_name`].
+pub fn check_name(key: &str, what: &str, name: &str) -> Result<(), ConfigError> {
+    match valid_name(name) {
+        true => Ok(()),
+        false => Err(ConfigError::new(
+            key,
+            format!("{name:?} is not a JetStream {what} name (no '.', '*', '>' or spaces)"),
+        )),
+    }
+}
+
+/// The connection keys of the `side` (`sink` or `source`): `url` and, when
+/// given, `credentials` must not be empty.
+pub fn check_connection(
+    side: &str,
+    url: &str,
+    credentials: Option<&str>,
+) -> Result<(), ConfigError> {
+    if url.is_empty() {
+        return Err(ConfigError::new(format!("{side}.url"), "must not be empty"));
+    }
+    if credentials == Some("") {
+        return Err(ConfigError::new(
+            format!("{side}.credentials"),
+            "must not be empty",
+        ));
+    }
+    Ok(())
 }
 
 /// Connect to `url` (`${ENV:NAME}` expanded; one server or a comma-separated

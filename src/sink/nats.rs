@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::broker::nats::{connect, valid_name, ApiError, Client};
+use crate::broker::nats::{check_connection, check_name, connect, ApiError, Client};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -130,21 +130,8 @@ pub const KEYS: &[KeySpec] = &[
 /// Parse the sink's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
     let cfg: NatsKeys = from_value("sink", Value::Object(keys))?;
-    if cfg.url.is_empty() {
-        return Err(ConfigError::new("sink.url", "must not be empty"));
-    }
-    if !valid_name(&cfg.stream) {
-        return Err(ConfigError::new(
-            "sink.stream",
-            format!(
-                "{:?} is not a JetStream stream name (no '.', '*', '>' or spaces)",
-                cfg.stream
-            ),
-        ));
-    }
-    if cfg.credentials.as_deref() == Some("") {
-        return Err(ConfigError::new("sink.credentials", "must not be empty"));
-    }
+    check_connection("sink", &cfg.url, cfg.credentials.as_deref())?;
+    check_name("sink.stream", "stream", &cfg.stream)?;
     if let Some(s) = &cfg.subjects {
         if !cfg.create_stream {
             return Err(ConfigError::new(

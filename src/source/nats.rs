@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::broker::nats::{connect, valid_name, Client};
+use crate::broker::nats::{check_connection, check_name, connect, Client};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, Body, Origin, Problem};
@@ -173,23 +173,10 @@ pub const KEYS: &[KeySpec] = &[
 /// Parse the source's keys.
 pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
     let cfg: NatsSourceConfig = from_value("source", Value::Object(keys))?;
-    if cfg.url.is_empty() {
-        return Err(ConfigError::new("source.url", "must not be empty"));
-    }
-    if !valid_name(&cfg.stream) {
-        return Err(ConfigError::new(
-            "source.stream",
-            format!(
-                "{:?} is not a JetStream stream name (no '.', '*', '>' or spaces)",
-                cfg.stream
-            ),
-        ));
-    }
-    if let Some(c) = cfg.consumer.as_deref().filter(|c| !valid_name(c)) {
-        return Err(ConfigError::new(
-            "source.consumer",
-            format!("{c:?} is not a JetStream consumer name (no '.', '*', '>' or spaces)"),
-        ));
+    check_connection("source", &cfg.url, cfg.credentials.as_deref())?;
+    check_name("source.stream", "stream", &cfg.stream)?;
+    if let Some(c) = &cfg.consumer {
+        check_name("source.consumer", "consumer", c)?;
     }
     if let Some(s) = &cfg.subject {
         if s.is_empty() || s.contains(char::is_whitespace) || s.split('.').any(str::is_empty) {
@@ -198,9 +185,6 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
                 format!("{s:?} is not a NATS subject filter"),
             ));
         }
-    }
-    if cfg.credentials.as_deref() == Some("") {
-        return Err(ConfigError::new("source.credentials", "must not be empty"));
     }
     match cfg.start.as_deref() {
         None | Some("all" | "earliest" | "new" | "latest") => {}
