@@ -8,6 +8,8 @@
 pub mod amqp;
 #[cfg(feature = "sqs")]
 pub mod aws_credentials;
+#[cfg(any(feature = "http", feature = "sqs"))]
+pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "nats")]

@@ -288,17 +288,7 @@ impl Client {
             }
             _ => None,
         };
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::NativeTls)
-            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .tls_config(tls)
-            .user_agent(concat!("pgtrickle-relay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = crate::broker::http::agent(None);
         let creds = Provider::find(own, &region, agent.clone()).map_err(|e| match e {
             CredentialError::Missing(why) => Error::permanent(format!(
                 "pipeline {pipeline:?}: {why}; or set {prefix}.access_key_id and {prefix}.secret_access_key"

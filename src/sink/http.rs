@@ -193,20 +193,9 @@ impl SinkSpec for HttpKeys {
             }
             None => None,
         };
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::NativeTls)
-            .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-            .build();
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(
-                self.timeout_ms.unwrap_or(10_000),
-            )))
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .tls_config(tls)
-            .user_agent(concat!("pgtrickle-relay/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+        let agent = crate::broker::http::agent(Some(Duration::from_millis(
+            self.timeout_ms.unwrap_or(10_000),
+        )));
         Ok(Box::new(HttpSink {
             mode: self.mode,
             shown: mask(&url),
