@@ -33,6 +33,7 @@ mod sql;
 mod status;
 #[cfg(test)]
 mod testkit;
+mod trace;
 mod wake;
 
 pub use coordinator::{Exit, Settings};

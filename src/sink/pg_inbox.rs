@@ -14,7 +14,9 @@
 //! and [`CHUNK_BYTES`] bytes of payload (far below PostgreSQL's 1 GB
 //! message limit), each its own transaction: `event_id` = the dedup key,
 //! `event_type` = the event's subject, `source` = the outbox table (the
-//! dedup key's prefix), `payload` = the row. A replay inserts nothing new.
+//! dedup key's prefix), `payload` = the row, `trace_id` = the W3C
+//! `traceparent` of the outbox headers when they carry a valid one (see
+//! [`crate::trace`]). A replay inserts nothing new.
 //! When the database refuses a chunk's data ([`refuses_the_data`]: SQLSTATE
 //! class 22 or 23 but for a NOT NULL violation, 54000, or an exception
 //! raised by a trigger, P0001), the events of the chunk are inserted one by
@@ -33,6 +35,7 @@ use crate::outbox::quote_ident;
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// Events per INSERT at most.
 pub const CHUNK: usize = 5000;
@@ -157,10 +160,10 @@ impl PgInboxSink {
             let name = format!("{}.{}", quote_ident(schema), quote_ident(&self.cfg.inbox));
             let insert = client
                 .prepare(&format!(
-                    "INSERT INTO {name} (event_id, event_type, source, payload) \
-                     SELECT id, et, src, p::jsonb \
-                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
-                       AS m(id, et, src, p) \
+                    "INSERT INTO {name} (event_id, event_type, source, payload, trace_id) \
+                     SELECT id, et, src, p::jsonb, tr \
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                       AS m(id, et, src, p, tr) \
                      ON CONFLICT (event_id) DO NOTHING"
                 ))
                 .map_err(|e| {
@@ -186,7 +189,11 @@ impl PgInboxSink {
         let types: Vec<&str> = events.iter().map(|e| e.subject.as_str()).collect();
         let sources: Vec<&str> = events.iter().map(|e| source_of(&e.dedup_key)).collect();
         let payloads: Vec<&str> = events.iter().map(|e| e.payload.get()).collect();
-        match client.execute(&*insert, &[&ids, &types, &sources, &payloads]) {
+        let traces: Vec<Option<String>> = events
+            .iter()
+            .map(|e| Context::of(e.headers.as_deref()).map(|t| t.traceparent))
+            .collect();
+        match client.execute(&*insert, &[&ids, &types, &sources, &payloads, &traces]) {
             Ok(_) => Ok(()),
             Err(e) => {
                 let refused = e.code().map(|c| refuses_the_data(c.code()));

@@ -8,8 +8,10 @@
 //! (`XADD ... MAXLEN ~ N`).
 //!
 //! Each entry has the fields `dedup_key`, `subject`, `op`, `payload` (the
-//! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`, and
-//! `refresh_id`/`headers` when present.
+//! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`,
+//! `refresh_id`/`headers` when present, and `traceparent`/`tracestate`
+//! when the outbox headers carry a valid W3C trace context (see
+//! [`crate::trace`]).
 //!
 //! **Entry ids (replays are harmless).** Redis has no dedup of its own, so
 //! every entry gets an explicit id derived from its read position:
@@ -59,6 +61,7 @@ use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// XADDs per pipelined round trip.
 const CHUNK: usize = 1000;
@@ -279,6 +282,11 @@ impl RedisSink {
         }
         if let Some(h) = &e.headers {
             cmd.arg("headers").arg(h.get());
+        }
+        if let Some(t) = Context::of(e.headers.as_deref()) {
+            for (name, value) in t.headers() {
+                cmd.arg(name).arg(value);
+            }
         }
         cmd
     }

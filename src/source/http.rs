@@ -5,7 +5,10 @@
 //! "max_body_bytes":1048576, "id_field":"event_id",
 //! "event_type":{"header":"X-Type"} | {"field":"type"} | "fixed"}`, and the
 //! same for `aggregate_id`, `source` and `trace_id` (default: the field of
-//! the same name). `${ENV:NAME}` is replaced in `token` and
+//! the same name; for `trace_id` first a valid W3C traceparent: the event's
+//! `traceparent` field or the `traceparent` of its `headers` object (the
+//! http sink's envelope), else the request's `traceparent` header; see
+//! [`crate::trace`]). `${ENV:NAME}` is replaced in `token` and
 //! `signing_secret`.
 //!
 //! Requests: `POST <path>` with one JSON object or a JSON array of objects.
@@ -52,6 +55,7 @@ use crate::retry::Error;
 use crate::signing::{self, Scheme};
 use crate::source::decode::{json_text, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// Threads taking requests, so one slow client does not hold up the rest.
 const WORKERS: usize = 8;
@@ -154,7 +158,9 @@ struct Rules {
     event_type: Origin,
     aggregate_id: Origin,
     source: Origin,
-    trace_id: Origin,
+    /// `None`: the event's W3C traceparent, else the request's, else the
+    /// `trace_id` field.
+    trace_id: Option<Origin>,
 }
 
 /// One accepted request: its messages and where to say they committed.
@@ -193,7 +199,7 @@ impl SourceSpec for HttpSourceConfig {
             event_type: Origin::or_field(&self.event_type, "event_type"),
             aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
             source: Origin::or_field(&self.source, "source"),
-            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
+            trace_id: self.trace_id.clone(),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
@@ -507,7 +513,14 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
             event_type: attribute(req, &obj, &rules.event_type),
             source: attribute(req, &obj, &rules.source),
             aggregate_id: attribute(req, &obj, &rules.aggregate_id),
-            trace_id: attribute(req, &obj, &rules.trace_id),
+            trace_id: match &rules.trace_id {
+                Some(o) => attribute(req, &obj, o),
+                None => trace::trace_id(trace::in_object(&obj), || {
+                    trace::trace_id(header(req, trace::TRACEPARENT), || {
+                        json_text(&obj, "trace_id")
+                    })
+                }),
+            },
             payload,
             error: None,
         });

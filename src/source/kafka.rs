@@ -6,7 +6,9 @@
 //! "properties":{...}, "event_type":{"header":"type"} | {"field":"type"} |
 //! "fixed"}`, and the same for `aggregate_id`, `source` and `trace_id`: a
 //! record header, a field of the JSON value, or a fixed string (default:
-//! the header of the same name, else the JSON field of the same name).
+//! the header of the same name, else the JSON field of the same name; for
+//! `trace_id` first the W3C `traceparent` header when it is a valid one,
+//! see [`crate::trace`]).
 //! `brokers` and `properties` (SASL, SSL, fetch sizes...) are described in
 //! the shared Kafka module; the relay sets `group.id` (from `group_id`),
 //! `auto.offset.reset` (from `start`), `enable.auto.commit=false`,
@@ -56,6 +58,7 @@ use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// How long a `--once` run waits for its first partition assignment.
 const ONCE_JOIN: Duration = Duration::from_secs(60);
@@ -414,7 +417,12 @@ impl KafkaSource {
             event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
             source: attribute(&self.cfg.source, "source", m, obj),
             aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
-            trace_id: attribute(&self.cfg.trace_id, "trace_id", m, obj),
+            trace_id: match &self.cfg.trace_id {
+                Some(o) => o.value(|h| header(m, h), obj),
+                None => trace::trace_id(header(m, trace::TRACEPARENT).as_deref(), || {
+                    attribute(&None, "trace_id", m, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,

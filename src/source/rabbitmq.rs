@@ -49,7 +49,9 @@
 //! `content-encoding`, `expiration`, `priority`, `timestamp`,
 //! `delivery-mode`, `cluster-id`; `_` for `-` also works) reads that
 //! property; any other name reads the message's headers table. Defaults:
-//! `event_type` = the `type` property, `trace_id` = `correlation-id`,
+//! `event_type` = the `type` property, `trace_id` = the W3C `traceparent`
+//! header when it is a valid one (see [`crate::trace`]), else
+//! `correlation-id`,
 //! `source` = `app-id`, each else the header and then the body field of
 //! the attribute's own name (`event_type`, ...); `aggregate_id` = the
 //! header, else the body field `aggregate_id`.
@@ -80,6 +82,7 @@ use crate::keys::{from_value, ConfigError};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// How long dropping the source waits for its connection to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -449,13 +452,12 @@ impl RabbitSource {
             ),
             aggregate_id: attribute(self.cfg.aggregate_id.as_ref(), None, "aggregate_id", p, obj),
             source: attribute(self.cfg.source.as_ref(), Some("app-id"), "source", p, obj),
-            trace_id: attribute(
-                self.cfg.trace_id.as_ref(),
-                Some("correlation-id"),
-                "trace_id",
-                p,
-                obj,
-            ),
+            trace_id: match &self.cfg.trace_id {
+                Some(o) => attribute(Some(o), None, "trace_id", p, obj),
+                None => trace::trace_id(header(p, trace::TRACEPARENT).as_deref(), || {
+                    attribute(None, Some("correlation-id"), "trace_id", p, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,
