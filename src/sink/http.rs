@@ -435,6 +435,31 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn a_batch_request_carries_the_trace_context_all_its_events_share() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let event = |headers: Option<String>| Event {
+            dedup_key: "outbox_orders:1:0".into(),
+            subject: "s".into(),
+            op: crate::event::Op::Insert,
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            is_full_refresh: false,
+            outbox_id: 1,
+            refresh_id: None,
+            headers: headers.map(|h| serde_json::value::RawValue::from_string(h).unwrap()),
+            stream_table: "orders".into(),
+        };
+        let traced = |t: &str| event(Some(json!({"traceparent": t, "x": 1}).to_string()));
+        let same = [traced(tp), traced(tp)];
+        assert_eq!(common_trace(&same).unwrap().traceparent, tp);
+        assert_eq!(common_trace(&same[..1]).unwrap().traceparent, tp);
+        assert_eq!(common_trace(&[traced(tp), traced(other)]), None);
+        assert_eq!(common_trace(&[traced(tp), event(None)]), None);
+        assert_eq!(common_trace(&[event(None), traced(tp)]), None);
+        assert_eq!(common_trace(&[]), None);
+    }
+
+    #[test]
     fn statuses_are_classified_by_what_they_say() {
         for s in [200, 201, 204] {
             assert_eq!(classify(s), Status::Delivered, "{s}");
