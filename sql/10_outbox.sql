@@ -927,7 +927,7 @@ $ddl$);
 -- p_idempotency_key: as for outbox_publish (a repeat writes no delta rows).
 -- The row's headers: the caller's W3C trace context from the settings
 -- pgtrickle.traceparent and pgtrickle.tracestate (see _outbox_trace_headers),
--- else none.
+-- else none (and none in an outbox table without a headers column).
 CALL pgtrickle._kit_define('function', 'outbox_publish_delta', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle.outbox_publish_delta(
     p_outbox TEXT, p_inserted JSONB, p_deleted JSONB DEFAULT '[]',
@@ -986,7 +986,12 @@ BEGIN
     IF coalesce(p_full_refresh, false) THEN
         v_payload := v_payload || '{"full_refresh": true}'::jsonb;
     END IF;
-    IF v_trace <> '' THEN  -- W3C trace context of the caller (NULL or '': none)
+    -- W3C trace context of the caller (NULL or '': none), into an outbox
+    -- that has a headers column (the pg_trickle extension's has none).
+    IF v_trace <> '' AND EXISTS (
+           SELECT 1 FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_cfg.outbox_table_name))
+              AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped) THEN
         v_headers := pgtrickle._outbox_trace_headers(NULL, v_trace);
     END IF;
 

@@ -195,6 +195,27 @@ fn a_malformed_setting_is_ignored_and_the_transaction_commits() {
 }
 
 #[test]
+fn an_outbox_without_a_headers_column_gets_no_trace_context() {
+    // Like the pg_trickle extension's outboxes (CONTRACT.md: no headers).
+    let (_pg, _url, mut c) = setup("sqlt_trace_no_headers");
+    c.batch_execute(
+        "SELECT pgtrickle.enable_outbox('orders');
+         ALTER TABLE pgtrickle.outbox_orders DROP COLUMN headers CASCADE;",
+    )
+    .unwrap();
+    let id = publish_in(
+        &mut c,
+        &format!("SET LOCAL pgtrickle.traceparent = '{TP}'"),
+        "SELECT pgtrickle.outbox_publish_delta('orders', '[{\"n\": 1}]')",
+    );
+    assert_eq!(
+        i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_orders"),
+        1
+    );
+    assert!(id > 0);
+}
+
+#[test]
 fn the_publish_signatures_are_unchanged() {
     let (_pg, _url, mut c) = setup("sqlt_trace_signatures");
     let sigs: Vec<String> = c
