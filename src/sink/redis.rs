@@ -217,8 +217,14 @@ fn oversize(e: &Event, max_bulk: u64, max_query: u64) -> Option<String> {
              ({max_bulk} bytes)"
         ));
     }
-    // Every argument costs its bytes plus a `$<len>\r\n...\r\n` frame.
-    let total: u64 = fields.iter().map(|(_, l)| *l as u64 + 16).sum::<u64>() + 512;
+    // Every argument costs its bytes plus a `$<len>\r\n...\r\n` frame; the
+    // trace context fields come on top.
+    let trace: usize = Context::of(e.headers.as_deref()).map_or(0, |t| {
+        t.headers()
+            .map(|(name, value)| name.len() + value.len() + 32)
+            .sum()
+    });
+    let total: u64 = fields.iter().map(|(_, l)| *l as u64 + 16).sum::<u64>() + trace as u64 + 512;
     if total > max_query {
         return Some(format!(
             "redis: the XADD command is about {total} bytes, over the server's \
@@ -571,6 +577,32 @@ mod tests {
             headers: None,
             stream_table: "orders".into(),
         }
+    }
+
+    #[test]
+    fn the_size_estimate_counts_the_trace_context_fields() {
+        let mut e = event("outbox_orders:1:0", 1);
+        let headers = json!({
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate": "a".repeat(500),
+        })
+        .to_string();
+        e.headers = Some(RawValue::from_string(headers).unwrap());
+        let limit = |e: &Event| {
+            (0..10_000u64)
+                .find(|q| oversize(e, u64::MAX, *q).is_none())
+                .unwrap()
+        };
+        let traced = limit(&e);
+        // The same headers without a valid traceparent: no native fields.
+        let plain = e
+            .headers
+            .as_ref()
+            .unwrap()
+            .get()
+            .replace("00-4bf", "xx-4bf");
+        e.headers = Some(RawValue::from_string(plain).unwrap());
+        assert!(traced >= limit(&e) + 500 + 55, "{traced} vs {}", limit(&e));
     }
 
     #[test]
