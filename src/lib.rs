@@ -35,6 +35,7 @@ mod sql;
 mod status;
 #[cfg(test)]
 mod testkit;
+mod trace;
 mod wake;
 
 pub use coordinator::{Exit, Settings};

@@ -9,6 +9,11 @@
 //! - `mode: "event"`: one request per event, the body the event envelope,
 //!   and `Idempotency-Key: <dedup key>`.
 //!
+//! Trace context: a request of one event whose outbox headers hold a valid
+//! W3C `traceparent` (see [`crate::trace`]) carries it, and its
+//! `tracestate`, as the `traceparent` and `tracestate` headers; a batch
+//! request does when all its events carry the same one.
+//!
 //! Signing: with `signing_secret`, every request also carries a signature
 //! of its exact body, by `signing_scheme` (see [`crate::signing`]):
 //! - `pgtrickle` (default): `Pgtrickle-Timestamp: <unix seconds>` and
@@ -48,6 +53,7 @@ use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// The longest `Retry-After` honoured by sleeping (below the relay's
 /// shutdown grace, so SIGTERM still ends the relay in time).
@@ -285,8 +291,9 @@ fn classify(status: u16) -> Status {
 }
 
 impl HttpSink {
-    /// POST `self.body` with `key` as the idempotency key.
-    fn post(&mut self, key: &str) -> Result<Outcome, Error> {
+    /// POST `self.body` with `key` as the idempotency key and the trace
+    /// context `trace` as `traceparent`/`tracestate` headers.
+    fn post(&mut self, key: &str, trace: Option<&Context>) -> Result<Outcome, Error> {
         let mut req = self
             .agent
             .post(&self.url)
@@ -294,6 +301,9 @@ impl HttpSink {
             .header("Idempotency-Key", key);
         for (k, v) in &self.headers {
             req = req.header(k.as_str(), v.as_str());
+        }
+        for (name, value) in trace.iter().flat_map(|t| t.headers()) {
+            req = req.header(name, value);
         }
         if let Some((scheme, key_bytes)) = &self.signer {
             let ts = SystemTime::now()
@@ -377,7 +387,7 @@ impl HttpSink {
         }
         self.body.push(b']');
         let key = format!("{}..{}", first.dedup_key, last.dedup_key);
-        match self.post(&key)? {
+        match self.post(&key, common_trace(events).as_ref())? {
             Outcome::Delivered => Ok(()),
             Outcome::Refused(why) if events.len() == 1 => {
                 rejected.push(Rejected {
@@ -400,6 +410,17 @@ impl HttpSink {
     }
 }
 
+/// The trace context of a batch request: the one every event of it carries
+/// (e.g. the events of one transaction), else none (each envelope's
+/// `headers` still hold its own).
+fn common_trace(events: &[Event]) -> Option<Context> {
+    let (first, rest) = events.split_first()?;
+    let t = Context::of(first.headers.as_deref())?;
+    rest.iter()
+        .all(|e| Context::of(e.headers.as_deref()).as_ref() == Some(&t))
+        .then_some(t)
+}
+
 /// Append the envelope of `e` to `body`.
 fn encode(body: &mut Vec<u8>, e: &Event) -> Result<(), Error> {
     serde_json::to_writer(body, e)
@@ -414,7 +435,8 @@ impl Sink for HttpSink {
                 for (i, e) in events.iter().enumerate() {
                     self.body.clear();
                     encode(&mut self.body, e)?;
-                    if let Outcome::Refused(why) = self.post(&e.dedup_key)? {
+                    let trace = Context::of(e.headers.as_deref());
+                    if let Outcome::Refused(why) = self.post(&e.dedup_key, trace.as_ref())? {
                         rejected.push(Rejected {
                             index: i,
                             reason: why,
@@ -432,6 +454,31 @@ impl Sink for HttpSink {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_batch_request_carries_the_trace_context_all_its_events_share() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let event = |headers: Option<String>| Event {
+            dedup_key: "outbox_orders:1:0".into(),
+            subject: "s".into(),
+            op: crate::event::Op::Insert,
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            is_full_refresh: false,
+            outbox_id: 1,
+            refresh_id: None,
+            headers: headers.map(|h| serde_json::value::RawValue::from_string(h).unwrap()),
+            stream_table: "orders".into(),
+        };
+        let traced = |t: &str| event(Some(json!({"traceparent": t, "x": 1}).to_string()));
+        let same = [traced(tp), traced(tp)];
+        assert_eq!(common_trace(&same).unwrap().traceparent, tp);
+        assert_eq!(common_trace(&same[..1]).unwrap().traceparent, tp);
+        assert_eq!(common_trace(&[traced(tp), traced(other)]), None);
+        assert_eq!(common_trace(&[traced(tp), event(None)]), None);
+        assert_eq!(common_trace(&[event(None), traced(tp)]), None);
+        assert_eq!(common_trace(&[]), None);
+    }
 
     #[test]
     fn statuses_are_classified_by_what_they_say() {

@@ -15,8 +15,9 @@
 //! (`<outbox table>:<outbox id>:<row index>`); value = the row as JSON;
 //! headers `Pgtrickle-Dedup-Key`, `Pgtrickle-Op` (`insert`/`delete`), `Pgtrickle-Full-Refresh`
 //! (`true`/`false`), `Pgtrickle-Outbox-Id`, `Pgtrickle-Subject` (the
-//! rendered `subject`), and `Pgtrickle-Refresh-Id` / `Pgtrickle-Headers`
-//! when present. The default partitioner hashes the key, so the events of
+//! rendered `subject`), `Pgtrickle-Refresh-Id` / `Pgtrickle-Headers`
+//! when present, and `traceparent` / `tracestate` when the outbox headers
+//! carry a valid W3C trace context (see [`crate::trace`]). The default partitioner hashes the key, so the events of
 //! one outbox spread over the topic's partitions, each in order.
 //!
 //! A batch counts as delivered once every record's delivery report says
@@ -53,6 +54,7 @@ use crate::event::{Event, Op, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// The topic when the config names none.
 const DEFAULT_TOPIC: &str = "pgtrickle.{stream_table}";
@@ -374,6 +376,14 @@ impl KafkaSink {
                 key: "Pgtrickle-Headers",
                 value: Some(x.get()),
             });
+        }
+        if let Some(t) = Context::of(e.headers.as_deref()) {
+            for (key, value) in t.headers() {
+                h = h.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
         }
         h
     }

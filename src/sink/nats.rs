@@ -7,8 +7,9 @@
 //! (JSON), and the headers are `Nats-Msg-Id` = the dedup key (JetStream
 //! drops a repeat within the stream's duplicate window, 2 minutes by
 //! default), `Pgtrickle-Full-Refresh` (`true`/`false`), `Pgtrickle-Op`,
-//! `Pgtrickle-Outbox-Id`, and `Pgtrickle-Refresh-Id`/`Pgtrickle-Headers`
-//! when present.
+//! `Pgtrickle-Outbox-Id`, `Pgtrickle-Refresh-Id`/`Pgtrickle-Headers`
+//! when present, and `traceparent`/`tracestate` when the outbox headers
+//! carry a valid W3C trace context (see [`crate::trace`]).
 //!
 //! Acknowledgements are pipelined: every message is published with its own
 //! reply subject under one inbox the sink subscribes to, and up to
@@ -57,6 +58,7 @@ use crate::event::Event;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// Messages waiting for their ack at most.
 pub const WINDOW: usize = 4096;
@@ -424,6 +426,11 @@ impl NatsSink {
             }
             if let Some(h) = &e.headers {
                 headers.insert("Pgtrickle-Headers", h.get());
+            }
+            if let Some(t) = Context::of(e.headers.as_deref()) {
+                for (name, value) in t.headers() {
+                    headers.insert(name, value);
+                }
             }
             let body = e.payload.get().as_bytes();
             if let Some(reason) = oversize(&headers, body.len(), max_payload) {

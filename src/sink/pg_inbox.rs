@@ -13,7 +13,9 @@
 //! and [`CHUNK_BYTES`] bytes of payload (far below PostgreSQL's 1 GB
 //! message limit), each its own transaction: `event_id` = the dedup key,
 //! `event_type` = the event's subject, `source` = the outbox table (the
-//! dedup key's prefix), `payload` = the row. A replay inserts nothing new.
+//! dedup key's prefix), `payload` = the row, `trace_id` = the W3C
+//! `traceparent` of the outbox headers when they carry a valid one (see
+//! [`crate::trace`]). A replay inserts nothing new.
 //! When the database refuses a chunk's data ([`refuses_the_data`]: SQLSTATE
 //! class 22 or 23 but for a NOT NULL violation, 54000, or an exception
 //! raised by a trigger, P0001), the events of the chunk are inserted one by
@@ -33,6 +35,7 @@ use crate::pg::{expand_env, mask};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
 use crate::source::Message;
+use crate::trace::Context;
 
 /// Events per INSERT at most.
 pub const CHUNK: usize = 5000;
@@ -206,7 +209,7 @@ fn message(e: &Event) -> Message {
         event_type: Some(e.subject.clone()),
         source: Some(source_of(&e.dedup_key).to_string()),
         aggregate_id: None,
-        trace_id: None,
+        trace_id: Context::of(e.headers.as_deref()).map(|t| t.traceparent),
         payload: e.payload.get().to_string(),
         error: None,
     }

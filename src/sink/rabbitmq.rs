@@ -10,8 +10,9 @@
 //! twice, and consumers dedup by `message-id`), `content-type`
 //! `application/json`, `app-id` `pgtrickle-relay`, and the headers
 //! `pgtrickle-op`, `pgtrickle-outbox-id`, `pgtrickle-full-refresh`
-//! (`true`/`false`), and `pgtrickle-refresh-id`/`pgtrickle-headers` when
-//! present.
+//! (`true`/`false`), `pgtrickle-refresh-id`/`pgtrickle-headers` when
+//! present, and `traceparent`/`tracestate` when the outbox headers carry a
+//! valid W3C trace context (see [`crate::trace`]).
 //!
 //! The channel is in confirm mode; up to [`WINDOW`] messages wait for
 //! their confirm at a time, and `publish` returns once the broker confirmed
@@ -53,6 +54,7 @@ use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// Messages waiting for their confirm at most. Larger than a default
 /// batch (5,000 events): RabbitMQ confirms persistent messages after a
@@ -482,6 +484,11 @@ fn headers(e: &Event) -> FieldTable {
     }
     if let Some(x) = &e.headers {
         h.insert("pgtrickle-headers".into(), text(x.get()));
+    }
+    if let Some(t) = Context::of(e.headers.as_deref()) {
+        for (name, value) in t.headers() {
+            h.insert(name.into(), text(value));
+        }
     }
     h
 }

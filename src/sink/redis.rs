@@ -3,8 +3,10 @@
 //! Keys: [`KEYS`] (README.md and the man page show them).
 //!
 //! Each entry has the fields `dedup_key`, `subject`, `op`, `payload` (the
-//! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`, and
-//! `refresh_id`/`headers` when present.
+//! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`,
+//! `refresh_id`/`headers` when present, and `traceparent`/`tracestate`
+//! when the outbox headers carry a valid W3C trace context (see
+//! [`crate::trace`]).
 //!
 //! **Entry ids (replays are harmless).** Redis has no dedup of its own, so
 //! every entry gets an explicit id derived from its read position:
@@ -54,6 +56,7 @@ use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// XADDs per pipelined round trip.
 const CHUNK: usize = 1000;
@@ -231,8 +234,14 @@ fn oversize(e: &Event, max_bulk: u64, max_query: u64) -> Option<String> {
              ({max_bulk} bytes)"
         ));
     }
-    // Every argument costs its bytes plus a `$<len>\r\n...\r\n` frame.
-    let total: u64 = fields.iter().map(|(_, l)| *l as u64 + 16).sum::<u64>() + 512;
+    // Every argument costs its bytes plus a `$<len>\r\n...\r\n` frame; the
+    // trace context fields come on top.
+    let trace: usize = Context::of(e.headers.as_deref()).map_or(0, |t| {
+        t.headers()
+            .map(|(name, value)| name.len() + value.len() + 32)
+            .sum()
+    });
+    let total: u64 = fields.iter().map(|(_, l)| *l as u64 + 16).sum::<u64>() + trace as u64 + 512;
     if total > max_query {
         return Some(format!(
             "redis: the XADD command is about {total} bytes, over the server's \
@@ -296,6 +305,11 @@ impl RedisSink {
         }
         if let Some(h) = &e.headers {
             cmd.arg("headers").arg(h.get());
+        }
+        if let Some(t) = Context::of(e.headers.as_deref()) {
+            for (name, value) in t.headers() {
+                cmd.arg(name).arg(value);
+            }
         }
         cmd
     }
@@ -574,6 +588,32 @@ mod tests {
             headers: None,
             stream_table: "orders".into(),
         }
+    }
+
+    #[test]
+    fn the_size_estimate_counts_the_trace_context_fields() {
+        let mut e = event("outbox_orders:1:0", 1);
+        let headers = json!({
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate": "a".repeat(500),
+        })
+        .to_string();
+        e.headers = Some(RawValue::from_string(headers).unwrap());
+        let limit = |e: &Event| {
+            (0..10_000u64)
+                .find(|q| oversize(e, u64::MAX, *q).is_none())
+                .unwrap()
+        };
+        let traced = limit(&e);
+        // The same headers without a valid traceparent: no native fields.
+        let plain = e
+            .headers
+            .as_ref()
+            .unwrap()
+            .get()
+            .replace("00-4bf", "xx-4bf");
+        e.headers = Some(RawValue::from_string(plain).unwrap());
+        assert!(traced >= limit(&e) + 500 + 55, "{traced} vs {}", limit(&e));
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! Each event is one message. Its body is the row (the event's payload
 //! JSON); its message attributes carry the metadata: `dedup_key`,
 //! `subject`, `op`, `outbox_id` (Number), `full_refresh` (`true`/`false`),
-//! and `refresh_id` and `headers` (the outbox row's headers as JSON) when
-//! present.
+//! `refresh_id` and `headers` (the outbox row's headers as JSON) when
+//! present, and `traceparent`/`tracestate` when the outbox headers carry a
+//! valid W3C trace context (see [`crate::trace`]).
 //!
 //! FIFO queues (the name ends in `.fifo`): `MessageGroupId` is the
 //! `message_group_id` template (`{stream_table}`, `{op}`, `{outbox_id}`,
@@ -55,6 +56,7 @@ use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::sink::{Rejected, Sink, SinkSpec};
+use crate::trace::Context;
 
 /// SQS's message (and batch request) size limit by default.
 const DEFAULT_MAX_BYTES: usize = 256 * 1024;
@@ -315,6 +317,11 @@ impl SqsSink {
         }
         if let Some(h) = &e.headers {
             add("headers", "String", h.get());
+        }
+        if let Some(t) = Context::of(e.headers.as_deref()) {
+            for (name, value) in t.headers() {
+                add(name, "String", value);
+            }
         }
         let mut json = json!({
             "Id": index.to_string(),

@@ -46,6 +46,7 @@ use crate::retry::Error;
 use crate::signing::{self, Scheme};
 use crate::source::decode::{json_text, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// Threads taking requests, so one slow client does not hold up the rest.
 const WORKERS: usize = 8;
@@ -147,7 +148,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("the field of the same name"),
+        Fallback::Text("a valid W3C `traceparent` (the event's field or its `headers` object's, else the request's header; see \"Trace context\"), else the field of the same name"),
         r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
     ),
 ];
@@ -218,7 +219,9 @@ struct Rules {
     event_type: Origin,
     aggregate_id: Origin,
     source: Origin,
-    trace_id: Origin,
+    /// `None`: the event's W3C traceparent, else the request's, else the
+    /// `trace_id` field.
+    trace_id: Option<Origin>,
 }
 
 /// One accepted request: its messages and where to say they committed.
@@ -257,7 +260,7 @@ impl SourceSpec for HttpSourceConfig {
             event_type: Origin::or_field(&self.event_type, "event_type"),
             aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
             source: Origin::or_field(&self.source, "source"),
-            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
+            trace_id: self.trace_id.clone(),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
@@ -571,7 +574,14 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
             event_type: attribute(req, &obj, &rules.event_type),
             source: attribute(req, &obj, &rules.source),
             aggregate_id: attribute(req, &obj, &rules.aggregate_id),
-            trace_id: attribute(req, &obj, &rules.trace_id),
+            trace_id: match &rules.trace_id {
+                Some(o) => attribute(req, &obj, o),
+                None => trace::trace_id(trace::in_object(&obj), || {
+                    trace::trace_id(header(req, trace::TRACEPARENT), || {
+                        json_text(&obj, "trace_id")
+                    })
+                }),
+            },
             payload,
             error: None,
         });

@@ -50,6 +50,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// How long a `--once` run waits for its first partition assignment.
 const ONCE_JOIN: Duration = Duration::from_secs(60);
@@ -179,7 +180,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("the header of the same name, else the JSON field of the same name"),
+        Fallback::Text("a valid W3C `traceparent` header (see \"Trace context\"), else the header of the same name, else the JSON field of the same name"),
         r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
     ),
 ];
@@ -459,7 +460,12 @@ impl KafkaSource {
             event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
             source: attribute(&self.cfg.source, "source", m, obj),
             aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
-            trace_id: attribute(&self.cfg.trace_id, "trace_id", m, obj),
+            trace_id: match &self.cfg.trace_id {
+                Some(o) => o.value(|h| header(m, h), obj),
+                None => trace::trace_id(header(m, trace::TRACEPARENT).as_deref(), || {
+                    attribute(&None, "trace_id", m, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,

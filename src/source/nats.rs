@@ -35,7 +35,8 @@
 //! "<text>"}`, the reason in `error`, in `<inbox>_dlq`) and is acknowledged
 //! like the rest. `event_type` defaults to the message's subject;
 //! `aggregate_id`, `source` and `trace_id` to the body's JSON field of the
-//! same name. `{"header": "X"}` is a message header, `{"field": "x"}` a
+//! same name (`trace_id`: first the W3C `traceparent` header when it is a
+//! valid one, see [`crate::trace`]). `{"header": "X"}` is a message header, `{"field": "x"}` a
 //! top-level field of the JSON body.
 
 // The sync `nats` crate is deprecated upstream in favour of async-nats; it
@@ -53,8 +54,9 @@ use serde_json::{json, Map, Value};
 use crate::broker::nats::{check_connection, check_name, connect, Client};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, Body, Origin, Problem};
+use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 use consumer::Durable;
 
 /// How long `receive` and `ack` wait for a lost connection to come back.
@@ -165,7 +167,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("the body's field of the same name"),
+        Fallback::Text("a valid W3C `traceparent` header (see \"Trace context\"), else the body's field of the same name"),
         "as for `event_type`",
     ),
 ];
@@ -236,7 +238,7 @@ impl SourceSpec for NatsSourceConfig {
             event_type: self.event_type.clone(),
             aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
             source: Origin::or_field(&self.source, "source"),
-            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
+            trace_id: self.trace_id.clone(),
             unacked: Vec::new(),
             sent: None,
             once,
@@ -299,7 +301,8 @@ struct NatsSource {
     event_type: Option<Origin>,
     aggregate_id: Origin,
     source: Origin,
-    trace_id: Origin,
+    /// `None`: the W3C `traceparent` header, else the body's `trace_id`.
+    trace_id: Option<Origin>,
     /// Ack subjects of written messages to acknowledge (again, when their
     /// acks were not confirmed).
     unacked: Vec<String>,
@@ -471,7 +474,12 @@ impl NatsSource {
             },
             aggregate_id: attribute(&self.aggregate_id, m, body),
             source: attribute(&self.source, m, body),
-            trace_id: attribute(&self.trace_id, m, body),
+            trace_id: match &self.trace_id {
+                Some(o) => attribute(o, m, body),
+                None => trace::trace_id(header(m, trace::TRACEPARENT).map(String::as_str), || {
+                    json_text(body?, "trace_id")
+                }),
+            },
             event_id,
             payload: decoded.text,
             error,

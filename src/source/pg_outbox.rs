@@ -10,7 +10,9 @@
 //! pipeline with an error naming it and the outbox id). Each event becomes
 //! the inbox row the `pg-inbox` sink would write: `event_id` = the dedup key
 //! `<outbox table>:<outbox id>:<row index>`, `event_type` = the subject,
-//! `source` = the outbox table, `payload` = the row.
+//! `source` = the outbox table, `payload` = the row, `trace_id` = the W3C
+//! `traceparent` of the row's headers when they carry a valid one (see
+//! [`crate::trace`]).
 //!
 //! The position lives in the local database (the pipeline's row of
 //! `relay_consumer_offsets`) and is written in the transaction that writes
@@ -39,6 +41,7 @@ use crate::pg::{expand_env, mask};
 use crate::pipeline::{wait_notification, Ctx};
 use crate::retry::Error;
 use crate::source::{feed, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace::Context;
 use crate::wake::Waker;
 
 /// Outbox rows fetched per round trip.
@@ -189,12 +192,13 @@ struct PgOutboxSource {
 }
 
 fn message(e: Event, table: &str) -> Message {
+    let trace_id = Context::of(e.headers.as_deref()).map(|t| t.traceparent);
     Message {
         event_id: e.dedup_key,
         event_type: Some(e.subject),
         source: Some(table.to_string()),
         aggregate_id: None,
-        trace_id: None,
+        trace_id,
         payload: Box::<str>::from(e.payload).into_string(),
         error: None,
     }

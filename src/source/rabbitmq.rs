@@ -44,7 +44,9 @@
 //! `content-encoding`, `expiration`, `priority`, `timestamp`,
 //! `delivery-mode`, `cluster-id`; `_` for `-` also works) reads that
 //! property; any other name reads the message's headers table. Defaults:
-//! `event_type` = the `type` property, `trace_id` = `correlation-id`,
+//! `event_type` = the `type` property, `trace_id` = the W3C `traceparent`
+//! header when it is a valid one (see [`crate::trace`]), else
+//! `correlation-id`,
 //! `source` = `app-id`, each else the header and then the body field of
 //! the attribute's own name (`event_type`, ...); `aggregate_id` = the
 //! header, else the body field `aggregate_id`.
@@ -75,6 +77,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, fnv1a, json_text, Body, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// How long dropping the source waits for its connection to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -154,25 +157,25 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "event_type",
         "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
         r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
     ),
     KeySpec::new(
         "aggregate_id",
         "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
         r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
     ),
     KeySpec::new(
         "source",
         "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
         r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
     ),
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
+        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
         r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
     ),
 ];
@@ -502,13 +505,12 @@ impl RabbitSource {
             ),
             aggregate_id: attribute(self.cfg.aggregate_id.as_ref(), None, "aggregate_id", p, obj),
             source: attribute(self.cfg.source.as_ref(), Some("app-id"), "source", p, obj),
-            trace_id: attribute(
-                self.cfg.trace_id.as_ref(),
-                Some("correlation-id"),
-                "trace_id",
-                p,
-                obj,
-            ),
+            trace_id: match &self.cfg.trace_id {
+                Some(o) => attribute(Some(o), None, "trace_id", p, obj),
+                None => trace::trace_id(header(p, trace::TRACEPARENT).as_deref(), || {
+                    attribute(None, Some("correlation-id"), "trace_id", p, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,

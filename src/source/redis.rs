@@ -29,6 +29,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// XACKs per pipelined round trip.
 const CHUNK: usize = 1000;
@@ -116,7 +117,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("the field of the same name"),
+        Fallback::Text("a valid W3C `traceparent` field (see \"Trace context\"), else the field of the same name"),
         r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
     ),
 ];
@@ -184,7 +185,7 @@ impl SourceSpec for RedisSourceConfig {
             event_type: Origin::or_field(&self.event_type, "event_type"),
             aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
             source: Origin::or_field(&self.source, "source"),
-            trace_id: Origin::or_field(&self.trace_id, "trace_id"),
+            trace_id: self.trace_id.clone(),
             history: Some("0".into()),
             claim_cursor: "0-0".into(),
             last_claim: None,
@@ -222,7 +223,8 @@ struct RedisSource {
     event_type: Origin,
     aggregate_id: Origin,
     source: Origin,
-    trace_id: Origin,
+    /// `None`: the W3C `traceparent` field, else the `trace_id` field.
+    trace_id: Option<Origin>,
     /// While reading this consumer's own pending entries: the id after
     /// which to continue (None: they are all read, read new ones).
     history: Option<String>,
@@ -393,7 +395,12 @@ impl RedisSource {
             event_type: self.attribute(&self.event_type, fields, obj),
             source: self.attribute(&self.source, fields, obj),
             aggregate_id: self.attribute(&self.aggregate_id, fields, obj),
-            trace_id: self.attribute(&self.trace_id, fields, obj),
+            trace_id: match &self.trace_id {
+                Some(o) => self.attribute(o, fields, obj),
+                None => trace::trace_id(get(trace::TRACEPARENT).map(String::as_str), || {
+                    self.attribute(&Origin::or_field(&None, "trace_id"), fields, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,

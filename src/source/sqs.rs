@@ -31,7 +31,9 @@
 //! rest. `event_type`, `aggregate_id`, `source` and `trace_id` come from a
 //! message attribute (`{"header": "name"}`), a field of the JSON body
 //! (`{"field": "name"}`), or a fixed string; by default from the message
-//! attribute of the same name, else the body's field of that name.
+//! attribute of the same name, else the body's field of that name (for
+//! `trace_id`, first the W3C `traceparent` message attribute when it is a
+//! valid one, see [`crate::trace`]).
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// The default long-poll wait, seconds.
 const DEFAULT_WAIT: u64 = 4;
@@ -160,7 +163,7 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "trace_id",
         "origin",
-        Fallback::Text("the message attribute of the same name, else the body's field"),
+        Fallback::Text("a valid W3C `traceparent` message attribute (see \"Trace context\"), else the message attribute of the same name, else the body's field"),
         r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
     ),
 ];
@@ -317,7 +320,12 @@ impl SqsSource {
             event_type: pick(&self.event_type, "event_type", m, obj),
             aggregate_id: pick(&self.aggregate_id, "aggregate_id", m, obj),
             source: pick(&self.source, "source", m, obj),
-            trace_id: pick(&self.trace_id, "trace_id", m, obj),
+            trace_id: match &self.trace_id {
+                Some(_) => pick(&self.trace_id, "trace_id", m, obj),
+                None => trace::trace_id(attribute(m, trace::TRACEPARENT).as_deref(), || {
+                    pick(&None, "trace_id", m, obj)
+                }),
+            },
             event_id,
             payload: body.text,
             error,

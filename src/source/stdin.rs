@@ -5,7 +5,9 @@
 //! or a CloudEvents `id` (a line with none gets the id
 //! `<pipeline>:<line>:<hash of the line>`, so a replayed file deduplicates,
 //! and a warning); `event_type`, `aggregate_id`, `source`, `trace_id` from
-//! fields of those names; the payload from its `payload` field, else the
+//! fields of those names (for `trace_id` first a valid W3C traceparent: the
+//! `traceparent` field, else that of the `headers` object, as the stdout
+//! sink writes it; see [`crate::trace`]); the payload from its `payload` field, else the
 //! whole line. A line that is not JSON is logged with its number, counted
 //! and skipped. stdin ends the pipeline at end of input; a file is followed
 //! for appended lines unless the relay runs with `--once`. A read error in
@@ -26,6 +28,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{fnv1a, json_text};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
+use crate::trace;
 
 /// The `stdin` source's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -241,7 +244,7 @@ fn parse_line(pipeline: &str, no: u64, bytes: &[u8]) -> Result<Option<Message>, 
         event_type: json_text(obj, "event_type"),
         source: json_text(obj, "source"),
         aggregate_id: json_text(obj, "aggregate_id"),
-        trace_id: json_text(obj, "trace_id"),
+        trace_id: trace::trace_id(trace::in_object(obj), || json_text(obj, "trace_id")),
         payload,
         error: None,
     }))
