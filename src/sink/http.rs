@@ -45,6 +45,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::cloudevents::{self, CloudEvents, Mode as CeMode};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError};
 use crate::pg::{expand_env, mask};
@@ -84,11 +85,26 @@ pub struct HttpKeys {
     signing_secret: Option<String>,
     #[serde(default)]
     signing_scheme: Option<Scheme>,
+    /// `format: "cloudevents"` (its keys are taken out before parsing).
+    #[serde(skip)]
+    cloudevents: Option<CloudEvents>,
 }
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    let cfg: HttpKeys = from_value("sink", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, true)?;
+    let mut cfg: HttpKeys = from_value("sink", Value::Object(keys))?;
+    if cloudevents
+        .as_ref()
+        .is_some_and(|c| c.mode == CeMode::Binary)
+        && cfg.mode == Mode::Batch
+    {
+        return Err(ConfigError::new(
+            "sink.cloudevents_mode",
+            "binary mode sends one event per request: set sink.mode \"event\" too",
+        ));
+    }
+    cfg.cloudevents = cloudevents;
     if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
         return Err(ConfigError::new(
             "sink.url",
@@ -178,6 +194,9 @@ impl SinkSpec for HttpKeys {
             signer,
             agent,
             body: Vec::with_capacity(64 * 1024),
+            cloudevents: self.cloudevents.clone(),
+            content_type: "application/json",
+            attributes: Vec::new(),
         }))
     }
 
@@ -226,6 +245,12 @@ struct HttpSink {
     signer: Option<(Scheme, Vec<u8>)>,
     agent: ureq::Agent,
     body: Vec<u8>,
+    /// `format: "cloudevents"`.
+    cloudevents: Option<CloudEvents>,
+    /// The `Content-Type` of the next request.
+    content_type: &'static str,
+    /// The next request's CloudEvents binary-mode headers (`ce-*`).
+    attributes: Vec<(String, String)>,
 }
 
 /// What became of one request.
@@ -264,9 +289,9 @@ impl HttpSink {
         let mut req = self
             .agent
             .post(&self.url)
-            .header("Content-Type", "application/json")
+            .header("Content-Type", self.content_type)
             .header("Idempotency-Key", key);
-        for (k, v) in &self.headers {
+        for (k, v) in self.attributes.iter().chain(&self.headers) {
             req = req.header(k.as_str(), v.as_str());
         }
         if let Some((scheme, key_bytes)) = &self.signer {
@@ -347,9 +372,16 @@ impl HttpSink {
             if i > 0 {
                 self.body.push(b',');
             }
-            encode(&mut self.body, e)?;
+            match &self.cloudevents {
+                Some(ce) => ce.structured(e, None, &mut self.body),
+                None => encode(&mut self.body, e)?,
+            }
         }
         self.body.push(b']');
+        self.content_type = match self.cloudevents {
+            Some(_) => cloudevents::BATCH,
+            None => "application/json",
+        };
         let key = format!("{}..{}", first.dedup_key, last.dedup_key);
         match self.post(&key)? {
             Outcome::Delivered => Ok(()),
@@ -387,7 +419,20 @@ impl Sink for HttpSink {
             Mode::Event => {
                 for (i, e) in events.iter().enumerate() {
                     self.body.clear();
-                    encode(&mut self.body, e)?;
+                    self.attributes.clear();
+                    self.content_type = "application/json";
+                    match &self.cloudevents {
+                        None => encode(&mut self.body, e)?,
+                        Some(ce) if ce.mode == CeMode::Structured => {
+                            ce.structured(e, None, &mut self.body);
+                            self.content_type = cloudevents::STRUCTURED;
+                        }
+                        Some(ce) => {
+                            self.body.extend_from_slice(e.payload.get().as_bytes());
+                            self.attributes = ce.headers(e, None, "ce-", true);
+                            self.content_type = cloudevents::DATA_CONTENT_TYPE;
+                        }
+                    }
                     if let Outcome::Refused(why) = self.post(&e.dedup_key)? {
                         rejected.push(Rejected {
                             index: i,
@@ -404,6 +449,10 @@ impl Sink for HttpSink {
     fn flush(&mut self) -> Result<(), Error> {
         // Every request was answered before publish returned.
         Ok(())
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.cloudevents.as_ref()?.missing(e)
     }
 }
 

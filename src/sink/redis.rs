@@ -562,6 +562,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "orders".into(),
+            created_at: None,
         }
     }
 
