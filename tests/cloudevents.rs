@@ -567,6 +567,23 @@ fn bad_cloudevents_keys_name_pipeline_and_key() {
             json!({"type": "redis", "url": "redis://127.0.0.1:9", "format": "cloudevents"}),
             "sink.format",
         ),
+        (
+            "ce_bad_stdout",
+            json!({"type": "stdout", "format": "cloudevents"}),
+            "sink.format",
+        ),
+        (
+            "ce_bad_sqs",
+            json!({"type": "sqs", "queue_url": "http://127.0.0.1:9/1/q", "region": "us-east-1",
+                   "format": "cloudevents"}),
+            "sink.format",
+        ),
+        (
+            "ce_bad_pg_inbox",
+            json!({"type": "pg-inbox", "url": "postgres://127.0.0.1:9/x", "inbox": "i",
+                   "format": "cloudevents"}),
+            "sink.format",
+        ),
     ] {
         let url = outbox_pipeline(db, &sink);
         let out = run_once(&url);
