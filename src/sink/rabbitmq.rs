@@ -410,7 +410,7 @@ fn size_limit(message: &str) -> Option<usize> {
 /// 0-9-1: class id, weight, body size and property flags, then the
 /// properties the sink sets: content-type, headers, delivery mode,
 /// message-id, app-id).
-fn header_frame_bytes(message_id: &str, headers: &FieldTable) -> usize {
+fn header_frame_bytes(message_id: &str, content_type: &str, headers: &FieldTable) -> usize {
     let table: usize = headers
         .iter()
         .map(|(name, value)| {
@@ -425,7 +425,7 @@ fn header_frame_bytes(message_id: &str, headers: &FieldTable) -> usize {
     2 + 2
         + 8
         + 2
-        + (1 + CONTENT_TYPE.len())
+        + (1 + content_type.len())
         + (4 + table)
         + 1
         + (1 + message_id.len())
@@ -661,7 +661,7 @@ impl RabbitSink {
             for (k, v) in ce_headers {
                 headers.insert(k, AmqpValue::LongString(v));
             }
-            let header_frame = header_frame_bytes(&e.dedup_key, &headers);
+            let header_frame = header_frame_bytes(&e.dedup_key, content_type, &headers);
             if header_frame > HEADER_FRAME_MAX {
                 p.reject(
                     i,
@@ -835,7 +835,13 @@ mod tests {
             stream_table: "orders".into(),
             created_at: None,
         };
-        assert_eq!(header_frame_bytes(&e.dedup_key, &headers(&e)), 200_254);
+        let h = headers(&e);
+        assert_eq!(header_frame_bytes(&e.dedup_key, CONTENT_TYPE, &h), 200_254);
+        let structured = header_frame_bytes(&e.dedup_key, cloudevents::STRUCTURED, &h);
+        assert_eq!(
+            structured - 200_254,
+            cloudevents::STRUCTURED.len() - CONTENT_TYPE.len()
+        );
     }
 
     #[test]
