@@ -55,6 +55,15 @@ pub struct Event {
     /// The outbox row's `created_at`, RFC 3339 in UTC (the CloudEvents
     /// `time`), when read; not part of the envelope.
     #[serde(skip)]
+    #[cfg_attr(
+        not(any(
+            feature = "kafka",
+            feature = "http",
+            feature = "nats",
+            feature = "rabbitmq"
+        )),
+        allow(dead_code)
+    )]
     pub created_at: Option<Arc<str>>,
 }
 
