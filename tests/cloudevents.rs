@@ -596,6 +596,100 @@ fn bad_cloudevents_keys_name_pipeline_and_key() {
     }
 }
 
+/// Events `{"n": 0, "kind": "paid"}`, `{"n": 1}` (no kind), `{"n": 2, "kind": "paid"}`.
+fn publish_kinds(url: &str) {
+    Pg::shared()
+        .client(url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 0, \"kind\": \"paid\"}'); \
+             SELECT pgtrickle.outbox_publish('orders', '{\"n\": 1}'); \
+             SELECT pgtrickle.outbox_publish('orders', '{\"n\": 2, \"kind\": \"paid\"}');",
+        )
+        .unwrap();
+}
+
+#[test]
+fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink() {
+    let k = Kafka::start();
+    k.create_topic("ce.dl", 1);
+    let h = HttpReceiver::start();
+    let n = Nats::start();
+    create_stream(&n, "CEDL", &["cedl.>"]);
+    let r = Rabbit::shared();
+    r.declare("ce_dl_q", "ce_dl_x", "#");
+    let ce = json!({"format": "cloudevents", "cloudevents_type": "shop.{payload.kind}"});
+    let with = |mut sink: Value| {
+        for (key, v) in ce.as_object().unwrap() {
+            sink[key] = v.clone();
+        }
+        sink
+    };
+    let sinks = [
+        (
+            "ce_dl_kafka",
+            with(json!({"type": "kafka", "brokers": k.brokers(), "topic": "ce.dl"})),
+        ),
+        (
+            "ce_dl_http",
+            with(json!({"type": "http", "url": h.url("/dl")})),
+        ),
+        (
+            "ce_dl_nats",
+            with(json!({"type": "nats", "url": n.url(), "stream": "CEDL",
+                        "subject": "cedl.{stream_table}"})),
+        ),
+        (
+            "ce_dl_rmq",
+            with(json!({"type": "rabbitmq", "url": r.url(), "exchange": "ce_dl_x"})),
+        ),
+    ];
+    for (db, sink) in sinks {
+        let url = outbox_pipeline(db, &sink);
+        publish_kinds(&url);
+        forward_once(&url);
+        let dead = dead_letter_reasons(&url);
+        assert_eq!(dead.len(), 1, "{db}: {dead:?}");
+        assert_eq!(dead[0].0, "outbox_orders:2:0", "{db}");
+        assert!(
+            dead[0].1.contains("shop.{payload.kind}") && dead[0].1.contains("payload.kind"),
+            "{db}: {}",
+            dead[0].1
+        );
+    }
+    let types = |events: Vec<Value>| -> Vec<(Value, Value)> {
+        events
+            .into_iter()
+            .map(|e| (e["type"].clone(), e["data"]["n"].clone()))
+            .collect()
+    };
+    let want = vec![
+        (json!("shop.paid"), json!(0)),
+        (json!("shop.paid"), json!(2)),
+    ];
+    assert_eq!(
+        types(k.read("ce.dl", 2, 60).iter().map(Record::json).collect()),
+        want
+    );
+    let http: Vec<Value> = requests(&h, "/dl")
+        .iter()
+        .flat_map(|r| r.json().as_array().unwrap().clone())
+        .collect();
+    assert_eq!(types(http), want);
+    let nats = read_stream(&n, "CEDL", 2);
+    assert_eq!(
+        types(
+            nats.iter()
+                .map(|(_, b)| serde_json::from_slice(b).unwrap())
+                .collect()
+        ),
+        want
+    );
+    assert_eq!(
+        types(r.take("ce_dl_q", 2, 60).iter().map(Got::json).collect()),
+        want
+    );
+}
+
 // ---------------------------------------------------------------------
 // NATS.
 
