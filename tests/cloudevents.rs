@@ -1,6 +1,7 @@
 //! CloudEvents 1.0 end to end: sinks with `format: "cloudevents"` in
 //! structured and binary mode, against real brokers (Kafka via Tansu,
-//! an HTTP receiver, NATS JetStream, RabbitMQ), every event validated
+//! an HTTP receiver, NATS JetStream, RabbitMQ; SQS via moto, structured
+//! only), every event validated
 //! against the specification's own JSON schema (vendored in
 //! `tests/data/cloudevents/`), and relay → broker → relay round trips
 //! into an inbox.
@@ -8,7 +9,8 @@
     feature = "kafka",
     feature = "http",
     feature = "nats",
-    feature = "rabbitmq"
+    feature = "rabbitmq",
+    feature = "sqs"
 ))]
 // The sync `nats` client is deprecated upstream; it is what the relay uses.
 #![allow(deprecated)]
@@ -22,6 +24,7 @@ use support::brokers::{HttpReceiver, Nats, Received};
 use support::kafka::{Kafka, Record};
 use support::rabbitmq::amqp::Got;
 use support::rabbitmq::Rabbit;
+use support::sqs::{Moto, REGION};
 use support::*;
 
 /// The specification's JSON schema of an event.
@@ -575,8 +578,8 @@ fn bad_cloudevents_keys_name_pipeline_and_key() {
         (
             "ce_bad_sqs",
             json!({"type": "sqs", "queue_url": "http://127.0.0.1:9/1/q", "region": "us-east-1",
-                   "format": "cloudevents"}),
-            "sink.format",
+                   "format": "cloudevents", "cloudevents_mode": "binary"}),
+            "sink.cloudevents_mode",
         ),
         (
             "ce_bad_pg_inbox",
@@ -617,6 +620,8 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
     create_stream(&n, "CEDL", &["cedl.>"]);
     let r = Rabbit::shared();
     r.declare("ce_dl_q", "ce_dl_x", "#");
+    let moto = Moto::start();
+    let sqs_queue = moto.client().create_queue("ce_dl", json!({}));
     let ce = json!({"format": "cloudevents", "cloudevents_type": "shop.{payload.kind}"});
     let with = |mut sink: Value| {
         for (key, v) in ce.as_object().unwrap() {
@@ -642,6 +647,7 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
             "ce_dl_rmq",
             with(json!({"type": "rabbitmq", "url": r.url(), "exchange": "ce_dl_x"})),
         ),
+        ("ce_dl_sqs", with(sqs(&sqs_queue, json!({})))),
     ];
     for (db, sink) in sinks {
         let url = outbox_pipeline(db, &sink);
@@ -688,6 +694,16 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
         types(r.take("ce_dl_q", 2, 60).iter().map(Got::json).collect()),
         want
     );
+    // A standard queue: the two messages may come in any order.
+    let got = moto
+        .client()
+        .drain_until(&sqs_queue, 60, "2 messages", |g| g.len() >= 2);
+    let mut sqs: Vec<Value> = got
+        .iter()
+        .map(|m| serde_json::from_str(m["Body"].as_str().unwrap()).unwrap())
+        .collect();
+    sqs.sort_by_key(|e| e["data"]["n"].as_i64());
+    assert_eq!(types(sqs), want);
 }
 
 // ---------------------------------------------------------------------
@@ -851,6 +867,56 @@ fn rabbitmq_structured_and_binary() {
 }
 
 // ---------------------------------------------------------------------
+// SQS (structured mode only: SQS has no CloudEvents binding).
+
+/// An SQS sink or source config for `queue` on moto.
+fn sqs(queue: &str, extra: Value) -> Value {
+    let mut s = json!({"type": "sqs", "queue_url": queue, "region": REGION,
+                       "access_key_id": "AKIDTEST", "secret_access_key": "test-secret"});
+    for (k, v) in extra.as_object().unwrap() {
+        s[k] = v.clone();
+    }
+    s
+}
+
+#[test]
+fn sqs_structured() {
+    let m = Moto::start();
+    let q = m.client();
+    let queue = q.create_queue(
+        "ce.fifo",
+        json!({"FifoQueue": "true", "ContentBasedDeduplication": "false"}),
+    );
+    let url = outbox_pipeline(
+        "ce_sqs_s",
+        &sqs(
+            &queue,
+            json!({"message_group_id": "{payload.agg}", "format": "cloudevents"}),
+        ),
+    );
+    publish_traced(&url, 10);
+    forward_once(&url);
+    let got = q.drain_until(&queue, 60, "10 messages", |g| g.len() >= 10);
+    let mut events: Vec<Value> = got
+        .iter()
+        .map(|msg| {
+            assert_eq!(
+                support::sqs::attr(msg, "content-type"),
+                Some("application/cloudevents+json; charset=UTF-8")
+            );
+            serde_json::from_str(msg["Body"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    // Each message group is in order; the groups interleave.
+    let id = |e: &Value| -> i64 {
+        let id = e["id"].as_str().unwrap();
+        id.split(':').nth(1).unwrap().parse().unwrap()
+    };
+    events.sort_by_key(id);
+    assert_events(&url, &events, 10, "orders.insert", true);
+}
+
+// ---------------------------------------------------------------------
 // Round trips: relay → broker → relay into an inbox.
 
 /// Run every pipeline of `url` until inbox `table` holds `n` rows.
@@ -915,6 +981,20 @@ fn round_trip_through_http_batches() {
     publish_traced(&url, 25);
     run_until_inbox(&url, "events", 25, &mut relay(&url));
     assert_inbox(&url, "events", 25, "orders.insert");
+}
+
+#[test]
+fn round_trip_through_sqs() {
+    let m = Moto::start();
+    let queue = m.client().create_queue("ce_rt", json!({}));
+    let url = outbox_pipeline("ce_rt_sqs", &sqs(&queue, json!({"format": "cloudevents"})));
+    set_inbox(
+        &url,
+        sqs(&queue, json!({"wait_time_seconds": 1, "max_wait_ms": 50})),
+    );
+    publish_traced(&url, 20);
+    run_until_inbox(&url, "events", 20, &mut relay(&url));
+    assert_inbox(&url, "events", 20, "orders.insert");
 }
 
 #[test]
