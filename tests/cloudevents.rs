@@ -1,7 +1,7 @@
 //! CloudEvents 1.0 end to end: sinks with `format: "cloudevents"` in
 //! structured and binary mode, against real brokers (Kafka via Tansu,
-//! an HTTP receiver, NATS JetStream, RabbitMQ; SQS via moto, structured
-//! only), every event validated
+//! an HTTP receiver, NATS JetStream, RabbitMQ; SQS via moto and Redis
+//! Streams, structured only), every event validated
 //! against the specification's own JSON schema (vendored in
 //! `tests/data/cloudevents/`), and relay → broker → relay round trips
 //! into an inbox.
@@ -10,7 +10,8 @@
     feature = "http",
     feature = "nats",
     feature = "rabbitmq",
-    feature = "sqs"
+    feature = "sqs",
+    feature = "redis"
 ))]
 // The sync `nats` client is deprecated upstream; it is what the relay uses.
 #![allow(deprecated)]
@@ -20,7 +21,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use support::brokers::{HttpReceiver, Nats, Received};
+use support::brokers::{HttpReceiver, Nats, Received, Redis};
 use support::kafka::{Kafka, Record};
 use support::rabbitmq::amqp::Got;
 use support::rabbitmq::Rabbit;
@@ -567,8 +568,9 @@ fn bad_cloudevents_keys_name_pipeline_and_key() {
         ),
         (
             "ce_bad_redis",
-            json!({"type": "redis", "url": "redis://127.0.0.1:9", "format": "cloudevents"}),
-            "sink.format",
+            json!({"type": "redis", "url": "redis://127.0.0.1:9", "format": "cloudevents",
+                   "cloudevents_mode": "binary"}),
+            "sink.cloudevents_mode",
         ),
         (
             "ce_bad_stdout",
@@ -622,6 +624,7 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
     r.declare("ce_dl_q", "ce_dl_x", "#");
     let moto = Moto::start();
     let sqs_queue = moto.client().create_queue("ce_dl", json!({}));
+    let redis = Redis::start();
     let ce = json!({"format": "cloudevents", "cloudevents_type": "shop.{payload.kind}"});
     let with = |mut sink: Value| {
         for (key, v) in ce.as_object().unwrap() {
@@ -648,6 +651,10 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
             with(json!({"type": "rabbitmq", "url": r.url(), "exchange": "ce_dl_x"})),
         ),
         ("ce_dl_sqs", with(sqs(&sqs_queue, json!({})))),
+        (
+            "ce_dl_redis",
+            with(json!({"type": "redis", "url": redis.url(), "stream": "ce.dl"})),
+        ),
     ];
     for (db, sink) in sinks {
         let url = outbox_pipeline(db, &sink);
@@ -704,6 +711,12 @@ fn an_event_a_cloudevents_template_cannot_render_is_a_dead_letter_on_every_sink(
         .collect();
     sqs.sort_by_key(|e| e["data"]["n"].as_i64());
     assert_eq!(types(sqs), want);
+    let entries = redis_entries(&redis, "ce.dl");
+    let events = entries
+        .iter()
+        .map(|f| serde_json::from_str(f["payload"].as_str().unwrap()).unwrap())
+        .collect();
+    assert_eq!(types(events), want);
 }
 
 // ---------------------------------------------------------------------
@@ -914,6 +927,65 @@ fn sqs_structured() {
     };
     events.sort_by_key(id);
     assert_events(&url, &events, 10, "orders.insert", true);
+}
+
+// ---------------------------------------------------------------------
+// Redis Streams (structured mode only: Redis has no CloudEvents binding).
+
+/// The entries of `stream`, each as its fields.
+fn redis_entries(r: &Redis, stream: &str) -> Vec<Map<String, Value>> {
+    let mut c = redis::Client::open(r.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut c)
+        .unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            e.map
+                .iter()
+                .map(|(k, v)| {
+                    let v: String = redis::from_redis_value_ref(v).unwrap();
+                    (k.clone(), Value::String(v))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn redis_structured_and_round_trip() {
+    let r = Redis::start();
+    let url = outbox_pipeline(
+        "ce_redis",
+        &json!({"type": "redis", "url": r.url(), "stream": "ce.{stream_table}",
+                "format": "cloudevents"}),
+    );
+    publish_traced(&url, 10);
+    forward_once(&url);
+    let events: Vec<Value> = redis_entries(&r, "ce.orders")
+        .iter()
+        .map(|f| {
+            assert_eq!(
+                f["content-type"],
+                "application/cloudevents+json; charset=UTF-8"
+            );
+            serde_json::from_str(f["payload"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    assert_events(&url, &events, 10, "orders.insert", false);
+    set_inbox(
+        &url,
+        json!({"type": "redis", "url": r.url(), "stream": "ce.orders", "max_wait_ms": 50}),
+    );
+    run_until_inbox(&url, "events", 10, &mut relay(&url));
+    assert_inbox(&url, "events", 10, "orders.insert");
 }
 
 // ---------------------------------------------------------------------
