@@ -52,6 +52,19 @@ pub struct Event {
     #[serde(skip)]
     #[cfg_attr(not(any(feature = "redis", feature = "nats")), allow(dead_code))]
     pub stream_table: Arc<str>,
+    /// The outbox row's `created_at`, RFC 3339 in UTC (the CloudEvents
+    /// `time`), when read; not part of the envelope.
+    #[serde(skip)]
+    #[cfg_attr(
+        not(any(
+            feature = "kafka",
+            feature = "http",
+            feature = "nats",
+            feature = "rabbitmq"
+        )),
+        allow(dead_code)
+    )]
+    pub created_at: Option<Arc<str>>,
 }
 
 /// What a subject template may refer to, for one outbox row.
@@ -426,6 +439,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "orders".into(),
+            created_at: None,
         };
         assert_eq!(
             serde_json::to_string(&e).unwrap(),

@@ -914,10 +914,11 @@ impl<'a> GroupLoop<'a> {
         } else {
             "NULL::text, refresh_id::text, is_claim_check, payload::text, NULL::text"
         };
+        let created_at = crate::outbox::CREATED_AT;
         // poll_outbox returns rows in horizon order; fetch the full rows (with
         // headers) in that same order.
         let fetch = client.prepare(&format!(
-            "SELECT o.id, {extra_cols} FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
+            "SELECT o.id, {extra_cols}, {created_at} FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
              JOIN pgtrickle.{} o ON o.id = b.id ORDER BY b.n",
             crate::outbox::quote_ident(&info.table)
         ))?;
@@ -1196,6 +1197,7 @@ mod tests {
             claim_check: false,
             payload: format!("{{\"v\":1,\"inserted\":[{}]}}", rows.join(",")),
             headers: None,
+            created_at: None,
         }
     }
 

@@ -110,14 +110,48 @@ pub struct Plugin<P> {
     pub name: &'static str,
     /// Parses its keys; called once [`known`] accepted every one of them.
     pub parse: P,
-    /// Every key it takes.
+    /// Every key of its own.
     pub keys: &'static [KeySpec],
+    /// Keys it shares with some others (documented once, where they are
+    /// defined), e.g. the CloudEvents keys.
+    pub also: &'static [KeySpec],
 }
 
 impl<P> Plugin<P> {
     /// A registry row.
     pub const fn new(name: &'static str, parse: P, keys: &'static [KeySpec]) -> Plugin<P> {
-        Plugin { name, parse, keys }
+        Plugin {
+            name,
+            parse,
+            keys,
+            also: &[],
+        }
+    }
+
+    /// A registry row taking the shared keys `also` too.
+    #[cfg_attr(
+        not(any(
+            feature = "kafka",
+            feature = "nats",
+            feature = "rabbitmq",
+            feature = "sqs",
+            feature = "redis",
+            feature = "http"
+        )),
+        allow(dead_code)
+    )]
+    pub const fn sharing(
+        name: &'static str,
+        parse: P,
+        keys: &'static [KeySpec],
+        also: &'static [KeySpec],
+    ) -> Plugin<P> {
+        Plugin {
+            name,
+            parse,
+            keys,
+            also,
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod broker;
 mod check;
+mod cloudevents;
 mod config;
 mod coordinator;
 mod endpoints;

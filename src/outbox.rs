@@ -101,10 +101,11 @@ impl OutboxInfo {
         // The inner query only counts events; payloads are converted to
         // text (and detoasted) in the outer query, for the rows kept.
         format!(
-            "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text \
+            "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text, \
+                    {CREATED_AT} \
              FROM ( \
                SELECT o.id, {txid} AS txid, o.refresh_id, o.is_claim_check, o.payload, \
-                      {headers} AS headers, \
+                      {headers} AS headers, o.created_at, \
                       sum(n.events) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - n.events AS before \
                FROM pgtrickle.{t} o, \
                     LATERAL (SELECT CASE WHEN o.is_claim_check THEN 1 \
@@ -271,7 +272,15 @@ pub struct Row {
     pub payload: String,
     /// `headers` as JSON text.
     pub headers: Option<String>,
+    /// `created_at` as an RFC 3339 UTC timestamp (see [`CREATED_AT`]),
+    /// when the query read it.
+    pub created_at: Option<std::sync::Arc<str>>,
 }
+
+/// The select-list expression of an outbox row's `created_at` as RFC 3339
+/// text in UTC (the CloudEvents `time`), read as column 6 of a row.
+pub const CREATED_AT: &str =
+    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
 
 impl Row {
     /// From a row of [`OutboxInfo::read_sql`].
@@ -285,6 +294,11 @@ impl Row {
                 .get::<_, Option<String>>(4)
                 .unwrap_or_else(|| "null".into()),
             headers: r.get(5),
+            created_at: r
+                .try_get::<_, Option<String>>(6)
+                .ok()
+                .flatten()
+                .map(Into::into),
         }
     }
 
@@ -412,6 +426,7 @@ impl Decoder<'_> {
                     outbox_id: row.id,
                     refresh_id: refresh_id.clone(),
                     headers: headers.clone(),
+                    created_at: row.created_at.clone(),
                 });
                 index += 1;
             }
@@ -451,6 +466,7 @@ impl Decoder<'_> {
             outbox_id: row.id,
             refresh_id: cc.refresh_id.clone(),
             headers: None,
+            created_at: row.created_at.clone(),
         })
     }
 }
@@ -490,6 +506,7 @@ mod tests {
             claim_check: false,
             payload: payload.into(),
             headers: Some(r#"{"h":1}"#.into()),
+            created_at: None,
         }
     }
 

@@ -12,6 +12,17 @@ use serde_json::{Map, Value};
 /// The header (attribute, field) carrying the W3C trace parent.
 pub const TRACEPARENT: &str = "traceparent";
 /// The header (attribute, field) carrying the W3C vendor trace state.
+#[cfg_attr(
+    not(any(
+        feature = "kafka",
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "sqs",
+        feature = "redis",
+        feature = "http"
+    )),
+    allow(dead_code)
+)]
 pub const TRACESTATE: &str = "tracestate";
 /// The longest `tracestate` passed on, in bytes (what the W3C
 /// recommendation asks every vendor to pass on at least); a longer one is
@@ -111,6 +122,17 @@ impl Context {
 
     /// The native headers to send: `traceparent`, then `tracestate` when
     /// there is one, as (name, value) pairs.
+    #[cfg_attr(
+        not(any(
+            feature = "kafka",
+            feature = "nats",
+            feature = "rabbitmq",
+            feature = "sqs",
+            feature = "redis",
+            feature = "http"
+        )),
+        allow(dead_code)
+    )]
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         std::iter::once((TRACEPARENT, self.traceparent.as_str()))
             .chain(self.tracestate.as_deref().map(|s| (TRACESTATE, s)))

@@ -395,6 +395,22 @@ fn every_sink_and_source_key_is_documented() {
         );
         assert!(has_word(&readme, k), "README.md does not document key {k}");
     }
+    // The CloudEvents keys every CloudEvents sink takes out of its keys.
+    let cloudevents = read("src/cloudevents.rs");
+    for k in [
+        "format",
+        "cloudevents_mode",
+        "cloudevents_source",
+        "cloudevents_type",
+        "cloudevents_subject",
+    ] {
+        assert!(cloudevents.contains(&format!("\"{k}\"")), "{k} not parsed");
+        assert!(
+            has_word(&man, k),
+            "man/pgtrickle-relay.1 does not document key {k}"
+        );
+        assert!(has_word(&readme, k), "README.md does not document key {k}");
+    }
     // And the subject template variables.
     for v in ["{stream_table}", "{op}", "{outbox_id}", "{refresh_id}"] {
         assert!(read("src/event.rs").contains(&v[1..v.len() - 1]));

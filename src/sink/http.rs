@@ -47,6 +47,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::cloudevents::{self, CloudEvents, Mode as CeMode};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::{expand_env, mask};
@@ -87,6 +88,9 @@ pub struct HttpKeys {
     signing_secret: Option<String>,
     #[serde(default)]
     signing_scheme: Option<Scheme>,
+    /// `format: "cloudevents"` (its keys are taken out before parsing).
+    #[serde(skip)]
+    cloudevents: Option<CloudEvents>,
 }
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
@@ -130,8 +134,20 @@ pub const KEYS: &[KeySpec] = &[
 ];
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    let cfg: HttpKeys = from_value("sink", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, true)?;
+    let mut cfg: HttpKeys = from_value("sink", Value::Object(keys))?;
+    if cloudevents
+        .as_ref()
+        .is_some_and(|c| c.mode == CeMode::Binary)
+        && cfg.mode == Mode::Batch
+    {
+        return Err(ConfigError::new(
+            "sink.cloudevents_mode",
+            "binary mode sends one event per request: set sink.mode \"event\" too",
+        ));
+    }
+    cfg.cloudevents = cloudevents;
     if !(cfg.url.starts_with("http://") || cfg.url.starts_with("https://")) {
         return Err(ConfigError::new(
             "sink.url",
@@ -210,6 +226,9 @@ impl SinkSpec for HttpKeys {
             signer,
             agent,
             body: Vec::with_capacity(64 * 1024),
+            cloudevents: self.cloudevents.clone(),
+            content_type: "application/json",
+            attributes: Vec::new(),
         }))
     }
 
@@ -258,6 +277,12 @@ struct HttpSink {
     signer: Option<(Scheme, Vec<u8>)>,
     agent: ureq::Agent,
     body: Vec<u8>,
+    /// `format: "cloudevents"`.
+    cloudevents: Option<CloudEvents>,
+    /// The `Content-Type` of the next request.
+    content_type: &'static str,
+    /// The next request's CloudEvents binary-mode headers (`ce-*`).
+    attributes: Vec<(String, String)>,
 }
 
 /// What became of one request.
@@ -297,9 +322,9 @@ impl HttpSink {
         let mut req = self
             .agent
             .post(&self.url)
-            .header("Content-Type", "application/json")
+            .header("Content-Type", self.content_type)
             .header("Idempotency-Key", key);
-        for (k, v) in &self.headers {
+        for (k, v) in self.attributes.iter().chain(&self.headers) {
             req = req.header(k.as_str(), v.as_str());
         }
         for (name, value) in trace.iter().flat_map(|t| t.headers()) {
@@ -383,9 +408,16 @@ impl HttpSink {
             if i > 0 {
                 self.body.push(b',');
             }
-            encode(&mut self.body, e)?;
+            match &self.cloudevents {
+                Some(ce) => ce.structured(e, None, &mut self.body),
+                None => encode(&mut self.body, e)?,
+            }
         }
         self.body.push(b']');
+        self.content_type = match self.cloudevents {
+            Some(_) => cloudevents::BATCH,
+            None => "application/json",
+        };
         let key = format!("{}..{}", first.dedup_key, last.dedup_key);
         match self.post(&key, common_trace(events).as_ref())? {
             Outcome::Delivered => Ok(()),
@@ -434,7 +466,20 @@ impl Sink for HttpSink {
             Mode::Event => {
                 for (i, e) in events.iter().enumerate() {
                     self.body.clear();
-                    encode(&mut self.body, e)?;
+                    self.attributes.clear();
+                    self.content_type = "application/json";
+                    match &self.cloudevents {
+                        None => encode(&mut self.body, e)?,
+                        Some(ce) if ce.mode == CeMode::Structured => {
+                            ce.structured(e, None, &mut self.body);
+                            self.content_type = cloudevents::STRUCTURED;
+                        }
+                        Some(ce) => {
+                            self.body.extend_from_slice(e.payload.get().as_bytes());
+                            self.attributes = ce.headers(e, None, "ce-", true);
+                            self.content_type = cloudevents::DATA_CONTENT_TYPE;
+                        }
+                    }
                     let trace = Context::of(e.headers.as_deref());
                     if let Outcome::Refused(why) = self.post(&e.dedup_key, trace.as_ref())? {
                         rejected.push(Rejected {
@@ -447,6 +492,10 @@ impl Sink for HttpSink {
             Mode::Batch => self.batch(events, 0, &mut rejected)?,
         }
         Ok(rejected)
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.cloudevents.as_ref()?.missing(e)
     }
 }
 
@@ -469,6 +518,7 @@ mod tests {
             refresh_id: None,
             headers: headers.map(|h| serde_json::value::RawValue::from_string(h).unwrap()),
             stream_table: "orders".into(),
+            created_at: None,
         };
         let traced = |t: &str| event(Some(json!({"traceparent": t, "x": 1}).to_string()));
         let same = [traced(tp), traced(tp)];

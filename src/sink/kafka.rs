@@ -50,6 +50,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
+use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::event::{Event, Op, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -108,6 +109,8 @@ pub struct KafkaConfig {
     key: Option<Template>,
     /// `message.timeout.ms` in effect (bounds the wait for reports).
     message_timeout: Duration,
+    /// `format: "cloudevents"`.
+    cloudevents: Option<CloudEvents>,
 }
 
 /// Whether `t` can be a Kafka topic name.
@@ -149,7 +152,8 @@ pub const KEYS: &[KeySpec] = &[
 ];
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, true)?;
     let raw: KafkaKeys = from_value("sink", Json::Object(keys))?;
     let topic = raw.topic.unwrap_or_else(|| DEFAULT_TOPIC.to_string());
     let template = Template::parse(&topic).map_err(|m| ConfigError::new("sink.topic", m))?;
@@ -184,6 +188,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
         topic: template,
         key,
         message_timeout: Duration::from_millis(message_timeout),
+        cloudevents,
     }))
 }
 
@@ -212,6 +217,7 @@ impl SinkSpec for KafkaConfig {
             producer,
             topic: self.topic.clone(),
             key: self.key.clone(),
+            cloudevents: self.cloudevents.clone(),
             shown: self.client.shown().to_string(),
             wait: self.message_timeout + REPORT_GRACE,
             generation: 0,
@@ -297,11 +303,48 @@ struct KafkaSink {
     topic: Template,
     /// The record key template (none: the dedup key).
     key: Option<Template>,
+    /// `format: "cloudevents"`.
+    cloudevents: Option<CloudEvents>,
     /// The brokers, for messages.
     shown: String,
     /// How long to wait for a batch's delivery reports.
     wait: Duration,
     generation: u32,
+}
+
+/// A record of `e` as a CloudEvent (the Kafka protocol binding): in
+/// structured mode the value is the event and `content-type` says so; in
+/// binary mode the value is the row and the attributes are `ce_*` headers.
+/// `key` (the rendered `key` template) is the `partitionkey`.
+fn cloud_event(
+    ce: &CloudEvents,
+    e: &Event,
+    key: Option<&str>,
+    headers: OwnedHeaders,
+) -> (Option<Vec<u8>>, OwnedHeaders) {
+    let header = |h: OwnedHeaders, k: &str, v: &str| {
+        h.insert(Header {
+            key: k,
+            value: Some(v),
+        })
+    };
+    match ce.mode {
+        Mode::Structured => {
+            let mut value = Vec::with_capacity(e.payload.get().len() + 256);
+            ce.structured(e, key, &mut value);
+            (
+                Some(value),
+                header(headers, "content-type", cloudevents::STRUCTURED),
+            )
+        }
+        Mode::Binary => {
+            let mut h = header(headers, "content-type", cloudevents::DATA_CONTENT_TYPE);
+            for (k, v) in ce.headers(e, key, "ce_", false) {
+                h = header(h, &k, &v);
+            }
+            (None, h)
+        }
+    }
 }
 
 /// What a refused record means.
@@ -433,10 +476,14 @@ impl KafkaSink {
             let topic = self.topic.render(&vars, e.op);
             let key = self.key.as_ref().map(|k| k.render(&vars, e.op));
             let opaque = ((generation as usize) << 32) | i;
+            let (value, headers) = match &self.cloudevents {
+                None => (None, Self::record_headers(e)),
+                Some(ce) => cloud_event(ce, e, key.as_deref(), Self::record_headers(e)),
+            };
             let mut record = BaseRecord::with_opaque_to(&topic, opaque)
                 .key(key.as_deref().unwrap_or(e.dedup_key.as_str()))
-                .payload(e.payload.get())
-                .headers(Self::record_headers(e));
+                .payload(value.as_deref().unwrap_or(e.payload.get().as_bytes()))
+                .headers(headers);
             loop {
                 match self.producer.send(record) {
                     Ok(()) => {
@@ -568,7 +615,8 @@ impl Sink for KafkaSink {
     fn unroutable(&self, e: &Event) -> Option<String> {
         let vars = Vars::of(e);
         let key = self.key.as_ref().and_then(|k| k.missing(&vars));
-        self.topic.missing(&vars).or(key)
+        let ce = || self.cloudevents.as_ref()?.missing(e);
+        self.topic.missing(&vars).or(key).or_else(ce)
     }
 }
 
@@ -619,6 +667,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "orders".into(),
+            created_at: None,
         }
     }
 

@@ -119,24 +119,29 @@ pub type Parse = fn(Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError
 pub const REGISTRY: &[Plugin<Parse>] = &[
     Plugin::new("stdout", stdout::parse, stdout::KEYS),
     #[cfg(feature = "redis")]
-    Plugin::new("redis", redis::parse, redis::KEYS),
+    Plugin::sharing("redis", redis::parse, redis::KEYS, crate::cloudevents::KEYS),
     #[cfg(feature = "pg-inbox")]
     Plugin::new("pg-inbox", pg_inbox::parse, pg_inbox::KEYS),
     #[cfg(feature = "http")]
-    Plugin::new("http", http::parse, http::KEYS),
+    Plugin::sharing("http", http::parse, http::KEYS, crate::cloudevents::KEYS),
     #[cfg(feature = "nats")]
-    Plugin::new("nats", nats::parse, nats::KEYS),
+    Plugin::sharing("nats", nats::parse, nats::KEYS, crate::cloudevents::KEYS),
     #[cfg(feature = "kafka")]
-    Plugin::new("kafka", kafka::parse, kafka::KEYS),
+    Plugin::sharing("kafka", kafka::parse, kafka::KEYS, crate::cloudevents::KEYS),
     #[cfg(feature = "rabbitmq")]
-    Plugin::new("rabbitmq", rabbitmq::parse, rabbitmq::KEYS),
+    Plugin::sharing(
+        "rabbitmq",
+        rabbitmq::parse,
+        rabbitmq::KEYS,
+        crate::cloudevents::KEYS,
+    ),
     #[cfg(feature = "sqs")]
-    Plugin::new("sqs", sqs::parse, sqs::KEYS),
+    Plugin::sharing("sqs", sqs::parse, sqs::KEYS, crate::cloudevents::KEYS),
 ];
 
 /// Parse the config of a sink of type `kind`.
 pub fn parse(kind: &str, keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
     let plugin = crate::keys::registered("sink", kind, REGISTRY)?;
-    crate::keys::known("sink", &[COMMON_KEYS, plugin.keys], &keys)?;
+    crate::keys::known("sink", &[COMMON_KEYS, plugin.keys, plugin.also], &keys)?;
     (plugin.parse)(keys)
 }

@@ -54,6 +54,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::broker::nats::{check_connection, check_name, connect, ApiError, Client};
+use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -87,6 +88,9 @@ pub struct NatsKeys {
     subjects: Option<Vec<String>>,
     #[serde(default)]
     on_unroutable: OnUnroutable,
+    /// `format: "cloudevents"` (its keys are taken out before parsing).
+    #[serde(skip)]
+    cloudevents: Option<CloudEvents>,
 }
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
@@ -130,8 +134,10 @@ pub const KEYS: &[KeySpec] = &[
 ];
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
-    let cfg: NatsKeys = from_value("sink", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, true)?;
+    let mut cfg: NatsKeys = from_value("sink", Value::Object(keys))?;
+    cfg.cloudevents = cloudevents;
     check_connection("sink", &cfg.url, cfg.credentials.as_deref())?;
     check_name("sink.stream", "stream", &cfg.stream)?;
     if let Some(s) = &cfg.subjects {
@@ -404,6 +410,7 @@ impl NatsSink {
         let mut no_stream: Vec<usize> = Vec::new();
         let mut last_progress = Instant::now();
         let mut headers = nats::HeaderMap::new();
+        let mut ce_body = Vec::new();
         for (i, e) in events.iter().enumerate() {
             if e.subject.is_empty() {
                 rejected.push(Rejected {
@@ -432,7 +439,10 @@ impl NatsSink {
                     headers.insert(name, value);
                 }
             }
-            let body = e.payload.get().as_bytes();
+            let body = match &self.cfg.cloudevents {
+                Some(ce) => cloud_event(ce, e, &mut headers, &mut ce_body),
+                None => e.payload.get().as_bytes(),
+            };
             if let Some(reason) = oversize(&headers, body.len(), max_payload) {
                 rejected.push(Rejected { index: i, reason });
                 done[i] = true;
@@ -621,6 +631,33 @@ impl NatsSink {
     }
 }
 
+/// `e` as a CloudEvent (the NATS protocol binding, with headers since
+/// NATS 2.2): the body to send, and `headers` completed. Structured: the
+/// body is the event and `content-type` says so; binary: the body is the
+/// row and the attributes are `ce-*` headers (percent-encoded as HTTP's).
+fn cloud_event<'a>(
+    ce: &CloudEvents,
+    e: &'a Event,
+    headers: &mut nats::HeaderMap,
+    buf: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    match ce.mode {
+        Mode::Structured => {
+            buf.clear();
+            ce.structured(e, None, buf);
+            headers.insert("content-type", cloudevents::STRUCTURED);
+            buf
+        }
+        Mode::Binary => {
+            headers.insert("content-type", cloudevents::DATA_CONTENT_TYPE);
+            for (k, v) in ce.headers(e, None, "ce-", true) {
+                headers.insert(k, v);
+            }
+            e.payload.get().as_bytes()
+        }
+    }
+}
+
 impl Sink for NatsSink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
         let until = Instant::now() + OUTAGE_WAIT;
@@ -638,6 +675,10 @@ impl Sink for NatsSink {
                 }
             }
         }
+    }
+
+    fn unroutable(&self, e: &Event) -> Option<String> {
+        self.cfg.cloudevents.as_ref()?.missing(e)
     }
 }
 
@@ -670,6 +711,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "orders".into(),
+            created_at: None,
         };
         assert_eq!(derived_subject(&e), "shop.*.*.v1");
     }

@@ -266,6 +266,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "o".into(),
+            created_at: None,
         };
         let small: Vec<Event> = (0..12_001).map(|n| event(n, 1)).collect();
         assert_eq!(chunks(&small), vec![0..5000, 5000..10_000, 10_000..12_001]);

@@ -50,6 +50,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::broker::amqp::{self, AmqpUrl};
+use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -100,6 +101,8 @@ pub struct RabbitConfig {
     declare: bool,
     mandatory: bool,
     on_unroutable: OnUnroutable,
+    /// `format: "cloudevents"`.
+    cloudevents: Option<CloudEvents>,
 }
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
@@ -149,7 +152,8 @@ pub const KEYS: &[KeySpec] = &[
 ];
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, true)?;
     let raw: RabbitKeys = from_value("sink", Value::Object(keys))?;
     AmqpUrl::check("sink.url", &raw.url)?;
     if raw.exchange.len() > SHORT_STRING {
@@ -195,6 +199,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
         declare: raw.declare,
         mandatory: raw.mandatory.unwrap_or(true),
         on_unroutable: raw.on_unroutable,
+        cloudevents,
     }))
 }
 
@@ -444,7 +449,7 @@ fn size_limit(message: &str) -> Option<usize> {
 /// 0-9-1: class id, weight, body size and property flags, then the
 /// properties the sink sets: content-type, headers, delivery mode,
 /// message-id, app-id).
-fn header_frame_bytes(message_id: &str, headers: &FieldTable) -> usize {
+fn header_frame_bytes(message_id: &str, content_type: &str, headers: &FieldTable) -> usize {
     let table: usize = headers
         .iter()
         .map(|(name, value)| {
@@ -459,11 +464,36 @@ fn header_frame_bytes(message_id: &str, headers: &FieldTable) -> usize {
     2 + 2
         + 8
         + 2
-        + (1 + CONTENT_TYPE.len())
+        + (1 + content_type.len())
         + (4 + table)
         + 1
         + (1 + message_id.len())
         + (1 + APP_ID.len())
+}
+
+/// `e` as a CloudEvent (the AMQP protocol binding): the body, the content
+/// type and the headers to add. Structured: the body is the event;
+/// binary: the body is the row and the attributes are `cloudEvents:*`
+/// headers (application properties). `key` (the rendered routing key,
+/// when the config sets one) is the `partitionkey`.
+fn cloud_event<'a>(
+    ce: &CloudEvents,
+    e: &'a Event,
+    key: Option<&str>,
+    buf: &'a mut Vec<u8>,
+) -> (&'a [u8], &'static str, Vec<(String, String)>) {
+    match ce.mode {
+        Mode::Structured => {
+            buf.clear();
+            ce.structured(e, key, buf);
+            (buf, cloudevents::STRUCTURED, Vec::new())
+        }
+        Mode::Binary => (
+            e.payload.get().as_bytes(),
+            cloudevents::DATA_CONTENT_TYPE,
+            ce.headers(e, key, "cloudEvents:", false),
+        ),
+    }
 }
 
 /// The message headers of an event.
@@ -637,11 +667,18 @@ impl RabbitSink {
         let base = self.link()?.next_tag;
         p.restart(base);
         let events = p.events;
+        let mut ce_body = Vec::new();
         for (i, e) in events.iter().enumerate() {
             if p.done[i] {
                 continue;
             }
-            let body = e.payload.get().as_bytes();
+            let (body, content_type, ce_headers) = match &self.cfg.cloudevents {
+                Some(ce) => {
+                    let key = self.cfg.routing_key.as_ref().map(|_| self.routing_key(e));
+                    cloud_event(ce, e, key.as_deref(), &mut ce_body)
+                }
+                None => (e.payload.get().as_bytes(), CONTENT_TYPE, Vec::new()),
+            };
             if let Some(max) = self.max_size.filter(|m| body.len() > *m) {
                 p.reject(
                     i,
@@ -664,8 +701,11 @@ impl RabbitSink {
                 );
                 continue;
             }
-            let headers = headers(e);
-            let header_frame = header_frame_bytes(&e.dedup_key, &headers);
+            let mut headers = headers(e);
+            for (k, v) in ce_headers {
+                headers.insert(k, AmqpValue::LongString(v));
+            }
+            let header_frame = header_frame_bytes(&e.dedup_key, content_type, &headers);
             if header_frame > HEADER_FRAME_MAX {
                 p.reject(
                     i,
@@ -683,7 +723,7 @@ impl RabbitSink {
             let properties = AmqpProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(e.dedup_key.clone())
-                .with_content_type(CONTENT_TYPE.into())
+                .with_content_type(content_type.into())
                 .with_app_id(APP_ID.into())
                 .with_headers(headers);
             let publish = Publish {
@@ -786,7 +826,9 @@ impl Sink for RabbitSink {
     }
 
     fn unroutable(&self, e: &Event) -> Option<String> {
-        self.cfg.routing_key.as_ref()?.missing(&Vars::of(e))
+        let ce = || self.cfg.cloudevents.as_ref()?.missing(e);
+        let key = self.cfg.routing_key.as_ref();
+        key.and_then(|k| k.missing(&Vars::of(e))).or_else(ce)
     }
 }
 
@@ -829,8 +871,15 @@ mod tests {
                 .unwrap(),
             ),
             stream_table: "orders".into(),
+            created_at: None,
         };
-        assert_eq!(header_frame_bytes(&e.dedup_key, &headers(&e)), 200_254);
+        let h = headers(&e);
+        assert_eq!(header_frame_bytes(&e.dedup_key, CONTENT_TYPE, &h), 200_254);
+        let structured = header_frame_bytes(&e.dedup_key, cloudevents::STRUCTURED, &h);
+        assert_eq!(
+            structured - 200_254,
+            cloudevents::STRUCTURED.len() - CONTENT_TYPE.len()
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! row as JSON), `full_refresh` (`true`/`false`), `outbox_id`,
 //! `refresh_id`/`headers` when present, and `traceparent`/`tracestate`
 //! when the outbox headers carry a valid W3C trace context (see
-//! [`crate::trace`]).
+//! [`crate::trace`]). With `format: "cloudevents"` (structured mode only)
+//! `payload` is the CloudEvent and a `content-type` field says so.
 //!
 //! **Entry ids (replays are harmless).** Redis has no dedup of its own, so
 //! every entry gets an explicit id derived from its read position:
@@ -52,6 +53,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 
 use crate::broker::redis as broker;
+use crate::cloudevents::{self, CloudEvents};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -91,6 +93,8 @@ pub struct RedisConfig {
     url: String,
     stream: Template,
     maxlen: Option<u64>,
+    /// `format: "cloudevents"` (structured mode only).
+    cloudevents: Option<CloudEvents>,
 }
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
@@ -116,7 +120,8 @@ pub const KEYS: &[KeySpec] = &[
 ];
 
 /// Parse the sink's keys.
-pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> {
+    let cloudevents = CloudEvents::take(&mut keys, false)?;
     let raw: RedisKeys = from_value("sink", Json::Object(keys))?;
     if raw.url.is_empty() {
         return Err(ConfigError::new("sink.url", "must not be empty"));
@@ -134,6 +139,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SinkSpec>, ConfigError> 
         url: raw.url,
         stream,
         maxlen: raw.maxlen,
+        cloudevents,
     }))
 }
 
@@ -220,9 +226,10 @@ fn field_text(v: Option<&Value>) -> Option<&[u8]> {
 }
 
 /// Why an event cannot be sent to a server with these limits, if so.
-fn oversize(e: &Event, max_bulk: u64, max_query: u64) -> Option<String> {
+/// `payload` is the length of the `payload` field.
+fn oversize(e: &Event, payload: usize, max_bulk: u64, max_query: u64) -> Option<String> {
     let fields = [
-        ("payload", e.payload.get().len()),
+        ("payload", payload),
         ("headers", e.headers.as_ref().map_or(0, |h| h.get().len())),
         ("subject", e.subject.len()),
         ("dedup_key", e.dedup_key.len()),
@@ -295,7 +302,7 @@ impl RedisSink {
             .arg("op")
             .arg(e.op.as_str())
             .arg("payload")
-            .arg(e.payload.get())
+            .arg(self.payload(e).as_ref())
             .arg("full_refresh")
             .arg(if e.is_full_refresh { "true" } else { "false" })
             .arg("outbox_id")
@@ -311,7 +318,22 @@ impl RedisSink {
                 cmd.arg(name).arg(value);
             }
         }
+        if self.cfg.cloudevents.is_some() {
+            cmd.arg("content-type").arg(cloudevents::STRUCTURED);
+        }
         cmd
+    }
+
+    /// The `payload` field: the row, or the structured CloudEvent.
+    fn payload<'a>(&self, e: &'a Event) -> std::borrow::Cow<'a, str> {
+        match &self.cfg.cloudevents {
+            None => e.payload.get().into(),
+            Some(ce) => {
+                let mut out = Vec::with_capacity(e.payload.get().len() + 256);
+                ce.structured(e, None, &mut out);
+                String::from_utf8(out).expect("JSON is UTF-8").into()
+            }
+        }
     }
 
     fn query<T: redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, Error> {
@@ -373,7 +395,8 @@ impl RedisSink {
         let mut pipe = Pipeline::with_capacity(events.len());
         pipe.ignore_errors();
         for (i, e) in events.iter().enumerate() {
-            if let Some(reason) = oversize(e, self.max_bulk, self.max_query) {
+            let payload = self.payload(e).len();
+            if let Some(reason) = oversize(e, payload, self.max_bulk, self.max_query) {
                 rejected.push(Rejected {
                     index: base + i,
                     reason,
@@ -566,7 +589,8 @@ impl Sink for RedisSink {
     }
 
     fn unroutable(&self, e: &Event) -> Option<String> {
-        self.cfg.stream.missing(&Vars::of(e))
+        let ce = || self.cfg.cloudevents.as_ref()?.missing(e);
+        self.cfg.stream.missing(&Vars::of(e)).or_else(ce)
     }
 }
 
@@ -587,6 +611,7 @@ mod tests {
             refresh_id: None,
             headers: None,
             stream_table: "orders".into(),
+            created_at: None,
         }
     }
 
@@ -601,7 +626,7 @@ mod tests {
         e.headers = Some(RawValue::from_string(headers).unwrap());
         let limit = |e: &Event| {
             (0..10_000u64)
-                .find(|q| oversize(e, u64::MAX, *q).is_none())
+                .find(|q| oversize(e, e.payload.get().len(), u64::MAX, *q).is_none())
                 .unwrap()
         };
         let traced = limit(&e);

@@ -52,6 +52,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
+use crate::cloudevents::{self, CloudEvents};
 use crate::event::{Event, Template, Vars};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
@@ -107,6 +108,8 @@ pub struct SqsConfig {
     group: Option<Template>,
     max_bytes: usize,
     in_flight: usize,
+    /// `format: "cloudevents"` (structured mode only).
+    cloudevents: Option<CloudEvents>,
 }
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
@@ -176,6 +179,7 @@ pub const KEYS: &[KeySpec] = &[
 /// Parse the sink's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError> {
     let conn = ConnKeys::take(&mut keys, "sink")?;
+    let cloudevents = CloudEvents::take(&mut keys, false)?;
     let raw: SqsKeys = from_value("sink", Value::Object(keys))?;
     let group = match raw.message_group_id {
         Some(t) if t.is_empty() => {
@@ -208,6 +212,7 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigEr
         group,
         max_bytes,
         in_flight,
+        cloudevents,
     }))
 }
 
@@ -231,6 +236,7 @@ impl SinkSpec for SqsConfig {
             group,
             max_bytes: self.max_bytes,
             in_flight: if fifo { 1 } else { self.in_flight },
+            cloudevents: self.cloudevents.clone(),
         }))
     }
 
@@ -257,6 +263,8 @@ struct SqsSink {
     group: Option<Template>,
     max_bytes: usize,
     in_flight: usize,
+    /// `format: "cloudevents"` (structured mode only).
+    cloudevents: Option<CloudEvents>,
 }
 
 /// One message, encoded: the event's index, its `SendMessageBatch` entry,
@@ -290,7 +298,14 @@ fn sqs_id(value: &str) -> Cow<'_, str> {
 impl SqsSink {
     /// Encode event `index`.
     fn entry(&self, index: usize, e: &Event) -> Entry {
-        let body = e.payload.get();
+        // A structured CloudEvent (the message group is its partitionkey).
+        let event = self.cloudevents.as_ref().map(|ce| {
+            let group = self.group.as_ref().map(|t| t.render(&Vars::of(e), e.op));
+            let mut out = Vec::with_capacity(e.payload.get().len() + 256);
+            ce.structured(e, group.as_deref(), &mut out);
+            String::from_utf8(out).expect("JSON is UTF-8")
+        });
+        let body = event.as_deref().unwrap_or(e.payload.get());
         let mut size = body.len();
         let mut attrs = Map::new();
         let mut add = |name: &str, kind: &str, value: &str| {
@@ -322,6 +337,9 @@ impl SqsSink {
             for (name, value) in t.headers() {
                 add(name, "String", value);
             }
+        }
+        if event.is_some() {
+            add("content-type", "String", cloudevents::STRUCTURED);
         }
         let mut json = json!({
             "Id": index.to_string(),
@@ -418,7 +436,9 @@ impl Sink for SqsSink {
     }
 
     fn unroutable(&self, e: &Event) -> Option<String> {
-        self.group.as_ref()?.missing(&Vars::of(e))
+        let ce = || self.cloudevents.as_ref()?.missing(e);
+        let group = self.group.as_ref().and_then(|g| g.missing(&Vars::of(e)));
+        group.or_else(ce)
     }
 }
 

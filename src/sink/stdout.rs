@@ -381,6 +381,7 @@ fn without_line_breaks(e: &Event) -> Option<Event> {
         refresh_id: e.refresh_id.clone(),
         headers: headers.or_else(|| e.headers.clone()),
         stream_table: e.stream_table.clone(),
+        created_at: e.created_at.clone(),
     })
 }
 
@@ -535,6 +536,7 @@ mod tests {
             refresh_id: None,
             headers: Some(RawValue::from_string("{\"h\": 1}".into()).unwrap()),
             stream_table: "orders".into(),
+            created_at: None,
         }
     }
 

@@ -19,6 +19,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::source::Message;
+
 /// Where a message attribute (`event_type`, `aggregate_id`, `source`,
 /// `trace_id`) comes from: `{"header": "X-Type"}`, `{"field": "type"}` or
 /// a fixed string. What a header or a field is depends on the source.
@@ -177,6 +179,168 @@ impl Origin {
     }
 }
 
+/// A CloudEvent recognised in a received message, in either content
+/// mode of the CloudEvents 1.0 protocol bindings. Recognition needs the
+/// message to say it is one: a structured event's content type
+/// (`application/cloudevents+json`, or `application/cloudevents-batch+json`
+/// for an HTTP batch), or binary-mode attribute headers (`ce_specversion`
+/// on Kafka, `ce-specversion` on HTTP and NATS, `cloudEvents:specversion`
+/// or `cloudEvents_specversion` on AMQP). A JSON body that merely has a
+/// `specversion` field is not taken for one (its `id` is still the event's
+/// own id, see `source::own_id`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CloudEvent {
+    /// `id`: the inbox `event_id`.
+    pub id: Option<String>,
+    /// `type`: the inbox `event_type`.
+    pub kind: Option<String>,
+    /// `source`.
+    pub source: Option<String>,
+    /// `traceparent` (Distributed Tracing extension): the inbox `trace_id`.
+    pub traceparent: Option<String>,
+    /// Structured mode: what the inbox payload is instead of the body (the
+    /// `data`, or `null` when the event has none; none for `data_base64`,
+    /// whose body is kept whole).
+    pub payload: Option<String>,
+    /// It came in binary mode (the body is the data).
+    pub binary: bool,
+}
+
+/// The attribute-header prefixes of binary mode, and whether values are
+/// percent-encoded under them (HTTP and NATS).
+const PREFIXES: &[(&str, bool)] = &[
+    ("ce_", false),
+    ("ce-", true),
+    ("cloudEvents:", false),
+    ("cloudEvents_", false),
+];
+
+/// Whether a content type is CloudEvents' structured JSON format (one
+/// event or a batch).
+pub fn is_structured(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|t| {
+        let t = t.trim_start().to_ascii_lowercase();
+        t.starts_with("application/cloudevents+json")
+            || t.starts_with("application/cloudevents-batch+json")
+    })
+}
+
+impl CloudEvent {
+    /// The CloudEvent in binary mode, when the message has attribute
+    /// headers (`header` looks a header up by name).
+    pub fn binary(header: impl Fn(&str) -> Option<String>) -> Option<CloudEvent> {
+        let (prefix, percent) = PREFIXES
+            .iter()
+            .find(|(p, _)| header(&format!("{p}specversion")).is_some())?;
+        let get = |name: &str| {
+            header(&format!("{prefix}{name}"))
+                .map(|v| if *percent { percent_decode(&v) } else { v })
+                .filter(|v| !v.is_empty())
+        };
+        Some(CloudEvent {
+            id: get("id"),
+            kind: get("type"),
+            source: get("source"),
+            traceparent: get("traceparent"),
+            payload: None,
+            binary: true,
+        })
+    }
+
+    /// The CloudEvent of a structured body `obj`, when the content type
+    /// says it is one ([`is_structured`]) and it has a `specversion`.
+    pub fn structured(
+        content_type: Option<&str>,
+        obj: Option<&Map<String, Value>>,
+    ) -> Option<CloudEvent> {
+        let obj = obj.filter(|o| o.get("specversion").is_some_and(Value::is_string))?;
+        if !is_structured(content_type) {
+            return None;
+        }
+        let get = |k: &str| json_text(obj, k).filter(|v| !v.is_empty());
+        Some(CloudEvent {
+            id: get("id"),
+            kind: get("type"),
+            source: get("source"),
+            traceparent: get("traceparent"),
+            payload: match (obj.get("data"), obj.get("data_base64")) {
+                (Some(d), _) => Some(d.to_string()),
+                (None, Some(_)) => None,
+                (None, None) => Some("null".into()),
+            },
+            binary: false,
+        })
+    }
+
+    /// Binary mode, else structured mode, else none.
+    pub fn recognise(
+        header: impl Fn(&str) -> Option<String>,
+        content_type: Option<&str>,
+        obj: Option<&Map<String, Value>>,
+    ) -> Option<CloudEvent> {
+        CloudEvent::binary(header).or_else(|| CloudEvent::structured(content_type, obj))
+    }
+
+    /// Put the event's attributes into `m`: `id` is the `event_id`; `type`,
+    /// `source` and `traceparent` are `event_type`, `source` and
+    /// `trace_id` unless the source's config says where those come from
+    /// (`configured`, in that order); a structured event's data is the
+    /// payload. A dead letter (`m.error`) keeps its raw text.
+    pub fn apply(self, m: &mut Message, configured: [bool; 3]) {
+        if let Some(id) = self.id {
+            m.event_id = id;
+        }
+        for ((v, slot), set) in [
+            (self.kind, &mut m.event_type),
+            (self.source, &mut m.source),
+            (self.traceparent, &mut m.trace_id),
+        ]
+        .into_iter()
+        .zip(configured)
+        {
+            if !set && v.is_some() {
+                *slot = v;
+            }
+        }
+        if let (Some(p), None) = (self.payload, &m.error) {
+            m.payload = p;
+        }
+    }
+}
+
+/// A percent-encoded header value (the CloudEvents HTTP binding) decoded;
+/// what is not a valid `%XX` stays, bytes that are not UTF-8 become U+FFFD.
+pub fn percent_decode(v: &str) -> String {
+    if !v.contains('%') {
+        return v.to_string();
+    }
+    let b = v.as_bytes();
+    let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], hex(b.get(i + 1)), hex(b.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Origin {
+    /// Whether this is not the default of attribute `name` (the body field
+    /// of its own name): the config says where the attribute comes from.
+    pub fn is_configured(&self, name: &str) -> bool {
+        !matches!(self, Origin::Field { field } if field == name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,5 +403,73 @@ mod tests {
         let fixed = Origin::or_field(&Some(Origin::Fixed("f".into())), "type");
         assert_eq!(fixed.value(headers, None).as_deref(), Some("f"));
         assert_eq!(dead_letter("why".into()), "why");
+    }
+    #[test]
+    fn cloud_events_are_recognised_in_both_modes() {
+        let kafka = |h: &str| match h {
+            "ce_specversion" => Some("1.0".to_string()),
+            "ce_id" => Some("o:1:0".into()),
+            "ce_type" => Some("orders.insert".into()),
+            "ce_source" => Some("/pgtrickle/o".into()),
+            "ce_traceparent" => Some("00-ab-cd-01".into()),
+            _ => None,
+        };
+        let body = json!({"n": 1});
+        let ce = CloudEvent::recognise(kafka, None, body.as_object()).unwrap();
+        assert_eq!(
+            (ce.id.as_deref(), ce.kind.as_deref(), ce.source.as_deref()),
+            (Some("o:1:0"), Some("orders.insert"), Some("/pgtrickle/o"))
+        );
+        assert!(ce.binary && ce.payload.is_none());
+        // HTTP and NATS: ce- headers, percent-encoded.
+        let http = |h: &str| match h {
+            "ce-specversion" => Some("1.0".to_string()),
+            "ce-type" => Some("a%20b%C3%A9".into()),
+            _ => None,
+        };
+        assert_eq!(
+            CloudEvent::binary(http).unwrap().kind.as_deref(),
+            Some("a bé")
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        // Structured: only with the content type.
+        let ev = json!({"specversion": "1.0", "id": "x", "type": "t", "source": "/s",
+                        "data": {"n": 2}});
+        let none = |_: &str| None;
+        assert_eq!(CloudEvent::recognise(none, None, ev.as_object()), None);
+        assert_eq!(
+            CloudEvent::recognise(none, Some("application/json"), ev.as_object()),
+            None
+        );
+        let ce = CloudEvent::recognise(
+            none,
+            Some("Application/CloudEvents+JSON; charset=UTF-8"),
+            ev.as_object(),
+        )
+        .unwrap();
+        assert_eq!(ce.payload.as_deref(), Some(r#"{"n":2}"#));
+        assert!(is_structured(Some("application/cloudevents-batch+json")));
+        let b64 = json!({"specversion": "1.0", "id": "x", "data_base64": "AA=="});
+        let ce = CloudEvent::structured(Some("application/cloudevents+json"), b64.as_object());
+        assert_eq!(ce.unwrap().payload, None);
+        // Applied: configured attributes stay.
+        let mut m = Message {
+            event_id: "key".into(),
+            event_type: Some("subject".into()),
+            source: Some("configured".into()),
+            aggregate_id: None,
+            trace_id: None,
+            payload: ev.to_string(),
+            error: None,
+        };
+        CloudEvent::structured(Some("application/cloudevents+json"), ev.as_object())
+            .unwrap()
+            .apply(&mut m, [false, true, false]);
+        assert_eq!(m.event_id, "x");
+        assert_eq!(m.event_type.as_deref(), Some("t"));
+        assert_eq!(m.source.as_deref(), Some("configured"));
+        assert_eq!(m.payload, r#"{"n":2}"#);
+        assert!(Origin::Fixed("x".into()).is_configured("source"));
+        assert!(!Origin::or_field(&None, "source").is_configured("source"));
     }
 }

@@ -44,7 +44,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
-use crate::source::decode::{json_text, Origin};
+use crate::source::decode::{json_text, CloudEvent, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -543,15 +543,27 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
     let key = ["Idempotency-Key", "webhook-id"]
         .into_iter()
         .find_map(|h| header(req, h).map(str::trim).filter(|k| !k.is_empty()));
+    let content_type = header(req, "Content-Type");
+    // Binary mode is one event per request (ce-* headers, the body its data).
+    let binary = match array {
+        false => CloudEvent::binary(|h| header(req, h).map(str::to_string)),
+        true => None,
+    };
     let mut out = Vec::with_capacity(objects.len());
     for (i, v) in objects.into_iter().enumerate() {
         let Value::Object(obj) = v else {
             return Err(format!("event {i} is not a JSON object"));
         };
+        let ce = binary
+            .clone()
+            .or_else(|| CloudEvent::structured(content_type, Some(&obj)));
         // The event's own id first: a resent event keeps its row however
         // the sender batched it (the key names the request).
-        let own =
-            own_id(&obj).or_else(|| json_text(&obj, &rules.id_field).filter(|id| !id.is_empty()));
+        let own = ce
+            .as_ref()
+            .and_then(|ce| ce.id.clone())
+            .or_else(|| own_id(&obj))
+            .or_else(|| json_text(&obj, &rules.id_field).filter(|id| !id.is_empty()));
         let event_id = match (own, key) {
             (Some(id), _) => id,
             (None, Some(k)) if array => format!("{k}:{i}"),
@@ -565,11 +577,11 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
                 ))
             }
         };
-        let payload = match obj.get("payload") {
+        let payload = match obj.get("payload").filter(|_| ce.is_none()) {
             Some(p) => p.to_string(),
             None => Value::Object(obj.clone()).to_string(),
         };
-        out.push(Message {
+        let mut message = Message {
             event_id,
             event_type: attribute(req, &obj, &rules.event_type),
             source: attribute(req, &obj, &rules.source),
@@ -584,7 +596,19 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
             },
             payload,
             error: None,
-        });
+        };
+        if let Some(ce) = ce {
+            let configured = [
+                rules.event_type.is_configured("event_type"),
+                rules.source.is_configured("source"),
+                rules
+                    .trace_id
+                    .as_ref()
+                    .is_some_and(|o| o.is_configured("trace_id")),
+            ];
+            ce.apply(&mut message, configured);
+        }
+        out.push(message);
     }
     Ok(out)
 }

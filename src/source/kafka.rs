@@ -48,7 +48,7 @@ use serde_json::{Map, Value as Json};
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -456,7 +456,9 @@ impl KafkaSource {
             .map(|k| String::from_utf8_lossy(k).into_owned())
             .or_else(|| own_id(obj?))
             .unwrap_or_else(|| place.clone());
-        Message {
+        let content_type = header(m, "content-type").or_else(|| header(m, "Content-Type"));
+        let ce = CloudEvent::recognise(|h| header(m, h), content_type.as_deref(), obj);
+        let mut message = Message {
             event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
             source: attribute(&self.cfg.source, "source", m, obj),
             aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
@@ -469,7 +471,13 @@ impl KafkaSource {
             event_id,
             payload: body.text,
             error,
+        };
+        if let Some(ce) = ce {
+            let c = &self.cfg;
+            let configured = [&c.event_type, &c.source, &c.trace_id].map(Option::is_some);
+            ce.apply(&mut message, configured);
         }
+        message
     }
 
     fn error(&self, e: &KafkaError) -> Error {

@@ -54,7 +54,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::nats::{check_connection, check_name, connect, Client};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Origin, Problem};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 use consumer::Durable;
@@ -467,7 +467,9 @@ impl NatsSource {
             .cloned()
             .or_else(|| own_id(body?))
             .unwrap_or_else(|| format!("{}:{seq}", self.cfg.stream));
-        Message {
+        let content_type = header(m, "content-type").map(String::as_str);
+        let ce = CloudEvent::recognise(|h| header(m, h).cloned(), content_type, body);
+        let mut message = Message {
             event_type: match &self.event_type {
                 Some(o) => attribute(o, m, body),
                 None => Some(m.subject.clone()),
@@ -483,7 +485,18 @@ impl NatsSource {
             event_id,
             payload: decoded.text,
             error,
+        };
+        if let Some(ce) = ce {
+            let configured = [
+                self.event_type.is_some(),
+                self.source.is_configured("source"),
+                self.trace_id
+                    .as_ref()
+                    .is_some_and(|o| o.is_configured("trace_id")),
+            ];
+            ce.apply(&mut message, configured);
         }
+        message
     }
 }
 

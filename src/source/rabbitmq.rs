@@ -75,7 +75,7 @@ use serde_json::{Map, Value};
 use crate::broker::amqp::{self, AmqpUrl};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, fnv1a, json_text, Body, Origin, Problem};
+use crate::source::decode::{dead_letter, fnv1a, json_text, Body, CloudEvent, Origin, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -469,7 +469,7 @@ impl RabbitSource {
             Some(Problem::NotUtf8(_)) => errors.push("the body is not UTF-8 text".to_string()),
             None => {}
         }
-        let own = || own_id(body.object()?);
+        let own = || own_id(body.object()?).or_else(|| CloudEvent::binary(|h| header(p, h))?.id);
         let event_id = match p.message_id().as_deref().filter(|id| !id.is_empty()) {
             Some(id) => id.to_string(),
             None => match own() {
@@ -495,7 +495,8 @@ impl RabbitSource {
             )))
         };
         let obj = body.object();
-        Message {
+        let ce = CloudEvent::recognise(|h| header(p, h), p.content_type().as_deref(), obj);
+        let mut message = Message {
             event_type: attribute(
                 self.cfg.event_type.as_ref(),
                 Some("type"),
@@ -514,7 +515,13 @@ impl RabbitSource {
             event_id,
             payload: body.text,
             error,
+        };
+        if let Some(ce) = ce {
+            let c = &self.cfg;
+            let configured = [&c.event_type, &c.source, &c.trace_id].map(Option::is_some);
+            ce.apply(&mut message, configured);
         }
+        message
     }
 }
 

@@ -27,7 +27,7 @@ use serde_json::{Map, Value as Json};
 use crate::broker::redis::{self as broker, TIMEOUT};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Origin};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -391,7 +391,9 @@ impl RedisSource {
             .cloned()
             .or_else(|| own_id(obj?))
             .unwrap_or_else(|| id.clone());
-        Message {
+        let content_type = get("content-type").map(String::as_str);
+        let ce = CloudEvent::recognise(|h| get(h).cloned(), content_type, obj);
+        let mut message = Message {
             event_type: self.attribute(&self.event_type, fields, obj),
             source: self.attribute(&self.source, fields, obj),
             aggregate_id: self.attribute(&self.aggregate_id, fields, obj),
@@ -404,7 +406,18 @@ impl RedisSource {
             event_id,
             payload: body.text,
             error,
+        };
+        if let Some(ce) = ce {
+            let configured = [
+                self.event_type.is_configured("event_type"),
+                self.source.is_configured("source"),
+                self.trace_id
+                    .as_ref()
+                    .is_some_and(|o| o.is_configured("trace_id")),
+            ];
+            ce.apply(&mut message, configured);
         }
+        message
     }
 
     /// Turn entries into messages; every id is to be acknowledged (that

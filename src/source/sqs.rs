@@ -43,7 +43,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, Origin};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -316,7 +316,9 @@ impl SqsSource {
             .or_else(|| attribute(m, "dedup_key").filter(|k| !k.is_empty()))
             .or_else(|| own_id(obj?))
             .unwrap_or_else(|| message_id.clone());
-        Message {
+        let content_type = attribute(m, "content-type");
+        let ce = CloudEvent::recognise(|h| attribute(m, h), content_type.as_deref(), obj);
+        let mut message = Message {
             event_type: pick(&self.event_type, "event_type", m, obj),
             aggregate_id: pick(&self.aggregate_id, "aggregate_id", m, obj),
             source: pick(&self.source, "source", m, obj),
@@ -329,7 +331,12 @@ impl SqsSource {
             event_id,
             payload: body.text,
             error,
+        };
+        if let Some(ce) = ce {
+            let configured = [&self.event_type, &self.source, &self.trace_id].map(Option::is_some);
+            ce.apply(&mut message, configured);
         }
+        message
     }
 
     /// One `ReceiveMessage` call.
