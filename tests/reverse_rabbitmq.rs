@@ -346,7 +346,11 @@ fn connections_cut_mid_stream_lose_nothing_and_everything_is_acked() {
     assert!(left <= 80, "{left} messages left unacknowledged");
     // A run to the end of the queue absorbs them as duplicates.
     let out = relay(&url).arg("--once").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(r.count("cuts_q"), 0, "every message acknowledged");
     assert_eq!(inbox_count(&url), 1600);
     let want: HashSet<String> = (0..1600).map(|i| format!("m{i}")).collect();
