@@ -3,8 +3,8 @@
 //! Receive a batch (up to `batch_size` messages or `max_wait_ms`), insert it
 //! into the inbox, and only then acknowledge it to the source. The insert
 //! runs on a writer thread of its own, which owns the PostgreSQL
-//! connection: while it writes a batch, the loop receives the next one, so
-//! at most two batches are held. A failed insert acknowledges nothing: the
+//! connection: while it writes a full batch (a backlog), the loop receives
+//! the next one, so at most two batches are held. A failed insert acknowledges nothing: the
 //! batch is kept and written again once PostgreSQL is back (and a broker
 //! would redeliver), before the one received meanwhile. A message
 //! PostgreSQL refuses for good becomes a dead letter (see [`Inbox::write`]);
@@ -129,8 +129,9 @@ impl ReverseLoop<'_> {
     /// One batch: take the batch to write (the oldest one held: a failed
     /// write kept it, or it was received during the last turn; else a new
     /// one from the source), start writing it into the inbox, receive the
-    /// next batch meanwhile (unless this one ended the input or receiving,
-    /// or the pipeline is stopping), and once the write committed,
+    /// next batch meanwhile (when this one is full: a backlog; not when it
+    /// ended the input or receiving, or the pipeline is stopping), and once
+    /// the write committed,
     /// acknowledge the batch to the source. A failed write acknowledges
     /// nothing and keeps the batch (Err). An error that ended receiving
     /// early is reported (Err) once what was received before it is written
@@ -157,7 +158,11 @@ impl ReverseLoop<'_> {
             new
         } else if n > 0 {
             writer.start(messages)?;
-            if !end_of_input && error.is_none() && !(self.stopping)() {
+            // A full batch means a backlog: the next one is there to be
+            // received. Otherwise the source has caught up, and waiting for
+            // its next message would only hold back this batch's
+            // acknowledgement (an HTTP sender's answer, say).
+            if n >= self.batch_size && !end_of_input && error.is_none() && !(self.stopping)() {
                 ahead = self
                     .feed
                     .receive_ahead(self.batch_size, self.max_wait)
@@ -533,6 +538,7 @@ mod tests {
         with_writer(&inbox, |w| {
             assert_eq!(lp.turn(w).unwrap(), Turn::Written);
             assert_eq!(source.0.borrow().acked, ["a", "b"]);
+            assert_eq!(source.0.borrow().receives, 2);
             inbox.0.lock().unwrap().fail_writes = 1;
             assert!(lp.turn(w).is_err());
             assert_eq!(source.0.borrow().acked, ["a", "b"]);
@@ -540,5 +546,21 @@ mod tests {
         });
         assert_eq!(source.0.borrow().acked, ["a", "b", "c"]);
         assert_eq!(rows(&inbox).len(), 3);
+    }
+
+    #[test]
+    fn nothing_is_received_ahead_of_a_batch_that_is_not_full() {
+        // The source has caught up: the batch is acknowledged as soon as it
+        // is written, without waiting for the next message.
+        let source = MemorySource::default();
+        let mut feed = source.feed(&["a", "b", "c"]);
+        let mut lp = reverse_loop(feed.as_mut(), 5, &|| false);
+        let inbox = MemoryInbox::default();
+        with_writer(&inbox, |w| {
+            assert_eq!(lp.turn(w).unwrap(), Turn::Written);
+            assert_eq!(source.0.borrow().receives, 1);
+            assert_eq!(source.0.borrow().acked, ["a", "b", "c"]);
+            assert!(lp.may_stop());
+        });
     }
 }
