@@ -98,21 +98,21 @@ impl Inbox {
     /// statement (its own transaction, or a savepoint in the caller's; see
     /// [`Target`]). When PostgreSQL refuses it because of
     /// what a row holds (a constraint, a value, an index size limit), the
-    /// batch is halved until the refused messages are found; each becomes a
-    /// dead letter in `batch` (the reason in its `error`) and is written as
-    /// such, the others as they are. Err: a transient error, or a message
+    /// batch is halved until the refused messages are found; each is
+    /// written as a dead letter (the reason in its `error`), the others as
+    /// they are. Err: a transient error, or a message
     /// refused even as a dead letter (a problem of the table, not of the
     /// message); part of the batch may be written, and writing it again
     /// adds nothing twice.
-    pub fn write(&self, client: &mut impl Target, batch: &mut [Message]) -> Result<u64, Error> {
+    pub fn write(&self, client: &mut impl Target, batch: &[Message]) -> Result<u64, Error> {
         match self.insert(client, batch) {
             Ok(n) => Ok(n),
             Err(e) if !about_the_rows(&e) => Err(e.into()),
             Err(_) if batch.len() > 1 => {
-                let (a, b) = batch.split_at_mut(batch.len() / 2);
+                let (a, b) = batch.split_at(batch.len() / 2);
                 Ok(self.write(client, a)? + self.write(client, b)?)
             }
-            Err(e) => self.dead_letter(client, &mut batch[0], e),
+            Err(e) => self.dead_letter(client, &batch[0], e),
         }
     }
 
@@ -121,7 +121,7 @@ impl Inbox {
     fn dead_letter(
         &self,
         client: &mut impl Target,
-        m: &mut Message,
+        m: &Message,
         refusal: postgres::Error,
     ) -> Result<u64, Error> {
         let refusal = Error::from(refusal);
@@ -134,7 +134,6 @@ impl Inbox {
                     m.event_id,
                     refusal.msg
                 );
-                *m = dl;
                 return Ok(n);
             }
             Err(e) => e,
@@ -157,7 +156,6 @@ impl Inbox {
                         m.event_id,
                         refusal.msg
                     );
-                    *m = bare;
                     return Ok(n);
                 }
                 Err(e) => last = e,

@@ -6,12 +6,14 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::Error;
 use crate::event::Event;
 use crate::outbox::OutboxInfo;
-use crate::reverse::{Writer, WriterTx};
+use crate::reverse::Write;
 use crate::sink::{Rejected, Sink};
 use crate::source::{Batch, Feed, Message, Source};
 
@@ -105,6 +107,8 @@ pub struct Broker {
     pub fail_after: Option<usize>,
     /// Report the end of input once the queue is empty.
     pub ends: bool,
+    /// Told of every receive (see [`Rows::gate`]).
+    pub signal: Option<Sender<()>>,
 }
 
 /// A source in memory (receipts: the event ids); clones share one [`Broker`].
@@ -133,6 +137,9 @@ impl Source for MemorySource {
     ) -> Result<(), Error> {
         let mut b = self.0.borrow_mut();
         b.receives += 1;
+        if let Some(s) = &b.signal {
+            let _ = s.send(());
+        }
         while batch.messages.len() < max {
             if b.fail_after == Some(batch.messages.len()) {
                 b.fail_after = None;
@@ -154,59 +161,51 @@ impl Source for MemorySource {
     }
 }
 
-/// An inbox in memory: rows by `event_id`, written at most once each.
+/// What a [`MemoryInbox`] holds, and how it is to answer.
 #[derive(Debug, Default)]
-pub struct MemoryInbox {
+pub struct Rows {
     /// Payloads by event id.
     pub rows: BTreeMap<String, String>,
     /// Fail this many writes from now on (transiently).
     pub fail_writes: usize,
+    /// The sizes of the writes, in order (failed ones too).
+    pub writes: Vec<usize>,
+    /// When set, write number k (from 1) waits until k + 1 signals came
+    /// on it (see [`Broker::signal`]), and fails after 10 s without them.
+    pub gate: Option<Receiver<()>>,
+    /// Signals seen on `gate` so far.
+    pub signals: usize,
 }
 
-impl MemoryInbox {
-    fn insert(&mut self, messages: &[Message]) -> Result<u64, Error> {
-        if self.fail_writes > 0 {
-            self.fail_writes -= 1;
+/// An inbox in memory: rows by `event_id`, written at most once each;
+/// clones share one [`Rows`]. It can be written from another thread.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryInbox(pub Arc<Mutex<Rows>>);
+
+impl Write for MemoryInbox {
+    fn write(&mut self, messages: &[Message]) -> Result<u64, Error> {
+        let mut r = self.0.lock().unwrap();
+        r.writes.push(messages.len());
+        let k = r.writes.len();
+        let Rows { gate, signals, .. } = &mut *r;
+        if let Some(gate) = gate {
+            while *signals <= k {
+                gate.recv_timeout(Duration::from_secs(10))
+                    .map_err(|_| Error::transient("memory inbox: gate not opened"))?;
+                *signals += 1;
+            }
+        }
+        if r.fail_writes > 0 {
+            r.fail_writes -= 1;
             return Err(Error::transient("memory inbox: write failed"));
         }
         let mut new = 0;
         for m in messages {
-            if !self.rows.contains_key(&m.event_id) {
-                self.rows.insert(m.event_id.clone(), m.payload.clone());
+            if !r.rows.contains_key(&m.event_id) {
+                r.rows.insert(m.event_id.clone(), m.payload.clone());
                 new += 1;
             }
         }
         Ok(new)
-    }
-}
-
-impl Writer for MemoryInbox {
-    type Tx<'w> = NoTx;
-
-    fn write(&mut self, messages: &mut [Message]) -> Result<u64, Error> {
-        self.insert(messages)
-    }
-
-    fn begin(&mut self) -> Result<NoTx, Error> {
-        // Only a source that records its receipts in the inbox transaction
-        // (pg-outbox) needs one: those are tested against PostgreSQL.
-        Err(Error::permanent("a memory inbox has no transactions"))
-    }
-}
-
-/// The transaction a [`MemoryInbox`] never opens.
-pub enum NoTx {}
-
-impl WriterTx for NoTx {
-    fn write(&mut self, _: &mut [Message]) -> Result<u64, Error> {
-        match *self {}
-    }
-
-    fn record(&mut self, _: &mut dyn Feed) -> Result<(), Error> {
-        match *self {}
-    }
-
-    fn commit(self) -> Result<(), Error> {
-        match self {}
     }
 }

@@ -1,6 +1,8 @@
 //! Sources: where reverse events come from. One file per source; a new
 //! source is that file plus one line in [`REGISTRY`].
 
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use postgres::{Client, Transaction};
@@ -235,9 +237,10 @@ pub trait Source {
 }
 
 /// The batch to write next, as [`Feed::next`] hands it out.
-pub struct Next<'a> {
-    /// Its messages; the inbox writer may turn some into dead letters.
-    pub messages: &'a mut [Message],
+pub struct Next {
+    /// Its messages, shared with the feed, which keeps them until the
+    /// batch is written (a failed write hands them out again).
+    pub messages: Arc<Vec<Message>>,
     /// The source has no more messages, ever.
     pub end_of_input: bool,
     /// The error that ended receiving this batch early: reported once the
@@ -248,17 +251,25 @@ pub struct Next<'a> {
     pub record: bool,
 }
 
-/// An open source with the batch received from it and not yet written:
-/// all the reverse loop sees of a source.
+/// An open source with the batches received from it and not yet written:
+/// all the reverse loop sees of a source. It holds at most two: the one
+/// being written and the one received meanwhile ([`Feed::receive_ahead`]).
 pub trait Feed {
-    /// The batch to write: the one received before and not yet written
-    /// (its write failed), else a new one. Err only when nothing was
-    /// received.
-    fn next(&mut self, max: usize, wait: Duration) -> Result<Next<'_>, Error>;
+    /// The batch to write: the oldest one received before and not yet
+    /// written, else a new one. Err only when nothing was received.
+    fn next(&mut self, max: usize, wait: Duration) -> Result<Next, Error>;
+    /// While the batch handed out last is being written: receive the one
+    /// after it, unless it is held already or the source ended. Err only
+    /// when nothing was received (what was is kept, with the error, and
+    /// handed out next).
+    fn receive_ahead(&mut self, max: usize, wait: Duration) -> Result<(), Error>;
     /// The batch handed out last is in the inbox: acknowledge and forget it.
     fn written(&mut self) -> Result<(), Error>;
     /// Whether a batch received is waiting to be written.
     fn holds(&self) -> bool;
+    /// Whether the source records its receipts in the inbox transaction
+    /// ([`Source::RECORDS`]).
+    fn records(&self) -> bool;
     /// A session starts on the local database (see [`Source::resume`]).
     fn resume(&mut self, local: &mut Client, ctx: &Ctx) -> Result<(), Error>;
     /// Record the receipts of the batch handed out last in `tx`, its inbox
@@ -266,59 +277,93 @@ pub trait Feed {
     fn record(&mut self, tx: &mut Transaction<'_>) -> Result<(), Error>;
 }
 
-/// A [`Source`] and the batch it is writing.
+/// A batch received and not yet written.
+struct Held<R> {
+    messages: Arc<Vec<Message>>,
+    receipts: Vec<R>,
+    end_of_input: bool,
+    /// The error that ended receiving it early, until it is handed out.
+    error: Option<Error>,
+}
+
+/// A [`Source`] and the batches received from it and not yet written,
+/// oldest first (at most two).
 struct Open<S: Source> {
     source: S,
-    batch: Option<Batch<S::Receipt>>,
+    held: VecDeque<Held<S::Receipt>>,
+}
+
+impl<S: Source> Open<S> {
+    /// Receive a batch into `held`. Err only when nothing was received.
+    fn receive(&mut self, max: usize, wait: Duration) -> Result<(), Error> {
+        let mut b = Batch::default();
+        let mut error = None;
+        if let Err(e) = self.source.receive(&mut b, max.max(1), wait) {
+            if b.messages.is_empty() && b.receipts.is_empty() {
+                return Err(e);
+            }
+            log::warn!(
+                "{e}; writing the {} messages received before it",
+                b.messages.len()
+            );
+            error = Some(e);
+        }
+        b.messages.iter_mut().for_each(Message::make_storable);
+        self.held.push_back(Held {
+            messages: Arc::new(b.messages),
+            receipts: b.receipts,
+            end_of_input: b.end_of_input,
+            error,
+        });
+        Ok(())
+    }
 }
 
 impl<S: Source> Feed for Open<S> {
-    fn next(&mut self, max: usize, wait: Duration) -> Result<Next<'_>, Error> {
-        let mut error = None;
-        if self.batch.is_none() {
-            let mut b = Batch::default();
-            if let Err(e) = self.source.receive(&mut b, max.max(1), wait) {
-                if b.messages.is_empty() && b.receipts.is_empty() {
-                    return Err(e);
-                }
-                log::warn!(
-                    "{e}; writing the {} messages received before it",
-                    b.messages.len()
-                );
-                error = Some(e);
-            }
-            b.messages.iter_mut().for_each(Message::make_storable);
-            self.batch = Some(b);
+    fn next(&mut self, max: usize, wait: Duration) -> Result<Next, Error> {
+        if self.held.is_empty() {
+            self.receive(max, wait)?;
         }
-        let b = self.batch.as_mut().expect("set above");
+        let b = self.held.front_mut().expect("received above");
         Ok(Next {
-            messages: &mut b.messages,
+            messages: Arc::clone(&b.messages),
             end_of_input: b.end_of_input,
-            error,
+            error: b.error.take(),
             record: S::RECORDS && !b.receipts.is_empty(),
         })
     }
 
+    fn receive_ahead(&mut self, max: usize, wait: Duration) -> Result<(), Error> {
+        match self.held.back() {
+            Some(b) if self.held.len() == 1 && !b.end_of_input => self.receive(max, wait),
+            _ => Ok(()),
+        }
+    }
+
     fn written(&mut self) -> Result<(), Error> {
-        match self.batch.take() {
+        match self.held.pop_front() {
             Some(b) if !b.receipts.is_empty() => self.source.ack(b.receipts),
             _ => Ok(()),
         }
     }
 
     fn holds(&self) -> bool {
-        self.batch.is_some()
+        !self.held.is_empty()
+    }
+
+    fn records(&self) -> bool {
+        S::RECORDS
     }
 
     fn resume(&mut self, local: &mut Client, ctx: &Ctx) -> Result<(), Error> {
-        match self.batch {
+        match self.held.front() {
             Some(_) => Ok(()),
             None => self.source.resume(local, ctx),
         }
     }
 
     fn record(&mut self, tx: &mut Transaction<'_>) -> Result<(), Error> {
-        match &self.batch {
+        match self.held.front() {
             Some(b) if S::RECORDS && !b.receipts.is_empty() => self.source.record(tx, &b.receipts),
             _ => Ok(()),
         }
@@ -329,7 +374,7 @@ impl<S: Source> Feed for Open<S> {
 pub fn feed<S: Source + 'static>(source: S) -> Box<dyn Feed> {
     Box::new(Open {
         source,
-        batch: None,
+        held: VecDeque::new(),
     })
 }
 
@@ -458,7 +503,7 @@ mod tests {
                 fail_after: Some(3),
                 ..Counter::default()
             },
-            batch: None,
+            held: VecDeque::new(),
         };
         // A receive failing half way: the 3 received are handed out with
         // the error, not dropped.
@@ -484,10 +529,45 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_received_ahead_is_handed_out_after_the_one_being_written() {
+        let mut open = Open {
+            source: Counter::default(),
+            held: VecDeque::new(),
+        };
+        let ids =
+            |n: &Next| -> Vec<String> { n.messages.iter().map(|m| m.payload.clone()).collect() };
+        assert_eq!(ids(&open.next(2, Duration::ZERO).unwrap()), ["0", "1"]);
+        open.receive_ahead(2, Duration::ZERO).unwrap();
+        // Two held: no third batch.
+        open.receive_ahead(2, Duration::ZERO).unwrap();
+        assert_eq!(open.source.next, 4);
+        // The first batch's write failed: it is handed out again, first.
+        assert_eq!(ids(&open.next(2, Duration::ZERO).unwrap()), ["0", "1"]);
+        open.written().unwrap();
+        assert_eq!(open.source.acked, [0, 1]);
+        assert_eq!(ids(&open.next(2, Duration::ZERO).unwrap()), ["2", "3"]);
+        // A receive ahead failing half way: what came is kept with its
+        // error, which is reported when that batch is handed out.
+        open.source.fail_after = Some(1);
+        open.receive_ahead(2, Duration::ZERO).unwrap();
+        open.written().unwrap();
+        assert_eq!(open.source.acked, [0, 1, 2, 3]);
+        let next = open.next(2, Duration::ZERO).unwrap();
+        assert_eq!(ids(&next), ["4"]);
+        assert_eq!(next.error.unwrap().msg, "receive failed");
+        // Failing before anything was received: an error, nothing held.
+        open.source.fail_after = Some(0);
+        assert!(open.receive_ahead(2, Duration::ZERO).is_err());
+        open.written().unwrap();
+        assert!(!open.holds());
+        assert_eq!(open.source.acked, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
     fn every_batch_is_made_storable() {
         let mut open = Open {
             source: Counter::default(),
-            batch: None,
+            held: VecDeque::new(),
         };
         let next = open.next(1, Duration::ZERO).unwrap();
         assert_eq!(next.messages[0].event_id, "id\u{FFFD}");
