@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 use prometheus::Histogram;
@@ -38,9 +37,10 @@ use crate::config::Forward;
 use crate::error::Error;
 use crate::event::{Event, Template, Vars};
 use crate::health;
+use crate::listen::{self, Listener};
 use crate::metrics;
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
-use crate::pipeline::{wait_notification, Ctx};
+use crate::pipeline::Ctx;
 use crate::sink::Sink;
 use crate::wake::Waker;
 
@@ -50,8 +50,12 @@ use crate::wake::Waker;
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
 /// Rows fetched per round trip from a cursor.
 const FETCH_ROWS: i32 = 1000;
-/// Rows held back by the horizon: how soon to look again at first, and at most.
-const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(200));
+/// Rows held back by the horizon: the shortest and the longest wait before
+/// looking again (in between, a quarter of the time they have been held).
+const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(200));
+/// Rows held back: the holder is looked up (`pg_stat_activity`, a costly
+/// query) once they have been held this long, and then at most this often.
+const HOLDER_LOOKUP: Duration = Duration::from_millis(250);
 
 /// Run the pipeline on one connection until stopped, drained (`--once`) or
 /// an error ends the session.
@@ -65,7 +69,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
         }
         Position::check(&mut client, ctx, &info.table)?;
     }
-    client.batch_execute("LISTEN pgtrickle_outbox_new")?;
+    let listener = listen::shared(&ctx.postgres_url)?;
     let mut sink = cfg.sink.open(&ctx.name)?;
     let reader = Reader {
         decoder: Decoder {
@@ -87,7 +91,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                 info.table,
                 ctx.worker_id
             );
-            let mut group_loop = GroupLoop::new(ctx, cfg, &g, &mut client, reader, out)?;
+            let mut group_loop = GroupLoop::new(ctx, cfg, &g, &mut client, reader, out, listener)?;
             group_loop.run()
         }
         None => {
@@ -108,18 +112,10 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                     "id"
                 }
             );
-            let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out)?;
+            let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out, listener)?;
             offset_loop.run()
         }
     }
-}
-
-/// Discard the notifications received while working: a backlog is read
-/// on anyway, and they would otherwise pile up in memory (one per writing
-/// transaction). Only ever called right before the outbox is read again.
-fn drain_notifications(client: &mut Client) -> Result<(), Error> {
-    while client.notifications().iter().next()?.is_some() {}
-    Ok(())
 }
 
 /// The consumer group named by the config, if one exists for this outbox.
@@ -665,10 +661,11 @@ impl<'a> OffsetLoop<'a> {
         client: &'a mut Client,
         reader: Reader<'a>,
         out: Delivery<'a>,
+        listener: Arc<Listener>,
     ) -> Result<OffsetLoop<'a>, Error> {
         let read = client.prepare(&reader.decoder.info.read_sql())?;
         let pos = Position::load(client, &ctx.relay_group, &ctx.name)?;
-        let waker = Waker::new(reader.decoder.info);
+        let waker = Waker::new(reader.decoder.info, listener);
         Ok(OffsetLoop {
             ctx,
             cfg,
@@ -693,6 +690,7 @@ impl<'a> OffsetLoop<'a> {
             }
             let mut last = None;
             self.batch_start.get_or_insert_with(Instant::now);
+            self.waker.mark();
             let read = self.reader.batch(
                 self.client,
                 &self.read,
@@ -706,10 +704,9 @@ impl<'a> OffsetLoop<'a> {
             );
             if let Some(last) = last {
                 self.commits.delivered(&mut self.out, last.clone())?;
-                drain_notifications(self.client)?;
                 self.waker.working(self.client)?;
                 self.pos = last;
-                self.held.moved_on(&self.ctx.name);
+                self.held.clear(&self.ctx.name);
                 if self.commits.due(Instant::now(), read.is_err()) && !self.commit()? {
                     return Ok(());
                 }
@@ -728,12 +725,15 @@ impl<'a> OffsetLoop<'a> {
             // older transaction to end: look again soon (or at a
             // notification) rather than only at the next notification.
             if info.held_back(self.client, &self.pos)? {
-                self.held.report(self.client, &self.ctx.name, &info.table)?;
-                health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
+                let now = Instant::now();
+                if self.held.held(now, &self.ctx.name) {
+                    self.held.report(self.client, &self.ctx.name, &info.table)?;
+                    health::ok(&self.ctx.name, info.lag_seconds(self.client, &self.pos)?);
+                }
                 // Any outbox commit wakes us; a commit falling due too (the
                 // top of the loop commits).
-                let wait = self.commits.cap(Instant::now(), self.held.next_wait());
-                wait_notification(self.ctx, self.client, &info.table, wait)?;
+                let wait = self.commits.cap(now, self.held.next_wait(now));
+                self.waker.wait(self.ctx, wait);
                 continue;
             }
             self.held.clear(&self.ctx.name);
@@ -780,42 +780,58 @@ impl<'a> OffsetLoop<'a> {
 struct Held {
     /// Since when rows have been held back (None: they are not).
     since: Option<Instant>,
+    /// When the holder was last looked up in this episode.
+    looked: Option<Instant>,
     /// When the warning was last logged.
     warned: Option<Instant>,
     /// The prepared transaction exported as the holder, if one is.
     gid: Option<String>,
-    /// How long to wait before looking again.
-    wait: Duration,
 }
 
 impl Held {
     fn new() -> Held {
         Held {
             since: None,
+            looked: None,
             warned: None,
             gid: None,
-            wait: HELD_WAIT.0,
         }
     }
 
-    /// How long to wait before looking again: soon at first, then longer.
-    fn next_wait(&mut self) -> Duration {
-        let d = self.wait;
-        self.wait = (self.wait * 2).min(HELD_WAIT.1);
-        d
+    /// Rows are held back at `now`: note since when, and say whether the
+    /// holder is due to be looked up ([`HOLDER_LOOKUP`]). Most holds last
+    /// as long as a writer's transaction, a millisecond or so: they are
+    /// waited out without a query of their own.
+    fn held(&mut self, now: Instant, pipeline: &str) -> bool {
+        let since = *self.since.get_or_insert(now);
+        metrics::get()
+            .horizon_held
+            .with_label_values(&[pipeline])
+            .set((now - since).as_secs_f64());
+        let due = match self.looked {
+            None => now - since >= HOLDER_LOOKUP,
+            Some(t) => now - t >= HOLDER_LOOKUP,
+        };
+        if due {
+            self.looked = Some(now);
+        }
+        due
     }
 
-    /// The position moved: nothing is held back, and the next wait is short.
-    fn moved_on(&mut self, pipeline: &str) {
-        self.wait = HELD_WAIT.0;
-        self.clear(pipeline);
+    /// How long to wait before looking again: a quarter of the time the
+    /// rows have been held so far (a transaction open for long is likely to
+    /// stay open a while more), within [`HELD_WAIT`]. Any outbox commit
+    /// that notifies ends the wait sooner.
+    fn next_wait(&self, now: Instant) -> Duration {
+        let held = self.since.map_or(Duration::ZERO, |s| now - s);
+        (held / 4).clamp(HELD_WAIT.0, HELD_WAIT.1)
     }
 
     /// Rows are held back: export how long and which transaction holds
     /// them (a session's pid for `pg_stat_activity`, or a prepared
     /// transaction's gid for `pg_prepared_xacts`); warn after 5 s, every 30 s.
     fn report(&mut self, client: &mut Client, pipeline: &str, table: &str) -> Result<(), Error> {
-        let since = *self.since.get_or_insert_with(Instant::now);
+        let since = self.since.unwrap_or_else(Instant::now);
         let holder = client.query_opt(
             "SELECT pid, gid, age_s FROM ( \
                SELECT pid, NULL::text AS gid, age(backend_xid) AS xid_age, \
@@ -833,9 +849,6 @@ impl Held {
             None => (0, None, 0.0),
         };
         let m = metrics::get();
-        m.horizon_held
-            .with_label_values(&[pipeline])
-            .set(since.elapsed().as_secs_f64());
         m.horizon_pid.with_label_values(&[pipeline]).set(pid.into());
         m.horizon_xact_age.with_label_values(&[pipeline]).set(age);
         m.forget_prepared(pipeline, gid.as_deref());
@@ -868,6 +881,7 @@ impl Held {
 
     /// Nothing is held back (any more).
     fn clear(&mut self, pipeline: &str) {
+        self.looked = None;
         if self.since.take().is_some() {
             let m = metrics::get();
             m.horizon_held.with_label_values(&[pipeline]).set(0.0);
@@ -903,6 +917,7 @@ impl<'a> GroupLoop<'a> {
         client: &'a mut Client,
         reader: Reader<'a>,
         mut out: Delivery<'a>,
+        listener: Arc<Listener>,
     ) -> Result<GroupLoop<'a>, Error> {
         let info = reader.decoder.info;
         let poll = client.prepare(
@@ -924,7 +939,7 @@ impl<'a> GroupLoop<'a> {
         ))?;
         let keeper = LeaseKeeper::start(ctx, group, cfg.lease);
         out.lease(keeper.lost.clone());
-        let waker = Waker::new(info);
+        let waker = Waker::new(info, listener);
         Ok(GroupLoop {
             ctx,
             cfg,
@@ -948,6 +963,7 @@ impl<'a> GroupLoop<'a> {
             if ctx.stopping() {
                 return Ok(());
             }
+            self.waker.mark();
             let ids: Vec<i64> = self
                 .client
                 .query(
@@ -970,7 +986,6 @@ impl<'a> GroupLoop<'a> {
                 self.waker.idle(ctx, self.client, None)?;
                 continue;
             };
-            drain_notifications(self.client)?;
             self.waker.working(self.client)?;
             self.keeper.begin(last_id);
             let published = self.publish(&ids);
@@ -1428,11 +1443,39 @@ mod tests {
     #[test]
     fn rows_held_back_are_looked_at_again_soon_then_less_often() {
         let mut held = Held::new();
-        let waits: Vec<u64> = (0..8)
-            .map(|_| held.next_wait().as_millis() as u64)
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert!(!held.held(t0, "forward-test-held"));
+        let waits: Vec<Duration> = [0, 2, 40, 100, 400, 800, 10_000]
+            .iter()
+            .map(|&after| held.next_wait(t0 + ms(after)))
             .collect();
-        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 200, 200]);
-        held.moved_on("forward-test-held");
-        assert_eq!(held.next_wait(), Duration::from_millis(5));
+        assert_eq!(
+            waits,
+            [ms(1), ms(1), ms(10), ms(25), ms(100), ms(200), ms(200)]
+        );
+        held.clear("forward-test-held");
+        assert_eq!(held.next_wait(t0 + ms(10_000)), ms(1));
+    }
+
+    #[test]
+    fn the_holder_is_looked_up_only_when_rows_stay_held() {
+        let mut held = Held::new();
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let p = "forward-test-holder";
+        // A hold of a writer's transaction's length: no lookup.
+        assert!(!held.held(t0, p));
+        assert!(!held.held(t0 + ms(3), p));
+        held.clear(p);
+        // A longer one: looked up after HOLDER_LOOKUP, then that often.
+        let t1 = t0 + ms(10);
+        let looked: Vec<u64> = (0..=1000)
+            .step_by(10)
+            .filter(|&after| held.held(t1 + ms(after), p))
+            .collect();
+        assert_eq!(looked, [250, 500, 750, 1000]);
+        held.clear(p);
+        assert!(!held.held(t1 + ms(1010), p));
     }
 }

@@ -18,6 +18,7 @@ mod inbox;
 #[cfg(test)]
 mod keydocs;
 mod keys;
+mod listen;
 mod logging;
 mod metrics;
 mod outbox;

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fallible_iterator::FallibleIterator;
 use postgres::Client;
 
 use crate::error::Error;
@@ -143,31 +142,6 @@ impl Ctx {
             if !self.sleep(Duration::from_millis(500)) {
                 return Ok(false);
             }
-        }
-    }
-}
-
-/// Block until a notification on `channel` with `payload` arrives (true),
-/// or `timeout` passes or the pipeline stops (false). Other notifications
-/// are consumed and ignored.
-pub fn wait_notification(
-    ctx: &Ctx,
-    client: &mut Client,
-    payload: &str,
-    timeout: Duration,
-) -> Result<bool, Error> {
-    let end = Instant::now() + timeout;
-    loop {
-        let now = Instant::now();
-        if now >= end || ctx.stopping() {
-            return Ok(false);
-        }
-        let slice = (end - now).min(Duration::from_millis(500));
-        let note = client.notifications().timeout_iter(slice).next()?;
-        if note.is_some_and(|n| n.payload() == payload) {
-            // Take whatever else is already buffered too: one read covers it.
-            while client.notifications().iter().next()?.is_some() {}
-            return Ok(true);
         }
     }
 }

@@ -14,15 +14,19 @@
 //!
 //! Outboxes that notify on every insert (pg_trickle's own) are simply
 //! waited on; outboxes made with `p_notify => false` (two-phase commit) are
-//! read every 100 ms.
+//! read every 100 ms. Notifications arrive through the relay's one
+//! listening connection ([`crate::listen`]); the reader takes a mark before
+//! each read ([`Waker::mark`]) and waits for a notification after it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postgres::Client;
 
 use crate::error::Error;
+use crate::listen::{Listener, Mark};
 use crate::outbox::OutboxInfo;
-use crate::pipeline::{wait_notification, Ctx};
+use crate::pipeline::Ctx;
 
 /// How often an outbox without NOTIFY is read while idle.
 const UNNOTIFIED_POLL: Duration = Duration::from_millis(100);
@@ -58,6 +62,9 @@ struct Guard {
 /// The idle side of one reader of one outbox (on one connection).
 pub struct Waker {
     table: String,
+    listener: Arc<Listener>,
+    /// What had been received before the last read.
+    mark: Mark,
     mode: Mode,
     guard: Option<Guard>,
     step: Duration,
@@ -66,8 +73,8 @@ pub struct Waker {
 }
 
 impl Waker {
-    /// For a reader of `info`.
-    pub fn new(info: &OutboxInfo) -> Waker {
+    /// For a reader of `info`, woken by `listener`.
+    pub fn new(info: &OutboxInfo, listener: Arc<Listener>) -> Waker {
         let mode = if !info.notifies {
             Mode::Never
         } else if info.notifies_sleepers {
@@ -77,11 +84,25 @@ impl Waker {
         };
         Waker {
             table: info.table.clone(),
+            mark: listener.mark(&info.table),
+            listener,
             mode,
             guard: None,
             step: GUARD_WAIT.0,
             empty_since: None,
         }
+    }
+
+    /// Called right before each read: a notification from now on means
+    /// rows the read may not see.
+    pub fn mark(&mut self) {
+        self.mark = self.listener.mark(&self.table);
+    }
+
+    /// Wait up to `timeout` for a notification since the last read's mark
+    /// (true) or not (false: timed out, or stopping).
+    pub fn wait(&self, ctx: &Ctx, timeout: Duration) -> bool {
+        self.listener.wait(ctx, &self.table, self.mark, timeout)
     }
 
     /// Rows were read: count this reader out, writers stop notifying.
@@ -115,7 +136,7 @@ impl Waker {
             },
         };
         let timeout = due.map_or(timeout, |d| d.min(timeout));
-        wait_notification(ctx, client, &self.table, timeout)?;
+        self.wait(ctx, timeout);
         Ok(())
     }
 

@@ -332,3 +332,58 @@ fn a_writer_that_read_the_counter_before_the_relay_fell_asleep_is_not_slept_on()
         drop(relay);
     }
 }
+
+/// The relay's listening connection is terminated while it sleeps (60 s
+/// poll interval): a commit meanwhile is still delivered at once (the
+/// pipelines poll while it is down), and once it is back a commit wakes the
+/// relay through it again.
+#[test]
+fn a_lost_listening_connection_neither_loses_nor_delays_a_wake_up() {
+    let dir = temp_dir("wake_listener");
+    let file = dir.join("out.jsonl");
+    let url = outbox_pipeline(
+        "wake_listener",
+        &serde_json::json!({"type": "stdout", "path": file}),
+    );
+    let mut c = Pg::shared().client(&url);
+    let relay = Relay::spawn(relay(&url).args(["--poll-interval-ms", "60000"]));
+    relay.wait_log("forwarding outbox", 30);
+    let delivered_within = |c: &mut Client, n: usize, what: &str| {
+        publish_one(c);
+        let published = Instant::now();
+        while count_lines(&file) < n {
+            assert!(
+                published.elapsed() < Duration::from_secs(3),
+                "{what}: event {n} not delivered after 3 s; log:\n{}",
+                relay.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    delivered_within(&mut c, 1, "before");
+    let asleep = |c: &mut Client| -> bool {
+        c.query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END = 1 \
+             FROM pgtrickle.outbox_orders_asleep",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    wait_until(30, "the relay to sleep", || asleep(&mut c));
+    let killed: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'pgtrickle-relay listener' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "one listening connection");
+    delivered_within(&mut c, 2, "while the listener is down");
+    relay.wait_log("listening for outbox notifications again", 30);
+    wait_until(30, "the relay to sleep again", || asleep(&mut c));
+    delivered_within(&mut c, 3, "after the listener is back");
+    let log = relay.stderr();
+    assert!(!log.contains("ERROR"), "{log}");
+}

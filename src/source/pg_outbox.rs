@@ -25,8 +25,9 @@
 //! that says how to start over. A claim-check row is reported to the remote
 //! (`outbox_rows_consumed`) after the local commit.
 //!
-//! It wakes up on `LISTEN pgtrickle_outbox_new` on the remote database, and
-//! reads anyway every `--poll-interval-ms` ([`crate::wake`]).
+//! It wakes up on `LISTEN pgtrickle_outbox_new` on the remote database
+//! (through the relay's one listening connection to it, [`crate::listen`]),
+//! and reads anyway every `--poll-interval-ms` ([`crate::wake`]).
 
 use std::time::Duration;
 
@@ -36,9 +37,10 @@ use serde_json::{Map, Value};
 
 use crate::event::{Event, Template, DEFAULT_SUBJECT};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
+use crate::listen;
 use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
 use crate::pg::{expand_env, mask};
-use crate::pipeline::{wait_notification, Ctx};
+use crate::pipeline::Ctx;
 use crate::retry::Error;
 use crate::source::{feed, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace::Context;
@@ -230,9 +232,7 @@ impl PgOutboxSource {
         let context = |e: Error| e.context(format!("pipeline {:?}: source.url", self.pipeline));
         let mut client = crate::pg::connect(&self.url, &app).map_err(context)?;
         let within = |e: Error| e.context(format!("postgres source {}", self.shown));
-        client
-            .batch_execute("LISTEN pgtrickle_outbox_new")
-            .map_err(|e| within(e.into()))?;
+        let listener = listen::shared(&self.url).map_err(context)?;
         let info = OutboxInfo::resolve(&mut client, &self.outbox).map_err(within)?;
         let read = client
             .prepare(&info.read_sql())
@@ -270,7 +270,7 @@ impl PgOutboxSource {
         );
         Ok(Remote {
             client,
-            waker: Waker::new(&info),
+            waker: Waker::new(&info, listener),
             info,
             read,
             delta,
@@ -348,6 +348,7 @@ impl PgOutboxSource {
             ..
         } = self;
         let remote = remote.as_mut().expect("connected by receive");
+        remote.waker.mark();
         let at = cursor.clone().expect("set on connecting");
         let decoder = Decoder {
             info: &remote.info,
@@ -439,8 +440,8 @@ impl PgOutboxSource {
             // Committed rows wait for an older transaction to end: look
             // again soon (or at a notification) rather than only at the
             // next notification.
-            self.held_wait = (self.held_wait * 2).clamp(Duration::from_millis(5), HELD_WAIT_MAX);
-            wait_notification(ctx, &mut remote.client, &remote.info.table, self.held_wait)?;
+            self.held_wait = (self.held_wait * 2).clamp(Duration::from_millis(1), HELD_WAIT_MAX);
+            remote.waker.wait(ctx, self.held_wait);
             return Ok(());
         }
         self.held_wait = Duration::ZERO;
