@@ -63,6 +63,8 @@ use crate::trace::Context;
 
 /// Messages waiting for their ack at most.
 pub const WINDOW: usize = 4096;
+/// How long a flush waits for the server's PONG.
+const FLUSH_TIMEOUT: Duration = Duration::from_millis(100);
 /// No ack at all for this long: the batch fails (and is retried). Kept
 /// below the relay's shutdown grace, as is [`OUTAGE_WAIT`].
 const ACK_TIMEOUT: Duration = Duration::from_secs(4);
@@ -470,6 +472,15 @@ impl NatsSink {
                     )))
                 })?;
             outstanding += 1;
+        }
+        if outstanding > 0 {
+            // The client sends its buffer at most every 5 ms by itself: the
+            // last messages published would wait for it. A flush sends it
+            // now (and waits for the server's PONG, briefly: while it is
+            // disconnected, receive notices the reconnect).
+            if let Err(x) = self.client.nc.flush_timeout(FLUSH_TIMEOUT) {
+                log::debug!("nats {}: flush: {x}", self.client.shown);
+            }
         }
         while outstanding > 0 {
             self.receive(
