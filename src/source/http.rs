@@ -44,7 +44,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
-use crate::source::decode::{json_text, CloudEvent, Origin};
+use crate::source::decode::{json_text, CloudEvent, Origin, Origins, ATTRIBUTES};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -73,15 +73,15 @@ pub struct HttpSourceConfig {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     id_field: Option<String>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
+    /// `event_type`, `aggregate_id`, `source`, `trace_id`: taken out
+    /// before the rest is parsed ([`Origins::take`]).
+    #[serde(skip)]
+    origins: Origins,
 }
+
+/// Where an attribute comes from by default, and what its key holds.
+const FROM: &str = "the field of the same name";
+const WHERE: &str = r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -127,35 +127,21 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Value("event_id"),
         "the JSON field with the event id, for an event that is not our envelope or a CloudEvents event",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` (the event's field or its `headers` object's, else the request's header; see \"Trace context\"), else the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+        "a valid W3C `traceparent` (the event's field or its `headers` object's, else the request's header; see \"Trace context\"), else the field of the same name",
+        WHERE,
     ),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    let cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
+    let mut cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
+    cfg.origins = origins;
     let resolves = cfg
         .listen
         .to_socket_addrs()
@@ -216,12 +202,9 @@ struct Rules {
     signer: Option<(Scheme, Vec<u8>)>,
     max_body: u64,
     id_field: String,
-    event_type: Origin,
-    aggregate_id: Origin,
-    source: Origin,
-    /// `None`: the event's W3C traceparent, else the request's, else the
-    /// `trace_id` field.
-    trace_id: Option<Origin>,
+    /// By default an attribute is the field of its own name (`trace_id`:
+    /// after the event's W3C traceparent, else the request's).
+    origins: Origins,
 }
 
 /// One accepted request: its messages and where to say they committed.
@@ -257,10 +240,7 @@ impl SourceSpec for HttpSourceConfig {
             },
             max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
             id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
-            event_type: Origin::or_field(&self.event_type, "event_type"),
-            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
-            source: Origin::or_field(&self.source, "source"),
-            trace_id: self.trace_id.clone(),
+            origins: self.origins.clone(),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
@@ -581,32 +561,25 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
             Some(p) => p.to_string(),
             None => Value::Object(obj.clone()).to_string(),
         };
+        let [event_type, aggregate_id, source, trace_id] = rules.origins.read(
+            |o| attribute(req, &obj, o),
+            || {
+                trace::traceparent(trace::in_object(&obj))
+                    .or_else(|| trace::traceparent(header(req, trace::TRACEPARENT)))
+            },
+            |name| json_text(&obj, name),
+        );
         let mut message = Message {
             event_id,
-            event_type: attribute(req, &obj, &rules.event_type),
-            source: attribute(req, &obj, &rules.source),
-            aggregate_id: attribute(req, &obj, &rules.aggregate_id),
-            trace_id: match &rules.trace_id {
-                Some(o) => attribute(req, &obj, o),
-                None => trace::trace_id(trace::in_object(&obj), || {
-                    trace::trace_id(header(req, trace::TRACEPARENT), || {
-                        json_text(&obj, "trace_id")
-                    })
-                }),
-            },
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload,
             error: None,
         };
         if let Some(ce) = ce {
-            let configured = [
-                rules.event_type.is_configured("event_type"),
-                rules.source.is_configured("source"),
-                rules
-                    .trace_id
-                    .as_ref()
-                    .is_some_and(|o| o.is_configured("trace_id")),
-            ];
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, rules.origins.configured(&ATTRIBUTES));
         }
         out.push(message);
     }
