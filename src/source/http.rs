@@ -73,9 +73,13 @@ pub struct HttpSourceConfig {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     id_field: Option<String>,
-    /// `event_type`, `aggregate_id`, `source`, `trace_id`: taken out
-    /// before the rest is parsed ([`Origins::take`]).
-    #[serde(skip)]
+}
+
+/// The `http` source as configured: its keys, and where its message
+/// attributes come from (taken out of the keys before they are parsed).
+#[derive(Debug, Clone)]
+struct HttpSourceSpec {
+    cfg: HttpSourceConfig,
     origins: Origins,
 }
 
@@ -140,8 +144,7 @@ pub const KEYS: &[KeySpec] = &[
 /// Parse the source's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
     let origins = Origins::take(&mut keys, "source")?;
-    let mut cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
-    cfg.origins = origins;
+    let cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
     let resolves = cfg
         .listen
         .to_socket_addrs()
@@ -191,7 +194,7 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, Config
         }
         _ => {}
     }
-    Ok(Box::new(cfg))
+    Ok(Box::new(HttpSourceSpec { cfg, origins }))
 }
 
 /// What the workers need to turn a request into messages.
@@ -213,7 +216,7 @@ struct Pending {
     done: SyncSender<()>,
 }
 
-impl SourceSpec for HttpSourceConfig {
+impl SourceSpec for HttpSourceSpec {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let env = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
             match v {
@@ -224,12 +227,12 @@ impl SourceSpec for HttpSourceConfig {
             }
         };
         let rules = Arc::new(Rules {
-            path: self.path.clone().unwrap_or_else(|| "/".into()),
-            token: env("token", &self.token)?,
-            signer: match env("signing_secret", &self.signing_secret)? {
+            path: self.cfg.path.clone().unwrap_or_else(|| "/".into()),
+            token: env("token", &self.cfg.token)?,
+            signer: match env("signing_secret", &self.cfg.signing_secret)? {
                 None => None,
                 Some(secret) => {
-                    let scheme = self.signing_scheme.unwrap_or_default();
+                    let scheme = self.cfg.signing_scheme.unwrap_or_default();
                     let key = signing::key(scheme, &secret).map_err(|why| {
                         Error::permanent(format!(
                             "pipeline {pipeline:?}: source.signing_secret: {why}"
@@ -238,17 +241,21 @@ impl SourceSpec for HttpSourceConfig {
                     Some((scheme, key))
                 }
             },
-            max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
+            max_body: self.cfg.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            id_field: self
+                .cfg
+                .id_field
+                .clone()
+                .unwrap_or_else(|| "event_id".into()),
             origins: self.origins.clone(),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
-        let server = Server::http(self.listen.as_str())
-            .map_err(|e| Error::transient(format!("listening on {}: {e}", self.listen)))?;
+        let server = Server::http(self.cfg.listen.as_str())
+            .map_err(|e| Error::transient(format!("listening on {}: {e}", self.cfg.listen)))?;
         let server = Arc::new(server);
         let addr: Option<SocketAddr> = server.server_addr().to_ip();
-        let shown = addr.map_or_else(|| self.listen.clone(), |a| a.to_string());
+        let shown = addr.map_or_else(|| self.cfg.listen.clone(), |a| a.to_string());
         log::info!("listening for webhooks on http://{shown}{}", rules.path);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel::<Pending>(WORKERS * 2);

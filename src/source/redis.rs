@@ -50,9 +50,13 @@ pub struct RedisSourceConfig {
     claim_idle_ms: Option<u64>,
     #[serde(default)]
     start: Option<String>,
-    /// `event_type`, `aggregate_id`, `source`, `trace_id`: taken out
-    /// before the rest is parsed ([`Origins::take`]).
-    #[serde(skip)]
+}
+
+/// The `redis` source as configured: its keys, and where its message
+/// attributes come from (taken out of the keys before they are parsed).
+#[derive(Debug, Clone)]
+struct RedisSourceSpec {
+    cfg: RedisSourceConfig,
     origins: Origins,
 }
 
@@ -111,8 +115,7 @@ pub const KEYS: &[KeySpec] = &[
 /// Parse the source's keys.
 pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
     let origins = Origins::take(&mut keys, "source")?;
-    let mut cfg: RedisSourceConfig = from_value("source", Json::Object(keys))?;
-    cfg.origins = origins;
+    let cfg: RedisSourceConfig = from_value("source", Json::Object(keys))?;
     if cfg.url.is_empty() {
         return Err(ConfigError::new("source.url", "must not be empty"));
     }
@@ -144,13 +147,14 @@ pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigE
             ))
         }
     }
-    Ok(Box::new(cfg))
+    Ok(Box::new(RedisSourceSpec { cfg, origins }))
 }
 
-impl SourceSpec for RedisSourceConfig {
+impl SourceSpec for RedisSourceSpec {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let (client, shown) = broker::client(pipeline, "source", &self.url)?;
+        let (client, shown) = broker::client(pipeline, "source", &self.cfg.url)?;
         let consumer = self
+            .cfg
             .consumer
             .clone()
             .unwrap_or_else(|| format!("{}-{}", crate::hostname(), std::process::id()));
@@ -158,14 +162,15 @@ impl SourceSpec for RedisSourceConfig {
             client,
             conn: None,
             shown,
-            stream: self.stream.clone(),
+            stream: self.cfg.stream.clone(),
             group: self
+                .cfg
                 .group
                 .clone()
                 .unwrap_or_else(|| "pgtrickle-relay".into()),
             consumer,
-            claim_idle_ms: self.claim_idle_ms.unwrap_or(30_000),
-            start: if self.start.as_deref() == Some("latest") {
+            claim_idle_ms: self.cfg.claim_idle_ms.unwrap_or(30_000),
+            start: if self.cfg.start.as_deref() == Some("latest") {
                 "$"
             } else {
                 "0"
@@ -191,7 +196,7 @@ impl SourceSpec for RedisSourceConfig {
 
     /// Connect (with the password, if any) and PING.
     fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
-        broker::ping("source", &self.url)
+        broker::ping("source", &self.cfg.url)
     }
 }
 
