@@ -1,6 +1,6 @@
 //! What every source does with what it received: a JSON field as text, a
 //! body as a payload (or the reason it is a dead letter), and where a
-//! message attribute comes from ([`Origin`]).
+//! message attribute comes from ([`Origin`], [`Origins`]).
 
 // Each item serves some of the broker sources; a build without all of
 // them leaves some unused.
@@ -19,6 +19,7 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::source::Message;
 
 /// Where a message attribute (`event_type`, `aggregate_id`, `source`,
@@ -39,6 +40,94 @@ pub enum Origin {
     },
     /// A fixed value.
     Fixed(String),
+}
+
+/// The message attributes whose origin a source's config may set, in the
+/// order of its key table (and of [`Origins::read`]).
+pub const ATTRIBUTES: [&str; 4] = ["event_type", "aggregate_id", "source", "trace_id"];
+
+/// Where a source's message attributes come from: its `event_type`,
+/// `aggregate_id`, `source` and `trace_id` keys (`None`: the source's
+/// default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Origins {
+    /// `event_type`.
+    pub event_type: Option<Origin>,
+    /// `aggregate_id`.
+    pub aggregate_id: Option<Origin>,
+    /// `source`.
+    pub source: Option<Origin>,
+    /// `trace_id`.
+    pub trace_id: Option<Origin>,
+}
+
+impl Origin {
+    /// The key-table row of attribute `name` (one of [`ATTRIBUTES`]):
+    /// `default` says where it comes from when not set, `doc` what it holds.
+    pub const fn key(name: &'static str, default: &'static str, doc: &'static str) -> KeySpec {
+        KeySpec::new(name, "origin", Fallback::Text(default), doc)
+    }
+}
+
+impl Origins {
+    /// Take the four keys out of a source's `keys` (the rest is parsed
+    /// without them), each parsed as the error's key `<what>.<name>`.
+    /// (Not a `#[serde(flatten)]` field: flattening loses the key's path.)
+    pub fn take(keys: &mut Map<String, Value>, what: &str) -> Result<Origins, ConfigError> {
+        let mut take = |name: &str| match keys.remove(name) {
+            None => Ok(None),
+            Some(v) => from_value::<Option<Origin>>(&format!("{what}.{name}"), v),
+        };
+        Ok(Origins {
+            event_type: take("event_type")?,
+            aggregate_id: take("aggregate_id")?,
+            source: take("source")?,
+            trace_id: take("trace_id")?,
+        })
+    }
+
+    /// A message's attributes, in the order of [`ATTRIBUTES`]: each from
+    /// the origin the config sets (read by `value`), else from the
+    /// source's `default` (given the attribute's name); for `trace_id`
+    /// without an origin, a valid W3C traceparent (`traceparent`, see
+    /// [`crate::trace`]) comes before the default.
+    pub fn read(
+        &self,
+        value: impl Fn(&Origin) -> Option<String>,
+        traceparent: impl FnOnce() -> Option<String>,
+        default: impl Fn(&str) -> Option<String>,
+    ) -> [Option<String>; 4] {
+        let read = |origin: &Option<Origin>, name: &str| match origin {
+            Some(o) => value(o),
+            None => default(name),
+        };
+        [
+            read(&self.event_type, "event_type"),
+            read(&self.aggregate_id, "aggregate_id"),
+            read(&self.source, "source"),
+            match &self.trace_id {
+                Some(o) => value(o),
+                None => traceparent().or_else(|| default("trace_id")),
+            },
+        ]
+    }
+
+    /// Which of `event_type`, `source` and `trace_id` the config sets, as
+    /// [`CloudEvent::apply`] takes it: those given an origin, but for the
+    /// attributes in `plain` (where the source reads the body field of the
+    /// attribute's own name by default) not one that names that field.
+    pub fn configured(&self, plain: &[&str]) -> [bool; 3] {
+        [
+            ("event_type", &self.event_type),
+            ("source", &self.source),
+            ("trace_id", &self.trace_id),
+        ]
+        .map(|(name, origin)| {
+            origin
+                .as_ref()
+                .is_some_and(|o| !plain.contains(&name) || o.is_configured(name))
+        })
+    }
 }
 
 /// A JSON field as text: a string as it is, `null` as nothing, anything
@@ -404,6 +493,46 @@ mod tests {
         assert_eq!(fixed.value(headers, None).as_deref(), Some("f"));
         assert_eq!(dead_letter("why".into()), "why");
     }
+    #[test]
+    fn origins_are_taken_out_of_the_keys_and_read_with_the_source_defaults() {
+        let mut keys = json!({"url": "u", "source": "shop", "trace_id": {"field": "trace_id"},
+                              "event_type": null})
+        .as_object()
+        .unwrap()
+        .clone();
+        let o = Origins::take(&mut keys, "source").unwrap();
+        assert_eq!(keys.keys().collect::<Vec<_>>(), ["url"]);
+        assert_eq!((o.event_type.clone(), o.aggregate_id.clone()), (None, None));
+        assert_eq!(o.source, Some(Origin::Fixed("shop".into())));
+        let mut bad = json!({"aggregate_id": 5}).as_object().unwrap().clone();
+        assert_eq!(
+            Origins::take(&mut bad, "source").unwrap_err().key,
+            "source.aggregate_id"
+        );
+        let body = json!({"trace_id": "t", "event_type": "e"});
+        let read = |tp: Option<&str>| {
+            o.read(
+                |o| o.value(|_| None, body.as_object()),
+                || tp.map(str::to_string),
+                |name| Some(format!("default {name}")),
+            )
+        };
+        assert_eq!(
+            read(Some("00-tp")),
+            [
+                Some("default event_type".into()),
+                Some("default aggregate_id".into()),
+                Some("shop".into()),
+                Some("t".into()),
+            ]
+        );
+        let none = Origins::default();
+        let got = none.read(|_| None, || Some("tp".into()), |_| None);
+        assert_eq!(got[3].as_deref(), Some("tp"));
+        assert_eq!(o.configured(&[]), [false, true, true]);
+        assert_eq!(o.configured(&ATTRIBUTES), [false, true, false]);
+    }
+
     #[test]
     fn cloud_events_are_recognised_in_both_modes() {
         let kafka = |h: &str| match h {

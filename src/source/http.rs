@@ -44,7 +44,7 @@ use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
 use crate::signing::{self, Scheme};
-use crate::source::decode::{json_text, CloudEvent, Origin};
+use crate::source::decode::{json_text, CloudEvent, Origin, Origins, ATTRIBUTES};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -73,15 +73,19 @@ pub struct HttpSourceConfig {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     id_field: Option<String>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
 }
+
+/// The `http` source as configured: its keys, and where its message
+/// attributes come from (taken out of the keys before they are parsed).
+#[derive(Debug, Clone)]
+struct HttpSourceSpec {
+    cfg: HttpSourceConfig,
+    origins: Origins,
+}
+
+/// Where an attribute comes from by default, and what its key holds.
+const FROM: &str = "the field of the same name";
+const WHERE: &str = r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -127,34 +131,19 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Value("event_id"),
         "the JSON field with the event id, for an event that is not our envelope or a CloudEvents event",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
-    ),
-    KeySpec::new(
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` (the event's field or its `headers` object's, else the request's header; see \"Trace context\"), else the field of the same name"),
-        r#"where each column comes from: `{"header": "X-Name"}`, `{"field": "name"}`, or a fixed string"#,
+        "a valid W3C `traceparent` (the event's field or its `headers` object's, else the request's header; see \"Trace context\"), else the field of the same name",
+        WHERE,
     ),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
     let cfg: HttpSourceConfig = from_value("source", Value::Object(keys))?;
     let resolves = cfg
         .listen
@@ -205,7 +194,7 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigErro
         }
         _ => {}
     }
-    Ok(Box::new(cfg))
+    Ok(Box::new(HttpSourceSpec { cfg, origins }))
 }
 
 /// What the workers need to turn a request into messages.
@@ -216,12 +205,9 @@ struct Rules {
     signer: Option<(Scheme, Vec<u8>)>,
     max_body: u64,
     id_field: String,
-    event_type: Origin,
-    aggregate_id: Origin,
-    source: Origin,
-    /// `None`: the event's W3C traceparent, else the request's, else the
-    /// `trace_id` field.
-    trace_id: Option<Origin>,
+    /// By default an attribute is the field of its own name (`trace_id`:
+    /// after the event's W3C traceparent, else the request's).
+    origins: Origins,
 }
 
 /// One accepted request: its messages and where to say they committed.
@@ -230,7 +216,7 @@ struct Pending {
     done: SyncSender<()>,
 }
 
-impl SourceSpec for HttpSourceConfig {
+impl SourceSpec for HttpSourceSpec {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
         let env = |key: &str, v: &Option<String>| -> Result<Option<String>, Error> {
             match v {
@@ -241,12 +227,12 @@ impl SourceSpec for HttpSourceConfig {
             }
         };
         let rules = Arc::new(Rules {
-            path: self.path.clone().unwrap_or_else(|| "/".into()),
-            token: env("token", &self.token)?,
-            signer: match env("signing_secret", &self.signing_secret)? {
+            path: self.cfg.path.clone().unwrap_or_else(|| "/".into()),
+            token: env("token", &self.cfg.token)?,
+            signer: match env("signing_secret", &self.cfg.signing_secret)? {
                 None => None,
                 Some(secret) => {
-                    let scheme = self.signing_scheme.unwrap_or_default();
+                    let scheme = self.cfg.signing_scheme.unwrap_or_default();
                     let key = signing::key(scheme, &secret).map_err(|why| {
                         Error::permanent(format!(
                             "pipeline {pipeline:?}: source.signing_secret: {why}"
@@ -255,20 +241,21 @@ impl SourceSpec for HttpSourceConfig {
                     Some((scheme, key))
                 }
             },
-            max_body: self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
-            id_field: self.id_field.clone().unwrap_or_else(|| "event_id".into()),
-            event_type: Origin::or_field(&self.event_type, "event_type"),
-            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
-            source: Origin::or_field(&self.source, "source"),
-            trace_id: self.trace_id.clone(),
+            max_body: self.cfg.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY),
+            id_field: self
+                .cfg
+                .id_field
+                .clone()
+                .unwrap_or_else(|| "event_id".into()),
+            origins: self.origins.clone(),
         });
         // Binding may fail for a moment while a previous instance's server
         // winds down: transient.
-        let server = Server::http(self.listen.as_str())
-            .map_err(|e| Error::transient(format!("listening on {}: {e}", self.listen)))?;
+        let server = Server::http(self.cfg.listen.as_str())
+            .map_err(|e| Error::transient(format!("listening on {}: {e}", self.cfg.listen)))?;
         let server = Arc::new(server);
         let addr: Option<SocketAddr> = server.server_addr().to_ip();
-        let shown = addr.map_or_else(|| self.listen.clone(), |a| a.to_string());
+        let shown = addr.map_or_else(|| self.cfg.listen.clone(), |a| a.to_string());
         log::info!("listening for webhooks on http://{shown}{}", rules.path);
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = sync_channel::<Pending>(WORKERS * 2);
@@ -581,32 +568,25 @@ fn to_messages(req: &Request, rules: &Rules, body: &[u8]) -> Result<Vec<Message>
             Some(p) => p.to_string(),
             None => Value::Object(obj.clone()).to_string(),
         };
+        let [event_type, aggregate_id, source, trace_id] = rules.origins.read(
+            |o| attribute(req, &obj, o),
+            || {
+                trace::traceparent(trace::in_object(&obj))
+                    .or_else(|| trace::traceparent(header(req, trace::TRACEPARENT)))
+            },
+            |name| json_text(&obj, name),
+        );
         let mut message = Message {
             event_id,
-            event_type: attribute(req, &obj, &rules.event_type),
-            source: attribute(req, &obj, &rules.source),
-            aggregate_id: attribute(req, &obj, &rules.aggregate_id),
-            trace_id: match &rules.trace_id {
-                Some(o) => attribute(req, &obj, o),
-                None => trace::trace_id(trace::in_object(&obj), || {
-                    trace::trace_id(header(req, trace::TRACEPARENT), || {
-                        json_text(&obj, "trace_id")
-                    })
-                }),
-            },
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload,
             error: None,
         };
         if let Some(ce) = ce {
-            let configured = [
-                rules.event_type.is_configured("event_type"),
-                rules.source.is_configured("source"),
-                rules
-                    .trace_id
-                    .as_ref()
-                    .is_some_and(|o| o.is_configured("trace_id")),
-            ];
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, rules.origins.configured(&ATTRIBUTES));
         }
         out.push(message);
     }

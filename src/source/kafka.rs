@@ -48,7 +48,7 @@ use serde_json::{Map, Value as Json};
 use crate::broker::kafka::{client_error, log_line, Brokers, ClientKeys, Property, Reserved};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Problem};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Origins, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -97,14 +97,6 @@ struct KafkaSourceKeys {
     start: Option<String>,
     #[serde(default)]
     properties: Option<BTreeMap<String, Property>>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
 }
 
 /// The `kafka` source's config.
@@ -115,11 +107,12 @@ pub struct KafkaSourceConfig {
     group_id: String,
     /// `earliest` or `latest`.
     start: &'static str,
-    event_type: Option<Origin>,
-    aggregate_id: Option<Origin>,
-    source: Option<Origin>,
-    trace_id: Option<Origin>,
+    origins: Origins,
 }
+
+/// Where an attribute comes from by default, and what its key holds.
+const FROM: &str = "the header of the same name, else the JSON field of the same name";
+const WHERE: &str = r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -159,34 +152,19 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Unset,
         "librdkafka settings, as for the `kafka` sink (SASL/SSL, fetch sizes, `partition.assignment.strategy`, ...). The relay sets `group.id`, `auto.offset.reset`, `enable.auto.commit=false`, `enable.auto.offset.store=false` and `enable.partition.eof=true` itself; it defaults `session.timeout.ms` to 10000, so the partitions of a relay that died move on within ten seconds",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("the header of the same name, else the JSON field of the same name"),
-        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("the header of the same name, else the JSON field of the same name"),
-        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("the header of the same name, else the JSON field of the same name"),
-        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
-    ),
-    KeySpec::new(
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` header (see \"Trace context\"), else the header of the same name, else the JSON field of the same name"),
-        r#"where each column comes from: `{"header": "name"}` (a record header), `{"field": "name"}` (a field of the JSON value) or a fixed string"#,
+        "a valid W3C `traceparent` header (see \"Trace context\"), else the header of the same name, else the JSON field of the same name",
+        WHERE,
     ),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
     let raw: KafkaSourceKeys = from_value("source", Json::Object(keys))?;
     let (key, topics) = match (raw.topic, raw.topics) {
         (Some(t), None) => ("source.topic", vec![t]),
@@ -229,10 +207,7 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
         topics,
         group_id: raw.group_id,
         start,
-        event_type: raw.event_type,
-        aggregate_id: raw.aggregate_id,
-        source: raw.source,
-        trace_id: raw.trace_id,
+        origins,
     }))
 }
 
@@ -413,20 +388,6 @@ fn header(m: &BorrowedMessage<'_>, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// An attribute from where `origin` says, or by default from the header,
-/// else the JSON field, named `name`.
-fn attribute(
-    origin: &Option<Origin>,
-    name: &str,
-    m: &BorrowedMessage<'_>,
-    obj: Option<&Map<String, Json>>,
-) -> Option<String> {
-    match origin {
-        Some(o) => o.value(|h| header(m, h), obj),
-        None => header(m, name).or_else(|| json_text(obj?, name)),
-    }
-}
-
 impl KafkaSource {
     fn message(&self, m: &BorrowedMessage<'_>) -> Message {
         let place = format!("{}:{}:{}", m.topic(), m.partition(), m.offset());
@@ -458,24 +419,24 @@ impl KafkaSource {
             .unwrap_or_else(|| place.clone());
         let content_type = header(m, "content-type").or_else(|| header(m, "Content-Type"));
         let ce = CloudEvent::recognise(|h| header(m, h), content_type.as_deref(), obj);
+        // By default an attribute is the header, else the JSON field, of
+        // its own name.
+        let [event_type, aggregate_id, source, trace_id] = self.cfg.origins.read(
+            |o| o.value(|h| header(m, h), obj),
+            || trace::traceparent(header(m, trace::TRACEPARENT).as_deref()),
+            |name| header(m, name).or_else(|| json_text(obj?, name)),
+        );
         let mut message = Message {
-            event_type: attribute(&self.cfg.event_type, "event_type", m, obj),
-            source: attribute(&self.cfg.source, "source", m, obj),
-            aggregate_id: attribute(&self.cfg.aggregate_id, "aggregate_id", m, obj),
-            trace_id: match &self.cfg.trace_id {
-                Some(o) => o.value(|h| header(m, h), obj),
-                None => trace::trace_id(header(m, trace::TRACEPARENT).as_deref(), || {
-                    attribute(&None, "trace_id", m, obj)
-                }),
-            },
             event_id,
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload: body.text,
             error,
         };
         if let Some(ce) = ce {
-            let c = &self.cfg;
-            let configured = [&c.event_type, &c.source, &c.trace_id].map(Option::is_some);
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, self.cfg.origins.configured(&[]));
         }
         message
     }

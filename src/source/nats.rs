@@ -54,7 +54,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::nats::{check_connection, check_name, connect, Client};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Problem};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Origins, Problem};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 use consumer::Durable;
@@ -92,14 +92,10 @@ pub struct NatsSourceConfig {
     start: Option<String>,
     #[serde(default)]
     ack_wait_ms: Option<u64>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
+    /// `event_type`, `aggregate_id`, `source`, `trace_id`: taken out
+    /// before the rest is parsed ([`Origins::take`]).
+    #[serde(skip)]
+    origins: Origins,
 }
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
@@ -146,35 +142,33 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Value("30000"),
         "how long JetStream waits for the ack of a delivered message before it delivers it again: after a crash of the relay, its unacknowledged messages come back after this long. Set on the consumer the relay creates, and applied to an existing one when given. At least 1000. Keep it well above the time a batch takes to be written",
     ),
-    KeySpec::new(
+    Origin::key(
         "event_type",
-        "origin",
-        Fallback::Text("the message's subject"),
+        "the message's subject",
         r#"where it comes from: `{"header": "name"}` (a message header), `{"field": "name"}` (a top-level field of the JSON body) or a fixed string"#,
     ),
-    KeySpec::new(
+    Origin::key(
         "aggregate_id",
-        "origin",
-        Fallback::Text("the body's field of the same name"),
+        "the body's field of the same name",
         "as for `event_type`",
     ),
-    KeySpec::new(
+    Origin::key(
         "source",
-        "origin",
-        Fallback::Text("the body's field of the same name"),
+        "the body's field of the same name",
         "as for `event_type`",
     ),
-    KeySpec::new(
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` header (see \"Trace context\"), else the body's field of the same name"),
+        "a valid W3C `traceparent` header (see \"Trace context\"), else the body's field of the same name",
         "as for `event_type`",
     ),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    let cfg: NatsSourceConfig = from_value("source", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
+    let mut cfg: NatsSourceConfig = from_value("source", Value::Object(keys))?;
+    cfg.origins = origins;
     check_connection("source", &cfg.url, cfg.credentials.as_deref())?;
     check_name("source.stream", "stream", &cfg.stream)?;
     if let Some(c) = &cfg.consumer {
@@ -235,10 +229,6 @@ impl SourceSpec for NatsSourceConfig {
             pull_until: Instant::now(),
             // Checked below, before the source is handed out.
             check_consumer: false,
-            event_type: self.event_type.clone(),
-            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
-            source: Origin::or_field(&self.source, "source"),
-            trace_id: self.trace_id.clone(),
             unacked: Vec::new(),
             sent: None,
             once,
@@ -297,12 +287,6 @@ struct NatsSource {
     pull_until: Instant,
     /// Look at the stream and consumer (again) before the next pull.
     check_consumer: bool,
-    /// `None`: the subject.
-    event_type: Option<Origin>,
-    aggregate_id: Origin,
-    source: Origin,
-    /// `None`: the W3C `traceparent` header, else the body's `trace_id`.
-    trace_id: Option<Origin>,
     /// Ack subjects of written messages to acknowledge (again, when their
     /// acks were not confirmed).
     unacked: Vec<String>,
@@ -469,31 +453,28 @@ impl NatsSource {
             .unwrap_or_else(|| format!("{}:{seq}", self.cfg.stream));
         let content_type = header(m, "content-type").map(String::as_str);
         let ce = CloudEvent::recognise(|h| header(m, h).cloned(), content_type, body);
+        // By default `event_type` is the subject, the others the body's
+        // field of their own name (`trace_id`: after a W3C `traceparent`
+        // header).
+        let [event_type, aggregate_id, source, trace_id] = self.cfg.origins.read(
+            |o| attribute(o, m, body),
+            || trace::traceparent(header(m, trace::TRACEPARENT).map(String::as_str)),
+            |name| match name {
+                "event_type" => Some(m.subject.clone()),
+                _ => json_text(body?, name),
+            },
+        );
         let mut message = Message {
-            event_type: match &self.event_type {
-                Some(o) => attribute(o, m, body),
-                None => Some(m.subject.clone()),
-            },
-            aggregate_id: attribute(&self.aggregate_id, m, body),
-            source: attribute(&self.source, m, body),
-            trace_id: match &self.trace_id {
-                Some(o) => attribute(o, m, body),
-                None => trace::trace_id(header(m, trace::TRACEPARENT).map(String::as_str), || {
-                    json_text(body?, "trace_id")
-                }),
-            },
             event_id,
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload: decoded.text,
             error,
         };
         if let Some(ce) = ce {
-            let configured = [
-                self.event_type.is_some(),
-                self.source.is_configured("source"),
-                self.trace_id
-                    .as_ref()
-                    .is_some_and(|o| o.is_configured("trace_id")),
-            ];
+            let configured = self.cfg.origins.configured(&["source", "trace_id"]);
             ce.apply(&mut message, configured);
         }
         message

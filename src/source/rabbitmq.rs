@@ -75,7 +75,9 @@ use serde_json::{Map, Value};
 use crate::broker::amqp::{self, AmqpUrl};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, fnv1a, json_text, Body, CloudEvent, Origin, Problem};
+use crate::source::decode::{
+    dead_letter, fnv1a, json_text, Body, CloudEvent, Origin, Origins, Problem,
+};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -100,15 +102,15 @@ pub struct RabbitSourceConfig {
     exchange_type: Option<String>,
     #[serde(default)]
     binding_key: Option<String>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
+    /// `event_type`, `aggregate_id`, `source`, `trace_id`: taken out
+    /// before the rest is parsed ([`Origins::take`]).
+    #[serde(skip)]
+    origins: Origins,
 }
+
+/// Where the attributes come from by default, and what their keys hold.
+const FROM: &str = "`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field";
+const WHERE: &str = r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -154,35 +156,17 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Value("#"),
         "with `declare` and `exchange`: the binding key",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
-        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
-        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
-        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
-    ),
-    KeySpec::new(
-        "trace_id",
-        "origin",
-        Fallback::Text("`event_type`: the `type` property; `trace_id`: a valid W3C `traceparent` header (see \"Trace context\"), else `correlation-id`; `source`: `app-id`; each else the header and then the body field of the column's name. `aggregate_id`: the `aggregate_id` header, else the body field"),
-        r#"where each column comes from: `{"header": "name"}`, `{"field": "name"}` (a top-level field of the JSON body) or a fixed string. A header name that is an AMQP property (`type`, `correlation-id`, `app-id`, `user-id`, `message-id`, `reply-to`, `content-type`, `content-encoding`, `expiration`, `priority`, `timestamp`, `delivery-mode`, `cluster-id`) reads the property; any other name reads the message's headers table"#,
-    ),
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key("trace_id", FROM, WHERE),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
-    let cfg: RabbitSourceConfig = from_value("source", Value::Object(keys))?;
+pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
+    let mut cfg: RabbitSourceConfig = from_value("source", Value::Object(keys))?;
+    cfg.origins = origins;
     AmqpUrl::check("source.url", &cfg.url)?;
     if cfg.queue.is_empty() || cfg.queue.len() > 255 {
         return Err(ConfigError::new(
@@ -378,6 +362,17 @@ fn header(p: &AmqpProperties, name: &str) -> Option<String> {
     .filter(|v| !v.is_empty())
 }
 
+/// The AMQP property an attribute comes from by default (`aggregate_id`:
+/// none).
+fn default_property(name: &str) -> Option<&'static str> {
+    match name {
+        "event_type" => Some("type"),
+        "source" => Some("app-id"),
+        "trace_id" => Some("correlation-id"),
+        _ => None,
+    }
+}
+
 /// Where an attribute comes from: configured, or the default chain
 /// (`property`, then the header, then the body field of its own name).
 fn attribute(
@@ -496,30 +491,23 @@ impl RabbitSource {
         };
         let obj = body.object();
         let ce = CloudEvent::recognise(|h| header(p, h), p.content_type().as_deref(), obj);
+        // By default: a property, then the header, then the body field.
+        let [event_type, aggregate_id, source, trace_id] = self.cfg.origins.read(
+            |o| o.value(|h| header(p, h), obj),
+            || trace::traceparent(header(p, trace::TRACEPARENT).as_deref()),
+            |name| attribute(None, default_property(name), name, p, obj),
+        );
         let mut message = Message {
-            event_type: attribute(
-                self.cfg.event_type.as_ref(),
-                Some("type"),
-                "event_type",
-                p,
-                obj,
-            ),
-            aggregate_id: attribute(self.cfg.aggregate_id.as_ref(), None, "aggregate_id", p, obj),
-            source: attribute(self.cfg.source.as_ref(), Some("app-id"), "source", p, obj),
-            trace_id: match &self.cfg.trace_id {
-                Some(o) => attribute(Some(o), None, "trace_id", p, obj),
-                None => trace::trace_id(header(p, trace::TRACEPARENT).as_deref(), || {
-                    attribute(None, Some("correlation-id"), "trace_id", p, obj)
-                }),
-            },
             event_id,
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload: body.text,
             error,
         };
         if let Some(ce) = ce {
-            let c = &self.cfg;
-            let configured = [&c.event_type, &c.source, &c.trace_id].map(Option::is_some);
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, self.cfg.origins.configured(&[]));
         }
         message
     }

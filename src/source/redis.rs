@@ -27,7 +27,9 @@ use serde_json::{Map, Value as Json};
 use crate::broker::redis::{self as broker, TIMEOUT};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin};
+use crate::source::decode::{
+    dead_letter, json_text, Body, CloudEvent, Origin, Origins, ATTRIBUTES,
+};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -48,15 +50,19 @@ pub struct RedisSourceConfig {
     claim_idle_ms: Option<u64>,
     #[serde(default)]
     start: Option<String>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
 }
+
+/// The `redis` source as configured: its keys, and where its message
+/// attributes come from (taken out of the keys before they are parsed).
+#[derive(Debug, Clone)]
+struct RedisSourceSpec {
+    cfg: RedisSourceConfig,
+    origins: Origins,
+}
+
+/// Where an attribute comes from by default, and what its key holds.
+const FROM: &str = "the field of the same name";
+const WHERE: &str = r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -96,34 +102,19 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Value("earliest"),
         "where a group the relay creates starts: `earliest` (id 0, so a backlog added before the relay's first start is not lost) or `latest` (`$`, only new entries)",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("the field of the same name"),
-        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
-    ),
-    KeySpec::new(
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` field (see \"Trace context\"), else the field of the same name"),
-        r#"where each column comes from: `{"field": "name"}` (a field of the entry, else of the JSON payload; `{"header": "name"}` means the entry field only) or a fixed string"#,
+        "a valid W3C `traceparent` field (see \"Trace context\"), else the field of the same name",
+        WHERE,
     ),
 ];
 
 /// Parse the source's keys.
-pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+pub fn parse(mut keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError> {
+    let origins = Origins::take(&mut keys, "source")?;
     let cfg: RedisSourceConfig = from_value("source", Json::Object(keys))?;
     if cfg.url.is_empty() {
         return Err(ConfigError::new("source.url", "must not be empty"));
@@ -156,13 +147,14 @@ pub fn parse(keys: Map<String, Json>) -> Result<Box<dyn SourceSpec>, ConfigError
             ))
         }
     }
-    Ok(Box::new(cfg))
+    Ok(Box::new(RedisSourceSpec { cfg, origins }))
 }
 
-impl SourceSpec for RedisSourceConfig {
+impl SourceSpec for RedisSourceSpec {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let (client, shown) = broker::client(pipeline, "source", &self.url)?;
+        let (client, shown) = broker::client(pipeline, "source", &self.cfg.url)?;
         let consumer = self
+            .cfg
             .consumer
             .clone()
             .unwrap_or_else(|| format!("{}-{}", crate::hostname(), std::process::id()));
@@ -170,22 +162,20 @@ impl SourceSpec for RedisSourceConfig {
             client,
             conn: None,
             shown,
-            stream: self.stream.clone(),
+            stream: self.cfg.stream.clone(),
             group: self
+                .cfg
                 .group
                 .clone()
                 .unwrap_or_else(|| "pgtrickle-relay".into()),
             consumer,
-            claim_idle_ms: self.claim_idle_ms.unwrap_or(30_000),
-            start: if self.start.as_deref() == Some("latest") {
+            claim_idle_ms: self.cfg.claim_idle_ms.unwrap_or(30_000),
+            start: if self.cfg.start.as_deref() == Some("latest") {
                 "$"
             } else {
                 "0"
             },
-            event_type: Origin::or_field(&self.event_type, "event_type"),
-            aggregate_id: Origin::or_field(&self.aggregate_id, "aggregate_id"),
-            source: Origin::or_field(&self.source, "source"),
-            trace_id: self.trace_id.clone(),
+            origins: self.origins.clone(),
             history: Some("0".into()),
             claim_cursor: "0-0".into(),
             last_claim: None,
@@ -206,7 +196,7 @@ impl SourceSpec for RedisSourceConfig {
 
     /// Connect (with the password, if any) and PING.
     fn check(&self, _pipeline: &str) -> Result<(), ConfigError> {
-        broker::ping("source", &self.url)
+        broker::ping("source", &self.cfg.url)
     }
 }
 
@@ -220,11 +210,9 @@ struct RedisSource {
     consumer: String,
     claim_idle_ms: u64,
     start: &'static str,
-    event_type: Origin,
-    aggregate_id: Origin,
-    source: Origin,
-    /// `None`: the W3C `traceparent` field, else the `trace_id` field.
-    trace_id: Option<Origin>,
+    /// By default an attribute is the field of its own name (`trace_id`:
+    /// after a W3C `traceparent` field).
+    origins: Origins,
     /// While reading this consumer's own pending entries: the id after
     /// which to continue (None: they are all read, read new ones).
     history: Option<String>,
@@ -393,29 +381,22 @@ impl RedisSource {
             .unwrap_or_else(|| id.clone());
         let content_type = get("content-type").map(String::as_str);
         let ce = CloudEvent::recognise(|h| get(h).cloned(), content_type, obj);
+        let [event_type, aggregate_id, source, trace_id] = self.origins.read(
+            |o| self.attribute(o, fields, obj),
+            || trace::traceparent(get(trace::TRACEPARENT).map(String::as_str)),
+            |name| self.attribute(&Origin::or_field(&None, name), fields, obj),
+        );
         let mut message = Message {
-            event_type: self.attribute(&self.event_type, fields, obj),
-            source: self.attribute(&self.source, fields, obj),
-            aggregate_id: self.attribute(&self.aggregate_id, fields, obj),
-            trace_id: match &self.trace_id {
-                Some(o) => self.attribute(o, fields, obj),
-                None => trace::trace_id(get(trace::TRACEPARENT).map(String::as_str), || {
-                    self.attribute(&Origin::or_field(&None, "trace_id"), fields, obj)
-                }),
-            },
             event_id,
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload: body.text,
             error,
         };
         if let Some(ce) = ce {
-            let configured = [
-                self.event_type.is_configured("event_type"),
-                self.source.is_configured("source"),
-                self.trace_id
-                    .as_ref()
-                    .is_some_and(|o| o.is_configured("trace_id")),
-            ];
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, self.origins.configured(&ATTRIBUTES));
         }
         message
     }

@@ -43,7 +43,7 @@ use serde_json::{json, Map, Value};
 use crate::broker::sqs::{self, Client, ConnKeys, MAX_BATCH};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
-use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin};
+use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Origins};
 use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 
@@ -59,14 +59,6 @@ struct SqsSourceKeys {
     wait_time_seconds: Option<u64>,
     #[serde(default)]
     visibility_timeout: Option<u64>,
-    #[serde(default)]
-    event_type: Option<Origin>,
-    #[serde(default)]
-    aggregate_id: Option<Origin>,
-    #[serde(default)]
-    source: Option<Origin>,
-    #[serde(default)]
-    trace_id: Option<Origin>,
 }
 
 /// The `sqs` source's config.
@@ -74,7 +66,12 @@ struct SqsSourceKeys {
 pub struct SqsSourceConfig {
     conn: ConnKeys,
     keys: SqsSourceKeys,
+    origins: Origins,
 }
+
+/// Where an attribute comes from by default, and what its key holds.
+const FROM: &str = "the message attribute of the same name, else the body's field";
+const WHERE: &str = r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#;
 
 /// The source's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
@@ -142,35 +139,20 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Text("the queue's own (read with `GetQueueAttributes`; 30 if the credentials may not read it)"),
         "seconds a received message stays invisible to other consumers",
     ),
-    KeySpec::new(
-        "event_type",
-        "origin",
-        Fallback::Text("the message attribute of the same name, else the body's field"),
-        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
-    ),
-    KeySpec::new(
-        "aggregate_id",
-        "origin",
-        Fallback::Text("the message attribute of the same name, else the body's field"),
-        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
-    ),
-    KeySpec::new(
-        "source",
-        "origin",
-        Fallback::Text("the message attribute of the same name, else the body's field"),
-        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
-    ),
-    KeySpec::new(
+    Origin::key("event_type", FROM, WHERE),
+    Origin::key("aggregate_id", FROM, WHERE),
+    Origin::key("source", FROM, WHERE),
+    Origin::key(
         "trace_id",
-        "origin",
-        Fallback::Text("a valid W3C `traceparent` message attribute (see \"Trace context\"), else the message attribute of the same name, else the body's field"),
-        r#"where each column comes from: `{"header": "name"}` (a message attribute), `{"field": "name"}` (a field of the JSON body), or a fixed string"#,
+        "a valid W3C `traceparent` message attribute (see \"Trace context\"), else the message attribute of the same name, else the body's field",
+        WHERE,
     ),
 ];
 
 /// Parse the source's keys.
 pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, ConfigError> {
     let conn = ConnKeys::take(&mut keys, "source")?;
+    let origins = Origins::take(&mut keys, "source")?;
     let raw: SqsSourceKeys = from_value("source", Value::Object(keys))?;
     if raw.wait_time_seconds.is_some_and(|w| w > 20) {
         return Err(ConfigError::new(
@@ -187,7 +169,11 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, Config
             "must be between 1 and 43200 seconds (SQS's limits)",
         ));
     }
-    Ok(Box::new(SqsSourceConfig { conn, keys: raw }))
+    Ok(Box::new(SqsSourceConfig {
+        conn,
+        keys: raw,
+        origins,
+    }))
 }
 
 impl SourceSpec for SqsSourceConfig {
@@ -206,10 +192,7 @@ impl SourceSpec for SqsSourceConfig {
             wait: self.keys.wait_time_seconds.unwrap_or(DEFAULT_WAIT),
             visibility_timeout: self.keys.visibility_timeout,
             visibility: Duration::from_secs(visibility),
-            event_type: self.keys.event_type.clone(),
-            aggregate_id: self.keys.aggregate_id.clone(),
-            source: self.keys.source.clone(),
-            trace_id: self.keys.trace_id.clone(),
+            origins: self.origins.clone(),
             undeleted: Vec::new(),
             once,
         }))
@@ -267,10 +250,7 @@ struct SqsSource {
     visibility_timeout: Option<u64>,
     /// The visibility timeout in force.
     visibility: Duration,
-    event_type: Option<Origin>,
-    aggregate_id: Option<Origin>,
-    source: Option<Origin>,
-    trace_id: Option<Origin>,
+    origins: Origins,
     /// Written to the inbox, but their delete failed: deleted with the
     /// next batch.
     undeleted: Vec<Held>,
@@ -283,20 +263,6 @@ fn attribute(m: &Value, name: &str) -> Option<String> {
     m["MessageAttributes"][name]["StringValue"]
         .as_str()
         .map(str::to_string)
-}
-
-/// The value of `origin` for a message (`name`: the inbox column, for the
-/// default); `body` is the parsed JSON body when it is an object.
-fn pick(
-    origin: &Option<Origin>,
-    name: &str,
-    m: &Value,
-    body: Option<&Map<String, Value>>,
-) -> Option<String> {
-    match origin {
-        None => attribute(m, name).or_else(|| json_text(body?, name)),
-        Some(o) => o.value(|h| attribute(m, h), body),
-    }
 }
 
 impl SqsSource {
@@ -318,23 +284,24 @@ impl SqsSource {
             .unwrap_or_else(|| message_id.clone());
         let content_type = attribute(m, "content-type");
         let ce = CloudEvent::recognise(|h| attribute(m, h), content_type.as_deref(), obj);
+        // By default an attribute is the message attribute, else the
+        // body's field, of its own name.
+        let [event_type, aggregate_id, source, trace_id] = self.origins.read(
+            |o| o.value(|h| attribute(m, h), obj),
+            || trace::traceparent(attribute(m, trace::TRACEPARENT).as_deref()),
+            |name| attribute(m, name).or_else(|| json_text(obj?, name)),
+        );
         let mut message = Message {
-            event_type: pick(&self.event_type, "event_type", m, obj),
-            aggregate_id: pick(&self.aggregate_id, "aggregate_id", m, obj),
-            source: pick(&self.source, "source", m, obj),
-            trace_id: match &self.trace_id {
-                Some(_) => pick(&self.trace_id, "trace_id", m, obj),
-                None => trace::trace_id(attribute(m, trace::TRACEPARENT).as_deref(), || {
-                    pick(&None, "trace_id", m, obj)
-                }),
-            },
             event_id,
+            event_type,
+            aggregate_id,
+            source,
+            trace_id,
             payload: body.text,
             error,
         };
         if let Some(ce) = ce {
-            let configured = [&self.event_type, &self.source, &self.trace_id].map(Option::is_some);
-            ce.apply(&mut message, configured);
+            ce.apply(&mut message, self.origins.configured(&[]));
         }
         message
     }
@@ -541,16 +508,14 @@ mod tests {
                          "source": "shop"});
         let mut m = keys(cfg);
         let conn = ConnKeys::take(&mut m, "source").unwrap();
-        let k: SqsSourceKeys = from_value("source", Value::Object(m)).unwrap();
+        let origins = Origins::take(&mut m, "source").unwrap();
+        let _: SqsSourceKeys = from_value("source", Value::Object(m)).unwrap();
         let src = SqsSource {
             client: Client::open(&conn, "p", "source").unwrap(),
             wait: 0,
             visibility_timeout: None,
             visibility: Duration::from_secs(30),
-            event_type: k.event_type,
-            aggregate_id: k.aggregate_id,
-            source: k.source,
-            trace_id: k.trace_id,
+            origins,
             undeleted: Vec::new(),
             once: false,
         };
