@@ -150,7 +150,9 @@ fn killed_mid_stream_and_restarted_under_the_same_consumer() {
     let pg = Pg::shared();
     let url = pg.new_db("rev_redis_kill");
     let r = Redis::start();
-    let entries: Vec<_> = (0..3000)
+    // 10,000 entries: enough that the first relay is still at work when
+    // it is killed, on a loaded machine too.
+    let entries: Vec<_> = (0..10_000)
         .map(|i| {
             let payload = json!({"n": i}).to_string();
             fields(&[("payload", &payload), ("dedup_key", &format!("e{i}"))])
@@ -162,13 +164,15 @@ fn killed_mid_stream_and_restarted_under_the_same_consumer() {
         json!({"type": "redis", "url": r.url(), "stream": STREAM, "consumer": "same",
                "batch_size": 20}),
     );
-    kill_relay_mid_inbox(&url, 3000, 30);
+    kill_relay_mid_inbox(&url, 10_000, 30);
     let second = Relay::spawn(&mut relay(&url));
     // Well within claim_idle_ms (30 s): the restarted consumer reads its
     // own unacknowledged entries again itself.
-    wait_until(20, "all entries in the inbox", || inbox_count(&url) == 3000);
-    wait_until(20, "every entry acked", || pending(&r, None) == 0);
-    assert_eq!(inbox_ids(&url).len(), 3000);
+    wait_until(60, "all entries in the inbox", || {
+        inbox_count(&url) == 10_000
+    });
+    wait_until(60, "every entry acked", || pending(&r, None) == 0);
+    assert_eq!(inbox_ids(&url).len(), 10_000);
     drop(second);
 }
 
