@@ -99,7 +99,10 @@ impl OutboxInfo {
             "NULL::jsonb"
         };
         // The inner query only counts events; payloads are converted to
-        // text (and detoasted) in the outer query, for the rows kept.
+        // text (and detoasted) in the outer query, for the rows kept. The
+        // outer order is the inner one by name, so PostgreSQL keeps it
+        // without sorting the rows again (they carry their payload text).
+        let outer = if self.has_txid { "b.txid, b.id" } else { "b.id" };
         format!(
             "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text, \
                     {CREATED_AT} \
@@ -112,7 +115,7 @@ impl OutboxInfo {
                                  ELSE greatest(coalesce(o.inserted_count, 0) \
                                              + coalesce(o.deleted_count, 0), 1) END AS events) n \
                WHERE {filter}{range} ORDER BY {order} LIMIT $3) b \
-             WHERE before < $3 ORDER BY before"
+             WHERE before < $3 ORDER BY {outer}"
         )
     }
 
