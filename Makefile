@@ -56,12 +56,20 @@ bench: deps
 
 ## A fully static binary for STATIC_ARCH (default x86_64): musl (with OpenSSL
 ## built from source) when that target is installed, else glibc with crt-static.
+## STATIC_CFLAGS: C code built by build scripts (librdkafka's own build adds
+## its -O2) goes in one section per function, so the linker's --gc-sections
+## drops what nothing calls. STATIC_GNU_LINK: the static-pie's relative
+## relocations packed as DT_RELR (glibc >= 2.36, binutils >= 2.38) instead of
+## 24 bytes each. Sizes: docs/benchmarks.md, "Footprint".
+STATIC_CFLAGS   ?= -ffunction-sections -fdata-sections
+STATIC_GNU_LINK ?= -C link-arg=-Wl,-z,pack-relative-relocs
 static:
 	@if rustup target list --installed 2>/dev/null | grep -qx '$(STATIC_TARGET_MUSL)'; then \
-	  $(CARGO) build --release --target $(STATIC_TARGET_MUSL) --features vendored-openssl && \
+	  CFLAGS="$(STATIC_CFLAGS)" \
+	    $(CARGO) build --release --target $(STATIC_TARGET_MUSL) --features vendored-openssl && \
 	  cp target/$(STATIC_TARGET_MUSL)/release/pgtrickle-relay target/pgtrickle-relay-static; \
 	else \
-	  RUSTFLAGS="-C target-feature=+crt-static" OPENSSL_STATIC=1 \
+	  RUSTFLAGS="-C target-feature=+crt-static $(STATIC_GNU_LINK)" OPENSSL_STATIC=1 CFLAGS="$(STATIC_CFLAGS)" \
 	    $(CARGO) build --release --target $(STATIC_TARGET_GNU) && \
 	  cp target/$(STATIC_TARGET_GNU)/release/pgtrickle-relay target/pgtrickle-relay-static; \
 	fi
