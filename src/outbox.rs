@@ -102,7 +102,11 @@ impl OutboxInfo {
         // text (and detoasted) in the outer query, for the rows kept. The
         // outer order is the inner one by name, so PostgreSQL keeps it
         // without sorting the rows again (they carry their payload text).
-        let outer = if self.has_txid { "b.txid, b.id" } else { "b.id" };
+        let outer = if self.has_txid {
+            "b.txid, b.id"
+        } else {
+            "b.id"
+        };
         format!(
             "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text, \
                     {CREATED_AT} \
