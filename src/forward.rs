@@ -468,6 +468,17 @@ impl Commits {
         self.until_due(now).map_or(wait, |d| d.min(wait))
     }
 
+    /// After a failed publish: the position delivered before it, once the
+    /// sink made that durable (the events still waiting are not published
+    /// again here); None when nothing was delivered since the last commit.
+    fn take_acked(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
+        if self.pending.is_none() {
+            return Ok(None);
+        }
+        out.sink.flush()?;
+        Ok(self.pending.take())
+    }
+
     /// The position to commit, once everything delivered up to it is
     /// durable (`out` flushed); None when nothing was delivered since the
     /// last commit.
@@ -703,7 +714,15 @@ impl<'a> OffsetLoop<'a> {
                 &mut last,
             );
             if let Some(last) = last {
-                self.commits.delivered(&mut self.out, last.clone())?;
+                if let Err(e) = self.commits.delivered(&mut self.out, last.clone()) {
+                    // What the sink acknowledged before stays delivered:
+                    // commit it, so the next session does not send it again.
+                    let acked = self.commits.take_acked(&mut self.out);
+                    if let Err(c) = acked.and_then(|p| self.commit_position(p)) {
+                        log::debug!("committing what was delivered before the error: {c}");
+                    }
+                    return Err(e);
+                }
                 self.waker.working(self.client)?;
                 self.pos = last;
                 self.held.clear(&self.ctx.name);
@@ -751,7 +770,13 @@ impl<'a> OffsetLoop<'a> {
     /// catalog no longer has this pipeline as it runs (deleted or changed
     /// meanwhile): nothing was committed.
     fn commit(&mut self) -> Result<bool, Error> {
-        let Some(p) = self.commits.take(&mut self.out)? else {
+        let p = self.commits.take(&mut self.out)?;
+        self.commit_position(p)
+    }
+
+    /// Commit `p` (None: nothing to commit), as [`OffsetLoop::commit`] does.
+    fn commit_position(&mut self, p: Option<Position>) -> Result<bool, Error> {
+        let Some(p) = p else {
             return Ok(true);
         };
         self.commits.committed(Instant::now());
@@ -1360,6 +1385,27 @@ mod tests {
         assert_eq!(commits.take(&mut out).unwrap(), Some(position(1)));
         assert_eq!(sink.0.borrow().flushed, 2);
         assert_eq!(commits.take(&mut out).unwrap(), None);
+    }
+
+    #[test]
+    fn after_a_failed_publish_what_was_acknowledged_before_is_still_committed() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut commits = Commits::new(Instant::now());
+        decode(&mut out, &[row(1, 2)]).unwrap();
+        commits.delivered(&mut out, position(1)).unwrap();
+        // The next rows fail to publish: row 1 is still the position to
+        // commit, made durable, without sending rows 2 and 3 again.
+        decode(&mut out, &[row(2, 1), row(3, 1)]).unwrap();
+        sink.0.borrow_mut().fail_publishes = 2;
+        assert!(commits.delivered(&mut out, position(3)).is_err());
+        let calls = sink.0.borrow().calls.len();
+        assert_eq!(commits.take_acked(&mut out).unwrap(), Some(position(1)));
+        assert_eq!(sink.0.borrow().calls.len(), calls);
+        // The two events of row 1 are durable.
+        assert_eq!(sink.0.borrow().flushed, 2);
+        assert_eq!(commits.take_acked(&mut out).unwrap(), None);
     }
 
     #[test]
