@@ -120,26 +120,10 @@ pub struct Plugin<P> {
 impl<P> Plugin<P> {
     /// A registry row.
     pub const fn new(name: &'static str, parse: P, keys: &'static [KeySpec]) -> Plugin<P> {
-        Plugin {
-            name,
-            parse,
-            keys,
-            also: &[],
-        }
+        Plugin::sharing(name, parse, keys, &[])
     }
 
     /// A registry row taking the shared keys `also` too.
-    #[cfg_attr(
-        not(any(
-            feature = "kafka",
-            feature = "nats",
-            feature = "rabbitmq",
-            feature = "sqs",
-            feature = "redis",
-            feature = "http"
-        )),
-        allow(dead_code)
-    )]
     pub const fn sharing(
         name: &'static str,
         parse: P,

@@ -61,6 +61,17 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The connection came up or went down: wake every waiter (a
+    /// notification may have been missed meanwhile).
+    fn set_up(&self, up: bool) {
+        {
+            let mut s = self.lock();
+            s.up = up;
+            s.epoch += 1;
+        }
+        self.changed.notify_all();
+    }
 }
 
 /// The notifications of one database, as the pipelines reading it see
@@ -185,12 +196,7 @@ fn receive(url: &str, mut client: Client, weak: &Weak<Shared>) {
             let Some(shared) = weak.upgrade() else {
                 return;
             };
-            {
-                let mut s = shared.lock();
-                s.up = false;
-                s.epoch += 1;
-            }
-            shared.changed.notify_all();
+            shared.set_up(false);
             drop(shared);
             std::thread::sleep(pause);
             pause = (pause * 2).min(RECONNECT.1);
@@ -206,12 +212,7 @@ fn receive(url: &str, mut client: Client, weak: &Weak<Shared>) {
         let Some(shared) = weak.upgrade() else {
             return;
         };
-        {
-            let mut s = shared.lock();
-            s.up = true;
-            s.epoch += 1;
-        }
-        shared.changed.notify_all();
+        shared.set_up(true);
         log::info!("listening for outbox notifications again");
     }
 }

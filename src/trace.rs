@@ -5,14 +5,9 @@
 //! sink as native headers under exactly these names, and read back by every
 //! source into the inbox `trace_id` (the whole `traceparent` value).
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value};
-
-/// The header (attribute, field) carrying the W3C trace parent.
-pub const TRACEPARENT: &str = "traceparent";
-/// The header (attribute, field) carrying the W3C vendor trace state.
-#[cfg_attr(
+// The native headers are sent by the sinks that have headers; a build
+// without any of them leaves them unused.
+#![cfg_attr(
     not(any(
         feature = "kafka",
         feature = "nats",
@@ -23,6 +18,14 @@ pub const TRACEPARENT: &str = "traceparent";
     )),
     allow(dead_code)
 )]
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// The header (attribute, field) carrying the W3C trace parent.
+pub const TRACEPARENT: &str = "traceparent";
+/// The header (attribute, field) carrying the W3C vendor trace state.
 pub const TRACESTATE: &str = "tracestate";
 /// The longest `tracestate` passed on, in bytes (what the W3C
 /// recommendation asks every vendor to pass on at least); a longer one is
@@ -122,17 +125,6 @@ impl Context {
 
     /// The native headers to send: `traceparent`, then `tracestate` when
     /// there is one, as (name, value) pairs.
-    #[cfg_attr(
-        not(any(
-            feature = "kafka",
-            feature = "nats",
-            feature = "rabbitmq",
-            feature = "sqs",
-            feature = "redis",
-            feature = "http"
-        )),
-        allow(dead_code)
-    )]
     pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         std::iter::once((TRACEPARENT, self.traceparent.as_str()))
             .chain(self.tracestate.as_deref().map(|s| (TRACESTATE, s)))

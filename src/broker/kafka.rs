@@ -22,9 +22,17 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, Producer};
 use serde::Deserialize;
 
-use crate::keys::ConfigError;
+use crate::keys::{ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
+
+/// The `brokers` key both directions take.
+pub const BROKERS_KEY: KeySpec = KeySpec::new(
+    "brokers",
+    "string or list of strings",
+    Fallback::Required,
+    r#"`"host:9092,host2:9092"` or a list of `"host:port"`; `${ENV:NAME}` is replaced"#,
+);
 
 /// The `brokers` key: one comma-separated string or a list.
 #[derive(Debug, Clone, Deserialize)]

@@ -13,9 +13,17 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::keys::ConfigError;
+use crate::keys::{ConfigError, Fallback, KeySpec};
 use crate::pg::{expand_env, mask};
 use crate::retry::Error;
+
+/// The `credentials` key both directions take.
+pub const CREDENTIALS_KEY: KeySpec = KeySpec::new(
+    "credentials",
+    "string",
+    Fallback::Unset,
+    "a NATS `.creds` file (JWT and NKey); `${ENV:NAME}` is replaced",
+);
 
 /// JetStream API requests.
 const API_TIMEOUT: Duration = Duration::from_secs(5);

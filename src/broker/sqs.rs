@@ -37,9 +37,17 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::broker::aws_credentials::{describe, CredentialError, Provider};
-use crate::keys::{from_value, ConfigError};
+use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::pg::expand_env;
 use crate::retry::Error;
+
+/// The `timeout_ms` key both directions take.
+pub const TIMEOUT_KEY: KeySpec = KeySpec::new(
+    "timeout_ms",
+    "integer",
+    Fallback::Value("30000"),
+    "the time limit of a request",
+);
 
 /// Entries per batch action (`SendMessageBatch`, `DeleteMessageBatch`, ...).
 pub const MAX_BATCH: usize = 10;

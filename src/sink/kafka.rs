@@ -125,12 +125,7 @@ fn valid_topic(t: &str) -> bool {
 
 /// The sink's keys: what README.md and the man page list (see `keydocs`).
 pub const KEYS: &[KeySpec] = &[
-    KeySpec::new(
-        "brokers",
-        "string or list of strings",
-        Fallback::Required,
-        r#"`"host:9092,host2:9092"` or a list of `"host:port"`; `${ENV:NAME}` is replaced"#,
-    ),
+    crate::broker::kafka::BROKERS_KEY,
     KeySpec::new(
         "topic",
         "template",

@@ -109,12 +109,7 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Required,
         "the JetStream stream that captures the subjects. If it does not exist, the pipeline stops with an error that says so, unless `create_stream` is set",
     ),
-    KeySpec::new(
-        "credentials",
-        "string",
-        Fallback::Unset,
-        "a NATS `.creds` file (JWT and NKey); `${ENV:NAME}` is replaced",
-    ),
+    crate::broker::nats::CREDENTIALS_KEY,
     KeySpec::new(
         "create_stream",
         "boolean",

@@ -150,12 +150,7 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Unset,
         "for temporary credentials given in `access_key_id`/`secret_access_key`",
     ),
-    KeySpec::new(
-        "timeout_ms",
-        "integer",
-        Fallback::Value("30000"),
-        "the time limit of a request",
-    ),
+    sqs::TIMEOUT_KEY,
     KeySpec::new(
         "message_group_id",
         "template",

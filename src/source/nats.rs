@@ -124,12 +124,7 @@ pub const KEYS: &[KeySpec] = &[
         Fallback::Text("the whole stream"),
         "the consumer's subject filter (`orders.>`), for a consumer the relay creates; an existing consumer must filter on the same subject",
     ),
-    KeySpec::new(
-        "credentials",
-        "string",
-        Fallback::Unset,
-        "a NATS `.creds` file (JWT and NKey); `${ENV:NAME}` is replaced",
-    ),
+    crate::broker::nats::CREDENTIALS_KEY,
     KeySpec::new(
         "start",
         "string",

@@ -121,12 +121,7 @@ pub const KEYS: &[KeySpec] = &[
         ),
         "as for the `sqs` sink",
     ),
-    KeySpec::new(
-        "timeout_ms",
-        "integer",
-        Fallback::Value("30000"),
-        "the time limit of a request",
-    ),
+    sqs::TIMEOUT_KEY,
     KeySpec::new(
         "wait_time_seconds",
         "integer",
