@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Statement, Transaction};
 use prometheus::Histogram;
@@ -48,8 +49,6 @@ use crate::wake::Waker;
 /// committed: while a backlog is worked off and while single events arrive
 /// (at once when stopping). A commit per wake-up would hold up the next read.
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
-/// Rows fetched per round trip from a cursor.
-const FETCH_ROWS: i32 = 1000;
 /// Rows held back by the horizon: the shortest and the longest wait before
 /// looking again (in between, a quarter of the time they have been held).
 const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(200));
@@ -588,11 +587,23 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    /// Hand one outbox row to `out`.
+    /// Hand one outbox row to `out`, streaming the delta rows of a
+    /// claim-check row in `tx`.
     fn row(&self, tx: &mut Transaction, out: &mut Delivery, row: &Row) -> Result<(), Error> {
-        let Some(cc) = out.row(&self.decoder, row)? else {
-            return Ok(());
-        };
+        match out.row(&self.decoder, row)? {
+            Some(cc) => self.claim_check(tx, out, row, &cc),
+            None => Ok(()),
+        }
+    }
+
+    /// Stream the delta rows of claim-check `row` to `out`, in chunks.
+    fn claim_check(
+        &self,
+        tx: &mut Transaction,
+        out: &mut Delivery,
+        row: &Row,
+        cc: &ClaimCheck,
+    ) -> Result<(), Error> {
         let stmt = self.delta.as_ref().ok_or_else(|| {
             Error::permanent(format!(
                 "outbox {} id {}: claim-check row but no delta-rows table",
@@ -607,7 +618,7 @@ impl Reader<'_> {
                 break;
             }
             for d in &rows {
-                out.push(self.decoder.delta_event(row, &cc, d)?);
+                out.push(self.decoder.delta_event(row, cc, d)?);
             }
             out.publish()?;
         }
@@ -616,8 +627,12 @@ impl Reader<'_> {
     }
 
     /// Read and hand to `out` the rows of `read` (the read query, or the
-    /// range query) with `params` in one read-only transaction; `last` is
-    /// the position of the last row fully handed over.
+    /// range query) with `params`; `last` is the position of the last row
+    /// fully handed over. The rows stream in as PostgreSQL produces them,
+    /// so the server computes the next rows while these are decoded and
+    /// published. A claim-check row ends the read: its delta rows are read
+    /// in a transaction of their own (the rows after it come again with
+    /// the next read).
     fn batch(
         &self,
         client: &mut Client,
@@ -626,22 +641,27 @@ impl Reader<'_> {
         out: &mut Delivery,
         last: &mut Option<Position>,
     ) -> Result<u64, Error> {
-        let mut tx = client.transaction()?;
-        let portal = tx.bind(read, params)?;
         let mut n = 0;
-        loop {
-            let rows = tx.query_portal(&portal, FETCH_ROWS)?;
-            if rows.is_empty() {
+        let mut claim_check = None;
+        let mut rows = client.query_raw(read, params.iter().map(|p| *p as &dyn ToSql))?;
+        while let Some(r) = rows.next()? {
+            let row = Row::from_pg(&r);
+            if let Some(cc) = out.row(&self.decoder, &row)? {
+                claim_check = Some((row, cc));
                 break;
             }
-            for r in &rows {
-                let row = Row::from_pg(r);
-                self.row(&mut tx, out, &row)?;
-                *last = Some(row.position());
-                n += 1;
-            }
+            *last = Some(row.position());
+            n += 1;
         }
-        tx.commit()?;
+        // Whatever of the read is left is skipped by the connection.
+        drop(rows);
+        if let Some((row, cc)) = claim_check {
+            let mut tx = client.transaction()?;
+            self.claim_check(&mut tx, out, &row, &cc)?;
+            tx.commit()?;
+            *last = Some(row.position());
+            n += 1;
+        }
         Ok(n)
     }
 }
@@ -954,11 +974,10 @@ impl<'a> GroupLoop<'a> {
         } else {
             "NULL::text, refresh_id::text, is_claim_check, payload::text, NULL::text"
         };
-        let created_at = crate::outbox::CREATED_AT;
         // poll_outbox returns rows in horizon order; fetch the full rows (with
         // headers) in that same order.
         let fetch = client.prepare(&format!(
-            "SELECT o.id, {extra_cols}, {created_at} FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
+            "SELECT o.id, {extra_cols}, o.created_at FROM unnest($1::bigint[]) WITH ORDINALITY AS b(id, n) \
              JOIN pgtrickle.{} o ON o.id = b.id ORDER BY b.n",
             crate::outbox::quote_ident(&info.table)
         ))?;

@@ -109,7 +109,7 @@ impl OutboxInfo {
         };
         format!(
             "SELECT id, txid::text, refresh_id::text, is_claim_check, payload::text, headers::text, \
-                    {CREATED_AT} \
+                    created_at \
              FROM ( \
                SELECT o.id, {txid} AS txid, o.refresh_id, o.is_claim_check, o.payload, \
                       {headers} AS headers, o.created_at, \
@@ -279,15 +279,19 @@ pub struct Row {
     pub payload: String,
     /// `headers` as JSON text.
     pub headers: Option<String>,
-    /// `created_at` as an RFC 3339 UTC timestamp (see [`CREATED_AT`]),
-    /// when the query read it.
+    /// `created_at` as an RFC 3339 UTC timestamp with microseconds (the
+    /// CloudEvents `time`), when the query read it (column 6).
     pub created_at: Option<std::sync::Arc<str>>,
 }
 
-/// The select-list expression of an outbox row's `created_at` as RFC 3339
-/// text in UTC (the CloudEvents `time`), read as column 6 of a row.
-pub const CREATED_AT: &str =
-    "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+/// `t` as RFC 3339 in UTC with microseconds, as the CloudEvents `time`;
+/// None outside the years 1970 to 9999, which RFC 3339 (and humantime)
+/// cannot write.
+fn rfc3339(t: std::time::SystemTime) -> Option<std::sync::Arc<str>> {
+    let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    (since.as_secs() < 253_402_300_800)
+        .then(|| humantime::format_rfc3339_micros(t).to_string().into())
+}
 
 impl Row {
     /// From a row of [`OutboxInfo::read_sql`].
@@ -301,11 +305,13 @@ impl Row {
                 .get::<_, Option<String>>(4)
                 .unwrap_or_else(|| "null".into()),
             headers: r.get(5),
+            // Read as a timestamp and formatted here: to_char on the server
+            // cost about a fifth of the read query.
             created_at: r
-                .try_get::<_, Option<String>>(6)
+                .try_get::<_, Option<std::time::SystemTime>>(6)
                 .ok()
                 .flatten()
-                .map(Into::into),
+                .and_then(rfc3339),
         }
     }
 
@@ -515,6 +521,18 @@ mod tests {
             headers: Some(r#"{"h":1}"#.into()),
             created_at: None,
         }
+    }
+
+    #[test]
+    fn created_at_is_rfc3339_utc_with_microseconds_within_what_rfc3339_can_write() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let t = UNIX_EPOCH + Duration::from_micros(1_764_683_526_000_456);
+        assert_eq!(rfc3339(t).as_deref(), Some("2025-12-02T13:52:06.000456Z"));
+        assert_eq!(rfc3339(UNIX_EPOCH - Duration::from_secs(1)), None);
+        assert_eq!(
+            rfc3339(UNIX_EPOCH + Duration::from_secs(253_402_300_800)),
+            None
+        );
     }
 
     #[test]

@@ -109,7 +109,9 @@ fn claim_check_and_full_refresh_deltas_are_decoded() {
          SET pgtrickle.outbox_inline_threshold = 100;
          SELECT pgtrickle.outbox_publish_delta('orders',
             (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(10, 259) g),
-            (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(3, 5) g));",
+            (SELECT jsonb_agg(jsonb_build_object('n', g)) FROM generate_series(3, 5) g));
+         RESET pgtrickle.outbox_inline_threshold;
+         SELECT pgtrickle.outbox_publish_delta('orders', '[{\"n\":300}]');",
     )
     .unwrap();
     let claim: bool = c
@@ -129,8 +131,14 @@ fn claim_check_and_full_refresh_deltas_are_decoded() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines = read_jsonl(&file);
-    assert_eq!(lines.len(), 3 + 253);
+    let mut lines = read_jsonl(&file);
+    assert_eq!(lines.len(), 3 + 253 + 1);
+    // The row after the claim-check, in the same read, comes once, after it.
+    let after = lines.pop().unwrap();
+    assert_eq!(
+        (&after["outbox_id"], &after["payload"]["n"]),
+        (&3.into(), &300.into())
+    );
     // Inline: deletes first, the full refresh flag on every event.
     assert_eq!(lines[0]["op"], "delete");
     assert_eq!(lines[0]["payload"]["n"], 0);
