@@ -352,7 +352,7 @@ const CSV_HEADER: [&str; 8] = [
 /// `raw` JSON text without raw line breaks: outside strings (the only
 /// place valid JSON has them) they are whitespace, and become spaces.
 fn one_line(raw: &str) -> Cow<'_, str> {
-    if raw.contains(['\n', '\r']) {
+    if memchr::memchr2(b'\n', b'\r', raw.as_bytes()).is_some() {
         Cow::Owned(raw.replace(['\n', '\r'], " "))
     } else {
         Cow::Borrowed(raw)
