@@ -1,12 +1,18 @@
 //! The forward loop: outbox → sink.
 //!
-//! Read a batch after the committed position, decode it into events,
-//! publish them and wait for the sink's acknowledgement, make them durable,
-//! and only then commit the position. Claim-check deltas are streamed from
-//! a server-side cursor in bounded chunks. When nothing is left the loop
-//! blocks on `pgtrickle_outbox_new` until its outbox is notified or the poll
-//! interval passes ([`crate::wake`]: kit outboxes notify only while a relay
-//! is asleep on them; one made without NOTIFY is polled every 100 ms).
+//! Read a batch after the committed position and decode it into events;
+//! a publisher thread of the pipeline's own ([`Delivery::spawn`]) publishes
+//! them and waits for the sink's acknowledgement while the reader reads and
+//! decodes the next batch (at most [`QUEUED`] more wait between them). The
+//! position is committed only once every event up to it was acknowledged
+//! and made durable: a commit first waits for every batch handed over. A
+//! failed batch stops the publisher (later ones are dropped); what was
+//! acknowledged before it is still committed. Claim-check deltas are
+//! streamed from a server-side cursor in bounded chunks. When nothing is
+//! left the loop blocks on `pgtrickle_outbox_new` until its outbox is
+//! notified or the poll interval passes ([`crate::wake`]: kit outboxes
+//! notify only while a relay is asleep on them; one made without NOTIFY is
+//! polled every 100 ms).
 //!
 //! Two ways to keep the position: by default the pipeline owns its offset
 //! in `relay_consumer_offsets` and one relay instance runs it (advisory
@@ -14,19 +20,25 @@
 //! with `create_consumer_group`, every instance runs it and the group hands
 //! out leased batches (`poll_outbox`/`commit_offset`) instead
 //! ([`GroupLoop`]); a thread of the pipeline's own keeps the lease of the
-//! batch out alive ([`LeaseKeeper`]).
+//! batch out alive ([`LeaseKeeper`]). Consumer groups publish on the
+//! pipeline thread, one leased batch at a time, with the same
+//! [`Publisher`].
 //!
 //! [`replay`] (`pgtrickle-relay replay`) re-publishes a range of the outbox
-//! with the same reading and publishing code, moving no position.
+//! with the same reading and publishing code (publishing on the reading
+//! thread), moving no position.
 //!
 //! The rules are in plain structs that unit tests drive without a server:
-//! [`Delivery`] (rows into events, publishing, dead letters), [`Commits`]
+//! [`Delivery`] (rows into events, handed to the publisher), [`Publisher`]
+//! (publishing, dead letters, what was acknowledged), [`Commits`]
 //! (how far and when the offset moves) and [`Held`] (rows held back by the
 //! commit horizon). The SQL stays at the edges: the two loops, [`Reader`]
 //! and [`write_dead_letters`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
+use std::thread::Scope;
 use std::time::{Duration, Instant, SystemTime};
 
 use fallible_iterator::FallibleIterator;
@@ -69,7 +81,6 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
         Position::check(&mut client, ctx, &info.table)?;
     }
     let listener = listen::shared(&ctx.postgres_url)?;
-    let mut sink = cfg.sink.open(&ctx.name)?;
     let reader = Reader {
         decoder: Decoder {
             info: &info,
@@ -81,19 +92,24 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
             None => None,
         },
     };
-    let out = Delivery::new(sink.as_mut(), cfg.batch_size, &ctx.name).routing(&cfg.subject);
-    health::started(&ctx.name, ctx.direction.as_str());
     match group {
         Some(g) => {
+            let mut sink = cfg.sink.open(&ctx.name)?;
+            let publisher = Publisher::new(sink.as_mut(), &ctx.name).routing(&cfg.subject);
+            health::started(&ctx.name, ctx.direction.as_str());
             log::info!(
                 "forwarding outbox {} in consumer group {g:?} as consumer {:?}",
                 info.table,
                 ctx.worker_id
             );
-            let mut group_loop = GroupLoop::new(ctx, cfg, &g, &mut client, reader, out, listener)?;
+            let mut group_loop =
+                GroupLoop::new(ctx, cfg, &g, &mut client, reader, publisher, listener)?;
             group_loop.run()
         }
-        None => {
+        None => std::thread::scope(|s| {
+            let open = || cfg.sink.open(&ctx.name);
+            let out = Delivery::spawn(s, open, &ctx.name, &cfg.subject, cfg.batch_size)?;
+            health::started(&ctx.name, ctx.direction.as_str());
             // Said on every session: a misspelt group name shows here.
             let group_note = match &cfg.group {
                 Some(g) => format!(
@@ -113,7 +129,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
             );
             let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out, listener)?;
             offset_loop.run()
-        }
+        }),
     }
 }
 
@@ -164,52 +180,95 @@ struct Lease {
     lost: Arc<AtomicBool>,
     /// The current slice size.
     slice: usize,
+    /// The largest slice: the batch size.
+    max: usize,
 }
 
-/// Decoded events on their way to the sink, and what their delivery owes
-/// the next commit: the dead letters to write and the claim-checks to
-/// report.
-struct Delivery<'a> {
-    sink: &'a mut dyn Sink,
-    /// Events decoded and not yet published.
-    events: Vec<Event>,
-    /// Publish once this many events are waiting.
-    batch_size: usize,
-    /// The pipeline, for metrics and the log.
-    pipeline: &'a str,
-    /// Events the sink rejected for good, written with the next commit.
-    dead: Vec<DeadLetter>,
-    /// Claim-check rows fully published, to report once committed.
+/// What the sink acknowledged and made durable: the position it completes,
+/// and what its delivery owes the commit that moves past it.
+#[derive(Default)]
+struct Acked {
+    /// The last row whose events, and every event before them, the sink
+    /// acknowledged.
+    position: Option<Position>,
+    /// Claim-check rows published whole, to report once committed.
     claim_checks: Vec<i64>,
-    /// Consumer-group mode: the lease of the batch out.
-    lease: Option<Lease>,
+    /// Events the sink rejected for good, written with the commit.
+    dead: Vec<DeadLetter>,
     /// Events the sink took (acknowledged, not rejected), for replay's report.
     sent: u64,
+}
+
+impl Acked {
+    /// Add `later`, acknowledged after these.
+    fn merge(&mut self, later: Acked) {
+        if later.position.is_some() {
+            self.position = later.position;
+        }
+        self.claim_checks.extend(later.claim_checks);
+        self.dead.extend(later.dead);
+        self.sent += later.sent;
+    }
+}
+
+/// A batch handed to the publisher: its events, and what they complete once
+/// the sink acknowledged them.
+struct Handed {
+    /// Its events, in order.
+    events: Vec<Event>,
+    /// The last row all of whose events are in this batch or an earlier
+    /// one (None: a claim-check delta chunk that completes no row).
+    done: Option<Position>,
+    /// Claim-check rows whose last events are in this batch.
+    claim_checks: Vec<i64>,
+}
+
+/// The publishing side: it owns the sink, publishes the batches handed to
+/// it in order, and after a failed one publishes nothing more.
+struct Publisher<'a> {
+    /// The sink, opened on the publisher's thread.
+    sink: &'a mut dyn Sink,
+    /// The pipeline, for metrics and the log.
+    pipeline: &'a str,
     /// The pipeline's subject template, when it routes by content (an
     /// event it cannot route is a dead letter).
     subject: Option<&'a Template>,
+    /// Consumer-group mode: the lease of the batch out.
+    lease: Option<Lease>,
+    /// Acknowledged since the last [`Publisher::settle`].
+    acked: Acked,
+    /// The failure that stopped publishing.
+    failed: Option<Error>,
 }
 
-impl<'a> Delivery<'a> {
-    fn new(sink: &'a mut dyn Sink, batch_size: usize, pipeline: &'a str) -> Delivery<'a> {
-        Delivery {
+impl<'a> Publisher<'a> {
+    /// Publishing to `sink` for `pipeline`.
+    fn new(sink: &'a mut dyn Sink, pipeline: &'a str) -> Publisher<'a> {
+        Publisher {
             sink,
-            events: Vec::with_capacity(batch_size.min(100_000)),
-            batch_size,
             pipeline,
-            dead: Vec::new(),
-            claim_checks: Vec::new(),
-            lease: None,
-            sent: 0,
             subject: None,
+            lease: None,
+            acked: Acked::default(),
+            failed: None,
         }
     }
 
     /// Events the `subject` template cannot route (it reads a field they
     /// lack) become dead letters instead of being published.
-    fn routing(mut self, subject: &'a Template) -> Delivery<'a> {
+    fn routing(mut self, subject: &'a Template) -> Publisher<'a> {
         self.subject = Some(subject).filter(|t| t.has_fields());
         self
+    }
+
+    /// Publish batches of up to `batch_size` events in slices, and stop
+    /// publishing once `lost` is set.
+    fn lease(&mut self, lost: Arc<AtomicBool>, batch_size: usize) {
+        self.lease = Some(Lease {
+            lost,
+            slice: batch_size.min(64),
+            max: batch_size,
+        });
     }
 
     /// Why no template can route `e` (the subject's or the sink's own).
@@ -219,18 +278,264 @@ impl<'a> Delivery<'a> {
             .or_else(|| self.sink.unroutable(e))
     }
 
-    /// Publish in slices, and stop publishing once `lost` is set.
-    fn lease(&mut self, lost: Arc<AtomicBool>) {
-        self.lease = Some(Lease {
-            lost,
-            slice: self.batch_size.min(64),
+    /// Publish batch `h` (unless an earlier one failed) and return its
+    /// emptied Vec. Its dead letters count only once it all went out.
+    fn take(&mut self, mut h: Handed) -> Vec<Event> {
+        if self.failed.is_none() {
+            let dead = self.acked.dead.len();
+            match self.publish(&h.events) {
+                Ok(()) => {
+                    self.acked.position = h.done.or(self.acked.position.take());
+                    self.acked.claim_checks.append(&mut h.claim_checks);
+                }
+                Err(e) => {
+                    self.acked.dead.truncate(dead);
+                    self.failed = Some(e);
+                }
+            }
+        }
+        h.events.clear();
+        h.events
+    }
+
+    /// Make what was acknowledged durable (`Sink::flush`) and hand it over;
+    /// the error of a failed batch or of the flush, if one failed.
+    fn settle(&mut self) -> (Acked, Option<Error>) {
+        match self.sink.flush() {
+            Ok(()) => (
+                std::mem::take(&mut self.acked),
+                self.failed
+                    .as_ref()
+                    .map(|e| Error::new(e.class, e.msg.clone())),
+            ),
+            Err(e) => (Acked::default(), Some(e)),
+        }
+    }
+
+    /// Publish `events`, in slices when leased.
+    fn publish(&mut self, events: &[Event]) -> Result<(), Error> {
+        let Some(lease) = &self.lease else {
+            return self.send(events);
+        };
+        let (lost, mut slice, max) = (lease.lost.clone(), lease.slice, lease.max);
+        let mut start = 0;
+        while start < events.len() {
+            if lost.load(Ordering::Relaxed) {
+                return Err(Error::transient(format!(
+                    "pipeline {:?}: lost the lease of its batch",
+                    self.pipeline
+                )));
+            }
+            let end = (start + slice).min(events.len());
+            let began = Instant::now();
+            self.send(&events[start..end])?;
+            // About a second per slice: a holder that lost its lease stops
+            // within about a second, a fast sink still gets whole batches.
+            let took = began.elapsed();
+            if took < Duration::from_millis(250) {
+                slice = (slice * 2).min(max);
+            } else if took > Duration::from_secs(1) {
+                slice = (slice / 2).max(1);
+            }
+            if let Some(l) = &mut self.lease {
+                l.slice = slice;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Publish `events`; what no template can route, and what the sink
+    /// rejects for good, becomes a dead letter.
+    fn send(&mut self, events: &[Event]) -> Result<(), Error> {
+        let mut run = 0;
+        for (i, e) in events.iter().enumerate() {
+            if let Some(why) = self.unroutable(e) {
+                self.publish_run(&events[run..i])?;
+                metrics::get()
+                    .dead_letters
+                    .with_label_values(&[self.pipeline])
+                    .inc();
+                self.dead_letter(e, why);
+                run = i + 1;
+            }
+        }
+        self.publish_run(&events[run..])
+    }
+
+    /// Dead-letter `e` for `reason`.
+    fn dead_letter(&mut self, e: &Event, reason: String) {
+        log::warn!(
+            dedup_key = e.dedup_key.as_str(), reason = reason.as_str();
+            "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
+            e.dedup_key,
+            reason
+        );
+        self.acked.dead.push(DeadLetter {
+            dedup_key: e.dedup_key.clone(),
+            envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
+            reason,
         });
     }
 
-    /// Decode an outbox row into the batch, publishing once it is full. A
-    /// row that fails to decode leaves none of its events behind. For a
-    /// claim-check row, what is waiting is published and the claim-check is
-    /// returned: the caller streams its delta rows ([`Delivery::push`]).
+    /// Publish `events` (all routable); what the sink rejects for good
+    /// becomes a dead letter.
+    fn publish_run(&mut self, events: &[Event]) -> Result<(), Error> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let rejected = self.sink.publish(events)?;
+        let took = (events.len() - rejected.len()) as u64;
+        self.acked.sent += took;
+        let m = metrics::get();
+        m.published.with_label_values(&[self.pipeline]).inc_by(took);
+        m.dead_letters
+            .with_label_values(&[self.pipeline])
+            .inc_by(rejected.len() as u64);
+        for r in rejected {
+            self.dead_letter(&events[r.index], r.reason);
+        }
+        Ok(())
+    }
+}
+
+/// Batches queued for a publisher thread besides the one it publishes: the
+/// reader decodes the next batch meanwhile, and at most this many more
+/// wait in memory.
+const QUEUED: usize = 1;
+
+/// What the reader asks of a publisher thread.
+enum Job {
+    /// Publish this batch.
+    Publish(Handed),
+    /// Answer with [`Publisher::settle`] once every batch before is done.
+    Settle,
+}
+
+/// The reader's end of a publisher thread ([`Delivery::spawn`]).
+struct Pipe {
+    /// Batches to publish, and requests to settle, in order.
+    jobs: SyncSender<Job>,
+    /// The answers to the requests to settle.
+    settled: Receiver<(Acked, Option<Error>)>,
+    /// Emptied Vecs, to fill again.
+    spare: Receiver<Vec<Event>>,
+    /// Set once a batch failed: the reader stops handing batches over.
+    failed: Arc<AtomicBool>,
+}
+
+/// Where a [`Delivery`] hands its batches.
+enum To<'a> {
+    /// A publisher on this thread: each batch is published before the
+    /// reader goes on (consumer groups, replay).
+    Here(Publisher<'a>),
+    /// A publisher thread: the reader goes on while it publishes.
+    Thread(Pipe),
+}
+
+/// What a publisher thread that ended unexpectedly (a bug) leaves.
+fn publisher_gone() -> Error {
+    Error::transient("the publisher thread ended")
+}
+
+/// Decoded events on their way to the publisher, and what it acknowledged
+/// for the next commit: positions, dead letters and claim-checks.
+struct Delivery<'a> {
+    /// Events decoded and not yet handed over.
+    events: Vec<Event>,
+    /// Hand them over once this many are waiting.
+    batch_size: usize,
+    /// The last row all of whose events are handed over or waiting.
+    done: Option<Position>,
+    /// Claim-check rows whose last events wait in `events`.
+    claim_checks: Vec<i64>,
+    /// What the publisher acknowledged and made durable, as of the last
+    /// [`Delivery::settle`].
+    acked: Acked,
+    /// The publisher.
+    to: To<'a>,
+}
+
+impl<'a> Delivery<'a> {
+    /// Publishing on this thread with `publisher`.
+    fn new(publisher: Publisher<'a>, batch_size: usize) -> Delivery<'a> {
+        Delivery::with(To::Here(publisher), batch_size)
+    }
+
+    /// Handing batches of `batch_size` events to `to`.
+    fn with(to: To<'a>, batch_size: usize) -> Delivery<'a> {
+        Delivery {
+            events: Vec::with_capacity(batch_size.min(100_000)),
+            batch_size,
+            done: None,
+            claim_checks: Vec::new(),
+            acked: Acked::default(),
+            to,
+        }
+    }
+
+    /// Publishing on a thread of its own in `scope`, to the sink `open`
+    /// opens there (its error is returned here), routed by `subject`.
+    fn spawn<'s>(
+        scope: &'s Scope<'s, '_>,
+        open: impl FnOnce() -> Result<Box<dyn Sink>, Error> + Send + 's,
+        pipeline: &'s str,
+        subject: &'s Template,
+        batch_size: usize,
+    ) -> Result<Delivery<'a>, Error> {
+        let (jobs, todo) = sync_channel::<Job>(QUEUED);
+        let (answer, settled) = channel();
+        let (emptied, spare) = channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let stopped = failed.clone();
+        std::thread::Builder::new()
+            .name(format!("sink {pipeline}"))
+            .spawn_scoped(scope, move || {
+                crate::logging::set_pipeline(pipeline);
+                let mut sink = match open() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = answer.send((Acked::default(), Some(e)));
+                        return;
+                    }
+                };
+                let mut p = Publisher::new(sink.as_mut(), pipeline).routing(subject);
+                if answer.send((Acked::default(), None)).is_err() {
+                    return;
+                }
+                for job in todo {
+                    match job {
+                        Job::Publish(h) => {
+                            let events = p.take(h);
+                            stopped.store(p.failed.is_some(), Ordering::Relaxed);
+                            let _ = emptied.send(events);
+                        }
+                        Job::Settle => {
+                            if answer.send(p.settle()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::transient(format!("cannot start the publisher thread: {e}")))?;
+        if let (_, Some(e)) = settled.recv().map_err(|_| publisher_gone())? {
+            return Err(e);
+        }
+        let pipe = Pipe {
+            jobs,
+            settled,
+            spare,
+            failed,
+        };
+        Ok(Delivery::with(To::Thread(pipe), batch_size))
+    }
+
+    /// Decode an outbox row into the batch, handing it over once it is
+    /// full. A row that fails to decode leaves none of its events behind.
+    /// For a claim-check row, what is waiting is handed over and the
+    /// claim-check is returned: the caller streams its delta rows
+    /// ([`Delivery::push`]).
     fn row(&mut self, decoder: &Decoder, row: &Row) -> Result<Option<ClaimCheck>, Error> {
         let before = self.events.len();
         let decoded = decoder.decode(row, &mut self.events);
@@ -241,6 +546,7 @@ impl<'a> Delivery<'a> {
             self.publish()?;
             return Ok(Some(cc));
         }
+        self.done = Some(row.position());
         if self.events.len() >= self.batch_size {
             self.publish()?;
         }
@@ -252,126 +558,85 @@ impl<'a> Delivery<'a> {
         self.events.push(event);
     }
 
-    /// Claim-check row `id` was published whole.
-    fn claim_check_done(&mut self, id: i64) {
-        self.claim_checks.push(id);
+    /// Claim-check row `row` was handed over whole.
+    fn claim_check_done(&mut self, row: &Row) {
+        self.claim_checks.push(row.id);
+        self.done = Some(row.position());
     }
 
-    /// Publish the waiting events; they stay waiting when the sink fails.
+    /// Hand the waiting events to the publisher, with the rows they
+    /// complete. Once a batch failed nothing more is published: its error.
     fn publish(&mut self) -> Result<(), Error> {
-        if self.events.is_empty() {
+        if self.events.is_empty() && self.done.is_none() {
             return Ok(());
         }
-        let Some(lease) = &self.lease else {
-            self.send(0, self.events.len())?;
-            self.events.clear();
-            return Ok(());
+        let h = Handed {
+            events: std::mem::take(&mut self.events),
+            done: self.done.take(),
+            claim_checks: std::mem::take(&mut self.claim_checks),
         };
-        let (lost, mut slice) = (lease.lost.clone(), lease.slice);
-        let mut start = 0;
-        while start < self.events.len() {
-            if lost.load(Ordering::Relaxed) {
-                self.events.clear();
-                return Err(Error::transient(format!(
-                    "pipeline {:?}: lost the lease of its batch",
-                    self.pipeline
-                )));
+        let failed = match &mut self.to {
+            To::Here(p) => {
+                self.events = p.take(h);
+                p.failed.is_some()
             }
-            let end = (start + slice).min(self.events.len());
-            let began = Instant::now();
-            self.send(start, end)?;
-            // About a second per slice: a holder that lost its lease stops
-            // within about a second, a fast sink still gets whole batches.
-            let took = began.elapsed();
-            if took < Duration::from_millis(250) {
-                slice = (slice * 2).min(self.batch_size);
-            } else if took > Duration::from_secs(1) {
-                slice = (slice / 2).max(1);
+            To::Thread(pipe) => {
+                pipe.jobs
+                    .send(Job::Publish(h))
+                    .map_err(|_| publisher_gone())?;
+                self.events = pipe.spare.try_recv().unwrap_or_default();
+                pipe.failed.load(Ordering::Relaxed)
             }
-            if let Some(l) = &mut self.lease {
-                l.slice = slice;
-            }
-            start = end;
-        }
-        self.events.clear();
-        Ok(())
-    }
-
-    /// Publish `events[start..end]`; what no template can route, and what
-    /// the sink rejects for good, becomes a dead letter.
-    fn send(&mut self, start: usize, end: usize) -> Result<(), Error> {
-        let mut run = start;
-        for i in start..end {
-            if let Some(why) = self.unroutable(&self.events[i]) {
-                self.publish_run(run, i)?;
-                metrics::get()
-                    .dead_letters
-                    .with_label_values(&[self.pipeline])
-                    .inc();
-                self.dead_letter(i, why);
-                run = i + 1;
-            }
-        }
-        self.publish_run(run, end)
-    }
-
-    /// Dead-letter `self.events[i]` for `reason`.
-    fn dead_letter(&mut self, i: usize, reason: String) {
-        let e = &self.events[i];
-        log::warn!(
-            dedup_key = e.dedup_key.as_str(), reason = reason.as_str();
-            "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
-            e.dedup_key,
-            reason
-        );
-        self.dead.push(DeadLetter {
-            dedup_key: e.dedup_key.clone(),
-            envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
-            reason,
-        });
-    }
-
-    /// Publish `events[start..end]` (all routable); what the sink rejects
-    /// for good becomes a dead letter.
-    fn publish_run(&mut self, start: usize, end: usize) -> Result<(), Error> {
-        if start == end {
-            return Ok(());
-        }
-        let rejected = self.sink.publish(&self.events[start..end])?;
-        let took = (end - start - rejected.len()) as u64;
-        self.sent += took;
-        let m = metrics::get();
-        m.published.with_label_values(&[self.pipeline]).inc_by(took);
-        m.dead_letters
-            .with_label_values(&[self.pipeline])
-            .inc_by(rejected.len() as u64);
-        for r in rejected {
-            self.dead_letter(start + r.index, r.reason);
+        };
+        if failed {
+            // Collects what was acknowledged before, and returns the error.
+            return self.settle();
         }
         Ok(())
     }
 
-    /// Everything handed over is published and durable: flush the sink.
+    /// Hand over what waits and [`Delivery::settle`].
     fn finish(&mut self) -> Result<(), Error> {
         self.publish()?;
-        self.sink.flush()
+        self.settle()
     }
 
-    /// Forget a batch that will not be committed (it is read again).
+    /// Wait until every batch handed over is published (or dropped after
+    /// a failed one), have the sink make them durable, and collect what it
+    /// acknowledged into `acked`; the error of a failed batch or flush.
+    fn settle(&mut self) -> Result<(), Error> {
+        let (acked, failed) = match &mut self.to {
+            To::Here(p) => p.settle(),
+            To::Thread(pipe) => {
+                pipe.jobs.send(Job::Settle).map_err(|_| publisher_gone())?;
+                pipe.settled.recv().map_err(|_| publisher_gone())?
+            }
+        };
+        self.acked.merge(acked);
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Forget a batch that will not be committed (it is read again), and
+    /// publish again. Consumer-group mode: its publisher is on this thread.
     fn discard(&mut self) {
         self.events.clear();
-        self.dead.clear();
+        self.done = None;
         self.claim_checks.clear();
+        self.acked = Acked::default();
+        if let To::Here(p) = &mut self.to {
+            p.acked = Acked::default();
+            p.failed = None;
+        }
     }
 
     /// The dead letters collected since the last commit, for the commit.
     fn take_dead(&mut self) -> Vec<DeadLetter> {
-        std::mem::take(&mut self.dead)
+        std::mem::take(&mut self.acked.dead)
     }
 
     /// The claim-checks published since the last commit, to report.
     fn take_claim_checks(&mut self) -> Vec<i64> {
-        std::mem::take(&mut self.claim_checks)
+        std::mem::take(&mut self.acked.claim_checks)
     }
 }
 
@@ -423,8 +688,8 @@ fn report_claim_checks(client: &mut Client, info: &OutboxInfo, ids: Vec<i64>) ->
 /// when `--once` is done. Caught up, the wait for the next notification
 /// ends when the commit is due ([`Commits::until_due`]).
 struct Commits {
-    /// Delivered but not yet committed.
-    pending: Option<Position>,
+    /// Rows were handed over since the last commit.
+    pending: bool,
     /// When the last commit was made.
     last: Instant,
 }
@@ -432,22 +697,23 @@ struct Commits {
 impl Commits {
     fn new(now: Instant) -> Commits {
         Commits {
-            pending: None,
+            pending: false,
             last: now,
         }
     }
 
-    /// A read handed the rows up to `last` to `out`: publish what of them
-    /// waits. Only once the sink acknowledged it do they count as delivered.
-    fn delivered(&mut self, out: &mut Delivery, last: Position) -> Result<(), Error> {
+    /// A read handed its rows to `out`: hand over what of them waits. They
+    /// count as delivered once the sink acknowledged them, which
+    /// [`Commits::take`] waits for.
+    fn delivered(&mut self, out: &mut Delivery) -> Result<(), Error> {
         out.publish()?;
-        self.pending = Some(last);
+        self.pending = true;
         Ok(())
     }
 
     /// Whether to commit now, while reading on.
     fn due(&self, now: Instant, read_failed: bool) -> bool {
-        self.pending.is_some() && (read_failed || now.duration_since(self.last) >= COMMIT_EVERY)
+        self.pending && (read_failed || now.duration_since(self.last) >= COMMIT_EVERY)
     }
 
     /// A commit was made at `now`.
@@ -458,8 +724,8 @@ impl Commits {
     /// How long until the pending commit is due; None when nothing is
     /// pending.
     fn until_due(&self, now: Instant) -> Option<Duration> {
-        self.pending.as_ref()?;
-        Some((self.last + COMMIT_EVERY).saturating_duration_since(now))
+        self.pending
+            .then(|| (self.last + COMMIT_EVERY).saturating_duration_since(now))
     }
 
     /// `wait`, or less if the pending commit falls due sooner.
@@ -467,26 +733,27 @@ impl Commits {
         self.until_due(now).map_or(wait, |d| d.min(wait))
     }
 
-    /// After a failed publish: the position delivered before it, once the
-    /// sink made that durable (the events still waiting are not published
-    /// again here); None when nothing was delivered since the last commit.
-    fn take_acked(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
-        if self.pending.is_none() {
-            return Ok(None);
-        }
-        out.sink.flush()?;
-        Ok(self.pending.take())
+    /// After an error (a failed publish among them): the position the
+    /// sink acknowledged before it, once the sink made that durable (the
+    /// batches after a failed one are not published); None when there is
+    /// none since the last commit, or the flush failed.
+    fn take_acked(&mut self, out: &mut Delivery) -> Option<Position> {
+        // The error is the one being returned, or a failed flush.
+        let _ = out.settle();
+        self.pending = false;
+        out.acked.position.take()
     }
 
-    /// The position to commit, once everything delivered up to it is
-    /// durable (`out` flushed); None when nothing was delivered since the
-    /// last commit.
+    /// The position to commit, once every event handed over up to it was
+    /// acknowledged and made durable (`out` settled); None when nothing was
+    /// delivered since the last commit.
     fn take(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
-        if self.pending.is_none() {
+        if !self.pending {
             return Ok(None);
         }
         out.finish()?;
-        Ok(self.pending.take())
+        self.pending = false;
+        Ok(out.acked.position.take())
     }
 }
 
@@ -538,7 +805,8 @@ pub fn replay(
         },
     };
     let read = client.prepare(&info.range_sql())?;
-    let mut out = Delivery::new(sink, cfg.batch_size, pipeline).routing(&cfg.subject);
+    let publisher = Publisher::new(sink, pipeline).routing(&cfg.subject);
+    let mut out = Delivery::new(publisher, cfg.batch_size);
     let mut pos = Position {
         txid: None,
         id: range.from.saturating_sub(1),
@@ -574,7 +842,7 @@ pub fn replay(
             None => break,
         }
     }
-    done.events = out.sent;
+    done.events = out.acked.sent;
     Ok(done)
 }
 
@@ -622,7 +890,7 @@ impl Reader<'_> {
             }
             out.publish()?;
         }
-        out.claim_check_done(row.id);
+        out.claim_check_done(row);
         Ok(())
     }
 
@@ -713,7 +981,22 @@ impl<'a> OffsetLoop<'a> {
         })
     }
 
+    /// Forward until stopped, drained or an error. After an error, what
+    /// the sink acknowledged before it stays delivered: it is committed, so
+    /// the next session does not send it again.
     fn run(&mut self) -> Result<(), Error> {
+        let ran = self.forward();
+        if ran.is_err() {
+            let acked = self.commits.take_acked(&mut self.out);
+            if let Err(c) = self.commit_position(acked) {
+                log::debug!("committing what was delivered before the error: {c}");
+            }
+        }
+        ran
+    }
+
+    /// The loop of [`OffsetLoop::run`].
+    fn forward(&mut self) -> Result<(), Error> {
         let info = self.reader.decoder.info;
         loop {
             if self.ctx.stopping() {
@@ -734,15 +1017,7 @@ impl<'a> OffsetLoop<'a> {
                 &mut last,
             );
             if let Some(last) = last {
-                if let Err(e) = self.commits.delivered(&mut self.out, last.clone()) {
-                    // What the sink acknowledged before stays delivered:
-                    // commit it, so the next session does not send it again.
-                    let acked = self.commits.take_acked(&mut self.out);
-                    if let Err(c) = acked.and_then(|p| self.commit_position(p)) {
-                        log::debug!("committing what was delivered before the error: {c}");
-                    }
-                    return Err(e);
-                }
+                self.commits.delivered(&mut self.out)?;
                 self.waker.working(self.client)?;
                 self.pos = last;
                 self.held.clear(&self.ctx.name);
@@ -757,7 +1032,7 @@ impl<'a> OffsetLoop<'a> {
             if self.commits.due(Instant::now(), false) && !self.commit()? {
                 return Ok(());
             }
-            if self.commits.pending.is_none() {
+            if !self.commits.pending {
                 self.batch_start = None;
             }
             // Nothing below the horizon. Committed rows above it wait for an
@@ -961,7 +1236,7 @@ impl<'a> GroupLoop<'a> {
         group: &'a str,
         client: &'a mut Client,
         reader: Reader<'a>,
-        mut out: Delivery<'a>,
+        mut publisher: Publisher<'a>,
         listener: Arc<Listener>,
     ) -> Result<GroupLoop<'a>, Error> {
         let info = reader.decoder.info;
@@ -982,7 +1257,7 @@ impl<'a> GroupLoop<'a> {
             crate::outbox::quote_ident(&info.table)
         ))?;
         let keeper = LeaseKeeper::start(ctx, group, cfg.lease);
-        out.lease(keeper.lost.clone());
+        publisher.lease(keeper.lost.clone(), cfg.batch_size);
         let waker = Waker::new(info, listener);
         Ok(GroupLoop {
             ctx,
@@ -990,7 +1265,7 @@ impl<'a> GroupLoop<'a> {
             group,
             client,
             reader,
-            out,
+            out: Delivery::new(publisher, cfg.batch_size),
             poll,
             fetch,
             keeper,
@@ -1281,11 +1556,16 @@ mod tests {
         Ok(())
     }
 
+    /// A delivery publishing to `sink` on this thread.
+    fn here(sink: &mut MemorySink, batch_size: usize) -> Delivery<'_> {
+        Delivery::new(Publisher::new(sink, "p"), batch_size)
+    }
+
     #[test]
     fn a_row_that_fails_to_decode_leaves_none_of_its_events_behind() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         decode(&mut out, &[row(1, 2)]).unwrap();
         // Its deleted rows decode, then its inserted rows do not.
         let mut bad = row(2, 0);
@@ -1293,27 +1573,21 @@ mod tests {
         let e = decode(&mut out, &[bad]).unwrap_err();
         assert!(e.msg.contains("outbox_orders id 2"), "{e}");
         out.finish().unwrap();
-        assert_eq!(
-            sink.0.borrow().acked,
-            ["outbox_orders:1:0", "outbox_orders:1:1"]
-        );
+        assert_eq!(sink.get().acked, ["outbox_orders:1:0", "outbox_orders:1:1"]);
+        assert_eq!(out.acked.position, Some(position(1)));
     }
 
     #[test]
     fn events_the_sink_refuses_for_good_become_dead_letters_with_their_envelope() {
         let sink = MemorySink::default();
-        sink.0
-            .borrow_mut()
+        sink.get()
             .reject
             .insert("outbox_orders:1:1".into(), "message too large".into());
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         decode(&mut out, &[row(1, 3)]).unwrap();
         out.finish().unwrap();
-        assert_eq!(
-            sink.0.borrow().acked,
-            ["outbox_orders:1:0", "outbox_orders:1:2"]
-        );
+        assert_eq!(sink.get().acked, ["outbox_orders:1:0", "outbox_orders:1:2"]);
         let dead = out.take_dead();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].dedup_key, "outbox_orders:1:1");
@@ -1328,6 +1602,18 @@ mod tests {
         decode(&mut out, &[row(1, 3)]).unwrap();
         out.publish().unwrap();
         out.discard();
+        out.finish().unwrap();
+        assert!(out.take_dead().is_empty());
+        drop(out);
+        // A batch that fails keeps none of its dead letters (the position
+        // does not move past them).
+        let subject = Template::parse("t.{payload.tenant}").unwrap();
+        let mut out = Delivery::new(Publisher::new(&mut s, "p").routing(&subject), 100);
+        let mut r = row(3, 0);
+        r.payload = r#"{"v":1,"inserted":[{"n":0},{"tenant":"a"}]}"#.into();
+        decode(&mut out, &[r]).unwrap();
+        sink.get().fail_publishes = 1;
+        assert!(out.finish().is_err());
         assert!(out.take_dead().is_empty());
     }
 
@@ -1339,7 +1625,7 @@ mod tests {
             outbox_orders(),
             Template::parse("t.{payload.tenant}").unwrap(),
         );
-        let mut out = Delivery::new(&mut s, 100, "p").routing(&subject);
+        let mut out = Delivery::new(Publisher::new(&mut s, "p").routing(&subject), 100);
         let decoder = Decoder {
             info: &info,
             subject: &subject,
@@ -1351,10 +1637,7 @@ mod tests {
         assert_eq!(out.row(&decoder, &r).unwrap(), None);
         assert_eq!(out.events[0].subject, "t.a");
         out.finish().unwrap();
-        assert_eq!(
-            sink.0.borrow().acked,
-            ["outbox_orders:1:0", "outbox_orders:1:2"]
-        );
+        assert_eq!(sink.get().acked, ["outbox_orders:1:0", "outbox_orders:1:2"]);
         let dead = out.take_dead();
         let keys: Vec<&str> = dead.iter().map(|d| d.dedup_key.as_str()).collect();
         assert_eq!(keys, ["outbox_orders:1:1", "outbox_orders:1:3"]);
@@ -1365,85 +1648,180 @@ mod tests {
             dead[0].reason
         );
         // Two publish calls: around the unroutable event, in order.
-        assert_eq!(sink.0.borrow().calls, [1, 1]);
+        assert_eq!(sink.get().calls, [1, 1]);
     }
 
     #[test]
-    fn a_full_batch_goes_out_at_once_and_a_failed_publish_keeps_its_events() {
+    fn a_full_batch_goes_out_at_once_and_after_a_failed_one_nothing_more() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 3, "p");
+        let mut out = here(&mut s, 3);
         decode(&mut out, &[row(1, 2)]).unwrap();
-        assert!(sink.0.borrow().calls.is_empty());
+        assert!(sink.get().calls.is_empty());
         decode(&mut out, &[row(2, 1)]).unwrap();
-        assert_eq!(sink.0.borrow().calls, [3]);
-        sink.0.borrow_mut().fail_publishes = 1;
+        assert_eq!(sink.get().calls, [3]);
+        sink.get().fail_publishes = 1;
         assert!(decode(&mut out, &[row(3, 3)]).is_err());
-        out.finish().unwrap();
-        assert_eq!(sink.0.borrow().calls, [3, 3, 3]);
-        assert_eq!(sink.0.borrow().acked.len(), 6);
+        assert!(decode(&mut out, &[row(4, 3)]).is_err());
+        assert!(out.finish().is_err());
+        assert_eq!(sink.get().calls, [3, 3]);
+        assert_eq!(sink.get().acked.len(), 3);
+        assert_eq!(out.acked.position, Some(position(2)));
     }
 
     #[test]
     fn the_offset_moves_only_past_what_the_sink_acknowledged_and_made_durable() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         let mut commits = Commits::new(Instant::now());
         decode(&mut out, &[row(1, 2)]).unwrap();
-        // Not acknowledged: not delivered, nothing to commit.
-        sink.0.borrow_mut().fail_publishes = 1;
-        assert!(commits.delivered(&mut out, position(1)).is_err());
-        assert_eq!(commits.take(&mut out).unwrap(), None);
         // Acknowledged, but the flush fails: not committed yet.
-        commits.delivered(&mut out, position(1)).unwrap();
-        sink.0.borrow_mut().fail_flush = true;
+        commits.delivered(&mut out).unwrap();
+        sink.get().fail_flush = true;
         assert!(commits.take(&mut out).is_err());
-        assert_eq!(sink.0.borrow().flushed, 0);
+        assert_eq!(sink.get().flushed, 0);
         // Flushed: committed up to row 1, once.
         assert_eq!(commits.take(&mut out).unwrap(), Some(position(1)));
-        assert_eq!(sink.0.borrow().flushed, 2);
+        assert_eq!(sink.get().flushed, 2);
         assert_eq!(commits.take(&mut out).unwrap(), None);
+        // Not acknowledged: not delivered, nothing to commit.
+        decode(&mut out, &[row(2, 1)]).unwrap();
+        sink.get().fail_publishes = 1;
+        assert!(commits.delivered(&mut out).is_err());
+        assert_eq!(commits.take_acked(&mut out), None);
     }
 
     #[test]
     fn after_a_failed_publish_what_was_acknowledged_before_is_still_committed() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         let mut commits = Commits::new(Instant::now());
         decode(&mut out, &[row(1, 2)]).unwrap();
-        commits.delivered(&mut out, position(1)).unwrap();
+        commits.delivered(&mut out).unwrap();
         // The next rows fail to publish: row 1 is still the position to
         // commit, made durable, without sending rows 2 and 3 again.
         decode(&mut out, &[row(2, 1), row(3, 1)]).unwrap();
-        sink.0.borrow_mut().fail_publishes = 2;
-        assert!(commits.delivered(&mut out, position(3)).is_err());
-        let calls = sink.0.borrow().calls.len();
-        assert_eq!(commits.take_acked(&mut out).unwrap(), Some(position(1)));
-        assert_eq!(sink.0.borrow().calls.len(), calls);
+        sink.get().fail_publishes = 2;
+        assert!(commits.delivered(&mut out).is_err());
+        let calls = sink.get().calls.len();
+        assert_eq!(commits.take_acked(&mut out), Some(position(1)));
+        assert_eq!(sink.get().calls.len(), calls);
         // The two events of row 1 are durable.
-        assert_eq!(sink.0.borrow().flushed, 2);
-        assert_eq!(commits.take_acked(&mut out).unwrap(), None);
+        assert_eq!(sink.get().flushed, 2);
+        assert_eq!(commits.take_acked(&mut out), None);
+    }
+
+    /// A sink whose first publish waits (5 s at most) for `go`.
+    struct Gated {
+        sink: MemorySink,
+        go: Option<Receiver<()>>,
+    }
+
+    impl Sink for Gated {
+        fn publish(&mut self, events: &[Event]) -> Result<Vec<crate::sink::Rejected>, Error> {
+            if let Some(go) = self.go.take() {
+                go.recv_timeout(Duration::from_secs(5))
+                    .map_err(|_| Error::transient("the reader did not go on"))?;
+            }
+            self.sink.publish(events)
+        }
+
+        fn flush(&mut self) -> Result<(), Error> {
+            self.sink.flush()
+        }
+    }
+
+    #[test]
+    fn the_reader_hands_over_the_next_batch_while_the_sink_publishes_one() {
+        let sink = MemorySink::default();
+        let (go, gate) = channel();
+        let open = {
+            let sink = sink.clone();
+            move || -> Result<Box<dyn Sink>, Error> {
+                Ok(Box::new(Gated {
+                    sink,
+                    go: Some(gate),
+                }))
+            }
+        };
+        let subject = Template::parse("t").unwrap();
+        std::thread::scope(|s| {
+            let mut out = Delivery::spawn(s, open, "p", &subject, 2).unwrap();
+            let mut commits = Commits::new(Instant::now());
+            // Row 1 is a full batch: the sink holds it until row 2, the
+            // next batch, is handed over too.
+            decode(&mut out, &[row(1, 2), row(2, 2)]).unwrap();
+            go.send(()).unwrap();
+            commits.delivered(&mut out).unwrap();
+            assert_eq!(commits.take(&mut out).unwrap(), Some(position(2)));
+        });
+        assert_eq!(sink.get().calls, [2, 2]);
+        assert_eq!(sink.get().flushed, 4);
+    }
+
+    #[test]
+    fn on_its_thread_a_failed_batch_stops_later_ones_and_what_was_acknowledged_is_committed() {
+        let sink = MemorySink::default();
+        sink.get()
+            .reject
+            .insert("outbox_orders:1:0".into(), "too large".into());
+        let open = {
+            let sink = sink.clone();
+            move || -> Result<Box<dyn Sink>, Error> { Ok(Box::new(sink)) }
+        };
+        let subject = Template::parse("t").unwrap();
+        std::thread::scope(|s| {
+            let mut out = Delivery::spawn(s, open, "p", &subject, 2).unwrap();
+            let mut commits = Commits::new(Instant::now());
+            decode(&mut out, &[row(1, 2)]).unwrap();
+            commits.delivered(&mut out).unwrap();
+            assert_eq!(commits.take(&mut out).unwrap(), Some(position(1)));
+            assert_eq!(out.take_dead().len(), 1);
+            // Row 2 is acknowledged, row 3 fails: row 4 is not published.
+            decode(&mut out, &[row(2, 2)]).unwrap();
+            out.settle().unwrap();
+            sink.get().fail_publishes = 1;
+            // Whether the reader hears of the failure at once depends on
+            // the publisher thread's pace; it does by the commit.
+            let handed = decode(&mut out, &[row(3, 2), row(4, 2)]);
+            let handed = handed.and_then(|()| commits.delivered(&mut out));
+            assert!(handed.and_then(|()| commits.take(&mut out)).is_err());
+            assert_eq!(commits.take_acked(&mut out), Some(position(2)));
+            assert_eq!(out.acked.sent, 3);
+        });
+        assert_eq!(sink.get().calls, [2, 2, 2]);
+        assert_eq!(sink.get().flushed, 3);
+    }
+
+    #[test]
+    fn a_sink_that_does_not_open_on_its_thread_fails_the_start() {
+        let subject = Template::parse("t").unwrap();
+        let open = || -> Result<Box<dyn Sink>, Error> { Err(Error::permanent("no such stream")) };
+        std::thread::scope(|s| {
+            let e = Delivery::spawn(s, open, "p", &subject, 2).err().unwrap();
+            assert_eq!(e.msg, "no such stream");
+        });
     }
 
     #[test]
     fn a_backlog_is_committed_every_interval_and_at_once_after_a_failed_read() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         let t0 = Instant::now();
         let mut commits = Commits::new(t0);
         assert!(!commits.due(t0 + COMMIT_EVERY, true), "nothing delivered");
         decode(&mut out, &[row(1, 1)]).unwrap();
-        commits.delivered(&mut out, position(1)).unwrap();
+        commits.delivered(&mut out).unwrap();
         assert!(!commits.due(t0 + COMMIT_EVERY / 2, false));
         assert!(commits.due(t0 + COMMIT_EVERY / 2, true));
         assert!(commits.due(t0 + COMMIT_EVERY, false));
         commits.take(&mut out).unwrap();
         commits.committed(t0 + COMMIT_EVERY);
         decode(&mut out, &[row(2, 1)]).unwrap();
-        commits.delivered(&mut out, position(2)).unwrap();
+        commits.delivered(&mut out).unwrap();
         assert!(!commits.due(t0 + COMMIT_EVERY * 3 / 2, false));
         assert!(commits.due(t0 + COMMIT_EVERY * 2, false));
         // Caught up or stopping: committed whenever it is taken.
@@ -1454,7 +1832,7 @@ mod tests {
     fn caught_up_the_offset_is_committed_at_most_every_interval_and_the_wait_ends_when_due() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 100, "p");
+        let mut out = here(&mut s, 100);
         let t0 = Instant::now();
         let mut commits = Commits::new(t0);
         let ms = Duration::from_millis;
@@ -1463,7 +1841,7 @@ mod tests {
         // One event per wake-up: none is committed before the interval.
         for (i, at) in [10, 100, 200].into_iter().enumerate() {
             decode(&mut out, &[row(i as i64 + 1, 1)]).unwrap();
-            commits.delivered(&mut out, position(i as i64 + 1)).unwrap();
+            commits.delivered(&mut out).unwrap();
             assert!(!commits.due(t0 + ms(at), false));
             assert_eq!(commits.until_due(t0 + ms(at)), Some(COMMIT_EVERY - ms(at)));
         }
@@ -1475,24 +1853,25 @@ mod tests {
         assert_eq!(commits.until_due(t0 + COMMIT_EVERY * 2), None);
         // The interval counts from that commit.
         decode(&mut out, &[row(4, 1)]).unwrap();
-        commits.delivered(&mut out, position(4)).unwrap();
+        commits.delivered(&mut out).unwrap();
         assert!(!commits.due(t0 + COMMIT_EVERY * 2, false));
         assert!(commits.due(t0 + COMMIT_EVERY * 2 + ms(1), false));
-        assert_eq!(sink.0.borrow().acked.len(), 4);
+        assert_eq!(sink.get().acked.len(), 4);
     }
 
     #[test]
     fn a_leased_batch_goes_out_in_growing_slices_and_not_at_all_once_the_lease_is_lost() {
         let sink = MemorySink::default();
         let mut s = sink.clone();
-        let mut out = Delivery::new(&mut s, 1000, "p");
         let lost = Arc::new(AtomicBool::new(false));
-        out.lease(lost.clone());
+        let mut publisher = Publisher::new(&mut s, "p");
+        publisher.lease(lost.clone(), 1000);
+        let mut out = Delivery::new(publisher, 1000);
         decode(&mut out, &[row(1, 200)]).unwrap();
         out.publish().unwrap();
         // Slices of 64 events at first, growing while the sink is fast
         // (doubling each time unless a slice took over 250 ms).
-        let calls = sink.0.borrow().calls.clone();
+        let calls = sink.get().calls.clone();
         assert_eq!((calls[0], calls.iter().sum::<usize>()), (64, 200));
         assert!(calls[1] >= 64, "{calls:?}");
         decode(&mut out, &[row(2, 10)]).unwrap();
@@ -1500,9 +1879,13 @@ mod tests {
         let e = out.publish().unwrap_err();
         assert!(e.msg.contains("lost the lease"), "{e}");
         assert_eq!(e.class, crate::error::Class::Transient);
-        assert_eq!(sink.0.borrow().calls.len(), calls.len());
+        assert_eq!(sink.get().calls.len(), calls.len());
+        // Given up, the batch is leased and published again.
+        out.discard();
+        lost.store(false, Ordering::Relaxed);
+        decode(&mut out, &[row(2, 10)]).unwrap();
         out.finish().unwrap();
-        assert_eq!(sink.0.borrow().acked.len(), 200);
+        assert_eq!(sink.get().acked.len(), 210);
     }
 
     #[test]

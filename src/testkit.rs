@@ -7,7 +7,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -46,13 +46,21 @@ pub struct Destination {
     pub reject: BTreeMap<String, String>,
 }
 
-/// A sink in memory; clones share one [`Destination`].
+/// A sink in memory; clones share one [`Destination`] (and may be sent
+/// to a publisher thread).
 #[derive(Debug, Default, Clone)]
-pub struct MemorySink(pub Rc<RefCell<Destination>>);
+pub struct MemorySink(Arc<Mutex<Destination>>);
+
+impl MemorySink {
+    /// Its destination, to look inside or to set how it answers.
+    pub fn get(&self) -> MutexGuard<'_, Destination> {
+        self.0.lock().unwrap()
+    }
+}
 
 impl Sink for MemorySink {
     fn publish(&mut self, events: &[Event]) -> Result<Vec<Rejected>, Error> {
-        let mut d = self.0.borrow_mut();
+        let mut d = self.get();
         d.calls.push(events.len());
         if d.fail_publishes > 0 {
             d.fail_publishes -= 1;
@@ -72,7 +80,7 @@ impl Sink for MemorySink {
     }
 
     fn flush(&mut self) -> Result<(), Error> {
-        let mut d = self.0.borrow_mut();
+        let mut d = self.get();
         if std::mem::take(&mut d.fail_flush) {
             return Err(Error::transient("memory sink: flush failed"));
         }

@@ -70,7 +70,7 @@ pub trait Sink {
 }
 
 /// A validated sink config that can open a [`Sink`].
-pub trait SinkSpec: Send + std::fmt::Debug {
+pub trait SinkSpec: Send + Sync + std::fmt::Debug {
     /// Open the sink for `pipeline`.
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error>;
     /// `pgtrickle-relay check --connect`: reach the destination and check
