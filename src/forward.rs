@@ -35,6 +35,7 @@
 //! commit horizon). The SQL stays at the edges: the two loops, [`Reader`]
 //! and [`write_dead_letters`].
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,7 +53,7 @@ use crate::event::{Event, Template, Vars};
 use crate::health;
 use crate::listen::{self, Listener};
 use crate::metrics;
-use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, Row};
+use crate::outbox::{rows_consumed, ClaimCheck, Decoder, OutboxInfo, Position, ReadLimit, Row};
 use crate::pipeline::Ctx;
 use crate::sink::Sink;
 use crate::wake::Waker;
@@ -91,6 +92,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
             Some(_) => Some(client.prepare(&info.delta_sql()?)?),
             None => None,
         },
+        limit: Cell::default(),
     };
     match group {
         Some(g) => {
@@ -803,6 +805,7 @@ pub fn replay(
             Some(_) => Some(client.prepare(&info.delta_sql()?)?),
             None => None,
         },
+        limit: Cell::default(),
     };
     let read = client.prepare(&info.range_sql())?;
     let publisher = Publisher::new(sink, pipeline).routing(&cfg.subject);
@@ -814,13 +817,14 @@ pub fn replay(
     let mut done = Replayed::default();
     loop {
         let mut last = None;
+        let rows = reader.rows(cfg.batch_size);
         done.rows += reader.batch(
             client,
             &read,
             &[
                 &pos.txid_or_zero(),
                 &pos.id,
-                &(cfg.batch_size as i64),
+                &rows,
                 &range.from,
                 &range.to,
                 &range.since,
@@ -852,6 +856,8 @@ struct Reader<'a> {
     decoder: Decoder<'a>,
     /// The delta-rows query, when the outbox has a delta-rows table.
     delta: Option<Statement>,
+    /// How many rows the next read asks for.
+    limit: Cell<ReadLimit>,
 }
 
 impl Reader<'_> {
@@ -894,13 +900,20 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// The rows the next read asks for (its `$3`), for `events` events.
+    fn rows(&self, events: usize) -> i64 {
+        self.limit.get().rows(events)
+    }
+
     /// Read and hand to `out` the rows of `read` (the read query, or the
     /// range query) with `params`; `last` is the position of the last row
     /// fully handed over. The rows stream in as PostgreSQL produces them,
     /// so the server computes the next rows while these are decoded and
-    /// published. A claim-check row ends the read: its delta rows are read
-    /// in a transaction of their own (the rows after it come again with
-    /// the next read).
+    /// published. The read ends before the row that would start past
+    /// `batch_size` events (it always holds at least one row); a
+    /// claim-check row ends it too: its delta rows are read in a
+    /// transaction of their own. The rows streamed past the end come again
+    /// with the next read.
     fn batch(
         &self,
         client: &mut Client,
@@ -909,11 +922,16 @@ impl Reader<'_> {
         out: &mut Delivery,
         last: &mut Option<Position>,
     ) -> Result<u64, Error> {
-        let mut n = 0;
+        let (mut n, mut events, mut widest) = (0, 0, 0);
         let mut claim_check = None;
         let mut rows = client.query_raw(read, params.iter().map(|p| *p as &dyn ToSql))?;
         while let Some(r) = rows.next()? {
+            if events >= out.batch_size as i64 {
+                break;
+            }
             let row = Row::from_pg(&r);
+            events += row.events;
+            widest = widest.max(row.events);
             if let Some(cc) = out.row(&self.decoder, &row)? {
                 claim_check = Some((row, cc));
                 break;
@@ -923,6 +941,11 @@ impl Reader<'_> {
         }
         // Whatever of the read is left is skipped by the connection.
         drop(rows);
+        if widest > 0 {
+            let mut limit = self.limit.get();
+            limit.read(widest);
+            self.limit.set(limit);
+        }
         if let Some((row, cc)) = claim_check {
             let mut tx = client.transaction()?;
             self.claim_check(&mut tx, out, &row, &cc)?;
@@ -1005,14 +1028,11 @@ impl<'a> OffsetLoop<'a> {
             let mut last = None;
             self.batch_start.get_or_insert_with(Instant::now);
             self.waker.mark();
+            let rows = self.reader.rows(self.cfg.batch_size);
             let read = self.reader.batch(
                 self.client,
                 &self.read,
-                &[
-                    &self.pos.txid_or_zero(),
-                    &self.pos.id,
-                    &(self.cfg.batch_size as i64),
-                ],
+                &[&self.pos.txid_or_zero(), &self.pos.id, &rows],
                 &mut self.out,
                 &mut last,
             );
@@ -1532,6 +1552,7 @@ mod tests {
             payload: format!("{{\"v\":1,\"inserted\":[{}]}}", rows.join(",")),
             headers: None,
             created_at: None,
+            events: n.max(1) as i64,
         }
     }
 

@@ -235,7 +235,7 @@ impl PgOutboxSource {
         let listener = listen::shared(&self.url).map_err(context)?;
         let info = OutboxInfo::resolve(&mut client, &self.outbox).map_err(within)?;
         let read = client
-            .prepare(&info.read_sql())
+            .prepare(&info.read_events_sql())
             .map_err(|e| within(e.into()))?;
         let delta = match info.delta_table {
             Some(_) => Some(
