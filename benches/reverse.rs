@@ -416,7 +416,7 @@ fn set_kafka_pipeline(url: &str, brokers: &str, group: &str) {
 }
 
 /// 200,000 persistent messages from a durable queue of a private RabbitMQ
-/// node (prefetch 500), filled anew before each run.
+/// node (the default prefetch), filled anew before each run.
 #[cfg(feature = "rabbitmq")]
 fn bench_rabbitmq(url: &str, runs: usize) {
     if !selected(&format!("reverse_rabbitmq_to_inbox_{}", events())) {
@@ -433,7 +433,7 @@ fn bench_rabbitmq(url: &str, runs: usize) {
             "SELECT pgtrickle.set_relay_inbox('rabbitmq-in', 'events', $1::text::jsonb)",
             &[
                 &serde_json::json!({"type": "rabbitmq", "url": r.url(), "queue": "bench",
-                                  "prefetch": 500, "max_wait_ms": 1000})
+                                  "max_wait_ms": 1000})
                 .to_string(),
             ],
         )

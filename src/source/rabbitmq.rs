@@ -4,7 +4,9 @@
 //!
 //! Keys: [`KEYS`] (README.md and the man page show them). An inbox batch
 //! holds at most half of `prefetch` (and at most `batch_size`), so the
-//! broker keeps sending while a batch is written.
+//! broker keeps sending while a batch is written. The default `prefetch`,
+//! [`DEFAULT_PREFETCH`], is two default batches: a smaller window cuts the
+//! batches, and every batch is an inbox commit.
 //!
 //! **The queue.** Without `declare` the queue must exist, or the pipeline
 //! stops with an error that says so. With `declare: true` the relay
@@ -85,6 +87,11 @@ use crate::trace;
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// A batch ends when no message follows the last one within this long.
 const GAP: Duration = Duration::from_millis(5);
+/// `prefetch` when not set: twice the default `batch_size` (5,000), so
+/// that default batches can be full ones while the next streams in. With
+/// 500 (the default before) every batch was at most 250 messages, each an
+/// inbox commit of its own.
+pub const DEFAULT_PREFETCH: u16 = 10_000;
 
 /// The `rabbitmq` source's config.
 #[derive(Debug, Clone, Deserialize)]
@@ -129,8 +136,8 @@ pub const KEYS: &[KeySpec] = &[
     KeySpec::new(
         "prefetch",
         "integer",
-        Fallback::Value("500"),
-        "how many unacknowledged messages the broker sends ahead (1-65535). An inbox batch holds at most half of them (and at most `batch_size`), so the broker keeps sending while a batch is written",
+        Fallback::Value("10000"),
+        "how many unacknowledged messages the broker sends ahead (1-65535). An inbox batch holds at most half of them (and at most `batch_size`), so the broker keeps sending while a batch is written; the default is twice the default `batch_size`",
     ),
     KeySpec::new(
         "declare",
@@ -398,7 +405,7 @@ fn attribute(
 
 impl RabbitSource {
     fn prefetch(&self) -> u16 {
-        self.cfg.prefetch.unwrap_or(500)
+        self.cfg.prefetch.unwrap_or(DEFAULT_PREFETCH)
     }
 
     /// The consumer thread, started (connected, queue checked) if needed.
@@ -807,6 +814,15 @@ mod tests {
             "source": "shop", "trace_id": {"field": "trace"}})
         ))
         .is_ok());
+    }
+
+    #[test]
+    fn the_default_prefetch_is_the_documented_one() {
+        let row = KEYS.iter().find(|k| k.name == "prefetch").unwrap();
+        let Fallback::Value(shown) = row.default else {
+            panic!("prefetch has a default value");
+        };
+        assert_eq!(shown, DEFAULT_PREFETCH.to_string());
     }
 
     #[test]
