@@ -307,30 +307,25 @@ pub struct Row {
 
 /// How many rows the forward read asks for (its `$3`): enough for a batch
 /// of events if the rows hold as many events as the widest row of the
-/// last read did. Rows wider than that are only read further than needed
-/// (the reader drops what it streams past the batch); narrower ones make a
-/// smaller batch, and the next read asks for more.
-#[derive(Debug, Clone, Copy)]
+/// last read did; one row for the first read, which knows nothing yet.
+/// Rows wider than that are only read further than needed (the reader
+/// drops what it streams past the batch); narrower ones make a smaller
+/// batch, and the next read asks for more.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ReadLimit {
-    /// The most events one row of the last read held.
-    widest: i64,
-}
-
-impl Default for ReadLimit {
-    fn default() -> ReadLimit {
-        ReadLimit { widest: 1 }
-    }
+    /// The most events one row of the last read held (None: no read yet).
+    widest: Option<i64>,
 }
 
 impl ReadLimit {
     /// The rows to read for `events` events (at least one).
     pub fn rows(&self, events: usize) -> i64 {
-        (events as i64 / self.widest).max(1)
+        self.widest.map_or(1, |w| (events as i64 / w).max(1))
     }
 
     /// A read ended whose widest row held `widest` events.
     pub fn read(&mut self, widest: i64) {
-        self.widest = widest.max(1);
+        self.widest = Some(widest.max(1));
     }
 }
 
@@ -576,8 +571,15 @@ mod tests {
     }
 
     #[test]
-    fn a_read_asks_for_rows_enough_for_a_batch_of_rows_as_wide_as_the_last_reads_widest() {
+    fn a_read_asks_for_rows_enough_for_a_batch_of_rows_as_wide_as_the_last_reads_widest_one_at_first(
+    ) {
         let mut l = ReadLimit::default();
+        assert_eq!(
+            l.rows(5000),
+            1,
+            "the first read finds out how wide rows are"
+        );
+        l.read(1);
         assert_eq!(l.rows(5000), 5000);
         l.read(1000);
         assert_eq!(l.rows(5000), 5);
