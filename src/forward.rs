@@ -851,7 +851,7 @@ pub fn replay(
 }
 
 /// Hands outbox rows to a [`Delivery`], streaming the delta rows of a
-/// claim-check from the read transaction chunk by chunk.
+/// claim-check chunk by chunk.
 struct Reader<'a> {
     decoder: Decoder<'a>,
     /// The delta-rows query, when the outbox has a delta-rows table.

@@ -102,7 +102,7 @@ pub const COMMON_KEYS: &[KeySpec] = &[
         "batch_size",
         "integer",
         Fallback::Text("`--batch-size`"),
-        "events per batch: a read transaction ends before the outbox row that would take it past `batch_size` events (it always holds at least one row), and the sink is written in batches of that many events; the offset is committed once per batch",
+        "events per batch: a read takes outbox rows until it holds `batch_size` events (the row that reaches it whole, and at least one row; a claim-check row ends a read), and the sink is handed batches of that many events; the offset is committed at most every 250 ms (see [Delivery guarantees](#delivery-guarantees))",
     ),
     KeySpec::new(
         "lease_seconds",
