@@ -129,7 +129,7 @@ pub fn session(ctx: &Ctx, cfg: &Forward) -> Result<(), Error> {
                     "id"
                 }
             );
-            let mut offset_loop = OffsetLoop::new(ctx, cfg, &mut client, reader, out, listener)?;
+            let mut offset_loop = OffsetLoop::new(ctx, &mut client, reader, out, listener)?;
             offset_loop.run()
         }),
     }
@@ -817,18 +817,11 @@ pub fn replay(
     let mut done = Replayed::default();
     loop {
         let mut last = None;
-        let rows = reader.rows(cfg.batch_size);
         done.rows += reader.batch(
             client,
             &read,
-            &[
-                &pos.txid_or_zero(),
-                &pos.id,
-                &rows,
-                &range.from,
-                &range.to,
-                &range.since,
-            ],
+            &pos,
+            &[&range.from, &range.to, &range.since],
             &mut out,
             &mut last,
         )?;
@@ -900,44 +893,71 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// The rows the next read asks for (its `$3`), for `events` events.
-    fn rows(&self, events: usize) -> i64 {
-        self.limit.get().rows(events)
+    /// Read and hand to `out` the rows after `from` of `read` (the read
+    /// query, or the range query with `range` its `$4`...), until they hold
+    /// `batch_size` events (the row that reaches it whole, at least one
+    /// row) or none are left; `last` is the position of the last row fully
+    /// handed over. Each query asks for as many rows as [`ReadLimit`]
+    /// expects the rest of the batch to take and is read again after the
+    /// last row when they held fewer events. The rows stream in as
+    /// PostgreSQL produces them, so the server computes the next rows while
+    /// these are decoded and published. A claim-check row ends the read:
+    /// its delta rows are read in a transaction of their own.
+    fn batch(
+        &self,
+        client: &mut Client,
+        read: &Statement,
+        from: &Position,
+        range: &[&(dyn ToSql + Sync)],
+        out: &mut Delivery,
+        last: &mut Option<Position>,
+    ) -> Result<u64, Error> {
+        let (mut n, mut events) = (0, 0);
+        let mut from = from.clone();
+        loop {
+            let room = out.batch_size.saturating_sub(events as usize).max(1);
+            let asked = self.limit.get().rows(room);
+            let txid = from.txid_or_zero();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&txid, &from.id, &asked];
+            params.extend_from_slice(range);
+            let got = self.stream(client, read, &params, out, last, &mut events)?;
+            n += got.rows;
+            if got.ended || got.rows < asked as u64 || events >= out.batch_size as i64 {
+                return Ok(n);
+            }
+            from = last.clone().expect("rows were handed over");
+        }
     }
 
-    /// Read and hand to `out` the rows of `read` (the read query, or the
-    /// range query) with `params`; `last` is the position of the last row
-    /// fully handed over. The rows stream in as PostgreSQL produces them,
-    /// so the server computes the next rows while these are decoded and
-    /// published. The read ends before the row that would start past
-    /// `batch_size` events (it always holds at least one row); a
-    /// claim-check row ends it too: its delta rows are read in a
-    /// transaction of their own. The rows streamed past the end come again
-    /// with the next read.
-    fn batch(
+    /// One query of [`Reader::batch`]: hand its rows to `out` while the
+    /// batch has room (`events` so far); what streams in after that is
+    /// dropped (read again next time).
+    fn stream(
         &self,
         client: &mut Client,
         read: &Statement,
         params: &[&(dyn ToSql + Sync)],
         out: &mut Delivery,
         last: &mut Option<Position>,
-    ) -> Result<u64, Error> {
-        let (mut n, mut events, mut widest) = (0, 0, 0);
+        events: &mut i64,
+    ) -> Result<Streamed, Error> {
+        let mut got = Streamed::default();
+        let mut widest = 0;
         let mut claim_check = None;
         let mut rows = client.query_raw(read, params.iter().map(|p| *p as &dyn ToSql))?;
         while let Some(r) = rows.next()? {
-            if events >= out.batch_size as i64 {
+            if *events >= out.batch_size as i64 {
                 break;
             }
             let row = Row::from_pg(&r);
-            events += row.events;
+            *events += row.events;
             widest = widest.max(row.events);
             if let Some(cc) = out.row(&self.decoder, &row)? {
                 claim_check = Some((row, cc));
                 break;
             }
             *last = Some(row.position());
-            n += 1;
+            got.rows += 1;
         }
         // Whatever of the read is left is skipped by the connection.
         drop(rows);
@@ -951,16 +971,25 @@ impl Reader<'_> {
             self.claim_check(&mut tx, out, &row, &cc)?;
             tx.commit()?;
             *last = Some(row.position());
-            n += 1;
+            got.rows += 1;
+            got.ended = true;
         }
-        Ok(n)
+        Ok(got)
     }
+}
+
+/// What one query of [`Reader::batch`] handed over.
+#[derive(Default)]
+struct Streamed {
+    /// Rows handed over whole.
+    rows: u64,
+    /// A claim-check row ended the read.
+    ended: bool,
 }
 
 /// Default mode: this pipeline's own offset in `relay_consumer_offsets`.
 struct OffsetLoop<'a> {
     ctx: &'a Ctx,
-    cfg: &'a Forward,
     client: &'a mut Client,
     reader: Reader<'a>,
     out: Delivery<'a>,
@@ -979,7 +1008,6 @@ struct OffsetLoop<'a> {
 impl<'a> OffsetLoop<'a> {
     fn new(
         ctx: &'a Ctx,
-        cfg: &'a Forward,
         client: &'a mut Client,
         reader: Reader<'a>,
         out: Delivery<'a>,
@@ -990,7 +1018,6 @@ impl<'a> OffsetLoop<'a> {
         let waker = Waker::new(reader.decoder.info, listener);
         Ok(OffsetLoop {
             ctx,
-            cfg,
             client,
             reader,
             out,
@@ -1028,11 +1055,11 @@ impl<'a> OffsetLoop<'a> {
             let mut last = None;
             self.batch_start.get_or_insert_with(Instant::now);
             self.waker.mark();
-            let rows = self.reader.rows(self.cfg.batch_size);
             let read = self.reader.batch(
                 self.client,
                 &self.read,
-                &[&self.pos.txid_or_zero(), &self.pos.id, &rows],
+                &self.pos,
+                &[],
                 &mut self.out,
                 &mut last,
             );
