@@ -864,3 +864,31 @@ fn subjects_route_by_payload_content_and_an_event_without_the_field_is_a_dead_le
     assert_eq!(subjects, ["t.a", "t.b", "t.shared"]);
     assert!(dead_letter_reasons(&url).is_empty());
 }
+
+/// A read asks for as many rows as a batch needs if they are as narrow as
+/// the last read's; when wider rows follow, the read stops at the batch and
+/// drops what streamed in after it, and the next read takes those rows.
+#[test]
+fn rows_wider_than_the_last_read_expected_are_read_again_after_the_batch_not_lost() {
+    let (url, file) = setup("fwd_wider", r#","batch_size":10"#);
+    Pg::shared()
+        .client(&url)
+        .batch_execute(
+            "SELECT pgtrickle.outbox_publish('orders', jsonb_build_object('n', g))
+               FROM generate_series(0, 14) g;
+             SELECT pgtrickle.outbox_publish_delta('orders',
+                      (SELECT jsonb_agg(jsonb_build_object('n', g))
+                         FROM generate_series(15 + b * 10, 24 + b * 10) g))
+               FROM generate_series(0, 4) b;",
+        )
+        .unwrap();
+    let out = run_once(&url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ns, keys) = ns_and_keys(&read_jsonl(&file));
+    assert_eq!(ns, (0..65).collect::<Vec<_>>(), "each event once, in order");
+    assert_eq!(keys.iter().collect::<BTreeSet<_>>().len(), 65);
+}
