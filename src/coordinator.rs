@@ -338,11 +338,15 @@ fn run_pipeline(ctx: &Ctx, p: &Pipeline) -> Result<(), Error> {
             return Ok(());
         }
         let retry_ms = delay.as_millis() as u64;
+        let when = match delay.is_zero() {
+            true => "now".to_string(),
+            false => format!("in {delay:.1?}"),
+        };
         match e.class {
             Class::Permanent => {
-                log::error!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}")
+                log::error!(error = e.msg.as_str(), retry_ms; "{e}; retrying {when}")
             }
-            _ => log::warn!(error = e.msg.as_str(), retry_ms; "{e}; retrying in {delay:.1?}"),
+            _ => log::warn!(error = e.msg.as_str(), retry_ms; "{e}; retrying {when}"),
         }
         health::set(
             &ctx.name,

@@ -33,6 +33,11 @@ pub enum Verdict {
 /// retried slowly (at most every [`PERMANENT_PAUSE`]) by a daemon, and
 /// ends a `--once` run. A closed output stops the relay. A session that
 /// ran [`FRESH_AFTER`] before it failed starts the count afresh.
+///
+/// The backoff spaces session starts, not the gap after a failure: a
+/// session that ran (e.g. waited for its broker) longer than its transient
+/// delay is retried at once, so a destination that comes back is used as
+/// soon as the next session reaches it.
 pub struct Retries {
     backoff: Backoff,
     failures: u32,
@@ -67,7 +72,7 @@ impl Retries {
         let delay = self.backoff.next_delay();
         Verdict::RetryIn(match class {
             Class::Permanent => delay.max(PERMANENT_PAUSE),
-            _ => delay,
+            _ => delay.saturating_sub(ran),
         })
     }
 }
@@ -182,6 +187,23 @@ mod tests {
         }
         assert!(retry_in(r.after(Class::Permanent, quick)) >= Duration::from_secs(5));
         assert_eq!(r.after(Class::Closed, quick), Verdict::Stop);
+    }
+
+    #[test]
+    fn a_session_that_ran_longer_than_its_backoff_is_retried_at_once() {
+        let mut r = Retries::new(false);
+        for _ in 0..10 {
+            retry_in(r.after(Class::Transient, Duration::from_millis(10)));
+        }
+        // Waited 4 s for its broker: the next session starts now.
+        let d = retry_in(r.after(Class::Transient, Duration::from_secs(4)));
+        assert_eq!(d, Duration::ZERO);
+        // Sessions that fail at once still back off.
+        let d = retry_in(r.after(Class::Transient, Duration::from_millis(10)));
+        assert!(d >= Duration::from_millis(400), "{d:?}");
+        // A permanent error keeps its pause however long the session ran.
+        let d = retry_in(r.after(Class::Permanent, Duration::from_secs(4)));
+        assert!(d >= Duration::from_secs(5), "{d:?}");
     }
 
     #[test]

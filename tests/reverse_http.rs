@@ -645,7 +645,7 @@ fn relay_to_relay_over_http_keeps_one_row_per_event_across_a_retry() {
     // Events 4-6 are committed before the retry that follows the second
     // time-out from now: that retry's request holds events 1-6.
     publish(&a, 4, 3);
-    let retries = || ra.stderr().matches("retrying in").count();
+    let retries = || ra.stderr().matches("; retrying ").count();
     let before = retries();
     wait_until(60, "two more retries of relay A", || {
         retries() >= before + 2

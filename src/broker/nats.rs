@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::keys::{ConfigError, Fallback, KeySpec};
 use crate::pg::{expand_env, mask};
-use crate::retry::Error;
+use crate::retry::{Class, Error};
 
 /// The `credentials` key both directions take.
 pub const CREDENTIALS_KEY: KeySpec = KeySpec::new(
@@ -27,6 +27,8 @@ pub const CREDENTIALS_KEY: KeySpec = KeySpec::new(
 
 /// JetStream API requests.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`connect_waiting`] tries again.
+pub const CONNECT_STEP: Duration = Duration::from_millis(100);
 
 /// Connection state shared with the client's callbacks.
 #[derive(Default)]
@@ -117,7 +119,7 @@ pub fn connect(
     opts = opts
         .with_name(&format!("pgtrickle-relay {pipeline}"))
         .max_reconnects(None)
-        .reconnect_delay_callback(|_| Duration::from_millis(200))
+        .reconnect_delay_callback(reconnect_delay)
         .disconnect_callback(move || down.connected.store(false, Ordering::SeqCst))
         .reconnect_callback(move || {
             up.generation.fetch_add(1, Ordering::SeqCst);
@@ -128,6 +130,39 @@ pub fn connect(
         .map_err(|e| Error::transient(format!("nats {shown}: {e}")))?;
     link.connected.store(true, Ordering::SeqCst);
     Ok(Client { nc, link, shown })
+}
+
+/// How long the client waits before its `attempt`th try in a row to reach
+/// a server: not at all before the first (the client calls this before
+/// every try, also when it connects for the first time), then 200 ms.
+fn reconnect_delay(attempt: usize) -> Duration {
+    match attempt {
+        0 => Duration::ZERO,
+        _ => Duration::from_millis(200),
+    }
+}
+
+/// [`connect`], trying again every [`CONNECT_STEP`] for up to `wait` while
+/// the server does not answer: a session opened during an outage starts
+/// at once when the server is back, instead of failing and waiting out the
+/// pipeline's backoff. The last error after that.
+pub fn connect_waiting(
+    pipeline: &str,
+    side: &str,
+    url: &str,
+    credentials: Option<&str>,
+    wait: Duration,
+) -> Result<Client, Error> {
+    let until = Instant::now() + wait;
+    loop {
+        match connect(pipeline, side, url, credentials) {
+            Err(e) if e.class == Class::Transient && Instant::now() + CONNECT_STEP < until => {
+                log::debug!("{e}; connecting again in {CONNECT_STEP:?}");
+                std::thread::sleep(CONNECT_STEP);
+            }
+            other => return other,
+        }
+    }
 }
 
 impl Client {
@@ -197,6 +232,14 @@ impl std::fmt::Display for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_try_to_reach_a_server_does_not_wait() {
+        // It cost every session 200 ms before its first event.
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        assert_eq!(reconnect_delay(1), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(50), Duration::from_millis(200));
+    }
 
     #[test]
     fn stream_and_consumer_names_have_no_subject_tokens() {

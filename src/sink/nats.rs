@@ -53,11 +53,13 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::broker::nats::{check_connection, check_name, connect, ApiError, Client};
+use crate::broker::nats::{
+    check_connection, check_name, connect, connect_waiting, ApiError, Client, CONNECT_STEP,
+};
 use crate::cloudevents::{self, CloudEvents, Mode};
 use crate::event::Event;
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
-use crate::retry::Error;
+use crate::retry::{Class, Error};
 use crate::sink::{OnUnroutable, Rejected, Sink, SinkSpec};
 use crate::trace::Context;
 
@@ -68,7 +70,7 @@ const FLUSH_TIMEOUT: Duration = Duration::from_millis(100);
 /// No ack at all for this long: the batch fails (and is retried). Kept
 /// below the relay's shutdown grace, as is [`OUTAGE_WAIT`].
 const ACK_TIMEOUT: Duration = Duration::from_secs(4);
-/// How long `publish` waits for a lost connection to come back.
+/// How long `open` and `publish` wait for the server to answer again.
 const OUTAGE_WAIT: Duration = Duration::from_secs(4);
 /// The largest header block JetStream stores.
 const JS_MAX_HEADERS: usize = 65_535;
@@ -155,8 +157,16 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigEr
 }
 
 impl SinkSpec for NatsKeys {
+    /// Waits up to [`OUTAGE_WAIT`] for the server and JetStream to answer.
     fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
-        let client = connect(pipeline, "sink", &self.url, self.credentials.as_deref())?;
+        let until = Instant::now() + OUTAGE_WAIT;
+        let client = connect_waiting(
+            pipeline,
+            "sink",
+            &self.url,
+            self.credentials.as_deref(),
+            OUTAGE_WAIT,
+        )?;
         let inbox = client.nc.new_inbox();
         let acks = client.nc.subscribe(&format!("{inbox}.*")).map_err(|e| {
             Error::transient(format!("nats {}: subscribing to acks: {e}", client.shown))
@@ -169,7 +179,17 @@ impl SinkSpec for NatsKeys {
             next_seq: 0,
             stream_subjects: None,
         };
-        match sink.stream_subjects()? {
+        // JetStream answers a moment after the server's port opens.
+        let subjects = loop {
+            match sink.stream_subjects() {
+                Err(e) if e.class == Class::Transient && Instant::now() + CONNECT_STEP < until => {
+                    log::debug!("{e}; asking again in {CONNECT_STEP:?}");
+                    std::thread::sleep(CONNECT_STEP);
+                }
+                other => break other?,
+            }
+        };
+        match subjects {
             Some(subjects) => sink.stream_subjects = Some(subjects),
             None if self.create_stream => {
                 if let Some(s) = &self.subjects {

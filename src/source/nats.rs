@@ -51,7 +51,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::broker::nats::{check_connection, check_name, connect, Client};
+use crate::broker::nats::{check_connection, check_name, connect, connect_waiting, Client};
 use crate::keys::{from_value, ConfigError, Fallback, KeySpec};
 use crate::retry::Error;
 use crate::source::decode::{dead_letter, json_text, Body, CloudEvent, Origin, Origins, Problem};
@@ -59,7 +59,7 @@ use crate::source::{feed, own_id, Batch, Feed, Message, Source, SourceSpec};
 use crate::trace;
 use consumer::Durable;
 
-/// How long `receive` and `ack` wait for a lost connection to come back.
+/// How long `open`, `receive` and `ack` wait for the server to answer again.
 /// Kept below the relay's shutdown grace, as is [`CONFIRM_TIMEOUT`].
 const OUTAGE_WAIT: Duration = Duration::from_secs(4);
 /// How long the server's confirmation of a batch's acks may take.
@@ -197,7 +197,13 @@ pub fn parse(mut keys: Map<String, Value>) -> Result<Box<dyn SourceSpec>, Config
 
 impl SourceSpec for NatsSourceConfig {
     fn open(&self, pipeline: &str, once: bool) -> Result<Box<dyn Feed>, Error> {
-        let client = connect(pipeline, "source", &self.url, self.credentials.as_deref())?;
+        let client = connect_waiting(
+            pipeline,
+            "source",
+            &self.url,
+            self.credentials.as_deref(),
+            OUTAGE_WAIT,
+        )?;
         let shown = &client.shown;
         let deliver_to = client.nc.new_inbox();
         let deliveries = client.nc.subscribe(&deliver_to).map_err(|e| {
