@@ -85,7 +85,7 @@ pub const KEYS: &[KeySpec] = &[
         "path",
         "string",
         Fallback::Text("stdout"),
-        "append to this file instead of stdout. The file is fsynced before each offset commit, and its directory after the file is created or renamed. A torn last record (the relay killed, or the disk full, mid-write) is cut off when the file is opened again; its event was not committed and is written again. Every format has a reliable record end: JSON values never hold a raw line break (PostgreSQL's jsonb text has none; any other is written as a space, which JSON ignores), so a `jsonl` record is one line, a `json_pretty` record ends with a line holding only `}`, and a `csv` record ends with a line break outside quotes (a CSV file is read once from its start to find it). A file holding only the start of a first record is cut to nothing; a file that does not start like this sink's output in this format is refused with an error naming it, never cut",
+        "append to this file instead of stdout. The file is fsynced before each offset commit, and its directory after the file is created or renamed (a device or a pipe, such as `/dev/null` or a FIFO, is written without fsync and cannot be rotated). A torn last record (the relay killed, or the disk full, mid-write) is cut off when the file is opened again; its event was not committed and is written again. Every format has a reliable record end: JSON values never hold a raw line break (PostgreSQL's jsonb text has none; any other is written as a space, which JSON ignores), so a `jsonl` record is one line, a `json_pretty` record ends with a line holding only `}`, and a `csv` record ends with a line break outside quotes (a CSV file is read once from its start to find it). A file holding only the start of a first record is cut to nothing; a file that does not start like this sink's output in this format is refused with an error naming it, never cut",
     ),
     KeySpec::new(
         "rotate_bytes",
@@ -111,17 +111,28 @@ pub fn parse(keys: Map<String, Value>) -> Result<Box<dyn SinkSpec>, ConfigError>
 }
 
 impl SinkSpec for StdoutConfig {
-    fn open(&self, _pipeline: &str) -> Result<Box<dyn Sink>, Error> {
+    /// A path that is a device or a pipe (`/dev/null`, a FIFO) is written
+    /// without fsync (it has nothing to make durable) and never rotated.
+    fn open(&self, pipeline: &str) -> Result<Box<dyn Sink>, Error> {
         let out = match &self.path {
             None => Out::Stdout,
             Some(path) => {
                 let file = open_append(path, self.format)?;
-                let len = file.metadata()?.len();
+                let meta = file.metadata()?;
+                let regular = meta.is_file();
+                if !regular && self.rotate_bytes.is_some() {
+                    return Err(Error::permanent(format!(
+                        "pipeline {pipeline:?}: sink.rotate_bytes: {} is not a regular file \
+                         (a device or a pipe is not rotated): unset rotate_bytes",
+                        path.display()
+                    )));
+                }
                 Out::File {
                     next_rotation: next_rotation_index(path),
                     path: path.clone(),
                     file,
-                    len,
+                    len: meta.len(),
+                    regular,
                 }
             }
         };
@@ -170,6 +181,8 @@ enum Out {
         /// Bytes in the current file.
         len: u64,
         next_rotation: u64,
+        /// A regular file (fsynced); not a device or a pipe.
+        regular: bool,
     },
 }
 
@@ -459,6 +472,7 @@ impl StdoutSink {
             file,
             len,
             next_rotation,
+            ..
         } = &mut self.out
         else {
             return Ok(());
@@ -501,6 +515,7 @@ impl Sink for StdoutSink {
         self.write_out()?;
         match &mut self.out {
             Out::Stdout => std::io::stdout().lock().flush()?,
+            Out::File { regular: false, .. } => {}
             Out::File { file, path, .. } => file
                 .sync_data()
                 .map_err(|e| Error::transient(format!("fsync {}: {e}", path.display())))?,
@@ -613,6 +628,26 @@ mod tests {
             std::fs::remove_file(&path).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_device_or_pipe_is_written_without_fsync_and_never_rotated() {
+        // fsync of /dev/null (or a FIFO) fails with EINVAL: nothing to
+        // make durable there, so the offset moves on without it.
+        let dev_null = Path::new("/dev/null");
+        write(dev_null, Format::Jsonl, &[event(1, "s", "{\"n\": 1}")]);
+        let keys = serde_json::json!({"path": dev_null, "rotate_bytes": 10});
+        let e = parse(keys.as_object().unwrap().clone())
+            .unwrap()
+            .open("p")
+            .err()
+            .expect("rotating /dev/null refused");
+        assert!(e.to_string().contains("sink.rotate_bytes"), "{e}");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::metadata(dev_null)
+            .unwrap()
+            .file_type()
+            .is_char_device());
     }
 
     #[test]
