@@ -62,6 +62,21 @@ use crate::wake::Waker;
 /// committed: while a backlog is worked off and while single events arrive
 /// (at once when stopping). A commit per wake-up would hold up the next read.
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
+/// While a read finds rows but not a full batch, the next starts no sooner
+/// than this much after it per row it found, and [`READ_PACE_MAX`] at
+/// most: a relay following busy writers reads their events several at a
+/// time, not one query per commit (each read costs the server and the
+/// relay alike, mostly in waking threads), for at most that much more
+/// latency. One row a read (a trickle) waits least.
+const READ_PACE: Duration = Duration::from_millis(1);
+/// See [`READ_PACE`].
+const READ_PACE_MAX: Duration = Duration::from_millis(4);
+
+/// How long after the start of a read that found `rows` (not a full
+/// batch) the next may start.
+fn read_pace(rows: u64) -> Duration {
+    READ_PACE.saturating_mul(rows.min(u32::MAX as u64) as u32).min(READ_PACE_MAX)
+}
 /// Rows held back by the horizon: the shortest and the longest wait before
 /// looking again (in between, a quarter of the time they have been held).
 const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(200));
@@ -817,14 +832,16 @@ pub fn replay(
     let mut done = Replayed::default();
     loop {
         let mut last = None;
-        done.rows += reader.batch(
-            client,
-            &read,
-            &pos,
-            &[&range.from, &range.to, &range.since],
-            &mut out,
-            &mut last,
-        )?;
+        done.rows += reader
+            .batch(
+                client,
+                &read,
+                &pos,
+                &[&range.from, &range.to, &range.since],
+                &mut out,
+                &mut last,
+            )?
+            .rows;
         out.finish()?;
         let dead = out.take_dead();
         done.dead += dead.len() as u64;
@@ -911,7 +928,7 @@ impl Reader<'_> {
         range: &[&(dyn ToSql + Sync)],
         out: &mut Delivery,
         last: &mut Option<Position>,
-    ) -> Result<u64, Error> {
+    ) -> Result<Read, Error> {
         let (mut n, mut events) = (0, 0);
         let mut from = from.clone();
         loop {
@@ -922,8 +939,9 @@ impl Reader<'_> {
             params.extend_from_slice(range);
             let got = self.stream(client, read, &params, out, last, &mut events)?;
             n += got.rows;
-            if got.ended || got.rows < asked as u64 || events >= out.batch_size as i64 {
-                return Ok(n);
+            let full = events >= out.batch_size as i64;
+            if got.ended || got.rows < asked as u64 || full {
+                return Ok(Read { rows: n, full });
             }
             from = last.clone().expect("rows were handed over");
         }
@@ -976,6 +994,14 @@ impl Reader<'_> {
         }
         Ok(got)
     }
+}
+
+/// What [`Reader::batch`] read.
+struct Read {
+    /// Rows handed over whole.
+    rows: u64,
+    /// The batch is full: more rows may be waiting.
+    full: bool,
 }
 
 /// What one query of [`Reader::batch`] handed over.
@@ -1053,7 +1079,8 @@ impl<'a> OffsetLoop<'a> {
                 return self.commit().map(|_| ());
             }
             let mut last = None;
-            self.batch_start.get_or_insert_with(Instant::now);
+            let started = Instant::now();
+            self.batch_start.get_or_insert(started);
             self.waker.mark();
             let read = self.reader.batch(
                 self.client,
@@ -1071,7 +1098,16 @@ impl<'a> OffsetLoop<'a> {
                 if self.commits.due(Instant::now(), read.is_err()) && !self.commit()? {
                     return Ok(());
                 }
-                read?;
+                let read = read?;
+                if !read.full {
+                    // Caught up with the writers: the next read waits for
+                    // what they commit meanwhile.
+                    let now = Instant::now();
+                    let pace = read_pace(read.rows).saturating_sub(now - started);
+                    if !pace.is_zero() && !self.ctx.sleep(self.commits.cap(now, pace)) {
+                        return self.commit().map(|_| ());
+                    }
+                }
                 continue;
             }
             read?;
@@ -1934,6 +1970,14 @@ mod tests {
         decode(&mut out, &[row(2, 10)]).unwrap();
         out.finish().unwrap();
         assert_eq!(sink.get().acked.len(), 210);
+    }
+
+    #[test]
+    fn a_read_that_found_more_rows_waits_longer_for_the_next_up_to_a_cap() {
+        assert_eq!(read_pace(1), Duration::from_millis(1));
+        assert_eq!(read_pace(3), Duration::from_millis(3));
+        assert_eq!(read_pace(4), READ_PACE_MAX);
+        assert_eq!(read_pace(1_000_000), READ_PACE_MAX);
     }
 
     #[test]
