@@ -63,20 +63,29 @@ use crate::wake::Waker;
 /// (at once when stopping). A commit per wake-up would hold up the next read.
 const COMMIT_EVERY: Duration = Duration::from_millis(250);
 /// While a read finds rows but not a full batch, the next starts no sooner
-/// than this much after it per row it found, and [`READ_PACE_MAX`] at
-/// most: a relay following busy writers reads their events several at a
-/// time, not one query per commit (each read costs the server and the
-/// relay alike, mostly in waking threads), for at most that much more
-/// latency. One row a read (a trickle) waits least.
+/// than this much after it: a relay following busy writers reads their
+/// events several at a time, not one query per commit (each read costs the
+/// server and the relay alike, mostly in waking threads), for at most this
+/// much more latency.
 const READ_PACE: Duration = Duration::from_millis(1);
-/// See [`READ_PACE`].
-const READ_PACE_MAX: Duration = Duration::from_millis(4);
+/// The pace once a read finds [`BUSY_ROWS`] rows or more (thousands of
+/// commits a second). Not proportional to the rows found: that would feed
+/// on itself (a longer wait finds more rows) and hold a trickle of 1,000
+/// events/s 4 ms instead of 1.
+const BUSY_PACE: Duration = Duration::from_millis(4);
+/// See [`BUSY_PACE`]; at the busy pace, a read finds this many once the
+/// rate falls below a quarter of what set it: back to [`READ_PACE`].
+const BUSY_ROWS: u64 = 8;
 
 /// How long after the start of a read that found `rows` (not a full
 /// batch) the next may start.
 fn read_pace(rows: u64) -> Duration {
-    READ_PACE.saturating_mul(rows.min(u32::MAX as u64) as u32).min(READ_PACE_MAX)
+    match rows >= BUSY_ROWS {
+        true => BUSY_PACE,
+        false => READ_PACE,
+    }
 }
+
 /// Rows held back by the horizon: the shortest and the longest wait before
 /// looking again (in between, a quarter of the time they have been held).
 const HELD_WAIT: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(200));
@@ -1973,11 +1982,12 @@ mod tests {
     }
 
     #[test]
-    fn a_read_that_found_more_rows_waits_longer_for_the_next_up_to_a_cap() {
-        assert_eq!(read_pace(1), Duration::from_millis(1));
-        assert_eq!(read_pace(3), Duration::from_millis(3));
-        assert_eq!(read_pace(4), READ_PACE_MAX);
-        assert_eq!(read_pace(1_000_000), READ_PACE_MAX);
+    fn reads_that_find_many_rows_are_paced_more_and_a_trickle_stays_at_the_short_pace() {
+        assert_eq!(read_pace(1), READ_PACE);
+        // 1,000 events/s read at the busy pace find about 4: back to 1 ms.
+        assert_eq!(read_pace(4), READ_PACE);
+        assert_eq!(read_pace(BUSY_ROWS), BUSY_PACE);
+        assert_eq!(read_pace(1_000_000), BUSY_PACE);
     }
 
     #[test]
