@@ -8,7 +8,8 @@
 //! key, `jsonb`, `timestamptz DEFAULT now()`), at 8 and 32 clients
 //! (`pgbench -n -M prepared -j 2 -T BENCH_PGBENCH_SECS`, default 10 s),
 //! with no relay and with the release relay following the outbox live (to
-//! a file; it has caught up before each measurement starts). Medians of
+//! a file; it has caught up before each measurement starts, and is stopped
+//! with SIGTERM after). Medians of
 //! `BENCH_RUNS` runs (default 3), the conditions interleaved within a run.
 //! `BENCH_ONLY` selects figures by name. JSON lines on stdout (see
 //! benches/common/mod.rs), progress on stderr.
@@ -155,7 +156,13 @@ fn main() {
                         .push(t);
                 }
             }
-            drop(follower);
+            // Stopped as users stop it (SIGTERM), so it counts itself out
+            // of the outbox's sleepers: a relay killed asleep would leave
+            // the writers of the next measurement notifying.
+            if let Some(mut r) = follower {
+                r.signal(libc::SIGTERM);
+                assert_eq!(r.wait_exit(30), Some(0), "log:\n{}", r.stderr());
+            }
         }
     }
     for (clients, relay_on) in conditions {

@@ -1070,6 +1070,7 @@ impl<'a> OffsetLoop<'a> {
     /// the sink acknowledged before it stays delivered: it is committed, so
     /// the next session does not send it again.
     fn run(&mut self) -> Result<(), Error> {
+        self.waker.start(self.client)?;
         let ran = self.forward();
         if ran.is_err() {
             let acked = self.commits.take_acked(&mut self.out);
@@ -1077,6 +1078,7 @@ impl<'a> OffsetLoop<'a> {
                 log::debug!("committing what was delivered before the error: {c}");
             }
         }
+        self.waker.leave(self.client);
         ran
     }
 
@@ -1365,7 +1367,17 @@ impl<'a> GroupLoop<'a> {
         })
     }
 
+    /// Forward until stopped or an error; counted out of the outbox's
+    /// sleepers at the end.
     fn run(&mut self) -> Result<(), Error> {
+        self.waker.start(self.client)?;
+        let ran = self.forward();
+        self.waker.leave(self.client);
+        ran
+    }
+
+    /// The loop of [`GroupLoop::run`].
+    fn forward(&mut self) -> Result<(), Error> {
         let (ctx, group) = (self.ctx, self.group);
         let info = self.reader.decoder.info;
         let consumer = ctx.worker_id.as_str();

@@ -105,6 +105,27 @@ impl Waker {
         self.listener.wait(ctx, &self.table, self.mark, timeout)
     }
 
+    /// A session starts reading: recount the outbox's sleepers without this
+    /// reader, which drops those whose session is gone (a relay killed
+    /// while asleep left itself counted, and writers would go on
+    /// notifying).
+    pub fn start(&mut self, client: &mut Client) -> Result<(), Error> {
+        if self.mode == Mode::WhileAsleep {
+            client.query_one(
+                "SELECT pgtrickle.relay_outbox_sleep($1, false)",
+                &[&self.table],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The session ends: count this reader out if it counted in.
+    pub fn leave(&mut self, client: &mut Client) {
+        if let Err(e) = self.working(client) {
+            log::debug!("counting out of the sleepers of {}: {e}", self.table);
+        }
+    }
+
     /// Rows were read: count this reader out, writers stop notifying.
     pub fn working(&mut self, client: &mut Client) -> Result<(), Error> {
         self.empty_since = None;

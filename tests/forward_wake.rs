@@ -387,3 +387,67 @@ fn a_lost_listening_connection_neither_loses_nor_delays_a_wake_up() {
     let log = relay.stderr();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+/// A relay that stops (SIGTERM) while asleep counts itself out, and one
+/// that died asleep (SIGKILL) is counted out by the next session that reads
+/// the outbox, even one that never sleeps (`--once`): writers do not go on
+/// paying a NOTIFY in every transaction for a relay that is gone.
+#[test]
+fn a_relay_that_stops_or_dies_asleep_does_not_leave_writers_notifying() {
+    let dir = temp_dir("wake_gone");
+    let url = outbox_pipeline(
+        "wake_gone",
+        &serde_json::json!({"type": "stdout", "path": dir.join("out.jsonl")}),
+    );
+    let mut c = Pg::shared().client(&url);
+    let counter = |c: &mut Client| -> i64 {
+        c.query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgtrickle.outbox_orders_asleep",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let sleepers = |c: &mut Client| -> i64 {
+        c.query_one("SELECT count(*) FROM pgtrickle.outbox_sleepers", &[])
+            .unwrap()
+            .get(0)
+    };
+    publish_one(&mut c);
+    let mut r = Relay::spawn(&mut relay(&url));
+    wait_until(30, "the relay to count itself asleep", || {
+        counter(&mut c) == 1
+    });
+    r.signal(libc::SIGTERM);
+    assert_eq!(r.wait_exit(30), Some(0), "log:\n{}", r.stderr());
+    assert_eq!(
+        (counter(&mut c), sleepers(&mut c)),
+        (0, 0),
+        "a stopped relay still counted asleep; log:\n{}",
+        r.stderr()
+    );
+
+    let r = Relay::spawn(&mut relay(&url));
+    wait_until(30, "the relay to count itself asleep again", || {
+        counter(&mut c) == 1
+    });
+    drop(r); // SIGKILL: nothing counts it out
+    assert_eq!(counter(&mut c), 1);
+    wait_until(30, "the killed relay's backend to be gone", || {
+        c.query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity \
+               WHERE application_name LIKE 'pgtrickle-relay%' AND datname = current_database())",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    publish_one(&mut c);
+    let out = run_once(&url);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        (counter(&mut c), sleepers(&mut c)),
+        (0, 0),
+        "the dead relay still counted asleep after another read the outbox"
+    );
+}

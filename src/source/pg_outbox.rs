@@ -169,6 +169,15 @@ struct Remote {
     waker: Waker,
 }
 
+impl Drop for Remote {
+    /// Count out of the remote outbox's sleepers, if counted in.
+    fn drop(&mut self) {
+        if !self.client.is_closed() {
+            self.waker.leave(&mut self.client);
+        }
+    }
+}
+
 struct PgOutboxSource {
     pipeline: String,
     /// `url` with `${ENV:...}` expanded.
@@ -268,9 +277,13 @@ impl PgOutboxSource {
                 "id"
             }
         );
+        let mut waker = Waker::new(&info, listener);
+        waker
+            .start(&mut client)
+            .map_err(|e| e.context(format!("postgres source {}", self.shown)))?;
         Ok(Remote {
             client,
-            waker: Waker::new(&info, listener),
+            waker,
             info,
             read,
             delta,
