@@ -313,6 +313,19 @@ impl<'a> Publisher<'a> {
                 Ok(()) => {
                     self.acked.position = h.done.or(self.acked.position.take());
                     self.acked.claim_checks.append(&mut h.claim_checks);
+                    let new = &self.acked.dead[dead..];
+                    metrics::get()
+                        .dead_letters
+                        .with_label_values(&[self.pipeline])
+                        .inc_by(new.len() as u64);
+                    for d in new {
+                        log::warn!(
+                            dedup_key = d.dedup_key.as_str(), reason = d.reason.as_str();
+                            "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
+                            d.dedup_key,
+                            d.reason
+                        );
+                    }
                 }
                 Err(e) => {
                     self.acked.dead.truncate(dead);
@@ -378,10 +391,6 @@ impl<'a> Publisher<'a> {
         for (i, e) in events.iter().enumerate() {
             if let Some(why) = self.unroutable(e) {
                 self.publish_run(&events[run..i])?;
-                metrics::get()
-                    .dead_letters
-                    .with_label_values(&[self.pipeline])
-                    .inc();
                 self.dead_letter(e, why);
                 run = i + 1;
             }
@@ -389,14 +398,9 @@ impl<'a> Publisher<'a> {
         self.publish_run(&events[run..])
     }
 
-    /// Dead-letter `e` for `reason`.
+    /// Dead-letter `e` for `reason` (counted and logged once its batch went
+    /// out: a failed batch is read again, and its dead letters made again).
     fn dead_letter(&mut self, e: &Event, reason: String) {
-        log::warn!(
-            dedup_key = e.dedup_key.as_str(), reason = reason.as_str();
-            "dead-lettered event {}: {} (see pgtrickle.relay_dead_letters)",
-            e.dedup_key,
-            reason
-        );
         self.acked.dead.push(DeadLetter {
             dedup_key: e.dedup_key.clone(),
             envelope: serde_json::to_string(e).unwrap_or_else(|_| "null".into()),
@@ -413,11 +417,10 @@ impl<'a> Publisher<'a> {
         let rejected = self.sink.publish(events)?;
         let took = (events.len() - rejected.len()) as u64;
         self.acked.sent += took;
-        let m = metrics::get();
-        m.published.with_label_values(&[self.pipeline]).inc_by(took);
-        m.dead_letters
+        metrics::get()
+            .published
             .with_label_values(&[self.pipeline])
-            .inc_by(rejected.len() as u64);
+            .inc_by(took);
         for r in rejected {
             self.dead_letter(&events[r.index], r.reason);
         }
@@ -1754,6 +1757,43 @@ mod tests {
         );
         // Two publish calls: around the unroutable event, in order.
         assert_eq!(sink.get().calls, [1, 1]);
+    }
+
+    #[test]
+    fn dead_letters_of_a_batch_that_fails_are_neither_counted_nor_logged_until_it_goes_out() {
+        let sink = MemorySink::default();
+        sink.get().fail_publishes = 1;
+        let mut s = sink.clone();
+        let (info, subject) = (
+            outbox_orders(),
+            Template::parse("t.{payload.tenant}").unwrap(),
+        );
+        let pipeline = "dead-count";
+        let counted = || {
+            metrics::get()
+                .dead_letters
+                .with_label_values(&[pipeline])
+                .get()
+        };
+        let mut out = Delivery::new(Publisher::new(&mut s, pipeline).routing(&subject), 100);
+        let decoder = Decoder {
+            info: &info,
+            subject: &subject,
+            pipeline,
+        };
+        let mut r = row(1, 0);
+        r.payload = r#"{"v":1,"inserted":[{"n":1},{"tenant":"a"}]}"#.into();
+        out.row(&decoder, &r).unwrap();
+        // The unroutable event, then a publish that fails: the batch is
+        // read again, and its dead letter made again then.
+        assert!(out.finish().is_err());
+        assert!(out.take_dead().is_empty());
+        assert_eq!(counted(), 0, "counted a dead letter that was not written");
+        out.discard();
+        out.row(&decoder, &r).unwrap();
+        out.finish().unwrap();
+        assert_eq!(out.take_dead().len(), 1);
+        assert_eq!(counted(), 1);
     }
 
     #[test]
