@@ -79,7 +79,11 @@ $ddl$);
 
 -- Everything to run periodically, in one transaction: outbox retention (never
 -- what a consumer has not committed, unless p_force_outbox), inbox retention,
--- and reaping consumers silent for p_dead_after_seconds. Returns a summary.
+-- reaping consumers silent for p_dead_after_seconds, and recounting the
+-- sleepers of kit outboxes whose sleep counter is above 0 (a relay killed
+-- while asleep, or a crash that emptied the unlogged sleepers table, leaves
+-- it up and every writer notifying; relay_outbox_sleep drops the sessions
+-- that are gone). Returns a summary.
 CALL pgtrickle._kit_define('function', 'run_maintenance', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle.run_maintenance(
     p_force_outbox BOOLEAN DEFAULT false, p_dead_after_seconds INT DEFAULT 60, p_batch_size INT DEFAULT 10000)
@@ -92,15 +96,36 @@ DECLARE
     v_outbox bigint;
     v_inbox  jsonb;
     v_reaped jsonb;
+    v_reset  int := 0;
+    v_sync   text := pg_catalog.current_setting('synchronous_commit');
+    v_seq    regclass;
+    v_before bigint;
+    o        record;
 BEGIN
     v_outbox := pgtrickle.outbox_retention(NULL, coalesce(p_force_outbox, false), p_batch_size);
+    FOR o IN SELECT c.outbox_table_name AS t FROM pgtrickle.pgt_outbox_config c
+              WHERE c.stream_table_oid IS NULL ORDER BY 1
+    LOOP
+        v_seq := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(o.t)));
+        CONTINUE WHEN v_seq IS NULL;
+        v_before := coalesce(pg_catalog.pg_sequence_last_value(v_seq), 0);
+        CONTINUE WHEN v_before = 0;
+        PERFORM pgtrickle.relay_outbox_sleep(o.t, false);
+        IF coalesce(pg_catalog.pg_sequence_last_value(v_seq), 0) < v_before THEN
+            v_reset := v_reset + 1;
+        END IF;
+    END LOOP;
+    -- relay_outbox_sleep makes its transaction's commit asynchronous: not
+    -- this one's.
+    PERFORM pg_catalog.set_config('synchronous_commit', v_sync, true);
     SELECT coalesce(jsonb_agg(to_jsonb(r) ORDER BY r.inbox_name), '[]'::jsonb) INTO v_inbox
       FROM pgtrickle.inbox_retention(NULL, p_batch_size) r;
     SELECT coalesce(jsonb_agg(to_jsonb(d) ORDER BY d.group_name, d.consumer_id), '[]'::jsonb) INTO v_reaped
       FROM pgtrickle.reap_dead_consumers(p_dead_after_seconds) d;
     RETURN jsonb_build_object('outbox_rows_deleted', v_outbox,
                               'inbox_rows_deleted', v_inbox,
-                              'dead_consumers', v_reaped);
+                              'dead_consumers', v_reaped,
+                              'sleep_counters_reset', v_reset);
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle.run_maintenance(BOOLEAN, INT, INT) FROM PUBLIC;

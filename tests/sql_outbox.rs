@@ -841,3 +841,49 @@ fn retention_trusts_only_positions_of_this_outbox_and_database() {
     .unwrap();
     assert_eq!(i64_of(&mut c, "SELECT pgtrickle.outbox_retention('a')"), 2);
 }
+
+/// A relay killed while asleep leaves the outbox's sleep counter above 0,
+/// and every writer notifies; so does a PostgreSQL crash (the sleepers
+/// table is unlogged, the counter is not). `run_maintenance` recounts: a
+/// counter held up by nobody alive goes back to 0, and a live sleeper
+/// stays counted.
+#[test]
+fn maintenance_resets_sleep_counters_held_up_by_relays_that_are_gone() {
+    let (pg, url, mut c) = setup("sqlt_sleepers_gone");
+    c.batch_execute("SELECT pgtrickle.enable_outbox('a'), pgtrickle.enable_outbox('b');")
+        .unwrap();
+    let counter = |c: &mut Client, t: &str| {
+        i64_of(
+            c,
+            &format!(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgtrickle.outbox_{t}_asleep"
+            ),
+        )
+    };
+    // a: a sleeper whose session is gone (no backend has pid 1), and one
+    // counted by a crash that emptied the sleepers table (b).
+    c.batch_execute(
+        "INSERT INTO pgtrickle.outbox_sleepers (outbox_table, pid) VALUES ('outbox_a', 1);
+         SELECT setval('pgtrickle.outbox_a_asleep', 1), setval('pgtrickle.outbox_b_asleep', 1);",
+    )
+    .unwrap();
+    // And a live relay session asleep on b.
+    let mut relay = pg.client(&url);
+    relay
+        .query_one("SELECT pgtrickle.relay_outbox_sleep('outbox_b', true)", &[])
+        .unwrap();
+    c.batch_execute("SELECT setval('pgtrickle.outbox_b_asleep', 2)")
+        .unwrap();
+    let summary = json_of(&mut c, "pgtrickle.run_maintenance()");
+    assert_eq!(summary["sleep_counters_reset"], 2, "{summary}");
+    assert_eq!(counter(&mut c, "a"), 0);
+    assert_eq!(counter(&mut c, "b"), 1, "the live sleeper stays counted");
+    assert_eq!(
+        i64_of(&mut c, "SELECT count(*) FROM pgtrickle.outbox_sleepers"),
+        1
+    );
+    // Nothing to reset the second time.
+    let summary = json_of(&mut c, "pgtrickle.run_maintenance()");
+    assert_eq!(summary["sleep_counters_reset"], 0, "{summary}");
+    drop(relay);
+}
