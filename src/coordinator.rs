@@ -377,9 +377,14 @@ pub fn run(settings: &Settings, signals: &Signals) -> Exit {
         };
     };
     if let Err(e) = co.reconcile_all(&mut client) {
-        log::error!(
-            "reading the relay catalog: {e} (is the SQL installed? `pgtrickle-relay sql | psql`)"
-        );
+        match e.class {
+            // PostgreSQL restarting, a timeout: read again (at the next
+            // scan, or on reconnecting).
+            Class::Transient => log::warn!("reading the relay catalog: {e}; reading it again"),
+            _ => log::error!(
+                "reading the relay catalog: {e} (is the SQL installed? `pgtrickle-relay sql | psql`)"
+            ),
+        }
         if settings.once {
             return Exit::Failure;
         }

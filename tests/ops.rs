@@ -707,3 +707,38 @@ fn every_metric_the_grafana_dashboard_queries_is_served() {
 fn json_args(name: &str, target: &str, cfg: serde_json::Value) -> (String, String, String) {
     (name.to_string(), target.to_string(), cfg.to_string())
 }
+
+/// PostgreSQL answering the relay's first read of its catalog with a
+/// transient error (here a statement timeout while the catalog is locked;
+/// in the fault run, a restart) is a warning, not an ERROR asking whether
+/// the SQL is installed: the catalog is read again and the pipeline starts.
+#[test]
+fn a_transient_error_reading_the_catalog_at_start_is_a_warning_and_the_pipeline_starts() {
+    let dir = temp_dir("catalog_transient");
+    let file = dir.join("out.jsonl");
+    let url = outbox_pipeline(
+        "catalog_transient",
+        &serde_json::json!({"type": "stdout", "path": file}),
+    );
+    publish(&url, 0, 3);
+    let mut admin = Pg::shared().client(&url);
+    admin
+        .batch_execute("ALTER DATABASE catalog_transient SET statement_timeout = '300ms'")
+        .unwrap();
+    let mut locker = Pg::shared().client(&url);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE pgtrickle.relay_outbox_config IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let r = Relay::spawn(relay(&url).args(["--discovery-interval-secs", "1"]));
+    r.wait_log("reading the relay catalog", 30);
+    locker.batch_execute("COMMIT").unwrap();
+    admin
+        .batch_execute("ALTER DATABASE catalog_transient RESET statement_timeout")
+        .unwrap();
+    wait_until(30, "the pipeline to deliver", || lines(&file) == 3);
+    let log = r.stderr();
+    assert!(
+        !log.contains("ERROR") && !log.contains("is the SQL installed"),
+        "{log}"
+    );
+}
