@@ -311,8 +311,10 @@ fn http_request_headers_and_back() {
         json!({"type": "http", "listen": format!("127.0.0.1:{port}"), "path": "/in"}),
     );
     let relay_proc = Relay::spawn(&mut relay(&url));
-    wait_until(60, "both events in the inbox", || {
-        traces(&url, "events").len() == 2
+    // The two pipelines run independently: wait for both, not only the
+    // inbox (CI once saw the receiver with one request of two here).
+    wait_until(60, "both events in the inbox and at the receiver", || {
+        traces(&url, "events").len() == 2 && h.accepted().len() == 2
     });
     drop(relay_proc);
     let requests = h.accepted();
