@@ -308,11 +308,13 @@ $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_sync() FROM PUBLIC;
 $ddl$);
 
--- Statement-level BEFORE INSERT trigger on every kit outbox: the first write
--- of a session makes sure (once) that the outboxes belong to this cluster.
-CALL pgtrickle._kit_define('function', '_outbox_cluster_check', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_check()
-RETURNS trigger
+-- Called by the publish functions before they write to a kit outbox: the
+-- first write of a session makes sure (once) that the outboxes belong to this
+-- cluster. The generated outbox_publish tests the setting itself and calls
+-- this only while it is not 'on', so later writes pay one current_setting().
+CALL pgtrickle._kit_define('function', '_outbox_cluster_once', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_once()
+RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgtrickle, pg_temp
@@ -322,10 +324,9 @@ BEGIN
         PERFORM pgtrickle._outbox_cluster_sync();
         PERFORM pg_catalog.set_config('pgtrickle_relay.outbox_cluster_checked', 'on', false);
     END IF;
-    RETURN NULL;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_check() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_once() FROM PUBLIC;
 $ddl$);
 
 -- Relays asleep on kit outboxes, waiting for a notification (see
@@ -338,37 +339,40 @@ CREATE UNLOGGED TABLE IF NOT EXISTS pgtrickle.outbox_sleepers (
     PRIMARY KEY (outbox_table, pid)
 );
 
--- Statement-level AFTER INSERT trigger on every kit outbox that notifies:
--- wake up the relays, but only while one is asleep on this outbox. A NOTIFY
--- makes commits wait for each other (PostgreSQL holds a global lock from the
--- NOTIFY's queue write through the commit's WAL flush, so notifying commits
--- cannot share an fsync), so writers notify only when it is needed.
--- TG_ARGV[0] names the outbox's sleep counter, a sequence: its value is the
--- number of relays asleep (relay_outbox_sleep keeps it). A sequence is read
--- without a snapshot, so the check sees the counter as it is now, also in a
--- REPEATABLE READ transaction; it runs after the insert gave the transaction
--- its id, which is what relay_outbox_sleep's guard relies on. Not SECURITY
--- DEFINER and no search_path: it runs for every insert, as the inserting
--- role (PUBLIC may read the counters), and names everything qualified.
--- A trigger without an argument (an outbox of an older kit not upgraded yet)
--- notifies on every insert.
-CALL pgtrickle._kit_define('function', '_outbox_notify', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify()
-RETURNS trigger
+-- Called by the publish functions after they inserted a row into kit outbox
+-- table p_table: wake up the relays, but only while one is asleep on this
+-- outbox. A NOTIFY makes commits wait for each other (PostgreSQL holds a
+-- global lock from the NOTIFY's queue write through the commit's WAL flush,
+-- so notifying commits cannot share an fsync), so writers notify only when it
+-- is needed. The outbox's sleep counter, a sequence, holds the number of
+-- relays asleep (relay_outbox_sleep keeps it); an outbox without one (made
+-- with p_notify => false, for two-phase commit) never notifies. A sequence is
+-- read without a snapshot, so the check sees the counter as it is now, also
+-- in a REPEATABLE READ transaction; it runs after the insert gave the
+-- transaction its id, which is what relay_outbox_sleep's guard relies on.
+-- (Older kits did this, and the cluster check, in statement triggers on the
+-- outbox: firing them cost every publishing transaction about a tenth of its
+-- CPU time. Rows inserted into an outbox table directly, which only its
+-- owner may do, wake nobody: relays find them at their next poll.)
+CALL pgtrickle._kit_define('function', '_outbox_written', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_written(p_table TEXT)
+RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgtrickle, pg_temp
 AS $fn$
+DECLARE
+    v_seq regclass := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_table)));
 BEGIN
-    IF TG_NARGS = 0
-       OR pg_catalog.pg_sequence_last_value(TG_ARGV[0]::pg_catalog.regclass) OPERATOR(pg_catalog.>) 0 THEN
-        PERFORM pg_catalog.pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME);
+    IF v_seq IS NOT NULL AND pg_catalog.pg_sequence_last_value(v_seq) > 0 THEN
+        PERFORM pg_catalog.pg_notify('pgtrickle_outbox_new', p_table);
     END IF;
-    RETURN NULL;
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_written(TEXT) FROM PUBLIC;
 $ddl$);
 
--- The sleep counter of kit outbox table p_table (a sequence, see _outbox_notify).
+-- The sleep counter of kit outbox table p_table (a sequence, see _outbox_written).
 CALL pgtrickle._kit_define('function', '_outbox_sleep_counter', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_sleep_counter(p_table TEXT)
 RETURNS TEXT
@@ -447,8 +451,8 @@ $ddl$);
 -- ---------------------------------------------------------------------------
 
 -- Create outbox p_name (or update its retention); returns the outbox table name.
--- p_notify: whether inserts send pg_notify('pgtrickle_outbox_new', <table>)
--- while a relay is asleep on the outbox (see _outbox_notify; the default for
+-- p_notify: whether publishing sends pg_notify('pgtrickle_outbox_new', <table>)
+-- while a relay is asleep on the outbox (see _outbox_written; the default for
 -- a new outbox; NULL keeps what an existing outbox has).
 -- A transaction that ran NOTIFY cannot PREPARE TRANSACTION: outboxes written by
 -- two-phase-commit (XA) transactions need p_notify => false, and relays then
@@ -547,50 +551,24 @@ BEGIN
         )$sql$, v_delta, v_outbox);
     EXECUTE pg_catalog.format('CREATE OR REPLACE VIEW pgtrickle.%I AS SELECT * FROM pgtrickle.%I ORDER BY id DESC LIMIT 1',
                    v_view, v_outbox);
-    v_notify := coalesce(p_notify, v_new OR EXISTS (
-        SELECT 1 FROM pg_catalog.pg_trigger t
-         WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
-    IF NOT v_notify THEN
-        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', v_outbox);
-    ELSE
-        PERFORM pgtrickle._outbox_notify_trigger(v_outbox);
-    END IF;
+    v_notify := coalesce(p_notify, v_new OR pg_catalog.to_regclass(
+        pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(v_outbox))) IS NOT NULL);
+    PERFORM pgtrickle._outbox_set_notify(v_outbox, v_notify);
     EXECUTE pg_catalog.format('GRANT SELECT ON pgtrickle.%I, pgtrickle.%I, pgtrickle.%I TO pgtrickle_relay',
                    v_outbox, v_delta, v_view);
-    IF v_new THEN
-        PERFORM pgtrickle._outbox_publish_generate();
-    END IF;
+    -- outbox_publish names the outbox, and its sleep counter if it notifies.
+    PERFORM pgtrickle._outbox_publish_generate();
     RETURN v_outbox;
 END
 $fn$;
 REVOKE EXECUTE ON FUNCTION pgtrickle.enable_outbox(TEXT, INT, BOOLEAN) FROM PUBLIC;
 $ddl$);
 
--- Give kit outbox table p_table its BEFORE INSERT trigger that checks the
--- cluster (see outbox_cluster), unless it has it.
-CALL pgtrickle._kit_define('function', '_outbox_cluster_trigger', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle._outbox_cluster_trigger(p_table TEXT)
-RETURNS void
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pgtrickle, pg_temp
-AS $fn$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                    WHERE t.tgrelid = pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table))
-                      AND t.tgname = 'pgtrickle_outbox_cluster') THEN
-        EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.%I
-                        FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check()', p_table);
-    END IF;
-END
-$fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_cluster_trigger(TEXT) FROM PUBLIC;
-$ddl$);
-
--- Give kit outbox table p_table its sleep counter and its notify trigger
--- that reads it (see _outbox_notify), replacing an older trigger without it.
-CALL pgtrickle._kit_define('function', '_outbox_notify_trigger', $ddl$
-CREATE OR REPLACE FUNCTION pgtrickle._outbox_notify_trigger(p_table TEXT)
+-- Make kit outbox table p_table notify (p_on: give it its sleep counter, see
+-- _outbox_written) or not (drop the counter and forget its sleepers). The
+-- caller generates outbox_publish again.
+CALL pgtrickle._kit_define('function', '_outbox_set_notify', $ddl$
+CREATE OR REPLACE FUNCTION pgtrickle._outbox_set_notify(p_table TEXT, p_on BOOLEAN)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -598,26 +576,25 @@ SET search_path = pg_catalog, pgtrickle, pg_temp
 SET client_min_messages = warning
 AS $fn$
 DECLARE
-    v_oid oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', p_table));
     v_seq text := pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(p_table));
 BEGIN
-    EXECUTE pg_catalog.format('CREATE SEQUENCE IF NOT EXISTS %s MINVALUE 0 START 0', v_seq);
-    EXECUTE pg_catalog.format('GRANT SELECT ON SEQUENCE %s TO PUBLIC', v_seq);
-    IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1) THEN
-        RETURN;
+    IF p_on THEN
+        EXECUTE pg_catalog.format('CREATE SEQUENCE IF NOT EXISTS %s MINVALUE 0 START 0', v_seq);
+        -- Read by the publish functions, as their owner (older kits let
+        -- PUBLIC read it, for a trigger that ran as the inserting role).
+        EXECUTE pg_catalog.format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC', v_seq);
+    ELSE
+        EXECUTE pg_catalog.format('DROP SEQUENCE IF EXISTS %s', v_seq);
+        DELETE FROM pgtrickle.outbox_sleepers s WHERE s.outbox_table = p_table;
     END IF;
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', p_table);
-    EXECUTE pg_catalog.format('CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.%I
-                    FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify(%L)', p_table, v_seq);
 END
 $fn$;
-REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_notify_trigger(TEXT) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pgtrickle._outbox_set_notify(TEXT, BOOLEAN) FROM PUBLIC;
 $ddl$);
 
 -- Bring kit outbox table p_table up to this version of the kit: the
--- idempotency_key column and its partial unique index, and the trigger that
--- checks the cluster. Called by enable_outbox and, for every kit outbox, by
+-- idempotency_key column and its partial unique index, and no statement
+-- triggers (see _outbox_written). Called by enable_outbox and, for every kit outbox, by
 -- the install script (so installing the SQL again upgrades existing
 -- outboxes). Quiet: it only adds what is missing.
 CALL pgtrickle._kit_define('function', '_outbox_upgrade', $ddl$
@@ -641,10 +618,15 @@ BEGIN
     EXECUTE pg_catalog.format(
         'CREATE UNIQUE INDEX IF NOT EXISTS %I ON pgtrickle.%I (idempotency_key) WHERE idempotency_key IS NOT NULL',
         pgtrickle._kit_ident(p_table || '_idempotency_key_idx'), p_table);
-    PERFORM pgtrickle._outbox_cluster_trigger(p_table);
+    -- An outbox of an older kit, written through statement triggers: it
+    -- notifies (now through a sleep counter) if it had the notify trigger.
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify') THEN
-        PERFORM pgtrickle._outbox_notify_trigger(p_table);
+                WHERE t.tgrelid = v_oid AND t.tgname IN ('pgtrickle_outbox_notify', 'pgtrickle_outbox_cluster')) THEN
+        PERFORM pgtrickle._outbox_set_notify(p_table, EXISTS (
+            SELECT 1 FROM pg_catalog.pg_trigger t
+             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify'));
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_notify ON pgtrickle.%I', p_table);
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS pgtrickle_outbox_cluster ON pgtrickle.%I', p_table);
     END IF;
 END
 $fn$;
@@ -664,6 +646,24 @@ BEGIN
                                AND a.attname = 'txid' AND a.attnum > 0 AND NOT a.attisdropped)
     LOOP
         PERFORM pgtrickle._outbox_upgrade(c.outbox_table_name);
+    END LOOP;
+END
+$$;
+-- What the statement triggers of older kits ran goes with the triggers (kept
+-- while a trigger still uses it, or an extension owns it).
+DO $$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['_outbox_notify()', '_outbox_cluster_check()',
+                             '_outbox_notify_trigger(text)', '_outbox_cluster_trigger(text)']
+    LOOP
+        IF pg_catalog.to_regprocedure('pgtrickle.' || f) IS NOT NULL
+           AND pgtrickle._kit_owner_extension('function', pg_catalog.split_part(f, '(', 1)) IS NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                            WHERE t.tgfoid = pg_catalog.to_regprocedure('pgtrickle.' || f)) THEN
+            EXECUTE 'DROP FUNCTION pgtrickle.' || f;
+        END IF;
     END LOOP;
 END
 $$;
@@ -825,10 +825,11 @@ $ddl$);
 -- It runs once per application transaction, so it is generated: one static
 -- INSERT per kit outbox (PL/pgSQL keeps its plan for the session), chosen by
 -- comparing names, instead of a catalog lookup and dynamic SQL per call
--- (which plans the INSERT again every time). enable_outbox and
--- disable_outbox generate it again; so does installing the SQL. An outbox it
--- does not know yet (none: the generation runs in the same transaction that
--- creates one) and keyed calls take the general path.
+-- (which plans the INSERT again every time), and with the outbox's
+-- notification (_outbox_written) inline, reading its sleep counter by name.
+-- enable_outbox and disable_outbox generate it again; so does installing the
+-- SQL. An outbox it does not know yet (none: the generation runs in the same
+-- transaction that creates one) and keyed calls take the general path.
 CALL pgtrickle._kit_define('function', '_outbox_publish_generate', $ddl$
 CREATE OR REPLACE FUNCTION pgtrickle._outbox_publish_generate()
 RETURNS void
@@ -839,13 +840,15 @@ AS $gen$
 DECLARE
     v_branches text := '';
     v_kw       text := 'IF';
+    v_wake     text;
     r          record;
 BEGIN
     IF pgtrickle._kit_owner_extension('function', 'outbox_publish') IS NOT NULL THEN
         RETURN;  -- an extension's: left as it is
     END IF;
     -- Stream names first, then table names: _outbox_lookup's preference.
-    FOR r IN SELECT n.name, c.outbox_table_name
+    FOR r IN SELECT n.name, c.outbox_table_name,
+                    pg_catalog.format('pgtrickle.%I', pgtrickle._outbox_sleep_counter(c.outbox_table_name)) AS counter
                FROM pgtrickle.pgt_outbox_config c
                CROSS JOIN LATERAL (VALUES (1, c.stream_table_name), (2, c.outbox_table_name)) AS n(pass, name)
               WHERE c.stream_table_oid IS NULL
@@ -854,12 +857,21 @@ BEGIN
                                AND a.attname = 'headers' AND a.attnum > 0 AND NOT a.attisdropped)
               ORDER BY n.pass, n.name
     LOOP
+        v_wake := '';
+        -- As _outbox_written does; looked up by name at each call, so that a
+        -- counter dropped by hand stops the notifications, not the writes.
+        IF pg_catalog.to_regclass(r.counter) IS NOT NULL THEN
+            v_wake := pg_catalog.format($w$
+            IF pg_catalog.pg_sequence_last_value(pg_catalog.to_regclass(%L)) > 0 THEN
+                PERFORM pg_catalog.pg_notify('pgtrickle_outbox_new', %L);
+            END IF;$w$, r.counter, r.outbox_table_name);
+        END IF;
         v_branches := v_branches || pg_catalog.format($b$
         %s p_outbox = %L THEN
             INSERT INTO pgtrickle.%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
             VALUES (pg_catalog.gen_random_uuid(), 1, 0, false, v_payload, p_headers)
-            RETURNING id INTO v_id;
-            RETURN v_id;$b$, v_kw, r.name, r.outbox_table_name);
+            RETURNING id INTO v_id;%s
+            RETURN v_id;$b$, v_kw, r.name, r.outbox_table_name, v_wake);
         v_kw := 'ELSIF';
     END LOOP;
     IF v_branches <> '' THEN
@@ -879,6 +891,7 @@ DECLARE
     v_payload jsonb;
     v_table   text;
     v_id      bigint;
+    v_new     boolean;
     v_trace   text := current_setting('pgtrickle.traceparent', true);
 BEGIN
     IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
@@ -893,12 +906,20 @@ BEGIN
         p_headers := pgtrickle._outbox_trace_headers(p_headers, v_trace);
     END IF;
     v_payload := jsonb_build_object('v', 1, 'inserted', jsonb_build_array(p_payload), 'deleted', '[]'::jsonb);
+    IF current_setting('pgtrickle_relay.outbox_cluster_checked', true) IS DISTINCT FROM 'on' THEN
+        PERFORM pgtrickle._outbox_cluster_once();
+    END IF;
     -- Generated by _outbox_publish_generate:
     %s
     v_table := (pgtrickle._outbox_lookup(p_outbox, 'outbox_publish')).outbox_table_name;
     IF p_idempotency_key IS NOT NULL THEN
-        RETURN (pgtrickle._outbox_insert_keyed(v_table, p_idempotency_key, gen_random_uuid(), 1, 0, false,
-                                               v_payload, p_headers)).id;
+        SELECT k.id, k.inserted INTO v_id, v_new
+          FROM pgtrickle._outbox_insert_keyed(v_table, p_idempotency_key, gen_random_uuid(), 1, 0, false,
+                                              v_payload, p_headers) k;
+        IF v_new THEN
+            PERFORM pgtrickle._outbox_written(v_table);
+        END IF;
+        RETURN v_id;
     END IF;
     EXECUTE format($sql$
         INSERT INTO pgtrickle.%%I (refresh_id, inserted_count, deleted_count, is_claim_check, payload, headers)
@@ -995,6 +1016,7 @@ BEGIN
         v_headers := pgtrickle._outbox_trace_headers(NULL, v_trace);
     END IF;
 
+    PERFORM pgtrickle._outbox_cluster_once();
     IF p_idempotency_key IS NOT NULL THEN
         SELECT k.id, k.inserted INTO v_id, v_new
           FROM pgtrickle._outbox_insert_keyed(v_cfg.outbox_table_name, p_idempotency_key, v_refresh,
@@ -1017,6 +1039,7 @@ BEGIN
            INTO v_id
           USING v_refresh, v_n_ins, v_n_del, v_claim, v_payload, v_headers;
     END IF;
+    PERFORM pgtrickle._outbox_written(v_cfg.outbox_table_name);
 
     IF v_claim THEN
         -- Every delta row references the outbox row inserted just above, so
@@ -1152,17 +1175,13 @@ BEGIN
     has_txid := EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
                          WHERE a.attrelid = v_oid AND a.attname = 'txid'
                            AND a.attnum > 0 AND NOT a.attisdropped);
-    -- pg_trickle notifies for its own outboxes; the kit by its trigger.
-    notifies := NOT coalesce(v_kit, false)
-                OR EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                            WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify');
-    -- The kit's trigger with a sleep counter notifies only while a relay is
-    -- asleep (relay_outbox_sleep).
+    -- pg_trickle notifies for its own outboxes. The kit's publish functions
+    -- notify for a kit outbox with a sleep counter, and only while a relay is
+    -- asleep on it (_outbox_written, relay_outbox_sleep).
     notifies_sleepers := coalesce(v_kit, false)
-                AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
-                             WHERE t.tgrelid = v_oid AND t.tgname = 'pgtrickle_outbox_notify' AND t.tgnargs = 1)
                 AND pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I',
                         pgtrickle._outbox_sleep_counter(v_table))) IS NOT NULL;
+    notifies := NOT coalesce(v_kit, false) OR notifies_sleepers;
     RETURN NEXT;
 END
 $fn$;

@@ -348,6 +348,35 @@ fn events_written_after_a_restore_into_a_new_cluster_are_all_delivered() {
     assert_eq!(read_jsonl(&dir.join("grp.jsonl")).len(), before[1] + 2);
 }
 
+/// A logical-replication cutover carries no sequences: ids start again
+/// low, below the positions' (the old rows went with retention here). Each
+/// publish function must rebase before its first write: a row written
+/// before the rebase would get txid 2 with its low id, and sort before the
+/// positions, skipped.
+#[test]
+fn every_publish_function_rebases_before_its_first_write_after_a_cutover() {
+    let firsts = [
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 5}')",
+        "SELECT pgtrickle.outbox_publish_delta('orders', '[{\"n\": 5}]')",
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 5}', p_idempotency_key => 'five')",
+    ];
+    for (i, first) in firsts.iter().enumerate() {
+        let dir = temp_dir(&format!("off_cutover_first_write{i}"));
+        let dump = relayed_on_a_busy_cluster(&dir);
+        let b = Pg::start_fresh();
+        let url = b.restore("app", &dump);
+        let mut c = b.client(&url);
+        c.batch_execute(
+            "DELETE FROM pgtrickle.outbox_orders;
+             SELECT setval('pgtrickle.outbox_orders_id_seq', 1, false);",
+        )
+        .unwrap();
+        c.batch_execute(first).unwrap();
+        assert_ok(&once(&url));
+        assert_all(&dir, 6);
+    }
+}
+
 #[test]
 fn a_relay_started_on_a_restored_database_before_any_write_delivers_every_event() {
     let dir = temp_dir("off_restore_first");

@@ -62,12 +62,22 @@ fn writers_notify_only_while_a_relay_is_asleep() {
     publish_one(&mut c);
     assert_eq!(notes(&mut listener, Duration::from_millis(300)), 0);
 
-    // A relay asleep: one per writing statement.
+    // A relay asleep: one per publishing transaction, whichever function
+    // publishes (a keyed publish that writes nothing wakes nobody).
     sleep_call(&mut relay1, true).unwrap();
     publish_one(&mut c);
-    c.batch_execute("INSERT INTO pgtrickle.outbox_orders (payload) VALUES ('{}'), ('{}')")
+    c.batch_execute("SELECT pgtrickle.outbox_publish_delta('orders', '[{\"n\": 2}]')")
         .unwrap();
-    assert_eq!(notes(&mut listener, Duration::from_millis(300)), 2);
+    c.batch_execute(
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 3}', p_idempotency_key => 'k')",
+    )
+    .unwrap();
+    assert_eq!(notes(&mut listener, Duration::from_millis(300)), 3);
+    c.batch_execute(
+        "SELECT pgtrickle.outbox_publish('orders', '{\"n\": 3}', p_idempotency_key => 'k')",
+    )
+    .unwrap();
+    assert_eq!(notes(&mut listener, Duration::from_millis(300)), 0);
 
     // Two asleep, one wakes: the other still gets notified.
     sleep_call(&mut relay2, true).unwrap();
@@ -158,22 +168,26 @@ fn writers_notify_only_while_a_relay_is_asleep() {
 }
 
 #[test]
-fn installing_again_gives_older_outboxes_the_counter() {
+fn installing_again_moves_older_outboxes_off_their_statement_triggers() {
     let (pg, url, mut c) = setup("wake_upgrade");
-    // An outbox of an older kit: a notify trigger without the counter.
+    // Outboxes of an older kit: the cluster check and the notification in
+    // statement triggers, one without a sleep counter (notifying on every
+    // insert), one made without notifications (two-phase commit).
     c.batch_execute(
-        "SELECT pgtrickle.enable_outbox('orders');
-         DROP TRIGGER pgtrickle_outbox_notify ON pgtrickle.outbox_orders;
+        "SELECT pgtrickle.enable_outbox('orders'), pgtrickle.enable_outbox('xa', p_notify => false);
          DROP SEQUENCE pgtrickle.outbox_orders_asleep;
+         CREATE FUNCTION pgtrickle._outbox_notify() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME); RETURN NULL; END $$;
+         CREATE FUNCTION pgtrickle._outbox_cluster_check() RETURNS trigger LANGUAGE plpgsql AS
+             $$ BEGIN RETURN NULL; END $$;
          CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.outbox_orders
-             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify();",
+             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify();
+         CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.outbox_orders
+             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check();
+         CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.outbox_xa
+             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check();",
     )
     .unwrap();
-    // Until then it notifies on every insert, and the relay knows it.
-    assert!(bool_of(
-        &mut c,
-        "SELECT notifies AND NOT notifies_sleepers FROM pgtrickle.relay_outbox_info('orders')"
-    ));
     let mut listener = pg.client(&url);
     listener
         .batch_execute("LISTEN pgtrickle_outbox_new")
@@ -181,12 +195,31 @@ fn installing_again_gives_older_outboxes_the_counter() {
     publish_one(&mut c);
     assert_eq!(notes(&mut listener, Duration::from_millis(300)), 1);
     pg.install_sql(&url);
+    // No trigger left, nor the functions they ran; the outbox that notified
+    // has its counter and notifies while a relay sleeps, the other not.
+    assert!(bool_of(
+        &mut c,
+        "SELECT NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname LIKE 'pgtrickle\\_outbox%') \
+           AND to_regprocedure('pgtrickle._outbox_notify()') IS NULL \
+           AND to_regprocedure('pgtrickle._outbox_cluster_check()') IS NULL"
+    ));
     assert!(bool_of(
         &mut c,
         "SELECT notifies AND notifies_sleepers FROM pgtrickle.relay_outbox_info('orders')"
     ));
+    assert!(bool_of(
+        &mut c,
+        "SELECT NOT notifies AND NOT notifies_sleepers FROM pgtrickle.relay_outbox_info('xa')"
+    ));
     publish_one(&mut c);
     assert_eq!(notes(&mut listener, Duration::from_millis(300)), 0);
+    let mut relay = pg.client(&url);
+    sleep_call(&mut relay, true).unwrap();
+    publish_one(&mut c);
+    c.batch_execute("SELECT pgtrickle.outbox_publish('xa', '{\"n\": 1}')")
+        .unwrap();
+    // One, for outbox_orders (`notes` fails on any other).
+    assert_eq!(notes(&mut listener, Duration::from_millis(300)), 1);
 }
 
 /// Many writers in bursts, the relay idle between them with a 60 s poll
