@@ -5,8 +5,9 @@
 //! them and waits for the sink's acknowledgement while the reader reads and
 //! decodes the next batch (at most [`QUEUED`] more wait between them). The
 //! position is committed only once every event up to it was acknowledged
-//! and made durable: a commit first waits for every batch handed over. A
-//! failed batch stops the publisher (later ones are dropped); what was
+//! and made durable: the reader asks the publisher to settle what it handed
+//! over, reads on meanwhile, and commits once the answer is in (a commit
+//! when stopping or after an error waits for it). A failed batch stops the publisher (later ones are dropped); what was
 //! acknowledged before it is still committed. Claim-check deltas are
 //! streamed from a server-side cursor in bounded chunks. When nothing is
 //! left the loop blocks on `pgtrickle_outbox_new` until its outbox is
@@ -481,6 +482,9 @@ struct Delivery<'a> {
     /// What the publisher acknowledged and made durable, as of the last
     /// [`Delivery::settle`].
     acked: Acked,
+    /// A settle was asked for ([`Delivery::request_settle`]) and its answer
+    /// is not collected yet.
+    settling: bool,
     /// The publisher.
     to: To<'a>,
 }
@@ -499,6 +503,7 @@ impl<'a> Delivery<'a> {
             done: None,
             claim_checks: Vec::new(),
             acked: Acked::default(),
+            settling: false,
             to,
         }
     }
@@ -635,8 +640,20 @@ impl<'a> Delivery<'a> {
     /// acknowledged into `acked`; the error of a failed batch or flush.
     fn settle(&mut self) -> Result<(), Error> {
         let (acked, failed) = match &mut self.to {
-            To::Here(p) => p.settle(),
+            To::Here(p) => {
+                self.settling = false;
+                p.settle()
+            }
             To::Thread(pipe) => {
+                if std::mem::take(&mut self.settling) {
+                    // The answer to the request out, then a settle of what
+                    // was handed over since.
+                    let (acked, failed) = pipe.settled.recv().map_err(|_| publisher_gone())?;
+                    self.acked.merge(acked);
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
                 pipe.jobs.send(Job::Settle).map_err(|_| publisher_gone())?;
                 pipe.settled.recv().map_err(|_| publisher_gone())?
             }
@@ -645,10 +662,51 @@ impl<'a> Delivery<'a> {
         failed.map_or(Ok(()), Err)
     }
 
+    /// Hand over what waits and ask the publisher to settle it, without
+    /// waiting: the reader reads on while the publisher finishes its
+    /// batches and the sink makes them durable, and
+    /// [`Delivery::poll_settled`] collects the answer. (The request waits
+    /// for room in the publisher's queue, as a batch handed over would.)
+    /// False when one is out already. A publisher on this thread settles
+    /// at once.
+    fn request_settle(&mut self) -> Result<bool, Error> {
+        if self.settling {
+            return Ok(false);
+        }
+        self.publish()?;
+        match &mut self.to {
+            To::Here(_) => self.settle()?,
+            To::Thread(pipe) => pipe.jobs.send(Job::Settle).map_err(|_| publisher_gone())?,
+        }
+        self.settling = true;
+        Ok(true)
+    }
+
+    /// Whether the answer to [`Delivery::request_settle`] is in (collected
+    /// into `acked`), without waiting; the error of a failed batch or
+    /// flush.
+    fn poll_settled(&mut self) -> Result<bool, Error> {
+        if !self.settling {
+            return Ok(false);
+        }
+        let (acked, failed) = match &mut self.to {
+            To::Here(_) => (Acked::default(), None),
+            To::Thread(pipe) => match pipe.settled.try_recv() {
+                Ok(answer) => answer,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(publisher_gone()),
+            },
+        };
+        self.settling = false;
+        self.acked.merge(acked);
+        failed.map_or(Ok(true), Err)
+    }
+
     /// Forget a batch that will not be committed (it is read again), and
     /// publish again. Consumer-group mode: its publisher is on this thread.
     fn discard(&mut self) {
         self.events.clear();
+        self.settling = false;
         self.done = None;
         self.claim_checks.clear();
         self.acked = Acked::default();
@@ -750,6 +808,28 @@ impl Commits {
         self.last = now;
     }
 
+    /// The commit is due: ask `out` to settle what was handed over, and
+    /// read on; [`Commits::answered`] gives the position once it is
+    /// settled. (A commit that waited would hold up reading for as long
+    /// as the batches in flight take, and the sink's flush: up to tens of
+    /// milliseconds on a busy machine, every [`COMMIT_EVERY`].)
+    fn ask(&mut self, out: &mut Delivery, now: Instant) -> Result<(), Error> {
+        if out.request_settle()? {
+            self.pending = false;
+            self.last = now;
+        }
+        Ok(())
+    }
+
+    /// The position to commit, once the settle [`Commits::ask`] asked for
+    /// is answered; None until then, or when it completes no row.
+    fn answered(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
+        Ok(match out.poll_settled()? {
+            true => out.acked.position.take(),
+            false => None,
+        })
+    }
+
     /// How long until the pending commit is due; None when nothing is
     /// pending.
     fn until_due(&self, now: Instant) -> Option<Duration> {
@@ -777,7 +857,7 @@ impl Commits {
     /// acknowledged and made durable (`out` settled); None when nothing was
     /// delivered since the last commit.
     fn take(&mut self, out: &mut Delivery) -> Result<Option<Position>, Error> {
-        if !self.pending {
+        if !self.pending && !out.settling {
             return Ok(None);
         }
         out.finish()?;
@@ -1092,6 +1172,10 @@ impl<'a> OffsetLoop<'a> {
             if self.ctx.stopping() {
                 return self.commit().map(|_| ());
             }
+            let answered = self.commits.answered(&mut self.out)?;
+            if !self.commit_position(answered)? {
+                return Ok(());
+            }
             let mut last = None;
             let started = Instant::now();
             self.batch_start.get_or_insert(started);
@@ -1109,8 +1193,15 @@ impl<'a> OffsetLoop<'a> {
                 self.waker.working(self.client)?;
                 self.pos = last;
                 self.held.clear(&self.ctx.name);
-                if self.commits.due(Instant::now(), read.is_err()) && !self.commit()? {
-                    return Ok(());
+                let now = Instant::now();
+                if read.is_err() {
+                    // What came before the failing row is delivered:
+                    // commit it now.
+                    if !self.commit()? {
+                        return Ok(());
+                    }
+                } else if self.commits.due(now, false) {
+                    self.commits.ask(&mut self.out, now)?;
                 }
                 let read = read?;
                 if !read.full {
@@ -1125,8 +1216,9 @@ impl<'a> OffsetLoop<'a> {
                 continue;
             }
             read?;
-            // Caught up: commit on schedule too, not on every wake-up.
-            if self.commits.due(Instant::now(), false) && !self.commit()? {
+            // Caught up: commit on schedule too, not on every wake-up, and
+            // what was asked for before sleeping.
+            if (self.commits.due(Instant::now(), false) || self.out.settling) && !self.commit()? {
                 return Ok(());
             }
             if !self.commits.pending {
@@ -1938,6 +2030,57 @@ mod tests {
         });
         assert_eq!(sink.get().calls, [2, 2, 2]);
         assert_eq!(sink.get().flushed, 3);
+    }
+
+    #[test]
+    fn a_commit_asks_for_a_settle_and_the_reader_reads_on_until_it_is_answered() {
+        let sink = MemorySink::default();
+        sink.get().flush_delay = Duration::from_millis(300);
+        let open = {
+            let sink = sink.clone();
+            move || -> Result<Box<dyn Sink>, Error> { Ok(Box::new(sink)) }
+        };
+        let subject = Template::parse("t").unwrap();
+        std::thread::scope(|s| {
+            let mut out = Delivery::spawn(s, open, "p", &subject, 2).unwrap();
+            let t0 = Instant::now();
+            let mut commits = Commits::new(t0);
+            decode(&mut out, &[row(1, 2)]).unwrap();
+            commits.delivered(&mut out).unwrap();
+            assert!(commits.due(t0 + COMMIT_EVERY, false));
+            commits.ask(&mut out, t0 + COMMIT_EVERY).unwrap();
+            assert!(!commits.due(t0 + COMMIT_EVERY, false), "asked");
+            // The flush takes 300 ms: the reader hands row 2 over meanwhile.
+            decode(&mut out, &[row(2, 2)]).unwrap();
+            commits.delivered(&mut out).unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(200),
+                "{:?}",
+                t0.elapsed()
+            );
+            assert_eq!(commits.answered(&mut out).unwrap(), None, "not settled yet");
+            // Once answered, the position is row 1's: row 2 was handed over
+            // after the request.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let answer = loop {
+                if let Some(p) = commits.answered(&mut out).unwrap() {
+                    break p;
+                }
+                assert!(Instant::now() < deadline, "no answer");
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            assert_eq!(answer, position(1));
+            assert_eq!(commits.take(&mut out).unwrap(), Some(position(2)));
+            // A blocking commit while a request is out waits for both.
+            decode(&mut out, &[row(3, 2)]).unwrap();
+            commits.delivered(&mut out).unwrap();
+            commits.ask(&mut out, t0 + COMMIT_EVERY * 3).unwrap();
+            decode(&mut out, &[row(4, 2)]).unwrap();
+            commits.delivered(&mut out).unwrap();
+            assert_eq!(commits.take(&mut out).unwrap(), Some(position(4)));
+            assert_eq!(commits.take(&mut out).unwrap(), None);
+        });
+        assert_eq!(sink.get().flushed, 8);
     }
 
     #[test]

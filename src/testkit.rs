@@ -42,6 +42,8 @@ pub struct Destination {
     pub fail_publishes: usize,
     /// Fail the next flush.
     pub fail_flush: bool,
+    /// Every flush takes this long (a file's fsync, a slow broker).
+    pub flush_delay: std::time::Duration,
     /// Reject the events with these dedup keys for good, for this reason.
     pub reject: BTreeMap<String, String>,
 }
@@ -80,6 +82,8 @@ impl Sink for MemorySink {
     }
 
     fn flush(&mut self) -> Result<(), Error> {
+        let delay = self.get().flush_delay;
+        std::thread::sleep(delay);
         let mut d = self.get();
         if std::mem::take(&mut d.fail_flush) {
             return Err(Error::transient("memory sink: flush failed"));

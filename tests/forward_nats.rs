@@ -147,8 +147,10 @@ fn sigkill_mid_stream_then_restart_delivers_every_event_once() {
     create_stream(&n, "K", &["k.>"]);
     let url = setup(
         "nats_kill",
+        // Small batches: a backlog of 30,000 takes seconds to go out, so
+        // the kill lands in the middle of it.
         json!({"type": "nats", "url": n.url(), "stream": "K", "subject": "k.{op}",
-               "batch_size": 100}),
+               "batch_size": 10}),
     );
     publish(&url, 0, 30_000);
     let r = Relay::spawn(&mut relay(&url));
