@@ -477,7 +477,6 @@ DECLARE
     v_view   text;
     v_rel    text;
     v_new    boolean := false;
-    v_oid    oid;
     v_notify boolean;
 BEGIN
     IF p_name IS NULL OR pg_catalog.btrim(p_name) = '' THEN
@@ -534,7 +533,6 @@ BEGIN
             headers        JSONB,
             idempotency_key TEXT
         )$sql$, v_outbox);
-    v_oid := pg_catalog.to_regclass(pg_catalog.format('pgtrickle.%I', v_outbox));
     PERFORM pgtrickle._outbox_upgrade(v_outbox);
     EXECUTE pg_catalog.format('CREATE INDEX IF NOT EXISTS %I ON pgtrickle.%I (created_at)',
                    pgtrickle._kit_ident(v_outbox || '_created_at_idx'), v_outbox);

@@ -7,8 +7,9 @@
 //! position is committed only once every event up to it was acknowledged
 //! and made durable: the reader asks the publisher to settle what it handed
 //! over, reads on meanwhile, and commits once the answer is in (a commit
-//! when stopping or after an error waits for it). A failed batch stops the publisher (later ones are dropped); what was
-//! acknowledged before it is still committed. Claim-check deltas are
+//! when stopping or after an error waits for it). A failed batch stops the
+//! publisher (later ones are dropped); what was acknowledged before it is
+//! still committed. Claim-check deltas are
 //! streamed from a server-side cursor in bounded chunks. When nothing is
 //! left the loop blocks on `pgtrickle_outbox_new` until its outbox is
 //! notified or the poll interval passes ([`crate::wake`]: kit outboxes
@@ -639,25 +640,27 @@ impl<'a> Delivery<'a> {
     /// a failed one), have the sink make them durable, and collect what it
     /// acknowledged into `acked`; the error of a failed batch or flush.
     fn settle(&mut self) -> Result<(), Error> {
-        let (acked, failed) = match &mut self.to {
-            To::Here(p) => {
-                self.settling = false;
-                p.settle()
+        if std::mem::take(&mut self.settling) {
+            // The answer to the request out first (on this thread it was
+            // taken in when asked for).
+            if let To::Thread(pipe) = &mut self.to {
+                let answer = pipe.settled.recv().map_err(|_| publisher_gone())?;
+                self.collect(answer)?;
             }
+        }
+        let answer = match &mut self.to {
+            To::Here(p) => p.settle(),
             To::Thread(pipe) => {
-                if std::mem::take(&mut self.settling) {
-                    // The answer to the request out, then a settle of what
-                    // was handed over since.
-                    let (acked, failed) = pipe.settled.recv().map_err(|_| publisher_gone())?;
-                    self.acked.merge(acked);
-                    if let Some(e) = failed {
-                        return Err(e);
-                    }
-                }
                 pipe.jobs.send(Job::Settle).map_err(|_| publisher_gone())?;
                 pipe.settled.recv().map_err(|_| publisher_gone())?
             }
         };
+        self.collect(answer)
+    }
+
+    /// Take in a publisher's answer to a settle: what it acknowledged, and
+    /// the error of a failed batch or flush.
+    fn collect(&mut self, (acked, failed): (Acked, Option<Error>)) -> Result<(), Error> {
         self.acked.merge(acked);
         failed.map_or(Ok(()), Err)
     }
@@ -689,7 +692,7 @@ impl<'a> Delivery<'a> {
         if !self.settling {
             return Ok(false);
         }
-        let (acked, failed) = match &mut self.to {
+        let answer = match &mut self.to {
             To::Here(_) => (Acked::default(), None),
             To::Thread(pipe) => match pipe.settled.try_recv() {
                 Ok(answer) => answer,
@@ -698,8 +701,7 @@ impl<'a> Delivery<'a> {
             },
         };
         self.settling = false;
-        self.acked.merge(acked);
-        failed.map_or(Ok(true), Err)
+        self.collect(answer).map(|()| true)
     }
 
     /// Forget a batch that will not be committed (it is read again), and
@@ -1761,6 +1763,12 @@ mod tests {
         Delivery::new(Publisher::new(sink, "p"), batch_size)
     }
 
+    /// What [`Delivery::spawn`] opens on the publisher's thread: `sink`.
+    fn opener(sink: &MemorySink) -> impl FnOnce() -> Result<Box<dyn Sink>, Error> + Send {
+        let sink = sink.clone();
+        move || Ok(Box::new(sink) as Box<dyn Sink>)
+    }
+
     #[test]
     fn a_row_that_fails_to_decode_leaves_none_of_its_events_behind() {
         let sink = MemorySink::default();
@@ -2004,13 +2012,9 @@ mod tests {
         sink.get()
             .reject
             .insert("outbox_orders:1:0".into(), "too large".into());
-        let open = {
-            let sink = sink.clone();
-            move || -> Result<Box<dyn Sink>, Error> { Ok(Box::new(sink)) }
-        };
         let subject = Template::parse("t").unwrap();
         std::thread::scope(|s| {
-            let mut out = Delivery::spawn(s, open, "p", &subject, 2).unwrap();
+            let mut out = Delivery::spawn(s, opener(&sink), "p", &subject, 2).unwrap();
             let mut commits = Commits::new(Instant::now());
             decode(&mut out, &[row(1, 2)]).unwrap();
             commits.delivered(&mut out).unwrap();
@@ -2036,13 +2040,9 @@ mod tests {
     fn a_commit_asks_for_a_settle_and_the_reader_reads_on_until_it_is_answered() {
         let sink = MemorySink::default();
         sink.get().flush_delay = Duration::from_millis(300);
-        let open = {
-            let sink = sink.clone();
-            move || -> Result<Box<dyn Sink>, Error> { Ok(Box::new(sink)) }
-        };
         let subject = Template::parse("t").unwrap();
         std::thread::scope(|s| {
-            let mut out = Delivery::spawn(s, open, "p", &subject, 2).unwrap();
+            let mut out = Delivery::spawn(s, opener(&sink), "p", &subject, 2).unwrap();
             let t0 = Instant::now();
             let mut commits = Commits::new(t0);
             decode(&mut out, &[row(1, 2)]).unwrap();
@@ -2081,6 +2081,22 @@ mod tests {
             assert_eq!(commits.take(&mut out).unwrap(), None);
         });
         assert_eq!(sink.get().flushed, 8);
+    }
+
+    #[test]
+    fn on_this_thread_a_commit_asked_for_is_settled_at_once() {
+        let sink = MemorySink::default();
+        let mut s = sink.clone();
+        let mut out = here(&mut s, 100);
+        let t0 = Instant::now();
+        let mut commits = Commits::new(t0);
+        decode(&mut out, &[row(1, 2)]).unwrap();
+        commits.delivered(&mut out).unwrap();
+        commits.ask(&mut out, t0 + COMMIT_EVERY).unwrap();
+        assert_eq!(sink.get().flushed, 2);
+        assert_eq!(commits.answered(&mut out).unwrap(), Some(position(1)));
+        assert_eq!(commits.answered(&mut out).unwrap(), None);
+        assert_eq!(commits.take(&mut out).unwrap(), None);
     }
 
     #[test]
