@@ -37,6 +37,12 @@ fn sleep_call(c: &mut Client, asleep: bool) -> Option<String> {
     .get(0)
 }
 
+/// No sleep counter grants PUBLIC anything: the publish functions read
+/// them as their owner.
+const PUBLIC_READS_NO_COUNTER: &str =
+    "SELECT NOT EXISTS (SELECT 1 FROM pg_class c, aclexplode(c.relacl) a \
+      WHERE c.relname LIKE 'outbox\\_%\\_asleep' AND a.grantee = 0)";
+
 fn publish_one(c: &mut Client) {
     c.batch_execute("SELECT pgtrickle.outbox_publish('orders', '{\"n\": 1}')")
         .unwrap();
@@ -51,6 +57,7 @@ fn writers_notify_only_while_a_relay_is_asleep() {
         &mut c,
         "SELECT notifies AND notifies_sleepers FROM pgtrickle.relay_outbox_info('orders')"
     ));
+    assert!(bool_of(&mut c, PUBLIC_READS_NO_COUNTER));
     let mut listener = pg.client(&url);
     listener
         .batch_execute("LISTEN pgtrickle_outbox_new")
@@ -172,9 +179,12 @@ fn installing_again_moves_older_outboxes_off_their_statement_triggers() {
     let (pg, url, mut c) = setup("wake_upgrade");
     // Outboxes of an older kit: the cluster check and the notification in
     // statement triggers, one without a sleep counter (notifying on every
-    // insert), one made without notifications (two-phase commit).
+    // insert), one made without notifications (two-phase commit), one
+    // whose counter PUBLIC could read.
     c.batch_execute(
-        "SELECT pgtrickle.enable_outbox('orders'), pgtrickle.enable_outbox('xa', p_notify => false);
+        "SELECT pgtrickle.enable_outbox('orders'), pgtrickle.enable_outbox('xa', p_notify => false),
+                pgtrickle.enable_outbox('old');
+         GRANT SELECT ON SEQUENCE pgtrickle.outbox_old_asleep TO PUBLIC;
          DROP SEQUENCE pgtrickle.outbox_orders_asleep;
          CREATE FUNCTION pgtrickle._outbox_notify() RETURNS trigger LANGUAGE plpgsql AS
              $$ BEGIN PERFORM pg_notify('pgtrickle_outbox_new', TG_TABLE_NAME); RETURN NULL; END $$;
@@ -185,7 +195,9 @@ fn installing_again_moves_older_outboxes_off_their_statement_triggers() {
          CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.outbox_orders
              FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check();
          CREATE TRIGGER pgtrickle_outbox_cluster BEFORE INSERT ON pgtrickle.outbox_xa
-             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check();",
+             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_cluster_check();
+         CREATE TRIGGER pgtrickle_outbox_notify AFTER INSERT ON pgtrickle.outbox_old
+             FOR EACH STATEMENT EXECUTE FUNCTION pgtrickle._outbox_notify();",
     )
     .unwrap();
     let mut listener = pg.client(&url);
@@ -211,6 +223,11 @@ fn installing_again_moves_older_outboxes_off_their_statement_triggers() {
         &mut c,
         "SELECT NOT notifies AND NOT notifies_sleepers FROM pgtrickle.relay_outbox_info('xa')"
     ));
+    assert!(bool_of(
+        &mut c,
+        "SELECT notifies AND notifies_sleepers FROM pgtrickle.relay_outbox_info('old')"
+    ));
+    assert!(bool_of(&mut c, PUBLIC_READS_NO_COUNTER));
     publish_one(&mut c);
     assert_eq!(notes(&mut listener, Duration::from_millis(300)), 0);
     let mut relay = pg.client(&url);
